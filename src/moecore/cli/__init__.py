@@ -1,0 +1,43 @@
+"""The ``moecore`` command line. Each sub-command lives in its own module exposing
+``register(subparsers)``; this module only dispatches and turns errors into one line."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# sub-command modules, in the order `moecore --help` lists them
+COMMAND_MODULES = ["eval_cmd"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from moecore import __version__
+
+    parser = argparse.ArgumentParser(prog="moecore", description="Compress Mixture-of-Experts LLMs.")
+    parser.add_argument("--version", action="version", version=f"moecore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"moecore.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``moecore`` console script; returns the exit status."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("moecore: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        if os.environ.get("MOECORE_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"moecore {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
