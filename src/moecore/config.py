@@ -1,0 +1,166 @@
+"""``CompressionConfig``: the one typed, validated configuration of :func:`moecore.compress`.
+
+It is validated on creation (``ConfigError`` with a clear message) and saved next to the
+weights as ``moecore_config.json`` together with the moecore version.  Checks that need the
+real model shapes (rank larger than ``min(d_in, d_out)``, an unreachable ``target_ratio``)
+happen in :mod:`moecore.maths.budget` / :func:`moecore.compress`, naming the projection.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+CONFIG_FILENAME = "moecore_config.json"
+
+_CHOICES = {
+    "form": ("delta", "wrapper"),
+    "core": ("mean", "frequency"),
+    "init": ("auto", "svd", "whitened"),
+    "allocation": ("uniform", "greedy"),
+    "svd": ("exact", "randomized"),
+}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class CompressionConfig:
+    """How to compress every MoE layer's experts.
+
+    Attributes:
+        form: ``"delta"`` (W_i ≈ C + A_i B_iᵀ, core applied once per token) or ``"wrapper"``
+            (the seed's W_i ≈ (I + U_out V_outᵀ) C (I + U_in V_inᵀ)).
+        rank: the form's own rank for every projection (delta: s, wrapper: r per side).
+            Exactly one of ``rank`` / ``target_ratio``; if neither is given,
+            ``target_ratio = 0.25``.
+        target_ratio: fraction in (0, 1) of the ORIGINAL expert parameters of the whole model
+            (all compressed projections together) that the compressed experts may use.
+        core: ``"mean"`` of the experts, or ``"frequency"``: mean weighted by how often the
+            router picks each expert on the calibration text (needs calibration).
+        init: ``"svd"`` (plain truncated SVD of the residual), ``"whitened"`` (activation-aware,
+            needs calibration) or ``"auto"`` (whitened when calibration is given).
+        allocation: how ``target_ratio`` becomes ranks: ``"uniform"`` (one rank everywhere) or
+            ``"greedy"`` (rank units go to the projection with the largest marginal error
+            reduction per parameter).  Ignored when ``rank`` is given.
+        svd: ``"exact"`` (``torch.linalg.svd``) or ``"randomized"`` (range finder with
+            oversampling and power iterations).
+        refine_steps: wrapper form only: alternating-least-squares refinement iterations
+            (0 = closed-form start only).  The error never increases (best iterate kept).
+        calib_max_tokens: calibration text is truncated to this many tokens.
+        calib_seq_len: calibration tokens are cut into sequences of this length.
+        seed: seed of randomized SVD.
+        whiten_damping: damping λ of the whitening: G + λ·mean(diag G)·I.
+    """
+
+    form: str = "delta"
+    rank: int | None = None
+    target_ratio: float | None = None
+    core: str = "mean"
+    init: str = "auto"
+    allocation: str = "uniform"
+    svd: str = "exact"
+    refine_steps: int = 50
+    calib_max_tokens: int = 32768
+    calib_seq_len: int = 512
+    seed: int = 0
+    whiten_damping: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        if self.rank is not None and self.target_ratio is not None:
+            raise ConfigError("give either rank or target_ratio, not both")
+        if self.rank is None and self.target_ratio is None:
+            self.target_ratio = 0.25
+        if self.rank is not None:
+            if not _is_int(self.rank):
+                raise ConfigError(f"rank must be an integer, got {self.rank!r}")
+            if self.rank <= 0:
+                raise ConfigError(f"rank must be > 0, got {self.rank}")
+        if self.target_ratio is not None:
+            if not _is_number(self.target_ratio):
+                raise ConfigError(f"target_ratio must be a number, got {self.target_ratio!r}")
+            self.target_ratio = float(self.target_ratio)
+            if not 0.0 < self.target_ratio < 1.0:
+                raise ConfigError(
+                    f"target_ratio must be in (0, 1) (a fraction of the original expert parameters), "
+                    f"got {self.target_ratio}"
+                )
+        for name in ("refine_steps", "seed"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")
+        for name in ("calib_max_tokens", "calib_seq_len"):
+            v = getattr(self, name)
+            if not _is_int(v) or v <= 0:
+                raise ConfigError(f"{name} must be an integer > 0, got {v!r}")
+        if not _is_number(self.whiten_damping) or self.whiten_damping < 0:
+            raise ConfigError(f"whiten_damping must be a number >= 0, got {self.whiten_damping!r}")
+        self.whiten_damping = float(self.whiten_damping)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompressionConfig":
+        """Build (and validate) a config from :meth:`to_dict` output.  Unknown keys are an
+        error (``moecore_version`` is accepted and ignored)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"compression config must be a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k != "moecore_version"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown compression config key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``moecore_config.json`` (config + ``moecore_version``) atomically into
+        ``directory`` and return its path."""
+        from . import __version__
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        payload = {"moecore_version": __version__, **self.to_dict()}
+        fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_FILENAME}.", dir=d)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(payload, fh, indent=2, sort_keys=True)
+                fh.write("\n")
+            os.replace(tmp, d / CONFIG_FILENAME)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return d / CONFIG_FILENAME
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "CompressionConfig":
+        """Read ``moecore_config.json`` from ``directory`` (or the file itself)."""
+        p = Path(directory)
+        if p.is_dir():
+            p = p / CONFIG_FILENAME
+        if not p.is_file():
+            raise ConfigError(f"no {CONFIG_FILENAME} at {p}")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{p} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)

@@ -1,0 +1,24 @@
+"""Pure maths of moecore: decompositions (:mod:`.decompose`) and parameter budgets (:mod:`.budget`).
+No modules, hooks or I/O here."""
+from . import budget, decompose
+from .budget import ProjectionShape, projection_params, solve_greedy, solve_uniform
+from .decompose import (
+    delta_factors,
+    expert_core,
+    reconstruct_delta,
+    reconstruct_wrapper,
+    relative_output_error,
+    relative_weight_error,
+    residual_spectrum,
+    truncated_svd,
+    whitened_delta_factors,
+    whitening_factor,
+    wrapper_factors,
+)
+
+__all__ = [
+    "budget", "decompose", "ProjectionShape", "projection_params", "solve_greedy", "solve_uniform",
+    "delta_factors", "expert_core", "reconstruct_delta", "reconstruct_wrapper", "relative_output_error",
+    "relative_weight_error", "residual_spectrum", "truncated_svd", "whitened_delta_factors",
+    "whitening_factor", "wrapper_factors",
+]

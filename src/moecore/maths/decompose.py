@@ -1,0 +1,253 @@
+"""Pure tensor maths of the shared-core decomposition (no modules, no hooks, no I/O).
+
+Conventions: one projection of one layer holds the stacked expert weights
+``W (E, d_out, d_in)`` (y = W_i x).  ``G (E, d_in, d_in)`` are per-expert input Gram
+matrices ``X_iᵀ X_i`` of calibration inputs; whitening minimizes the output error
+``Σ_i ‖(W_i − Ŵ_i) X_iᵀ‖_F² = Σ_i tr(Δ_i G_i Δ_iᵀ)`` instead of ``‖W_i − Ŵ_i‖_F²``.
+
+Delta form:   W_i ≈ C + A_i B_iᵀ,          A (E, d_out, s), B (E, d_in, s)
+Wrapper form: W_i ≈ (I + U_o V_oᵀ) C (I + U_i V_iᵀ),
+              U_o, V_o (E, d_out, r), U_i, V_i (E, d_in, r)
+"""
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------- cores
+def expert_core(weights: Tensor, frequencies: Tensor | None = None) -> Tensor:
+    """Shared core of a projection: the mean of the experts, or the mean weighted by
+    ``frequencies (E,)`` (e.g. router hit counts; all-zero falls back to the plain mean).
+
+    ``weights (E, d_out, d_in) -> (d_out, d_in)``.
+    """
+    if frequencies is None or float(frequencies.sum()) <= 0:
+        return weights.mean(dim=0)  # (d_out, d_in)
+    f = frequencies.to(weights.dtype)
+    f = f / f.sum()  # (E,)
+    return torch.einsum("e,eoi->oi", f, weights)  # (d_out, d_in)
+
+
+# ---------------------------------------------------------------------------- SVD
+def truncated_svd(
+    m: Tensor, rank: int, method: str = "exact", oversample: int = 8, power_iters: int = 4,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-``rank`` truncated SVD of a (batch of) matrix ``m (..., a, b)``.
+
+    Returns ``U (..., a, s), S (..., s), V (..., b, s)`` with ``m ≈ U diag(S) Vᵀ`` and
+    ``s = rank`` (zero-padded if ``rank > min(a, b)``).  ``method="randomized"`` uses a
+    Gaussian range finder with ``oversample`` extra columns and ``power_iters``
+    subspace iterations (Halko et al.), exact when ``rank + oversample >= min(a, b)``.
+    """
+    a, b = m.shape[-2], m.shape[-1]
+    k = min(a, b)
+    s = min(rank, k)
+    if method == "randomized" and s + oversample < k:
+        omega = torch.randn(*m.shape[:-2], b, s + oversample, dtype=m.dtype, device=m.device, generator=generator)
+        q = torch.linalg.qr(m @ omega).Q  # (..., a, s+p)
+        for _ in range(power_iters):
+            q = torch.linalg.qr(m.mT @ q).Q  # (..., b, s+p)
+            q = torch.linalg.qr(m @ q).Q  # (..., a, s+p)
+        ub, sv, vh = torch.linalg.svd(q.mT @ m, full_matrices=False)  # (..., s+p, s+p), (..., s+p), (..., s+p, b)
+        u = q @ ub  # (..., a, s+p)
+    elif method in ("exact", "randomized"):
+        u, sv, vh = torch.linalg.svd(m, full_matrices=False)  # (..., a, k), (..., k), (..., k, b)
+    else:
+        raise ValueError(f"unknown svd method {method!r}")
+    u, sv, v = u[..., :s], sv[..., :s], vh[..., :s, :].mT  # (..., a, s), (..., s), (..., b, s)
+    if rank > s:  # pad with zero directions so factor shapes stay fixed
+        pad = rank - s
+        u = torch.nn.functional.pad(u, (0, pad))
+        v = torch.nn.functional.pad(v, (0, pad))
+        sv = torch.nn.functional.pad(sv, (0, pad))
+    return u, sv, v
+
+
+def _split_sqrt(u: Tensor, sv: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Balanced factors ``(U√S, V√S)`` of ``U diag(S) Vᵀ``."""
+    r = sv.clamp_min(0).sqrt().unsqueeze(-2)  # (..., 1, s)
+    return u * r, v * r
+
+
+# ---------------------------------------------------------------------------- whitening
+def whitening_factor(grams: Tensor, damping: float = 0.01) -> Tensor:
+    """Lower Cholesky factor ``L (E, d, d)`` of ``G + damping·mean(diag G)·I`` per expert.
+
+    Experts whose Gram is zero (never routed) get ``L = I`` (plain, weight-space SVD).
+    """
+    g = grams.to(torch.float64)  # (E, d, d)
+    d = g.shape[-1]
+    eye = torch.eye(d, dtype=g.dtype, device=g.device)
+    mean_diag = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1)  # (E,)
+    dead = mean_diag <= 0
+    scale = torch.where(dead, torch.ones_like(mean_diag), mean_diag)
+    g = torch.where(dead[:, None, None], eye.expand_as(g), g)
+    g = g + (damping * scale + 1e-10 * scale)[:, None, None] * eye  # (E, d, d)
+    L, info = torch.linalg.cholesky_ex(g)
+    if bool((info != 0).any()):  # numerically indefinite: fall back to a stronger ridge
+        L = torch.linalg.cholesky(g + (1e-6 * scale)[:, None, None] * eye)
+    return L.to(grams.dtype)  # (E, d, d)
+
+
+def _solve_lt(L: Tensor, rhs: Tensor) -> Tensor:
+    """``L⁻ᵀ rhs`` for lower-triangular ``L (E, d, d)``, ``rhs (E, d, s)``."""
+    return torch.linalg.solve_triangular(L.mT, rhs, upper=True)
+
+
+# ---------------------------------------------------------------------------- delta form
+def delta_factors(
+    weights: Tensor, core: Tensor, rank: int, method: str = "exact", generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Plain delta factors: truncated SVD of the residuals ``R_i = W_i − C``.
+
+    ``weights (E, d_out, d_in), core (d_out, d_in) -> A (E, d_out, s), B (E, d_in, s)``;
+    the best rank-s approximation in Frobenius norm (Eckart–Young).
+    """
+    resid = weights - core  # (E, d_out, d_in)
+    u, sv, v = truncated_svd(resid, rank, method, generator=generator)
+    return _split_sqrt(u, sv, v)
+
+
+def whitened_delta_factors(
+    weights: Tensor, core: Tensor, rank: int, grams: Tensor, damping: float = 0.01,
+    method: str = "exact", generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Activation-whitened delta factors (SVD-LLM): minimize ``‖(R_i − A_i B_iᵀ) L_i‖_F``
+    with ``L_i L_iᵀ = G_i + damping·mean(diag G_i)·I``, in closed form.
+
+    SVD of ``R_i L_i = U S Vᵀ`` truncated to s; ``A_i = U√S``, ``B_i = L_i⁻ᵀ V√S`` (a
+    triangular solve), so ``A_i B_iᵀ L_i = U S Vᵀ``.  ``grams (E, d_in, d_in)``.
+    """
+    L = whitening_factor(grams, damping)  # (E, d_in, d_in)
+    resid = weights - core  # (E, d_out, d_in)
+    u, sv, v = truncated_svd(resid @ L, rank, method, generator=generator)  # (E,d_out,s) (E,s) (E,d_in,s)
+    a, bw = _split_sqrt(u, sv, v)
+    return a, _solve_lt(L, bw)  # (E, d_out, s), (E, d_in, s)
+
+
+def reconstruct_delta(core: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``C + A_i B_iᵀ``: ``(d_out, d_in), (E, d_out, s), (E, d_in, s) -> (E, d_out, d_in)``."""
+    return core + a @ b.mT
+
+
+# ---------------------------------------------------------------------------- wrapper form
+def _reduced_rank_left(target: Tensor, m: Tensor, rank: int, rcond: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Best rank-r ``P = X Yᵀ`` minimizing ``‖target − P m‖_F`` per batch item.
+
+    ``target (E, a, n), m (E, b, n) -> X (E, a, r), Y (E, b, r)``.  With ``m = U Σ Vᵀ``:
+    ``P = trunc_r(target V) Σ⁻¹ Uᵀ`` (directions with σ < rcond·σ_max are dropped).
+    """
+    u, sig, vh = torch.linalg.svd(m, full_matrices=False)  # (E,b,k) (E,k) (E,k,n)
+    keep = sig > rcond * sig[..., :1]
+    inv = torch.where(keep, 1.0 / torch.where(keep, sig, torch.ones_like(sig)), torch.zeros_like(sig))  # (E, k)
+    q = target @ vh.mT  # (E, a, k)
+    uq, sq, vq = truncated_svd(q, rank)  # (E,a,r) (E,r) (E,k,r)
+    x, vqs = _split_sqrt(uq, sq, vq)  # (E, a, r), (E, k, r)
+    y = u @ (inv.unsqueeze(-1) * vqs)  # (E, b, r)
+    return x, y
+
+
+def _apply_lowrank(m: Tensor, u: Tensor, v: Tensor, side: str) -> Tensor:
+    """``(I + U Vᵀ) m`` (side="left") or ``m (I + U Vᵀ)`` (side="right")."""
+    if side == "left":
+        return m + u @ (v.mT @ m)
+    return m + (m @ u) @ v.mT
+
+
+def reconstruct_wrapper(core: Tensor, u_in: Tensor, v_in: Tensor, u_out: Tensor, v_out: Tensor) -> Tensor:
+    """``(I + U_o V_oᵀ) C (I + U_i V_iᵀ)`` -> ``(E, d_out, d_in)``."""
+    e = u_in.shape[0]
+    inner = _apply_lowrank(core.expand(e, *core.shape), u_in, v_in, "right")  # (E, d_out, d_in)
+    return _apply_lowrank(inner, u_out, v_out, "left")
+
+
+def wrapper_factors(
+    weights: Tensor, core: Tensor, rank: int, grams: Tensor | None = None, damping: float = 0.01,
+    steps: int = 50, tol: float = 1e-7,
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], list[float]]:
+    """Wrapper factors by closed-form start + alternating least squares (ALS).
+
+    Objective: ``Σ_i ‖(W_i − Ŵ_i) L_i‖_F²`` with ``L_i = I`` (weight space) or the whitening
+    factor of ``grams`` (output space).  Each half-step is an exact reduced-rank regression:
+
+    * output side (input side fixed): ``min_P ‖W L − (I+P) M‖`` with ``M = C(I+N)L``;
+    * input side (output side fixed): in whitened coordinates ``Ñ = L⁻¹ N L``,
+      ``min_Ñ ‖W L − M (I+Ñ)‖`` with ``M = (I+P) C L``, then ``U_i = L·X``, ``V_i = L⁻ᵀ·Y``.
+
+    The start (iteration 0) is the output-side solution with N = 0, i.e. the truncation of
+    ``(W_i − C) C⁺``, followed by the input side.  At ``r = min(d_in, d_out)`` the start is
+    exact when C has full rank.  The best iterate is returned, so the error never increases
+    over the start; iteration stops when the relative improvement is below ``tol``.
+
+    Returns ``(u_in (E,d_in,r), v_in (E,d_in,r), u_out (E,d_out,r), v_out (E,d_out,r))`` and
+    the objective history (one value per iteration).
+    """
+    e, d_out, d_in = weights.shape
+    dt = weights.dtype
+    L = whitening_factor(grams, damping) if grams is not None else None  # (E, d_in, d_in)
+    c = core.expand(e, d_out, d_in)  # (E, d_out, d_in)
+    wl = weights @ L if L is not None else weights  # (E, d_out, d_in)
+    u_in = torch.zeros(e, d_in, rank, dtype=dt, device=weights.device)
+    v_in = torch.zeros_like(u_in)
+    u_out = torch.zeros(e, d_out, rank, dtype=dt, device=weights.device)
+    v_out = torch.zeros_like(u_out)
+
+    def whiten(m: Tensor) -> Tensor:
+        return m @ L if L is not None else m
+
+    def objective() -> float:
+        return float((wl - whiten(reconstruct_wrapper(core, u_in, v_in, u_out, v_out))).pow(2).sum())
+
+    history: list[float] = []
+    best, best_err = None, float("inf")
+    for _ in range(max(1, steps + 1)):
+        m = whiten(_apply_lowrank(c, u_in, v_in, "right"))  # (E, d_out, d_in)
+        u_out, v_out = _reduced_rank_left(wl - m, m, rank)  # (E, d_out, r) x2
+        m = whiten(_apply_lowrank(c, u_out, v_out, "left"))  # (E, d_out, d_in)
+        # min_Ñ ‖T − M Ñ‖ == transpose of the left problem: Ñᵀ = X Yᵀ  ->  Ñ = Y Xᵀ
+        x, y = _reduced_rank_left((wl - m).mT, m.mT, rank)  # (E, d_in, r) x2
+        if L is not None:
+            u_in, v_in = L @ y, _solve_lt(L, x)
+        else:
+            u_in, v_in = y, x
+        err = objective()
+        history.append(err)
+        if err < best_err:
+            improved = best_err - err
+            best_err, best = err, (u_in, v_in, u_out, v_out)
+            if improved <= tol * max(err, 1e-30):
+                break
+        else:
+            break
+    return best, history
+
+
+# ---------------------------------------------------------------------------- errors
+def relative_weight_error(weights: Tensor, approx: Tensor) -> float:
+    """``‖W − Ŵ‖_F / ‖W‖_F`` over all experts of a projection."""
+    num = (weights - approx).double().pow(2).sum()
+    den = weights.double().pow(2).sum().clamp_min(1e-300)
+    return float((num / den).sqrt())
+
+
+def relative_output_error(weights: Tensor, approx: Tensor, grams: Tensor) -> float:
+    """Relative output error on calibration inputs:
+    ``sqrt(Σ_i tr(Δ_i G_i Δ_iᵀ) / Σ_i tr(W_i G_i W_iᵀ)) = ‖(W − Ŵ)X‖ / ‖W X‖``."""
+    g = grams.double()  # (E, d_in, d_in)
+    delta = (weights - approx).double()  # (E, d_out, d_in)
+    w = weights.double()
+    num = ((delta @ g) * delta).sum()
+    den = ((w @ g) * w).sum().clamp_min(1e-300)
+    return float((num.clamp_min(0) / den).sqrt())
+
+
+def residual_spectrum(weights: Tensor, core: Tensor, grams: Tensor | None = None, damping: float = 0.01) -> Tensor:
+    """Singular values ``(E, min(d_out, d_in))`` of the residuals ``W_i − C`` (whitened by
+    ``L_i`` when ``grams`` is given): the energy that each delta rank unit can remove."""
+    resid = weights - core  # (E, d_out, d_in)
+    if grams is not None:
+        resid = resid @ whitening_factor(grams, damping)
+    return torch.linalg.svdvals(resid)
