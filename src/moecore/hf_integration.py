@@ -1,0 +1,185 @@
+"""moecore as a transformers quantization method (DESIGN §3).
+
+``import moecore`` registers :class:`MoecoreQuantizationConfig` and :class:`MoecoreHfQuantizer`
+under ``quant_method = "moecore"``.  A compressed checkpoint's ``config.json`` carries::
+
+    "quantization_config": {"quant_method": "moecore", "form": "delta",
+                            "layout": {...ExpertsLayout...}, "moecore_version": "...",
+                            "layers": {"model.layers.0.mlp.experts": {"gate": 8, "up": 8, "down": 8}, ...}}
+
+(a layer entry may also override ``form`` / ``layout``).  ``from_pretrained`` then builds the
+model on the meta device, :meth:`MoecoreHfQuantizer._process_model_before_weight_loading`
+swaps every listed experts module for an empty :class:`CompressedExperts` of the recorded
+ranks, and the stored tensors load into it as they are: no original weights are needed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .errors import CheckpointError, UnsupportedModelError
+
+QUANT_METHOD = "moecore"
+
+
+class MoecoreQuantizationConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a moecore checkpoint.
+
+    Args:
+        form: default form of every layer (``"delta"`` or ``"wrapper"``).
+        layers: ``{module_path: {"gate": r, "up": r, "down": r[, "form": .., "layout": {..}]}}``.
+        layout: default :class:`~moecore.families.ExpertsLayout` as a dict.
+        moecore_version: version that wrote the checkpoint.
+    """
+
+    def __init__(self, form: str = "delta", layers: dict | None = None, layout: dict | None = None,
+                 moecore_version: str | None = None, **kwargs: Any) -> None:
+        self.quant_method = QUANT_METHOD
+        self.form = form
+        self.layers = dict(layers or {})
+        self.layout = dict(layout or {})
+        self.moecore_version = moecore_version
+        for key, value in kwargs.items():  # forward compatible: keep unknown keys
+            if key != "quant_method":
+                setattr(self, key, value)
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate the structure (CheckpointError with the offending entry)."""
+        if self.form not in ("delta", "wrapper"):
+            raise CheckpointError(f"moecore quantization_config: form must be 'delta' or 'wrapper', got {self.form!r}")
+        if not isinstance(self.layers, dict) or not self.layers:
+            raise CheckpointError("moecore quantization_config lists no compressed layers")
+        for path, spec in self.layers.items():
+            if not isinstance(spec, dict) or not all(
+                    isinstance(spec.get(p), int) and spec[p] > 0 for p in ("gate", "up", "down")):
+                raise CheckpointError(f"moecore quantization_config: bad ranks for {path}: {spec!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (what ``config.json`` stores)."""
+        import copy
+
+        return copy.deepcopy(self.__dict__)
+
+
+class MoecoreHfQuantizer(HfQuantizer):
+    """Loads moecore checkpoints: swaps experts modules for ``CompressedExperts`` on the meta
+    model before the weights load.  Trainable (the factors are ordinary parameters),
+    serializable, no calibration needed."""
+
+    requires_calibration = False
+    quantization_config: MoecoreQuantizationConfig
+
+    def __init__(self, quantization_config: MoecoreQuantizationConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to check: moecore modules are plain PyTorch."""
+        return None
+
+    def _process_model_before_weight_loading(self, model, dtype=None, **kwargs: Any):
+        swap_in_compressed(model, self.quantization_config.to_dict(), dtype=dtype)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        from .compressed_experts import CompressedExperts
+
+        for name, module in model.named_modules():
+            if isinstance(module, CompressedExperts):
+                for pname, p in module.named_parameters():
+                    if p.device.type == "meta":
+                        raise CheckpointError(f"checkpoint has no tensor for {name}.{pname}")
+        return model
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+
+def swap_in_compressed(model, qconfig: dict[str, Any], dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Replace every experts module listed in ``qconfig["layers"]`` by an uninitialised
+    :class:`CompressedExperts` with the recorded form, ranks and layout, on the device of the
+    module it replaces (meta during ``from_pretrained``).  Returns ``{path: new module}``.
+
+    Shapes (E, H, F) are read off the module being replaced; a path that is missing or not an
+    experts module raises ``CheckpointError`` naming it.
+    """
+    from .compressed_experts import CompressedExperts
+    from .families import ExpertsLayout, layout_of
+
+    default_layout = qconfig.get("layout") or {}
+    out = {}
+    for path, spec in qconfig["layers"].items():
+        try:
+            old = model.get_submodule(path)
+        except AttributeError as exc:
+            raise CheckpointError(f"quantization_config names {path}, which this {type(model).__name__} does not have") from exc
+        try:
+            found = layout_of(path, old)
+        except UnsupportedModelError as exc:
+            raise CheckpointError(f"cannot rebuild {path}: {exc}") from exc
+        layout = ExpertsLayout.from_dict(spec.get("layout") or default_layout) if (spec.get("layout") or default_layout) else found
+        views = found.split(old)
+        e, f, h = views["gate"].shape
+        ref = views["gate"]
+        new = CompressedExperts(
+            e, h, f, spec.get("form", qconfig.get("form", "delta")), {p: spec[p] for p in ("gate", "up", "down")},
+            layout, act_fn=getattr(old, "act_fn", None), dtype=dtype or ref.dtype, device=ref.device,
+        )
+        parent_name, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, new)
+        out[path] = new
+    return out
+
+
+def build_quantization_config(model) -> dict[str, Any]:
+    """The ``quantization_config`` dict of a compressed model (ranks/form/layout of every
+    ``CompressedExperts``).  Raises ``UnsupportedModelError`` if nothing is compressed."""
+    from . import __version__
+    from .compressed_experts import CompressedExperts
+
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, CompressedExperts)]
+    if not mods:
+        raise UnsupportedModelError(f"{type(model).__name__} has no moecore-compressed experts; run moecore.compress first")
+    forms = [m.form for _, m in mods]
+    form = max(set(forms), key=forms.count)
+    layouts = [m.layout.to_dict() for _, m in mods]
+    layout = max(layouts, key=layouts.count)
+    layers = {}
+    for name, m in mods:
+        spec: dict[str, Any] = {p: int(m.ranks[p]) for p in ("gate", "up", "down")}
+        if m.form != form:
+            spec["form"] = m.form
+        if m.layout.to_dict() != layout:
+            spec["layout"] = m.layout.to_dict()
+        layers[name] = spec
+    return {"quant_method": QUANT_METHOD, "form": form, "layout": layout, "moecore_version": __version__,
+            "layers": layers}
+
+
+def register() -> None:
+    """Register moecore in transformers' auto quantization mappings (idempotent)."""
+    AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, MoecoreQuantizationConfig)
+    AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, MoecoreHfQuantizer)
+
+
+register()

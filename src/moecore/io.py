@@ -1,0 +1,188 @@
+"""Saving compressed models (loadable with ``from_pretrained`` after ``import moecore``) and
+exporting dense ones (loadable by stock transformers).  Safetensors only, never pickle.
+
+Both writers are atomic: everything is written into a temporary folder beside ``out_dir``,
+which then replaces ``out_dir`` by renames; an existing ``out_dir`` is kept intact until the
+new one is complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .errors import CheckpointError, UnsupportedModelError
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """Yield a fresh temporary folder; on success it replaces ``out_dir``."""
+    out = Path(out_dir).resolve()
+    if out.exists():
+        if not overwrite:
+            raise CheckpointError(f"output directory already exists: {out} (use overwrite=True / --overwrite)")
+        if not out.is_dir():
+            raise CheckpointError(f"output path exists and is not a directory: {out}")
+        if any(out.iterdir()) and not (out / "config.json").is_file():
+            raise CheckpointError(f"refusing to overwrite {out}: it is not empty and holds no model (no config.json)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "d")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _compressed_modules(model) -> dict[str, torch.nn.Module]:
+    from .compressed_experts import CompressedExperts
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, CompressedExperts)}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = False,
+                    config=None, max_shard_size: str | int = "5GB") -> Path:
+    """Save a compressed model so that ``AutoModelForCausalLM.from_pretrained(out_dir)`` (after
+    ``import moecore``) rebuilds it bit-identically.
+
+    Writes ``model.safetensors`` (or shards) with the module's own parameter names,
+    ``config.json`` with moecore's ``quantization_config``, ``moecore_config.json`` (the
+    :class:`~moecore.config.CompressionConfig` + version; ``config`` or
+    ``model.moecore_config``), ``compression_statistics.yaml`` and the tokenizer if given.
+
+    Args:
+        model: a model returned by :func:`moecore.compress` or loaded from a moecore checkpoint.
+        out_dir: target folder; an existing one is replaced only with ``overwrite=True``.
+        tokenizer: saved alongside when given.
+        config: the CompressionConfig to record (default ``model.moecore_config``).
+    Returns the output path.
+    """
+    from .hf_integration import MoecoreQuantizationConfig, build_quantization_config
+    from .stats import STATS_FILENAME, statistics, write_statistics_yaml
+
+    if not _compressed_modules(model):
+        raise UnsupportedModelError("model has no moecore-compressed experts; run moecore.compress first")
+    qdict = build_quantization_config(model)
+    stats = statistics(model)
+    cfg = config if config is not None else getattr(model, "moecore_config", None)
+    model.config.quantization_config = MoecoreQuantizationConfig.from_dict(qdict)
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        # save_original_format=False: keys are the modules' own names, no conversion regexes
+        model.save_pretrained(tmp, save_original_format=False, max_shard_size=max_shard_size)
+        _check_saved_keys(tmp, model)
+        if cfg is not None:
+            cfg.save(tmp)
+        else:
+            from . import __version__
+
+            _write_json(tmp / "moecore_config.json", {"moecore_version": __version__, "form": qdict["form"],
+                                                      "note": "compression config unknown (model not made by compress)"})
+        write_statistics_yaml(stats, tmp / STATS_FILENAME)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def _check_saved_keys(folder: Path, model) -> None:
+    """The stored keys must be exactly the model's (unique) state-dict keys."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            keys.update(fh.keys())
+    for name in _compressed_modules(model):
+        missing = [k for k in model.state_dict() if k.startswith(name + ".") and k not in keys]
+        if missing:
+            raise CheckpointError(f"transformers renamed or dropped compressed tensors while saving: {missing[:3]}")
+
+
+def load_safetensors_dir(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of every ``*.safetensors`` file in ``folder`` (CheckpointError if corrupt)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no safetensors weights in {folder}")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            out.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"corrupt safetensors file {f.name}: {exc}") from exc
+    return out
+
+
+@torch.no_grad()
+def dense_model(model):
+    """A new model of the same class whose experts are the original fused modules, with the
+    weights reconstructed by ``CompressedExperts.materialize()`` (the input is not modified)."""
+    mods = _compressed_modules(model)
+    if not mods:
+        raise UnsupportedModelError("model has no moecore-compressed experts")
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    dtype = next(iter(mods.values())).core_gate.dtype
+    with torch.device("meta"):
+        dense = type(model)._from_config(cfg, dtype=dtype)
+    state = {}
+    for k, v in model.state_dict().items():
+        if not any(k.startswith(n + ".") for n in mods):
+            state[k] = v
+    for name, m in mods.items():
+        for k, v in m.materialize().items():
+            state[f"{name}.{k}"] = v
+    missing, unexpected = dense.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(dense, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise CheckpointError(f"dense export does not match {type(model).__name__}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    for name, buf in list(dense.named_buffers()):  # non-persistent buffers (rotary tables, ...)
+        if buf.device.type == "meta":
+            mod_name, _, leaf = name.rpartition(".")
+            owner = dense.get_submodule(mod_name) if mod_name else dense
+            owner._buffers[leaf] = model.get_buffer(name).clone()
+    dense.tie_weights()
+    for name, t in list(dense.named_parameters()) + list(dense.named_buffers()):
+        if t.device.type == "meta":
+            raise CheckpointError(f"dense export left {name} without data")
+    dense.eval()
+    return dense
+
+
+def export_dense(model, out_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Write a standard transformers checkpoint (experts reconstructed to dense fused tensors,
+    no ``quantization_config``) that stock transformers loads without moecore.
+
+    Logits equal the compressed model's up to float rounding (the dense weights are products
+    of the stored factors).  Atomic, safetensors only.  Returns the output path.
+    """
+    dense = dense_model(model)
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        dense.save_pretrained(tmp)
+        cfg = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+        if "quantization_config" in cfg:
+            raise CheckpointError("dense export still carries a quantization_config")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

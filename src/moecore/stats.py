@@ -1,0 +1,380 @@
+"""Honest statistics (DESIGN §2): every count is the ``numel`` of a real tensor.
+
+``statistics(model)`` reads a compressed (or original) model; ``plan(hf_config, cfg)``
+builds the model on the meta device, swaps in meta ``CompressedExperts`` with the ranks
+the budget solver gives, and then runs the very same counting code, so plan and compress
+agree by construction.  The "original" figures of a compressed experts module come from the
+shapes (E, H, F) it records: what the fused tensors it replaced held.
+
+Conventions (also written into the statistics as ``notes``):
+- the seed's keys (``total_params_*``, ``active_params_*``, ``total_memory_*``) are for the
+  experts only, as in the seed; ``model`` holds the whole-model figures;
+- active params = unique weights one token touches (all non-expert weights, embeddings
+  included, as model cards count them, plus the cores and k experts' factors);
+- multiply-adds per token count weight matmuls only (attention scores over the context and
+  embedding look-ups excluded); wrapper form runs the core k times, delta form once;
+- GB = 1e9 bytes, at each tensor's stored dtype.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, UnsupportedModelError
+
+PROJECTIONS = ("gate", "up", "down")
+STATS_FILENAME = "compression_statistics.yaml"
+_GB = 1e9
+
+
+# ----------------------------------------------------------------------------- helpers
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def top_k_of(config) -> int:
+    """Experts per token (``num_experts_per_tok`` / ``moe_topk`` / ``top_k``) from a config."""
+    cfg = _text_config(config)
+    for name in ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    raise UnsupportedModelError(f"cannot find the number of experts per token in the {type(cfg).__name__}")
+
+
+def _is_compressed(module) -> bool:
+    from .compressed_experts import CompressedExperts
+
+    return isinstance(module, CompressedExperts)
+
+
+def experts_modules(model) -> dict[str, torch.nn.Module]:
+    """Module path -> experts module (compressed or original fused) of every MoE layer."""
+    from .families import find_experts
+
+    out = {name: m for name, m in model.named_modules() if _is_compressed(m)}
+    try:
+        found = find_experts(model)
+    except UnsupportedModelError:
+        if not out:
+            raise
+        found = []  # everything is compressed already
+    for name, module, _layout in found:
+        out.setdefault(name, module)
+    return dict(sorted(out.items(), key=lambda kv: _natural_key(kv[0])))
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in name.split(".")]
+
+
+def _stored(module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Unique parameters and persistent buffers of ``module`` (what safetensors stores)."""
+    out, seen = {}, set()
+    for mod_name, mod in module.named_modules(prefix=prefix.rstrip(".")):
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[f"{mod_name}.{pname}" if mod_name else pname] = p
+        skip = getattr(mod, "_non_persistent_buffers_set", set())
+        for bname, b in mod.named_buffers(recurse=False):
+            if b is not None and bname not in skip and id(b) not in seen:
+                seen.add(id(b))
+                out[f"{mod_name}.{bname}" if mod_name else bname] = b
+    return out
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _proj_of(param_name: str) -> str | None:
+    for p in PROJECTIONS:
+        if param_name.endswith("_" + p):
+            return p
+    return None
+
+
+def _compressed_layer(name: str, mod, k: int) -> dict[str, Any]:
+    """Counts for one ``CompressedExperts`` module, from its stored tensors."""
+    E, H, F = int(mod.num_experts), int(mod.hidden_size), int(mod.intermediate_size)
+    tensors = dict(mod.named_parameters())
+    elsize = next(iter(tensors.values())).element_size()
+    dims = {"gate": F * H, "up": F * H, "down": H * F}
+    report = getattr(mod, "report", None) or {}
+    core = factors = bias = 0
+    proj_rows = {}
+    for p in PROJECTIONS:
+        c = sum(t.numel() for n, t in tensors.items() if n.startswith("core_") and _proj_of(n) == p)
+        f = sum(t.numel() for n, t in tensors.items()
+                if n.startswith(("delta_", "wrap_")) and _proj_of(n) == p)
+        row = {"rank": int(mod.ranks[p]), "params_original": E * dims[p], "params_compressed": c + f,
+               "core_params": c, "factor_params": f}
+        errs = report.get(p) if isinstance(report, dict) else None
+        if isinstance(errs, dict):
+            row.update({k2: _plain(v) for k2, v in errs.items() if k2 != "rank"})
+        proj_rows[p] = row
+        core, factors = core + c, factors + f
+    bias = sum(t.numel() for n, t in tensors.items() if n.startswith("bias_"))
+    other = sum(t.numel() for t in tensors.values()) - core - factors - bias
+    if other:
+        raise UnsupportedModelError(f"{name}: stored tensors outside the core/factor/bias naming contract")
+    weights_orig = E * 3 * H * F
+    form = mod.form
+    per_expert_factors = factors // E
+    macs = (k * (3 * H * F + per_expert_factors)) if form == "wrapper" else (3 * H * F + k * per_expert_factors)
+    return {
+        "module": name, "form": form, "num_experts": E, "hidden_size": H, "intermediate_size": F, "top_k": k,
+        "params_original": weights_orig + bias, "params_compressed": core + factors + bias,
+        "active_params_original": k * (3 * H * F) + k * bias // E,
+        "active_params_compressed": core + k * per_expert_factors + k * bias // E,
+        "macs_original": k * 3 * H * F, "macs_compressed": macs,
+        "bytes_original": (weights_orig + bias) * elsize, "bytes_compressed": _nbytes(tensors.values()),
+        "projections": proj_rows,
+    }
+
+
+def _original_layer(name: str, mod, k: int) -> dict[str, Any]:
+    """Counts for one uncompressed fused experts module (every tensor has E leading)."""
+    tensors = _stored(mod)
+    E = int(next(iter(tensors.values())).shape[0])
+    n = sum(t.numel() for t in tensors.values())
+    weights = sum(t.numel() for t in tensors.values() if t.dim() == 3)
+    row = {"module": name, "form": "original", "num_experts": E, "top_k": k,
+           "params_original": n, "params_compressed": n,
+           "active_params_original": k * n // E, "active_params_compressed": k * n // E,
+           "macs_original": k * weights // E, "macs_compressed": k * weights // E,
+           "bytes_original": _nbytes(tensors.values()), "bytes_compressed": _nbytes(tensors.values())}
+    return row
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, float):
+        return float(v)
+    return v
+
+
+def _matmul_params(model, skip_prefixes: tuple[str, ...]) -> int:
+    """Multiply-adds per token of the non-expert weight matmuls: every >=2-D weight that is not
+    an embedding table (a tied ``lm_head`` counts, as it is multiplied)."""
+    total = 0
+    for name, mod in model.named_modules():
+        if name.startswith(skip_prefixes) or isinstance(mod, torch.nn.Embedding):
+            continue
+        for _pn, p in mod.named_parameters(recurse=False):
+            if p.dim() >= 2:
+                total += p.numel()
+    return total
+
+
+def _ratio(a: int, b: int) -> float:
+    return round(a / b, 6) if b else 0.0
+
+
+# ----------------------------------------------------------------------------- public
+def statistics(model) -> dict[str, Any]:
+    """Parameter, active-parameter, multiply-add and byte counts of ``model`` (compressed or not).
+
+    Every figure comes from real tensors of the model (works on the meta device too).
+    Returns a plain dict: the seed's keys (experts only), ``experts`` and ``model`` blocks
+    and one row per MoE layer with per-projection ranks, params and reconstruction errors.
+    Raises ``UnsupportedModelError`` if the model has no MoE experts modules.
+    """
+    from . import __version__
+
+    k = top_k_of(model.config)
+    mods = experts_modules(model)
+    if not mods:
+        raise UnsupportedModelError(f"{type(model).__name__} has no Mixture-of-Experts experts modules")
+    layers = [(_compressed_layer if _is_compressed(m) else _original_layer)(n, m, k) for n, m in mods.items()]
+    ex = {key: sum(r[key] for r in layers) for key in (
+        "params_original", "params_compressed", "active_params_original", "active_params_compressed",
+        "macs_original", "macs_compressed", "bytes_original", "bytes_compressed")}
+    prefixes = tuple(n + "." for n in mods)
+    stored = _stored(model)
+    rest = {n: t for n, t in stored.items() if not n.startswith(prefixes)}
+    rest_params, rest_bytes = sum(t.numel() for t in rest.values()), _nbytes(rest.values())
+    rest_macs = _matmul_params(model, prefixes)
+    forms = sorted({r["form"] for r in layers})
+    whole = {
+        "params_original": rest_params + ex["params_original"],
+        "params_compressed": rest_params + ex["params_compressed"],
+        "active_params_original": rest_params + ex["active_params_original"],
+        "active_params_compressed": rest_params + ex["active_params_compressed"],
+        "macs_original": rest_macs + ex["macs_original"], "macs_compressed": rest_macs + ex["macs_compressed"],
+        "bytes_original": rest_bytes + ex["bytes_original"], "bytes_compressed": rest_bytes + ex["bytes_compressed"],
+        "non_expert_params": rest_params,
+    }
+    for block in (ex, whole):
+        block["compression_ratio"] = _ratio(block["params_compressed"], block["params_original"])
+        block["active_ratio"] = _ratio(block["active_params_compressed"], block["active_params_original"])
+        block["macs_ratio"] = _ratio(block["macs_compressed"], block["macs_original"])
+        block["bytes_ratio"] = _ratio(block["bytes_compressed"], block["bytes_original"])
+    return {
+        "moecore_version": __version__,
+        "model_type": getattr(_text_config(model.config), "model_type", None),
+        "form": forms[0] if len(forms) == 1 else forms,
+        "top_k": k,
+        "num_moe_layers": len(layers),
+        # the seed's keys: experts only
+        "total_params_original": ex["params_original"],
+        "total_params_compressed": ex["params_compressed"],
+        "total_compression_ratio": ex["compression_ratio"],
+        "total_reduction_percent": round(100 * (1 - ex["compression_ratio"]), 4),
+        "active_params_original": ex["active_params_original"],
+        "active_params_compressed": ex["active_params_compressed"],
+        "active_compression_ratio": ex["active_ratio"],
+        "active_change_percent": round(100 * (ex["active_ratio"] - 1), 4),
+        "active_macs_original": ex["macs_original"],
+        "active_macs_compressed": ex["macs_compressed"],
+        "active_macs_ratio": ex["macs_ratio"],
+        "total_memory_original_gb": round(ex["bytes_original"] / _GB, 6),
+        "total_memory_compressed_gb": round(ex["bytes_compressed"] / _GB, 6),
+        "memory_saved_gb": round((ex["bytes_original"] - ex["bytes_compressed"]) / _GB, 6),
+        "experts": ex,
+        "model": whole,
+        "layers": layers,
+        "notes": ("seed keys are experts only; active params include all non-expert weights; "
+                  "multiply-adds count weight matmuls per token (no attention scores); GB = 1e9 bytes"),
+    }
+
+
+def write_statistics_yaml(stats: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``stats`` as YAML to ``path`` atomically (temp file in the same folder, then rename)."""
+    import yaml
+
+    path = Path(path)
+    text = "# moecore compression statistics: counted from real stored tensors\n"
+    text += yaml.safe_dump(stats, sort_keys=False, default_flow_style=False, width=120)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_statistics_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``compression_statistics.yaml`` (ConfigError if it is not a statistics mapping)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict) or "total_params_original" not in data:
+        raise ConfigError(f"{path} is not a moecore statistics file")
+    return data
+
+
+def _load_hf_config(hf_config):
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(hf_config, PretrainedConfig):
+        return hf_config
+    if isinstance(hf_config, dict):
+        d = dict(hf_config)
+        if "model_type" not in d:
+            raise ConfigError("config dict has no model_type")
+        return AutoConfig.for_model(d.pop("model_type"), **d)
+    path = Path(hf_config)
+    if not path.exists():
+        raise FileNotFoundError(f"config not found: {path}")
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot read a transformers config from {path}: {first}") from exc
+
+
+def plan(hf_config, cfg, dtype: torch.dtype | str | None = None) -> dict[str, Any]:
+    """The statistics of ``compress(model, cfg)`` from a config alone (no weights).
+
+    ``hf_config`` is a ``PretrainedConfig``, a config dict, or a path to ``config.json`` (or its
+    folder).  The model is built on the meta device (real tensor shapes, no memory), its
+    experts are swapped for meta ``CompressedExperts`` with the ranks the budget solver
+    gives (the same :func:`moecore.compress.solve_ranks` that ``compress`` uses), and
+    :func:`statistics` counts them.  ``allocation="greedy"`` needs weights, so plan uses
+    uniform ranks for it and says so in ``notes``.  ``dtype`` defaults to the config's.
+    """
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from .compress import solve_ranks
+    from .config import CompressionConfig
+    from .families import find_experts
+    from .hf_integration import swap_in_compressed
+
+    if not isinstance(cfg, CompressionConfig):
+        raise ConfigError(f"cfg must be a CompressionConfig, got {type(cfg).__name__}")
+    hf = _load_hf_config(hf_config)
+    if dtype is None:
+        dtype = getattr(_text_config(hf), "dtype", None) or getattr(hf, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf, dtype=dtype)
+    experts = [(path, layout) for path, _, layout in find_experts(model)]
+    note = ""
+    if cfg.rank is None and cfg.allocation == "greedy":
+        cfg = dataclasses.replace(cfg, allocation="uniform")
+        note = "; greedy allocation needs weights: plan shows uniform ranks"
+    ranks = solve_ranks(model, experts, cfg)
+    layers = {path: {p: int(ranks[(path, p)]) for p in PROJECTIONS} for path, _ in experts}
+    swap_in_compressed(model, {"form": cfg.form, "layers": layers})
+    out = statistics(model)
+    out["notes"] += "; planned from the config alone (meta device)" + note
+    out["compression_config"] = cfg.to_dict()
+    return out
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def print_table(stats: dict[str, Any], console=None, per_layer: bool = True) -> None:
+    """Print ``stats`` (from :func:`statistics` / :func:`plan` / the YAML) as rich tables:
+    a summary (experts and whole model, original vs compressed) and one row per layer."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    title = f"moecore statistics ({stats.get('model_type')}, form {stats.get('form')}, top-{stats.get('top_k')})"
+    t = Table(title=title)
+    for col in ("", "original", "compressed", "ratio"):
+        t.add_column(col, justify="right" if col else "left")
+    for scope in ("experts", "model"):
+        b = stats[scope]
+        for label, key, rkey in (("params", "params", "compression_ratio"),
+                                 ("active params / token", "active_params", "active_ratio"),
+                                 ("multiply-adds / token", "macs", "macs_ratio"),
+                                 ("bytes", "bytes", "bytes_ratio")):
+            t.add_row(f"{scope}: {label}", _fmt_int(b[f"{key}_original"]), _fmt_int(b[f"{key}_compressed"]),
+                      f"{100 * b[rkey]:.1f}%")
+    t.add_row("experts memory saved (GB)", "", f"{stats['memory_saved_gb']:.4f}", "")
+    console.print(t)
+    if not per_layer:
+        return
+    lt = Table(title="per layer / projection")
+    for col in ("module", "proj", "rank", "params", "of original", "weight err", "output err"):
+        lt.add_column(col, justify="left" if col in ("module", "proj") else "right")
+    for row in stats.get("layers", []):
+        for p, pr in (row.get("projections") or {}).items():
+            we, oe = pr.get("weight_rel_error"), pr.get("output_rel_error")
+            lt.add_row(row["module"], p, str(pr["rank"]), _fmt_int(pr["params_compressed"]),
+                       f"{100 * pr['params_compressed'] / pr['params_original']:.1f}%",
+                       "-" if we is None else f"{we:.4f}", "-" if oe is None else f"{oe:.4f}")
+    if lt.row_count:
+        console.print(lt)
