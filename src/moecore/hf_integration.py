@@ -94,7 +94,9 @@ class MoecoreHfQuantizer(HfQuantizer):
         for name, module in model.named_modules():
             if isinstance(module, CompressedExperts):
                 for pname, p in module.named_parameters():
-                    if p.device.type == "meta":
+                    # loaded tensors carry transformers' `_is_hf_initialized` flag; a missing one
+                    # would otherwise be left uninitialised with only a warning
+                    if p.device.type == "meta" or not getattr(p, "_is_hf_initialized", False):
                         raise CheckpointError(f"checkpoint has no tensor for {name}.{pname}")
         return model
 

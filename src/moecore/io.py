@@ -186,3 +186,46 @@ def export_dense(model, out_dir: str | os.PathLike, tokenizer=None, *, overwrite
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def check_safetensors(folder: str | os.PathLike) -> list[Path]:
+    """Open the header of every ``*.safetensors`` file in ``folder``; ``CheckpointError`` naming
+    the file if one is missing or corrupt (truncated, bad header)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no safetensors weights in {folder}")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"corrupt safetensors file {f}: {first}") from exc
+    return files
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None, need_tokenizer: bool = False):
+    """``(model, tokenizer or None)`` from a model directory (compressed or not), with clear
+    ``CheckpointError``s for a missing directory, missing/corrupt weights or a bad config."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .modeling import check_model_dir
+
+    p = check_model_dir(path)
+    check_safetensors(p)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype if dtype is not None else "auto")
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"could not load model from {p}: {first}") from exc
+    model.eval()
+    tok = None
+    try:
+        tok = AutoTokenizer.from_pretrained(p)
+    except (OSError, ValueError, KeyError) as exc:
+        if need_tokenizer:
+            raise CheckpointError(f"no usable tokenizer in {p}: {exc}") from exc
+    return model, tok

@@ -369,7 +369,7 @@ def print_table(stats: dict[str, Any], console=None, per_layer: bool = True) -> 
         return
     lt = Table(title="per layer / projection")
     for col in ("module", "proj", "rank", "params", "of original", "weight err", "output err"):
-        lt.add_column(col, justify="left" if col in ("module", "proj") else "right")
+        lt.add_column(col, justify="left" if col in ("module", "proj") else "right", overflow="fold")
     for row in stats.get("layers", []):
         for p, pr in (row.get("projections") or {}).items():
             we, oe = pr.get("weight_rel_error"), pr.get("output_rel_error")

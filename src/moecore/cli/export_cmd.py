@@ -1,0 +1,29 @@
+"""``moecore export DIR -o OUT``: a dense, standard transformers checkpoint (no moecore needed)."""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="write a compressed model as a standard dense transformers checkpoint")
+    p.add_argument("model_dir", help="moecore-compressed model directory")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from moecore.cli.compress_cmd import status, torch_dtype
+    from moecore.errors import CheckpointError
+    from moecore.io import export_dense, load_pretrained
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise CheckpointError(f"output directory already exists: {out} (use --overwrite)")
+    status(f"loading {args.model_dir}")
+    model, tok = load_pretrained(args.model_dir, dtype=torch_dtype(args.dtype))
+    status(f"materializing dense experts into {out}")
+    export_dense(model, out, tokenizer=tok, overwrite=args.overwrite)
+    print(f"exported dense model to {out}")
+    return 0

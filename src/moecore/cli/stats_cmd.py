@@ -1,0 +1,37 @@
+"""``moecore stats DIR``: the statistics table of a (compressed) model directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("stats", help="print compression statistics of a model directory")
+    p.add_argument("model_dir")
+    p.add_argument("--recompute", action="store_true",
+                   help="load the model and count its tensors instead of reading compression_statistics.yaml")
+    p.add_argument("--per-layer", action="store_true", help="also print one row per layer and projection")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from moecore.errors import CheckpointError
+    from moecore.stats import STATS_FILENAME, print_table, read_statistics_yaml, statistics
+
+    d = Path(args.model_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"model directory not found: {d}")
+    f = d / STATS_FILENAME
+    if f.is_file() and not args.recompute:
+        stats = read_statistics_yaml(f)
+    else:
+        from moecore.io import load_pretrained
+
+        model, _ = load_pretrained(d)
+        stats = statistics(model)
+    if args.json:
+        print(json.dumps(stats, indent=2, default=str))
+    else:
+        print_table(stats, per_layer=args.per_layer)
+    return 0
