@@ -1,4 +1,5 @@
-"""``moecore eval MODEL_DIR``: held-out perplexity with the pinned protocol."""
+"""``moecore eval MODEL_DIR``: held-out perplexity with the pinned protocol, or
+lm-evaluation-harness tasks on the in-process model with ``--tasks``."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,12 @@ def register(sub) -> None:
     p.add_argument("--stride", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None, help="truncate the token stream (quick checks)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks instead of perplexity, e.g. "
+                   "moecore_heldout_ppl,moecore_heldout_mc (offline) or any standard lm-eval task name")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: documents per task (or a fraction < 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    p.add_argument("--max-length", type=int, default=None, help="lm-eval: context window of the model")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
     p.set_defaults(func=run)
 
 
@@ -21,6 +28,8 @@ def run(args) -> int:
     from moecore.evaluation import PPL_PROTOCOL, perplexity
     from moecore.modeling import load_model
 
+    if args.tasks:
+        return run_tasks(args)
     model, tok = load_model(args.model_dir)
     texts = read_text_file(args.text) if args.text else load_split(args.split)
     res = perplexity(model, tok, texts, seq_len=args.seq_len or PPL_PROTOCOL["seq_len"],
@@ -31,4 +40,25 @@ def run(args) -> int:
     else:
         print(f"{args.model_dir}: perplexity {res.ppl:.3f} on {res.tokens_scored} tokens of {out['data']} "
               f"(seq_len {res.seq_len}, stride {res.stride})")
+    return 0
+
+
+def run_tasks(args) -> int:
+    """``--tasks``: lm-eval's ``simple_evaluate`` on the loaded model (original, compressed or dense)."""
+    from moecore.evaluation.lm_eval_tasks import format_table, parse_tasks, run_lm_eval, summarize
+    from moecore.modeling import load_model
+    from moecore.training.common import register_moecore
+
+    names = parse_tasks(args.tasks)
+    register_moecore()
+    model, tok = load_model(args.model_dir)
+    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+    res = run_lm_eval(model, tok, names, limit=limit, batch_size=args.batch_size,
+                      max_length=args.max_length, num_fewshot=args.num_fewshot)
+    table = summarize(res)
+    if args.json:
+        print(json.dumps({"model": args.model_dir, "tasks": names, "limit": limit, "results": table}))
+    else:
+        print(f"{args.model_dir}: lm-eval {','.join(names)}" + (f" (limit {limit})" if limit else ""))
+        print(format_table(table))
     return 0

@@ -1,0 +1,104 @@
+"""lm-evaluation-harness on an in-process model, with moecore's offline held-out tasks.
+
+The shipped tasks live in ``moecore/tasks/`` (YAML + jsonl made by
+``scripts/make_eval_tasks.py`` from the held-out split):
+
+- ``moecore_heldout_ppl``: ``loglikelihood_rolling`` over 64 held-out passages
+  (word_perplexity, byte_perplexity, bits_per_byte);
+- ``moecore_heldout_mc``: pick the true next sentence among 4 (acc, acc_norm).
+
+Any other name (``hellaswag``, ``wikitext`` ...) is passed through to lm-eval's own task
+index, which needs the datasets to be downloadable or cached.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
+OFFLINE_TASKS = ("moecore_heldout_ppl", "moecore_heldout_mc")
+
+
+def task_manager():
+    """An lm-eval ``TaskManager`` that also indexes moecore's offline tasks."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR))
+
+
+def _task_specs(names: list[str]) -> list:
+    """Task names, with moecore's offline tasks given their data files as absolute paths
+    (the YAML's relative ``data_files`` would otherwise resolve against the cwd)."""
+    import yaml
+
+    specs: list = []
+    for name in names:
+        if name in OFFLINE_TASKS:
+            cfg = yaml.safe_load((TASKS_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
+            files = cfg["dataset_kwargs"]["data_files"]
+            cfg["dataset_kwargs"]["data_files"] = {split: str(TASKS_DIR / f) for split, f in files.items()}
+            specs.append(cfg)
+        else:
+            specs.append(name)
+    return specs
+
+
+def parse_tasks(tasks: str | list[str]) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]``; raises ValueError when empty."""
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    if not names:
+        raise ValueError("no lm-eval task given")
+    return names
+
+
+def run_lm_eval(model, tokenizer, tasks: str | list[str], *, limit: int | float | None = None,
+                batch_size: int = 8, max_length: int | None = None, num_fewshot: int | None = None,
+                log_samples: bool = False, seed: int = 0) -> dict:
+    """Run lm-eval's ``simple_evaluate`` on ``model`` (already loaded, any moecore form).
+
+    ``max_length`` sets the window of rolling-loglikelihood tasks (default: the model's
+    ``max_position_embeddings`` as lm-eval resolves it). Returns lm-eval's full result dict
+    (``results``, ``configs``, ``n-samples``, and ``samples`` when ``log_samples``).
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    names = parse_tasks(tasks)
+    was_training = model.training
+    model.eval()
+    kwargs = {"max_length": max_length} if max_length else {}
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
+    try:
+        out = simple_evaluate(model=lm, tasks=_task_specs(names), task_manager=task_manager(),
+                              limit=limit, num_fewshot=num_fewshot, log_samples=log_samples,
+                              bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+                              torch_random_seed=seed, fewshot_random_seed=seed)
+    finally:
+        model.train(was_training)
+    if out is None:  # non-zero ranks under distributed evaluation
+        return {}
+    return out
+
+
+def summarize(results: dict) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` from an lm-eval result dict, dropping stderr entries and
+    the ``,none`` filter suffix; non-finite values are kept as floats."""
+    table: dict[str, dict[str, float]] = {}
+    for task, metrics in (results.get("results") or {}).items():
+        row = {}
+        for key, val in metrics.items():
+            if "_stderr" in key or key == "alias" or not isinstance(val, (int, float)):
+                continue
+            row[key.split(",")[0]] = float(val)
+        table[task] = row
+    return table
+
+
+def format_table(summary: dict[str, dict[str, float]]) -> str:
+    """A plain-text table of :func:`summarize` output (one line per task and metric)."""
+    lines = []
+    for task, row in summary.items():
+        for metric, val in row.items():
+            shown = f"{val:.4f}" if math.isfinite(val) else str(val)
+            lines.append(f"{task:28s} {metric:18s} {shown}")
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""Helpers shared by distillation, recovery and async evaluation: model detection and
+loading, trainable-parameter selection, packed training blocks, atomic writes."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+
+# Parameter-name markers of the compressed experts (docs/ARCHITECTURE.md).
+FACTOR_MARKERS = ("delta_a_", "delta_b_", "wrap_")
+CORE_MARKER = "core_"
+ROUTER_NAMES = ("gate", "router")
+
+
+def register_moecore() -> None:
+    """Import ``moecore.hf_integration`` (when present) so ``from_pretrained`` knows the
+    ``moecore`` quantization method."""
+    try:
+        importlib.import_module("moecore.hf_integration")
+    except ModuleNotFoundError as exc:
+        if exc.name != "moecore.hf_integration":
+            raise
+
+
+def read_config(path: str | Path) -> dict:
+    p = Path(path) / "config.json"
+    if not p.is_file():
+        raise CheckpointError(f"not a model directory (no config.json): {path}")
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def is_compressed_dir(path: str | Path) -> bool:
+    """True when ``path/config.json`` says ``quantization_config.quant_method == "moecore"``."""
+    qc = read_config(path).get("quantization_config") or {}
+    return qc.get("quant_method") == "moecore"
+
+
+def is_compressed_model(model) -> bool:
+    """True when the model holds moecore compressed experts (factor or core parameters)."""
+    return any(any(m in n for m in FACTOR_MARKERS) or f".{CORE_MARKER}" in n for n, _ in model.named_parameters())
+
+
+def load_dir(path: str | Path, dtype=torch.float32):
+    """``(model, tokenizer)`` from a directory, compressed or not (moecore registered first)."""
+    from ..modeling import load_model
+
+    if is_compressed_dir(path):
+        register_moecore()
+    return load_model(path, dtype=dtype)
+
+
+def experts_paths(model) -> list[str]:
+    """Module paths of the MoE experts modules (``...mlp.experts``), in model order."""
+    out = []
+    for name, mod in model.named_modules():
+        if name.endswith(".experts") and not isinstance(mod, torch.nn.ModuleList):
+            if type(mod).__name__ == "CompressedExperts" or any(True for _ in mod.parameters(recurse=False)):
+                out.append(name)
+    return out
+
+
+def select_trainable(model, *, train_core: bool = False, train_router: bool = False,
+                     train_experts_if_plain: bool = True) -> list[str]:
+    """Freeze everything, then unfreeze the compressed factors (``delta_a_*``, ``delta_b_*``,
+    ``wrap_*``), optionally the cores (``core_*``) and the routers. A plain (uncompressed)
+    student trains its experts' weights instead. Returns the trainable parameter names."""
+    paths = experts_paths(model)
+    compressed = is_compressed_model(model)
+    names = []
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        parent = name.rsplit(".", 1)[0]
+        in_experts = parent in paths
+        want = False
+        if compressed and in_experts:
+            want = leaf.startswith(FACTOR_MARKERS) or (train_core and leaf.startswith(CORE_MARKER))
+        elif in_experts and train_experts_if_plain:
+            want = True
+        if train_router and any(parent == e.rsplit(".", 1)[0] + f".{r}" for e in paths for r in ROUTER_NAMES):
+            want = True
+        p.requires_grad_(want)
+        if want:
+            names.append(name)
+    if not names:
+        raise ConfigError("nothing to train: the student has no compressed factors or experts")
+    return names
+
+
+def pack_blocks(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
+    """Tokenize, join with EOS, and cut into ``(N, block_size)`` blocks (remainder dropped)."""
+    from ..evaluation.perplexity import token_stream
+
+    if block_size < 2:
+        raise ConfigError(f"block size must be >= 2, got {block_size}")
+    ids = token_stream(tokenizer, texts)
+    n = len(ids) // block_size
+    if n == 0:
+        raise ValueError(f"not enough text for one block of {block_size} tokens ({len(ids)} tokens)")
+    return ids[: n * block_size].view(n, block_size)
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Fixed-length causal-LM blocks: ``input_ids`` = ``labels``, full attention mask."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        x = self.blocks[i]
+        return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
+
+
+def training_texts(data: str | Path | None) -> list[str]:
+    """Texts of a user file (.txt / .jsonl via ``moecore.data.read_text_file``), or the bundled
+    ``train`` split. The held-out split is never read here."""
+    from ..data import load_split, read_text_file
+
+    return read_text_file(data) if data else load_split("train")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync, then rename over it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one JSON line and fsync (a reader sees whole lines; a torn last line is skipped)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file; a missing file gives ``[]`` and a torn last line is ignored."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    rows = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

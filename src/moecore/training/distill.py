@@ -1,0 +1,224 @@
+"""``moecore.training.distill``: end-to-end logit distillation of a compressed student.
+
+Student resolution (the seed's auto-detection, made explicit):
+1. ``resume=True`` and ``output_dir`` holds a complete checkpoint: the student is loaded from
+   it (same architecture, same ranks) and the Trainer restores optimizer/scheduler/RNG/state;
+2. a directory whose ``config.json`` has ``quantization_config.quant_method == "moecore"``:
+   loaded compressed (``from_pretrained`` after ``import moecore``);
+3. any other directory or an ``nn.Module``: used as given (a plain student trains its experts);
+4. ``student=None`` with a ``CompressionConfig``: the teacher is compressed on the fly with
+   the bundled calibration split.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from ..errors import ConfigError
+from . import checkpoints as ckpt
+from .common import BlockDataset, atomic_write_text, load_dir, select_trainable, training_texts
+from .kd import DistillTrainer, kd_loss
+
+SUMMARY = "distill_summary.json"
+CURVES = "training_curves.png"
+
+
+@dataclass
+class DistillResult:
+    """What a distillation run did; also written to ``OUT/distill_summary.json``."""
+    output_dir: str
+    final_dir: str
+    global_step: int
+    resumed_from: str | None
+    trainable: int                    # number of trainable parameters (elements)
+    train_loss: float | None          # the last logged training loss
+    final_eval_loss: float | None     # KD loss of the final student on the first eval blocks
+    checksums: dict[str, float] = field(default_factory=dict)   # float64 sum per trainable tensor
+    rank_checksums: list[float] = field(default_factory=list)   # total checksum on every process
+    eval_rows: list[dict] = field(default_factory=list)
+    eval_error: str | None = None
+
+
+def _load_teacher(teacher):
+    if isinstance(teacher, torch.nn.Module):
+        return teacher, None
+    return load_dir(teacher)
+
+
+def _resolve_student(student, teacher_model, tok, compression, resume_ckpt):
+    if resume_ckpt is not None:
+        return load_dir(resume_ckpt)[0], f"resumed from {resume_ckpt}"
+    if isinstance(student, torch.nn.Module):
+        return student, "given module"
+    if student is not None:
+        return load_dir(student)[0], f"loaded from {student}"
+    if compression is None:
+        raise ConfigError("no student: pass a student directory or a CompressionConfig (--form/--rank/--target-ratio)")
+    from ..compress import compress
+    from ..data import load_split
+
+    model = copy.deepcopy(teacher_model)
+    compress(model, compression, calibration=load_split("calib"), tokenizer=tok)
+    return model, "compressed on the fly from the teacher"
+
+
+def _blocks(tok, data, block_size: int, needed_tokens: int) -> torch.Tensor:
+    """Packed blocks from ``data`` (or the train split), tokenized only as far as needed."""
+    ids: list[int] = []
+    for text in training_texts(data):
+        ids.extend(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+        ids.append(tok.eos_token_id)
+        if len(ids) >= needed_tokens + block_size:
+            break
+    n = len(ids) // block_size
+    if n == 0:
+        raise ValueError(f"not enough text for one block of {block_size} tokens ({len(ids)} tokens)")
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def checksums(model, names: list[str]) -> dict[str, float]:
+    """float64 sum of every named parameter (a cheap fingerprint to compare saved results)."""
+    params = dict(model.named_parameters())
+    return {n: float(params[n].detach().double().sum().item()) for n in names}
+
+
+@torch.no_grad()
+def eval_kd_loss(student, teacher, blocks: torch.Tensor, temperature: float, alpha: float) -> float:
+    """The distillation loss of ``student`` on ``blocks`` (B, L), in eval mode, one batch."""
+    was = student.training
+    student.eval()
+    dev = next(student.parameters()).device
+    x = blocks.to(dev)
+    loss, _ = kd_loss(student(input_ids=x).logits, teacher.to(dev)(input_ids=x).logits, x, temperature, alpha)
+    student.train(was)
+    return float(loss.item())
+
+
+class _Monitor(TrainerCallback):
+    """Redraws the loss curves at each save/end, and reports an async-eval worker crash once."""
+
+    def __init__(self, out: Path, worker=None):
+        self.out, self.worker = out, worker
+
+    def _check(self):
+        msg = self.worker.crashed() if self.worker is not None else None
+        if msg:
+            print(f"moecore distill: warning: {msg}", flush=True)
+
+    def on_log(self, args, state, control, **kw):
+        self._check()
+
+    def on_save(self, args, state, control, **kw):
+        self._check()
+        if args.should_save:
+            from .plots import plot_training_curves
+
+            plot_training_curves(state.log_history, self.out / CURVES)
+
+
+def distill(teacher, student=None, output_dir: str | Path = "distilled", *, compression=None,
+            data: str | Path | None = None, max_steps: int = 100, lr: float = 1e-3, temperature: float = 2.0,
+            alpha: float = 0.5, block_size: int = 128, batch_size: int = 4, grad_accum: int = 1,
+            save_steps: int = 50, save_total_limit: int | None = None, logging_steps: int = 10,
+            warmup_steps: int = 0, scheduler: str = "cosine", resume: bool = False, train_core: bool = False,
+            train_router: bool = False, eval_async: bool = False, eval_max_tokens: int | None = 16384,
+            eval_tasks: list[str] | None = None, eval_limit: int | None = None, seed: int = 0,
+            eval_blocks: int = 2) -> DistillResult:
+    """Distil ``teacher`` (a directory or model) into ``student`` with :class:`DistillTrainer`.
+
+    Checkpoints (compressed format, complete only after an atomic rename) are written every
+    ``save_steps`` steps and at the end to ``OUT/checkpoint-N``; the final student goes to
+    ``OUT/final``, the curves to ``OUT/training_curves.png``, a summary to
+    ``OUT/distill_summary.json``. ``resume=True`` continues from the last complete checkpoint
+    (from scratch, with a note, if there is none). ``eval_async`` starts the background
+    evaluator (:mod:`moecore.training.async_eval`). Works under ``accelerate launch``.
+    """
+    if max_steps <= 0 or save_steps <= 0 or batch_size <= 0 or lr <= 0:
+        raise ConfigError("max_steps, save_steps, batch_size and lr must be positive")
+    out = Path(output_dir)
+    last = ckpt.last_checkpoint(out) if resume else None
+    if not resume and ckpt.complete_checkpoints(out):
+        raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue, or choose another -o")
+    teacher_model, tok = _load_teacher(teacher)
+    if tok is None:
+        if student is None or isinstance(student, torch.nn.Module):
+            raise ConfigError("pass a teacher directory (for its tokenizer) when the teacher is a module")
+        tok = load_dir(student)[1]
+    student_model, how = _resolve_student(student, teacher_model, tok, compression, last)
+    names = select_trainable(student_model, train_core=train_core, train_router=train_router)
+    n_train = sum(p.numel() for p in student_model.parameters() if p.requires_grad)
+
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum, learning_rate=lr, lr_scheduler_type=scheduler,
+        warmup_steps=warmup_steps, weight_decay=0.0, logging_steps=logging_steps, save_strategy="steps",
+        save_steps=save_steps, save_total_limit=save_total_limit, report_to="none", seed=seed, data_seed=seed,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        remove_unused_columns=False)
+    world = max(args.world_size, 1)
+    needed = max_steps * batch_size * grad_accum * world * block_size
+    blocks = _blocks(tok, data, block_size, needed)
+    if args.should_save:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_staging(out)
+        print(f"moecore distill: student {how}; {len(names)} trainable tensors ({n_train:,} params); "
+              f"{blocks.shape[0]} blocks of {block_size} tokens; {world} process(es)", flush=True)
+        if resume and last is None:
+            print(f"moecore distill: no complete checkpoint in {out}; starting from scratch", flush=True)
+
+    worker = None
+    if eval_async and args.should_save:
+        from .async_eval import EvalWorker
+
+        worker = EvalWorker(out, max_tokens=eval_max_tokens, tasks=eval_tasks, limit=eval_limit).start()
+    trainer = DistillTrainer(model=student_model, args=args, train_dataset=BlockDataset(blocks),
+                             processing_class=tok, teacher=teacher_model, temperature=temperature, alpha=alpha,
+                             callbacks=[_Monitor(out, worker)])
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
+
+    final = out / "final"
+    staging = out / ".tmp-final"
+    trainer.save_model(str(staging))
+    trainer._barrier()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    sums = checksums(model, names)
+    total = sum(sums.values())
+    rank_sums = [total]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        rank_sums = gather_object([total])
+    if not args.should_save:
+        return DistillResult(str(out), str(final), trainer.state.global_step, str(last) if last else None,
+                             n_train, None, None, sums, rank_sums)
+    ckpt.publish(staging, final)
+    from .plots import plot_training_curves
+
+    plot_training_curves(trainer.state.log_history, out / CURVES)
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    final_loss = eval_kd_loss(model, teacher_model, blocks[:eval_blocks], temperature, alpha)
+    res = DistillResult(str(out), str(final), trainer.state.global_step, str(last) if last else None, n_train,
+                        losses[-1] if losses else None, final_loss, sums, rank_sums)
+    if worker is not None:
+        fin = worker.finish()
+        res.eval_rows, res.eval_error = fin["rows"], fin["error"]
+        from .async_eval import summary_table
+
+        print(summary_table(res.eval_rows, res.eval_error), flush=True)
+    summary = asdict(res)
+    summary.update(temperature=temperature, alpha=alpha, lr=lr, block_size=block_size, batch_size=batch_size,
+                   world_size=world, student=how)
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2, default=_json_default))
+    return res
+
+
+def _json_default(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return str(x)

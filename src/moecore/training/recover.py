@@ -1,0 +1,179 @@
+"""Layer-wise local recovery: fit each compressed experts block to the original block.
+
+For each MoE layer in order: run the (compressed) student on calibration text up to that
+layer and cache what enters its experts module (hidden states, top-k indices and weights:
+the router is shared, so the original block sees the same routing); compute the original
+experts' output on those inputs; then fit the compressed block's trainable factors by Adam
+on the relative MSE. Inputs come from the student itself, so later layers are fitted to
+the activations they will actually see (errors of earlier layers included).
+
+Memory: the student plus ONE original experts layer, read from the teacher's safetensors
+(:class:`OriginalExpertsLoader`), plus the cached activations of one layer.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .common import CORE_MARKER, FACTOR_MARKERS, experts_paths, is_compressed_model
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class RecoveryReport:
+    """Per-layer relative output MSE (‖y − ŷ‖² / ‖y‖²) before and after fitting."""
+    tokens: int
+    steps: int
+    layers: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _calibration_ids(tokenizer, texts: list[str], max_tokens: int, seq_len: int) -> torch.Tensor:
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+        if len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"calibration text too short for one sequence of {seq_len} tokens")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+@torch.no_grad()
+def _capture(model, module, seqs: torch.Tensor, batch: int):
+    """Inputs (hidden (T,H), top_k_index (T,k), top_k_weights (T,k)) reaching ``module``."""
+    got: list[tuple] = []
+
+    def hook(mod, args, kwargs):
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        vals = list(args) + [kwargs[n] for n in names[len(args):]]
+        got.append(tuple(v.detach().clone() for v in vals[:3]))
+        raise _Stop
+
+    h = module.register_forward_pre_hook(hook, with_kwargs=True)
+    dev = next(model.parameters()).device
+    try:
+        for i in range(0, seqs.shape[0], batch):
+            try:
+                model(input_ids=seqs[i:i + batch].to(dev))
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return tuple(torch.cat([g[j] for g in got]) for j in range(3))
+
+
+def _trainable(module, train_core: bool, compressed: bool) -> list[torch.nn.Parameter]:
+    out = []
+    for n, p in module.named_parameters():
+        if not compressed or n.startswith(FACTOR_MARKERS) or (train_core and n.startswith(CORE_MARKER)):
+            out.append(p)
+    return out
+
+
+@torch.no_grad()
+def _rel_mse(module, x, idx, w, y, chunk: int = 4096) -> float:
+    err = sum(float((module(x[i:i + chunk], idx[i:i + chunk], w[i:i + chunk]) - y[i:i + chunk]).pow(2).sum())
+              for i in range(0, x.shape[0], chunk))
+    return err / max(float(y.pow(2).sum()), 1e-30)
+
+
+def recover(teacher, student, calibration_texts: list[str] | None = None, tokenizer=None, *, steps: int = 200,
+            lr: float = 1e-3, batch_tokens: int = 1024, max_tokens: int = 8192, seq_len: int = 256,
+            forward_batch: int = 8, train_core: bool = False, seed: int = 0, progress: bool = True) -> RecoveryReport:
+    """Fit every compressed experts block of ``student`` (in place) to the original block.
+
+    Args:
+        teacher: the ORIGINAL model directory (expert weights read layer by layer with
+            ``safe_open``) or an in-memory original model (its experts modules are used).
+        student: the compressed model (a plain model works too: all its expert weights train).
+        calibration_texts: defaults to the bundled ``calib`` split (never the held-out one).
+        tokenizer: required unless ``teacher`` is a directory holding one.
+        steps / lr / batch_tokens: Adam steps per layer, learning rate, tokens per step.
+        max_tokens / seq_len: calibration budget and sequence length.
+        train_core: also fit the shared cores.
+    Returns a :class:`RecoveryReport` (relative output MSE per layer before / after).
+    """
+    from ..data import load_split
+
+    if steps < 0 or lr <= 0 or batch_tokens <= 0:
+        raise ValueError("need steps >= 0, lr > 0, batch_tokens > 0")
+    loader = None
+    if isinstance(teacher, (str, Path)):
+        from .originals import OriginalExpertsLoader
+
+        loader = OriginalExpertsLoader(teacher)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(teacher)
+    if tokenizer is None:
+        raise ValueError("recover needs a tokenizer when the teacher is a module")
+    texts = calibration_texts if calibration_texts is not None else load_split("calib")
+    seqs = _calibration_ids(tokenizer, texts, max_tokens, seq_len)
+    compressed = is_compressed_model(student)
+    paths = experts_paths(student)
+    if not paths:
+        raise ValueError("the student has no MoE experts modules")
+    gen = torch.Generator().manual_seed(seed)
+    was_training = student.training
+    student.eval()
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    for p in student.parameters():
+        p.requires_grad_(False)
+    report = RecoveryReport(tokens=int(seqs.numel()), steps=steps)
+    try:
+        for path in tqdm(paths, desc="moecore: recovering", unit="layer", disable=not progress):
+            t0 = time.time()
+            module = student.get_submodule(path)
+            dev = next(module.parameters()).device
+            x, idx, w = _capture(student, module, seqs, forward_batch)
+            orig = loader.experts(path) if loader is not None else teacher.get_submodule(path)
+            orig = orig.to(device=dev, dtype=x.dtype)
+            with torch.no_grad():
+                y = torch.cat([orig(x[i:i + 4096], idx[i:i + 4096], w[i:i + 4096]) for i in range(0, x.shape[0], 4096)])
+            del orig
+            before = _rel_mse(module, x, idx, w, y)
+            params = _trainable(module, train_core, compressed)
+            after = before
+            if steps and params:
+                start = [p.detach().clone() for p in params]
+                for p in params:
+                    p.requires_grad_(True)
+                opt = torch.optim.Adam(params, lr=lr)
+                scale = y.pow(2).mean().clamp_min(1e-30)
+                for _ in range(steps):
+                    sel = torch.randint(0, x.shape[0], (min(batch_tokens, x.shape[0]),), generator=gen).to(dev)
+                    loss = (module(x[sel], idx[sel], w[sel]) - y[sel]).pow(2).mean() / scale
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                for p in params:
+                    p.requires_grad_(False)
+                after = _rel_mse(module, x, idx, w, y)
+                if after > before:  # never make a layer worse: restore the start
+                    with torch.no_grad():
+                        for p, s0 in zip(params, start):
+                            p.copy_(s0)
+                    after = before
+                del start, opt
+            report.layers.append({"path": path, "rel_mse_before": before, "rel_mse_after": after,
+                                  "params": sum(p.numel() for p in params), "seconds": round(time.time() - t0, 3)})
+            del x, idx, w, y
+    finally:
+        for n, p in student.named_parameters():
+            p.requires_grad_(flags[n])
+        student.train(was_training)
+    return report

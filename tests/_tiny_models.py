@@ -1,0 +1,37 @@
+"""Tiny random MoE models for the training / evaluation tests (built from configs, no download)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = ROOT / "data" / "tokenizer"
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def tiny_mixtral(seed: int = 0, hidden: int = 64, layers: int = 2, experts: int = 4):
+    """A random MixtralForCausalLM with the bundled tokenizer's vocabulary."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tok = tokenizer()
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                        num_local_experts=experts, num_experts_per_tok=2, max_position_embeddings=512,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(cfg).eval(), tok
+
+
+def save_tiny(path: Path, seed: int = 0, **kw) -> Path:
+    """Save a tiny random Mixtral and the tokenizer to ``path``; returns ``path``."""
+    model, tok = tiny_mixtral(seed, **kw)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
