@@ -35,3 +35,17 @@ def save_tiny(path: Path, seed: int = 0, **kw) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def python_cmd(*args: str) -> list[str]:
+    """argv that runs ``moecore.cli.main(args)`` in a fresh interpreter."""
+    import sys
+
+    return [sys.executable, "-c", "import sys; from moecore.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+
+
+def subprocess_env(threads: int = 1) -> dict:
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}

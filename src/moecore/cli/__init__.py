@@ -8,7 +8,7 @@ import os
 import sys
 
 # sub-command modules, in the order `moecore --help` lists them
-COMMAND_MODULES = ["compress_cmd", "stats_cmd", "plan_cmd", "export_cmd", "eval_cmd"]
+COMMAND_MODULES = ["compress_cmd", "stats_cmd", "plan_cmd", "export_cmd", "eval_cmd", "distill_cmd", "recover_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,8 +6,8 @@ Student resolution (the seed's auto-detection, made explicit):
 2. a directory whose ``config.json`` has ``quantization_config.quant_method == "moecore"``:
    loaded compressed (``from_pretrained`` after ``import moecore``);
 3. any other directory or an ``nn.Module``: used as given (a plain student trains its experts);
-4. ``student=None`` with a ``CompressionConfig``: the teacher is compressed on the fly with
-   the bundled calibration split.
+4. with a ``CompressionConfig``, an uncompressed student (or a copy of the teacher when
+   ``student=None``) is compressed on the fly with the bundled calibration split.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from ..errors import ConfigError
 from . import checkpoints as ckpt
-from .common import BlockDataset, atomic_write_text, load_dir, select_trainable, training_texts
+from .common import BlockDataset, atomic_write_text, is_compressed_model, load_dir, select_trainable, training_texts
 from .kd import DistillTrainer, kd_loss
 
 SUMMARY = "distill_summary.json"
@@ -55,17 +55,20 @@ def _resolve_student(student, teacher_model, tok, compression, resume_ckpt):
     if resume_ckpt is not None:
         return load_dir(resume_ckpt)[0], f"resumed from {resume_ckpt}"
     if isinstance(student, torch.nn.Module):
-        return student, "given module"
-    if student is not None:
-        return load_dir(student)[0], f"loaded from {student}"
-    if compression is None:
+        model, how = student, "given module"
+    elif student is not None:
+        model, how = load_dir(student)[0], f"loaded from {student}"
+    elif compression is None:
         raise ConfigError("no student: pass a student directory or a CompressionConfig (--form/--rank/--target-ratio)")
-    from ..compress import compress
-    from ..data import load_split
+    else:
+        model, how = copy.deepcopy(teacher_model), "the teacher"
+    if compression is not None and not is_compressed_model(model):
+        from ..compress import compress
+        from ..data import load_split
 
-    model = copy.deepcopy(teacher_model)
-    compress(model, compression, calibration=load_split("calib"), tokenizer=tok)
-    return model, "compressed on the fly from the teacher"
+        compress(model, compression, calibration=load_split("calib"), tokenizer=tok)
+        how += f", compressed on the fly ({compression.form})"
+    return model, how
 
 
 def _blocks(tok, data, block_size: int, needed_tokens: int) -> torch.Tensor:

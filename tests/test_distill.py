@@ -1,0 +1,101 @@
+"""Logit distillation: the KD loss, that training lowers it while training only the factors,
+and that a run killed with SIGKILL resumes from its last complete checkpoint."""
+from __future__ import annotations
+
+import copy
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+import moecore
+from moecore import CompressionConfig
+from moecore.training import distill, kd_loss
+from moecore.training.checkpoints import complete_checkpoints, is_complete
+from moecore.training.distill import _blocks, eval_kd_loss
+
+from ._tiny_models import python_cmd, save_tiny, subprocess_env, tiny_mixtral
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("kd") / "teacher")
+
+
+def test_kd_loss_terms():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    y = torch.randint(0, 11, (2, 5))
+    y[0, 3] = -100
+    loss, parts = kd_loss(s, t, y, temperature=2.0, alpha=0.3)
+    mask = y[:, 1:] != -100
+    ps = torch.log_softmax(s[:, :-1][mask] / 2, -1)
+    pt = torch.log_softmax(t[:, :-1][mask] / 2, -1)
+    kl = torch.nn.functional.kl_div(ps, pt, log_target=True, reduction="batchmean")
+    ce = torch.nn.functional.cross_entropy(s[:, :-1][mask], y[:, 1:][mask])
+    assert parts["kd"] == pytest.approx(4 * kl.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(4 * kl.item() + 0.3 * ce.item(), rel=1e-5)
+    same, p2 = kd_loss(t, t, y, temperature=3.0, alpha=0.0)
+    assert abs(p2["kd"]) < 1e-6 and abs(same.item()) < 1e-6
+
+
+def test_kd_lowers_loss_training_only_factors(teacher_dir, tmp_path):
+    teacher, tok = tiny_mixtral(seed=0)
+    student = copy.deepcopy(teacher)
+    moecore.compress(student, CompressionConfig(form="delta", rank=4))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    blocks = _blocks(tok, None, 64, 1)[:2]
+    loss0 = eval_kd_loss(student, teacher, blocks, 2.0, 0.0)
+    res = distill(str(teacher_dir), student, tmp_path / "out", max_steps=12, lr=2e-2, alpha=0.0,
+                  block_size=64, batch_size=4, save_steps=100, logging_steps=1)
+    assert res.global_step == 12
+    assert res.final_eval_loss < 0.8 * loss0, (loss0, res.final_eval_loss)
+    state = json.loads((tmp_path / "out" / "checkpoint-12" / "trainer_state.json").read_text())
+    kd = [h["kd_loss"] for h in state["log_history"] if "kd_loss" in h]
+    assert len(kd) == 12 and sum(kd[-3:]) < 0.8 * sum(kd[:3]), kd
+    after = dict(student.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed and all(n.rsplit(".", 1)[-1].startswith(("delta_a_", "delta_b_")) for n in changed), changed
+    assert all(not torch.equal(before[n], after[n].detach()) for n in res.checksums)
+    # a checkpoint at the last step, complete, and the loss-curve plot
+    assert [c.name for c in complete_checkpoints(tmp_path / "out")] == ["checkpoint-12"]
+    assert (tmp_path / "out" / "training_curves.png").stat().st_size > 1000
+
+
+def test_resume_after_sigkill(teacher_dir, tmp_path):
+    """Start a real run, SIGKILL it after its first checkpoint, resume it to the end, then load it."""
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", str(teacher_dir), "-o", str(out), "--rank", "4", "--max-steps", "30",
+            "--save-steps", "4", "--logging-steps", "1", "--block-size", "64", "--batch-size", "4", "--lr", "1e-2"]
+    proc = subprocess.Popen(python_cmd(*args), env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not complete_checkpoints(out) and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = complete_checkpoints(out)
+    assert first and not (out / "final").exists()
+    killed_at = int(first[-1].name.split("-")[1])
+    assert killed_at < 30
+    r = subprocess.run(python_cmd(*args, "--resume"), env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "distill_summary.json").read_text())
+    assert summary["global_step"] == 30
+    assert summary["resumed_from"] == str(out / f"checkpoint-{killed_at}")
+    state = json.loads((out / "checkpoint-30" / "trainer_state.json").read_text())
+    steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert steps[0] == 1 and steps[-1] == 30  # history from before the kill was restored
+    assert all(is_complete(c) for c in complete_checkpoints(out))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert type(model.model.layers[0].mlp.experts).__name__ == "CompressedExperts"
+    params = dict(model.named_parameters())
+    for name, value in summary["checksums"].items():
+        assert params[name].double().sum().item() == pytest.approx(value, rel=1e-6, abs=1e-6)
