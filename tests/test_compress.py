@@ -250,3 +250,14 @@ def test_bad_budgets_and_calibration_raise_config_errors(tok):
         with pytest.raises(ConfigError):
             CompressionConfig(**bad)
     assert not compressed_modules(model)  # failed calls left the model untouched
+
+
+def test_randomized_svd_is_close_to_exact_and_seeded():
+    model = build("mixtral")
+    exact = compress(copy.deepcopy(model), CompressionConfig(rank=6, svd="exact"))
+    rand = [compress(copy.deepcopy(model), CompressionConfig(rank=6, svd="randomized", seed=5)) for _ in range(2)]
+    for (_, me), (_, mr), (_, mr2) in zip(*(compressed_modules(m) for m in (exact, *rand))):
+        for p in ("gate", "up", "down"):
+            e, r = me.report[p]["weight_rel_error"], mr.report[p]["weight_rel_error"]
+            assert e <= r + 1e-9 and r < 1.01 * e
+            assert torch.equal(getattr(mr, f"delta_a_{p}"), getattr(mr2, f"delta_a_{p}"))  # same seed, same result

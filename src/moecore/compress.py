@@ -131,8 +131,11 @@ def _greedy_gains(model: nn.Module, experts, cfg, calib, whiten: bool) -> dict:
     """Marginal relative error energy per rank unit of every projection (pre-pass)."""
     gains = {}
     for path, layout in experts:
+        module = model.get_submodule(path)
         c = calib.get(path) if calib else None
-        for p, w in _weights(model.get_submodule(path), layout).items():
+        if c is not None:
+            c = {k: v.to(layout.split(module)["gate"].device) for k, v in c.items()}
+        for p, w in _weights(module, layout).items():
             g = _grams(c, p) if whiten else None
             sv = dm.residual_spectrum(w, _core(w, cfg, c), g, cfg.whiten_damping)  # (E, k)
             total = ((w @ dm.whitening_factor(g, cfg.whiten_damping)) if g is not None else w).pow(2).sum()
@@ -168,7 +171,9 @@ def compress_layer(
     with ``report[p] = {"rank", "weight_rel_error", "output_rel_error", "whitened", ...}``."""
     views = layout.split(module)
     ref = views["gate"]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if calib is not None:  # Grams are accumulated on CPU; do the maths where the weights live
+        calib = {k: v.to(ref.device) for k, v in calib.items()}
+    gen = torch.Generator(device=ref.device).manual_seed(seed)
     cores, factors, report = {}, {}, {}
     for p, w in _weights(module, layout).items():
         r, g = ranks[p], _grams(calib, p)

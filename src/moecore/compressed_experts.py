@@ -21,9 +21,12 @@ PROJECTIONS = ("gate", "up", "down")
 
 
 class _Routing:
-    """Routed (token, expert) pairs sorted by expert, padded per expert for one ``bmm``.
+    """Routed (token, expert) pairs, sorted by expert and padded per hit expert so that each
+    low-rank path is one ``bmm`` over the experts actually hit (no per-token loop).
 
-    ``S = T·k`` pairs; pairs with the sentinel index ``E`` (no expert) are dropped.
+    ``S = T·k`` pairs; pairs with the sentinel index ``E`` (no expert) are dropped.  All
+    pair-level tensors (``expert``, ``token``, ``weight`` and every ``(S, d)`` activation)
+    are in this sorted order; results go back to tokens with ``index_add_`` on ``token``.
     """
 
     def __init__(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int, dtype: torch.dtype):
@@ -34,29 +37,33 @@ class _Routing:
         valid = (idx >= 0) & (idx < num_experts)
         if not bool(valid.all()):
             idx, tok, w = idx[valid], tok[valid], w[valid]
-        self.expert, self.token, self.weight = idx, tok, w
         order = torch.argsort(idx, stable=True)  # (S,)
-        counts = torch.bincount(idx, minlength=num_experts)  # (E,)
+        self.expert, self.token, self.weight = idx[order], tok[order], w[order]  # (S,) each, sorted by expert
+        counts = torch.bincount(self.expert, minlength=num_experts)  # (E,)
         starts = torch.cumsum(counts, 0) - counts  # (E,)
-        self.order = order
-        self.slot = torch.arange(idx.numel(), device=idx.device) - starts[idx[order]]  # (S,) position within expert
-        self.cap = int(counts.max()) if idx.numel() else 0
-        self.num_experts = num_experts
+        self.slot = torch.arange(self.expert.numel(), device=idx.device) - starts[self.expert]  # (S,)
+        self.cap = int(counts.max()) if self.expert.numel() else 0
+        hit = torch.nonzero(counts).squeeze(-1)  # (n_hit,)
+        if 2 * hit.numel() >= num_experts:
+            self.hit, self.group = None, self.expert  # most experts hit: use the factors in place, no copy
+        else:
+            remap = torch.full((num_experts,), -1, dtype=torch.long, device=idx.device)
+            remap[hit] = torch.arange(hit.numel(), device=idx.device)
+            self.hit, self.group = hit, remap[self.expert]  # (n_hit,), (S,)
+        self.num_groups = num_experts if self.hit is None else hit.numel()
 
     def lowrank(self, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """Per pair ``left_e (right_eᵀ x)``: ``x (S, d_in)``, ``right (E, d_in, s)``,
-        ``left (E, d_out, s)`` -> ``(S, d_out)`` with one padded ``bmm`` per factor."""
-        s_pairs = x.shape[0]
-        if s_pairs == 0:
+        ``left (E, d_out, s)`` -> ``(S, d_out)``; two padded ``bmm`` over the hit experts."""
+        if x.shape[0] == 0:
             return x.new_zeros(0, left.shape[1])
-        e_sorted = self.expert[self.order]  # (S,)
-        buf = x.new_zeros(self.num_experts, self.cap, x.shape[1])  # (E, cap, d_in)
-        buf[e_sorted, self.slot] = x[self.order]
-        z = torch.bmm(buf, right.to(x.dtype))  # (E, cap, s)
-        y = torch.bmm(z, left.to(x.dtype).mT)  # (E, cap, d_out)
-        out = x.new_empty(s_pairs, left.shape[1])
-        out[self.order] = y[e_sorted, self.slot]
-        return out  # (S, d_out)
+        if self.hit is not None:
+            left, right = left.index_select(0, self.hit), right.index_select(0, self.hit)
+        buf = x.new_zeros(self.num_groups, self.cap, x.shape[1])  # (n_hit, cap, d_in)
+        buf[self.group, self.slot] = x
+        z = torch.bmm(buf, right.to(x.dtype))  # (n_hit, cap, s)
+        y = torch.bmm(z, left.to(x.dtype).mT)  # (n_hit, cap, d_out)
+        return y[self.group, self.slot]  # (S, d_out)
 
 
 class CompressedExperts(nn.Module):

@@ -228,6 +228,7 @@ def wrapper_factors(
 # ---------------------------------------------------------------------------- errors
 def relative_weight_error(weights: Tensor, approx: Tensor) -> float:
     """``‖W − Ŵ‖_F / ‖W‖_F`` over all experts of a projection."""
+    weights, approx = weights.detach(), approx.detach()
     num = (weights - approx).double().pow(2).sum()
     den = weights.double().pow(2).sum().clamp_min(1e-300)
     return float((num / den).sqrt())
@@ -236,7 +237,8 @@ def relative_weight_error(weights: Tensor, approx: Tensor) -> float:
 def relative_output_error(weights: Tensor, approx: Tensor, grams: Tensor) -> float:
     """Relative output error on calibration inputs:
     ``sqrt(Σ_i tr(Δ_i G_i Δ_iᵀ) / Σ_i tr(W_i G_i W_iᵀ)) = ‖(W − Ŵ)X‖ / ‖W X‖``."""
-    g = grams.double()  # (E, d_in, d_in)
+    weights, approx = weights.detach(), approx.detach()
+    g = grams.detach().double()  # (E, d_in, d_in)
     delta = (weights - approx).double()  # (E, d_out, d_in)
     w = weights.double()
     num = ((delta @ g) * delta).sum()
