@@ -188,10 +188,10 @@ def statistics(model) -> dict[str, Any]:
     """
     from . import __version__
 
-    k = top_k_of(model.config)
     mods = experts_modules(model)
     if not mods:
-        raise UnsupportedModelError(f"{type(model).__name__} has no Mixture-of-Experts experts modules")
+        raise UnsupportedModelError(f"{type(model).__name__} is not a Mixture-of-Experts model: no experts modules")
+    k = top_k_of(model.config)
     layers = [(_compressed_layer if _is_compressed(m) else _original_layer)(n, m, k) for n, m in mods.items()]
     ex = {key: sum(r[key] for r in layers) for key in (
         "params_original", "params_compressed", "active_params_original", "active_params_compressed",

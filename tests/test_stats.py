@@ -1,0 +1,144 @@
+"""Statistics counted from real tensors, the DESIGN §2 worked example, and ``plan`` == the
+counts of what ``compress`` produces."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import moecore
+from moecore.errors import ConfigError, UnsupportedModelError
+from moecore.stats import print_table, read_statistics_yaml, write_statistics_yaml
+
+from .test_hf_integration import CASES, FAMILIES, F, H, build
+
+ROOT = Path(__file__).resolve().parents[1]
+MIXTRAL = ROOT / "examples" / "configs" / "mixtral-8x7b.json"
+QWEN3 = ROOT / "examples" / "configs" / "qwen3-30b-a3b.json"
+COUNTS = ("params_original", "params_compressed", "active_params_original", "active_params_compressed",
+          "macs_original", "macs_compressed", "bytes_original", "bytes_compressed")
+
+
+def test_design_worked_example_one_mixtral_layer():
+    """DESIGN §2: one Mixtral-8x7B layer, wrapper r=64 vs delta s=128 (same params)."""
+    w = moecore.plan(MIXTRAL, moecore.CompressionConfig(form="wrapper", rank=64))
+    d = moecore.plan(MIXTRAL, moecore.CompressionConfig(form="delta", rank=128))
+    for p in (w, d):
+        layer = p["layers"][0]
+        assert layer["params_original"] == 1_409_286_144
+        assert layer["active_params_original"] == 352_321_536
+        assert layer["params_compressed"] == 232_783_872
+        assert layer["active_params_compressed"] == 190_316_544
+        assert p["num_moe_layers"] == 32 and p["top_k"] == 2
+        assert p["total_params_compressed"] == 32 * 232_783_872
+        assert p["total_compression_ratio"] == pytest.approx(0.165179, abs=1e-6)
+        assert p["model"]["params_original"] == 46_702_792_704  # the published 46.7B
+        assert p["model"]["active_params_original"] == 12_879_925_248  # the published 12.9B active
+        assert p["total_memory_original_gb"] == pytest.approx(32 * 1_409_286_144 * 2 / 1e9)  # bf16 config
+    # wrapper: k core runs + wrappers = 104% of the original multiply-adds; delta: 54%
+    assert w["layers"][0]["macs_compressed"] == 2 * (3 * 4096 * 14336 + 6 * 64 * (4096 + 14336))
+    assert w["active_macs_ratio"] == pytest.approx(1.040179, abs=1e-6)
+    assert d["layers"][0]["macs_compressed"] == 190_316_544
+    assert d["active_macs_ratio"] == pytest.approx(0.540179, abs=1e-6)
+
+
+def test_plan_qwen3_30b_a3b_published_sizes():
+    p = moecore.plan(QWEN3, moecore.CompressionConfig(form="delta", target_ratio=0.25))
+    assert p["model"]["params_original"] == 30_532_122_624  # 30.5B
+    assert p["model"]["active_params_original"] == 3_353_032_704  # "A3B": 3.3B active
+    assert p["total_params_original"] == 48 * 128 * 3 * 2048 * 768
+    assert 0.24 < p["total_compression_ratio"] <= 0.25
+    ranks = {pr["rank"] for L in p["layers"] for pr in L["projections"].values()}
+    assert len(ranks) == 1  # uniform
+    s = ranks.pop()
+    per_layer = 3 * 2048 * 768 + 3 * 128 * s * (2048 + 768)
+    assert p["total_params_compressed"] == 48 * per_layer
+    # one core per token + k low-rank paths
+    assert p["active_macs_compressed"] == 48 * (3 * 2048 * 768 + 8 * 3 * s * (2048 + 768))
+
+
+@pytest.mark.parametrize("family,form", CASES)
+def test_plan_equals_statistics_of_compress(family, form):
+    for kw in ({"rank": 3}, {"target_ratio": 0.6}):
+        cfg = moecore.CompressionConfig(form=form, refine_steps=1, **kw)
+        got = moecore.statistics(moecore.compress(build(family), cfg))
+        planned = moecore.plan(FAMILIES[family](), cfg, dtype=torch.float32)
+        assert planned["experts"] == got["experts"] and planned["model"] == got["model"]
+        for a, b in zip(planned["layers"], got["layers"], strict=True):
+            assert a["module"] == b["module"] and all(a[k] == b[k] for k in COUNTS)
+            assert {p: r["rank"] for p, r in a["projections"].items()} == {p: r["rank"] for p, r in b["projections"].items()}
+        assert got["total_compression_ratio"] <= kw.get("target_ratio", 1.0)
+
+
+def test_counts_against_hand_formulas_and_real_numel():
+    E, k, s, L = 4, 2, 3, 2
+    for form, unit in (("delta", 1), ("wrapper", 2)):
+        model = moecore.compress(build("mixtral"), moecore.CompressionConfig(form=form, rank=s, refine_steps=1))
+        st = moecore.statistics(model)
+        core, fac = 3 * H * F, 3 * E * unit * s * (H + F)
+        assert st["total_params_original"] == L * E * 3 * H * F
+        assert st["total_params_compressed"] == L * (core + fac)
+        assert st["active_params_compressed"] == L * (core + k * fac // E)
+        macs = L * (core + k * fac // E) if form == "delta" else L * k * (core + fac // E)
+        assert st["active_macs_compressed"] == macs
+        assert st["active_macs_original"] == L * k * 3 * H * F
+        assert st["model"]["params_compressed"] == sum(p.numel() for p in model.parameters())
+        assert st["model"]["bytes_compressed"] == 4 * sum(p.numel() for p in model.parameters())
+        rows = st["layers"][0]["projections"]
+        assert rows["gate"]["rank"] == s and 0 < rows["gate"]["weight_rel_error"] < 1
+        assert rows["down"]["params_compressed"] == H * F + E * unit * s * (H + F)
+    # same params, different compute: delta runs the core once per token
+    delta = moecore.statistics(moecore.compress(build("mixtral"), moecore.CompressionConfig(form="delta", rank=2 * s)))
+    wrap = moecore.statistics(moecore.compress(build("mixtral"), moecore.CompressionConfig(form="wrapper", rank=s, refine_steps=1)))
+    assert delta["total_params_compressed"] == wrap["total_params_compressed"]
+    assert delta["active_macs_compressed"] < wrap["active_macs_compressed"]
+
+
+def test_statistics_of_an_uncompressed_model():
+    model = build("gpt_oss")
+    st = moecore.statistics(model)
+    assert st["form"] == "original" and st["total_compression_ratio"] == 1.0
+    assert st["model"]["params_original"] == sum(p.numel() for p in model.parameters())
+    experts = model.model.layers[0].mlp.experts
+    per_layer = sum(p.numel() for p in experts.parameters())
+    assert st["total_params_original"] == 2 * per_layer
+    assert st["active_params_original"] == 2 * 2 * per_layer // 4
+
+
+def test_yaml_round_trip_and_table(tmp_path):
+    st = moecore.statistics(moecore.compress(build("qwen2_moe"), moecore.CompressionConfig(rank=2)))
+    path = write_statistics_yaml(st, tmp_path / "s.yaml")
+    assert read_statistics_yaml(path) == st
+    assert [p.name for p in tmp_path.iterdir()] == ["s.yaml"]
+    for key in ("total_params_original", "total_params_compressed", "total_compression_ratio",
+                "total_reduction_percent", "active_params_original", "active_params_compressed",
+                "active_compression_ratio", "active_change_percent", "total_memory_original_gb",
+                "total_memory_compressed_gb", "memory_saved_gb"):
+        assert key in st
+    assert st["total_reduction_percent"] == pytest.approx(100 * (1 - st["total_compression_ratio"]))
+    buf = io.StringIO()
+    print_table(st, console=Console(file=buf, width=200))
+    text = buf.getvalue()
+    assert f"{st['total_params_compressed']:,}" in text and f"{st['model']['macs_compressed']:,}" in text
+    (tmp_path / "bad.yaml").write_text("- just a list\n")
+    with pytest.raises(ConfigError):
+        read_statistics_yaml(tmp_path / "bad.yaml")
+
+
+def test_non_moe_and_bad_configs_are_errors(tmp_path):
+    dense_cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(UnsupportedModelError, match="not a Mixture-of-Experts"):
+        moecore.statistics(AutoModelForCausalLM.from_config(dense_cfg))
+    with pytest.raises(UnsupportedModelError, match="not a Mixture-of-Experts"):
+        moecore.plan(dense_cfg, moecore.CompressionConfig(rank=2))
+    with pytest.raises(ConfigError, match="larger than min"):
+        moecore.plan(FAMILIES["mixtral"](), moecore.CompressionConfig(rank=F + 1))
+    with pytest.raises(FileNotFoundError):
+        moecore.plan(tmp_path / "missing.json", moecore.CompressionConfig(rank=2))
+    greedy = moecore.plan(FAMILIES["olmoe"](), moecore.CompressionConfig(target_ratio=0.5, allocation="greedy"))
+    assert "uniform" in greedy["notes"]
