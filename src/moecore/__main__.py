@@ -1,0 +1,5 @@
+import sys
+
+from moecore.cli import main
+
+sys.exit(main())
