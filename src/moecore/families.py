@@ -36,8 +36,6 @@ class ExpertsLayout:
             ``"clamped_swiglu"`` (GPT-OSS: ``(clamp(up)+1) * g·σ(α g)`` with ``g = clamp(gate)``).
         hidden_act: ``ACT2FN`` name of ``act_fn`` (``"act_fn"`` activation only).
         alpha / limit: clamped SwiGLU parameters.
-        sentinel_index: router may emit index ``E`` for "no expert" (skipped), as the fused
-            families' eager forward does.
     """
 
     name: str = "fused"
