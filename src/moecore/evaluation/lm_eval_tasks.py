@@ -19,11 +19,12 @@ TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 OFFLINE_TASKS = ("moecore_heldout_ppl", "moecore_heldout_mc")
 
 
-def task_manager():
-    """An lm-eval ``TaskManager`` that also indexes moecore's offline tasks."""
+def task_manager(include_defaults: bool = True):
+    """An lm-eval ``TaskManager`` that also indexes moecore's offline tasks (and lm-eval's own
+    tasks unless ``include_defaults=False``, which skips indexing thousands of YAML files)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASKS_DIR))
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults)
 
 
 def _task_specs(names: list[str]) -> list:
@@ -69,7 +70,7 @@ def run_lm_eval(model, tokenizer, tasks: str | list[str], *, limit: int | float 
     kwargs = {"max_length": max_length} if max_length else {}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
     try:
-        out = simple_evaluate(model=lm, tasks=_task_specs(names), task_manager=task_manager(),
+        out = simple_evaluate(model=lm, tasks=_task_specs(names), task_manager=task_manager(not set(names) <= set(OFFLINE_TASKS)),
                               limit=limit, num_fewshot=num_fewshot, log_samples=log_samples,
                               bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
                               torch_random_seed=seed, fewshot_random_seed=seed)
