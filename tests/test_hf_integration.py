@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
-    AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig,
+    AutoModel, AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig,
     Qwen3MoeConfig,
 )
 
@@ -95,6 +95,11 @@ def test_save_load_is_bit_identical(saved, family, form):
     assert len(comp) == 2  # deepseek_v3: 3 layers, the first dense
     assert all(m.form == form and m.ranks == {"gate": 4, "up": 4, "down": 4} for m in comp.values())
     assert torch.equal(logits(loaded), ref)
+    assert moecore.statistics(loaded) == moecore.statistics(model)  # incl. reconstruction errors
+    if family == "mixtral":  # the base model (no LM head) loads from the same checkpoint
+        base = AutoModel.from_pretrained(d)
+        with torch.no_grad():
+            assert torch.equal(base(input_ids()).last_hidden_state, model.model(input_ids()).last_hidden_state)
     sd, sd2 = model.state_dict(), loaded.state_dict()
     assert sd.keys() == sd2.keys()
     for k in sd:

@@ -34,7 +34,8 @@ class MoecoreQuantizationConfig(QuantizationConfigMixin):
 
     Args:
         form: default form of every layer (``"delta"`` or ``"wrapper"``).
-        layers: ``{module_path: {"gate": r, "up": r, "down": r[, "form": .., "layout": {..}]}}``.
+        layers: ``{module_path: {"gate": r, "up": r, "down": r[, "form": .., "layout": {..}, "report": {..}]}}``
+            (``report``: the reconstruction errors measured by ``compress``).
         layout: default :class:`~moecore.families.ExpertsLayout` as a dict.
         moecore_version: version that wrote the checkpoint.
     """
@@ -130,10 +131,8 @@ def swap_in_compressed(model, qconfig: dict[str, Any], dtype: torch.dtype | None
     default_layout = qconfig.get("layout") or {}
     out = {}
     for path, spec in qconfig["layers"].items():
-        try:
-            old = model.get_submodule(path)
-        except AttributeError as exc:
-            raise CheckpointError(f"quantization_config names {path}, which this {type(model).__name__} does not have") from exc
+        path = _resolve_path(model, path)
+        old = model.get_submodule(path)
         try:
             found = layout_of(path, old)
         except UnsupportedModelError as exc:
@@ -146,11 +145,30 @@ def swap_in_compressed(model, qconfig: dict[str, Any], dtype: torch.dtype | None
             e, h, f, spec.get("form", qconfig.get("form", "delta")), {p: spec[p] for p in ("gate", "up", "down")},
             layout, act_fn=getattr(old, "act_fn", None), dtype=dtype or ref.dtype, device=ref.device,
         )
+        new.report = dict(spec.get("report") or {})
         parent_name, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, new)
         out[path] = new
     return out
+
+
+def _resolve_path(model, path: str) -> str:
+    """``path`` in ``model``, also when loading a checkpoint of the ``*ForCausalLM`` into its
+    base model (``AutoModel``: no ``model.`` prefix) or the other way round."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [path]
+    if prefix and path.startswith(prefix + "."):
+        candidates.append(path[len(prefix) + 1:])
+    if prefix:
+        candidates.append(f"{prefix}.{path}")
+    for cand in candidates:
+        try:
+            model.get_submodule(cand)
+            return cand
+        except AttributeError:
+            continue
+    raise CheckpointError(f"quantization_config names {path}, which this {type(model).__name__} does not have")
 
 
 def build_quantization_config(model) -> dict[str, Any]:
@@ -169,6 +187,8 @@ def build_quantization_config(model) -> dict[str, Any]:
     layers = {}
     for name, m in mods:
         spec: dict[str, Any] = {p: int(m.ranks[p]) for p in ("gate", "up", "down")}
+        if m.report:  # reconstruction errors measured at compress time survive the round trip
+            spec["report"] = _jsonable(m.report)
         if m.form != form:
             spec["form"] = m.form
         if m.layout.to_dict() != layout:
@@ -176,6 +196,16 @@ def build_quantization_config(model) -> dict[str, Any]:
         layers[name] = spec
     return {"quant_method": QUANT_METHOD, "form": form, "layout": layout, "moecore_version": __version__,
             "layers": layers}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    return obj
 
 
 def register() -> None:

@@ -1,0 +1,149 @@
+"""The ``moecore compress / stats / plan / export`` commands: a good run end to end, and bad
+inputs -> exit code 2 with a one-line ``moecore X: error: ...`` and no traceback."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import moecore
+from moecore.cli import main
+
+from ._tiny_models import save_tiny, tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+MIXTRAL = ROOT / "examples" / "configs" / "mixtral-8x7b.json"
+QWEN3 = ROOT / "examples" / "configs" / "qwen3-30b-a3b.json"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny Mixtral directory, a non-MoE Llama directory and a calibration file."""
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny(root / "base", hidden=32, layers=2, experts=4)
+    tok = tokenizer()
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    llama.save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    (root / "calib.txt").write_text("In the beginning God created the heaven and the earth.\n\n"
+                                    "And the earth was without form, and void; and darkness was upon the deep.\n")
+    (root / "empty.txt").write_text("\n\n  \n")
+    return root
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr minus progress output (status lines and transformers' progress bars)."""
+    return [line for line in err.splitlines()
+            if line.strip() and not line.startswith("moecore: ") and "Loading weights" not in line]
+
+
+def assert_one_line_error(rc: int, err: str, command: str, match: str) -> None:
+    lines = error_lines(err)
+    assert rc == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"moecore {command}: error: ") and match in lines[0], lines[0]
+
+
+def test_compress_stats_export_end_to_end(work, capsys):
+    out = work / "comp"
+    rc, stdout, _ = run_cli(capsys, "compress", work / "base", "-o", out, "--form", "delta", "--target-ratio", "0.5",
+                            "--calib", work / "calib.txt")
+    assert rc == 0 and "saved compressed model" in stdout
+    cfg = moecore.CompressionConfig.load(out)
+    assert cfg.form == "delta" and cfg.target_ratio == 0.5
+    assert {"model.safetensors", "config.json", "moecore_config.json", "compression_statistics.yaml",
+            "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    st = moecore.statistics(model)
+    assert 0.4 < st["total_compression_ratio"] <= 0.5
+    assert st["layers"][0]["projections"]["gate"]["output_rel_error"] is not None  # calibration was used
+
+    rc, stdout, _ = run_cli(capsys, "stats", out)
+    assert rc == 0 and f"{st['total_params_compressed']:,}" in stdout
+    rc, stdout, _ = run_cli(capsys, "stats", out, "--recompute", "--json")
+    assert rc == 0 and json.loads(stdout)["model"] == st["model"]
+
+    rc, stdout, _ = run_cli(capsys, "export", out, "-o", work / "dense")
+    assert rc == 0
+    dense = AutoModelForCausalLM.from_pretrained(work / "dense")
+    assert "quantization_config" not in json.loads((work / "dense" / "config.json").read_text())
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_prints_the_worked_example(capsys):
+    rc, stdout, _ = run_cli(capsys, "plan", MIXTRAL, QWEN3, "--form", "wrapper", "--rank", "64", "--json")
+    assert rc == 0
+    plans = json.loads(stdout)
+    assert plans[str(MIXTRAL)]["layers"][0]["params_compressed"] == 232_783_872
+    assert plans[str(QWEN3)]["model"]["params_original"] == 30_532_122_624
+    rc, stdout, _ = run_cli(capsys, "plan", MIXTRAL, "--form", "delta", "--rank", "128")
+    assert rc == 0 and "7,449,083,904" in stdout and "54.0%" in stdout
+
+
+@pytest.mark.parametrize("argv,command,match", [
+    (["compress", "{w}/missing", "-o", "{w}/o1"], "compress", "not found"),
+    (["compress", "{w}/base", "-o", "{w}/o2", "--rank", "0"], "compress", "rank must be > 0"),
+    (["compress", "{w}/base", "-o", "{w}/o3", "--target-ratio", "1.5"], "compress", "target_ratio must be in (0, 1)"),
+    (["compress", "{w}/base", "-o", "{w}/o4", "--rank", "10000"], "compress", "larger than min(d_in, d_out)"),
+    (["compress", "{w}/base", "-o", "{w}/o5", "--calib", "{w}/empty.txt"], "compress", "holds no text"),
+    (["compress", "{w}/base", "-o", "{w}/o6", "--calib", "{w}/nofile.txt"], "compress", "no such file"),
+    (["compress", "{w}/llama", "-o", "{w}/o7", "--rank", "2"], "compress", "not a Mixture-of-Experts"),
+    (["compress", "{w}/base", "-o", "{w}/base", "--rank", "2"], "compress", "already exists"),
+    (["compress", "{w}/base", "-o", "{w}/o8", "--target-ratio", "0.0001"], "compress", "unreachable"),
+    (["stats", "{w}/missing"], "stats", "not found"),
+    (["stats", "{w}/llama"], "stats", "not a Mixture-of-Experts"),
+    (["plan", "{w}/missing.json", "--rank", "8"], "plan", "not found"),
+    (["plan", "{w}/calib.txt"], "plan", "cannot read a transformers config"),
+    (["plan", "{w}/llama/config.json"], "plan", "not a Mixture-of-Experts"),
+    (["plan", str(MIXTRAL), "--rank", "-3"], "plan", "rank must be > 0"),
+    (["export", "{w}/base", "-o", "{w}/o9"], "export", "no moecore-compressed experts"),
+    (["export", "{w}/missing", "-o", "{w}/o10"], "export", "not found"),
+])
+def test_bad_inputs_exit_2_with_one_line(work, capsys, argv, command, match):
+    rc, _, err = run_cli(capsys, *(a.format(w=work) for a in argv))
+    assert_one_line_error(rc, err, command, match)
+
+
+def test_corrupt_checkpoint_and_existing_output(work, capsys):
+    good = work / "c2"
+    assert run_cli(capsys, "compress", work / "base", "-o", good, "--rank", "2", "--quiet")[0] == 0
+    assert run_cli(capsys, "export", good, "-o", work / "base")[0] == 2  # exists, no --overwrite
+    bad = work / "corrupt"
+    bad.mkdir()
+    for f in good.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    raw = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(raw[: len(raw) // 3])
+    for cmd in (["stats", bad, "--recompute"], ["export", bad, "-o", work / "o11"]):
+        rc, _, err = run_cli(capsys, *cmd)
+        assert_one_line_error(rc, err, cmd[0], "corrupt safetensors file")
+    # --overwrite replaces an existing compressed output
+    rc, _, _ = run_cli(capsys, "compress", work / "base", "-o", good, "--rank", "3", "--overwrite", "--quiet")
+    assert rc == 0 and moecore.CompressionConfig.load(good).rank == 3
+
+
+def test_real_process_error_is_one_line(work):
+    """Through the console entry point in a real process: exit 2, one stderr line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("MOECORE_DEBUG", None)
+    r = subprocess.run([sys.executable, "-c", "import sys; from moecore.cli import main; sys.exit(main())", "compress", str(work / "base"), "-o",
+                        str(work / "o12"), "--target-ratio", "1.5"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["moecore compress: error: target_ratio must be in (0, 1) (a fraction "
+                                             "of the original expert parameters), got 1.5"]
