@@ -189,6 +189,7 @@ def test_loads_in_requested_dtype(saved, tmp_path):
     assert m2.dtype == torch.bfloat16 and torch.equal(logits(m2), logits(bf))
     # a loaded model re-saves (save_compressed or plain save_pretrained) bit-identically
     d3 = moecore.save_compressed(m2, tmp_path / "resaved")
+    assert moecore.CompressionConfig.load(d3) == ccfg("delta")  # the record survives load -> save
     m2.save_pretrained(tmp_path / "plain")
     for again in (d3, tmp_path / "plain"):
         assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(again, dtype="auto")), logits(bf))

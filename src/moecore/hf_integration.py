@@ -99,6 +99,7 @@ class MoecoreHfQuantizer(HfQuantizer):
                     # would otherwise be left uninitialised with only a warning
                     if p.device.type == "meta" or not getattr(p, "_is_hf_initialized", False):
                         raise CheckpointError(f"checkpoint has no tensor for {name}.{pname}")
+        _attach_compression_config(model)
         return model
 
     @property
@@ -115,6 +116,22 @@ class MoecoreHfQuantizer(HfQuantizer):
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True
+
+
+def _attach_compression_config(model) -> None:
+    """Set ``model.moecore_config`` from the checkpoint's ``moecore_config.json`` (when loading
+    from a local folder), so that a re-save (e.g. after distillation) keeps it."""
+    from pathlib import Path
+
+    from .config import CONFIG_FILENAME, CompressionConfig
+    from .errors import ConfigError
+
+    folder = Path(str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")))
+    if (folder / CONFIG_FILENAME).is_file():
+        try:
+            model.moecore_config = CompressionConfig.load(folder)
+        except ConfigError:
+            pass  # an unreadable record of how it was made does not stop loading
 
 
 def swap_in_compressed(model, qconfig: dict[str, Any], dtype: torch.dtype | None = None) -> dict[str, Any]:
