@@ -57,8 +57,9 @@ def run(args) -> int:
                   eval_max_tokens=args.eval_max_tokens,
                   eval_tasks=args.eval_tasks.split(",") if args.eval_tasks else None,
                   eval_limit=args.eval_limit, seed=args.seed)
-    if res.train_loss is not None:
-        print(f"moecore distill: {res.global_step} steps, last loss {res.train_loss:.4f}, "
+    if res.final_eval_loss is not None:  # the main process
+        last = "n/a" if res.train_loss is None else f"{res.train_loss:.4f}"
+        print(f"moecore distill: {res.global_step} steps, last logged loss {last}, "
               f"final eval KD loss {res.final_eval_loss:.4f}; student saved to {res.final_dir}")
     return 0
 
