@@ -38,7 +38,7 @@ def _calibration_ids(texts: Sequence[str], tokenizer: Any, cfg: CompressionConfi
         if not isinstance(t, str):
             raise ConfigError(f"calibration must be a list of strings, got an item of type {type(t).__name__}")
         if t.strip():
-            ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+            ids.extend(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
         if len(ids) >= cfg.calib_max_tokens:
             break
     ids = ids[: cfg.calib_max_tokens]

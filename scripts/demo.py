@@ -1,0 +1,128 @@
+"""`make demo`: the main job on the two bundled models.
+
+For each bundled model: parameters (total / experts), bytes and held-out perplexity of the
+original; then activation-aware compression (calibration split) with both forms at three
+expert-parameter ratios, each cast to the stored dtype (bfloat16) and evaluated in float32
+under the pinned perplexity protocol. Prints one table, writes
+``benchmarks/demo_results.json`` and a ratio-vs-perplexity plot ``benchmarks/demo_ratio_vs_ppl.png``.
+
+Usage: python scripts/demo.py [--models tiny-mixtral ...] [--ratios 0.5 0.25 0.15]
+       [--forms delta wrapper] [--max-tokens N (quick look; recorded results use all)]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
+
+import moecore
+from moecore.data import load_split, repo_root
+from moecore.evaluation import PPL_PROTOCOL, perplexity, token_stream
+from moecore.io_utils import atomic_write_text
+from moecore.modeling import load_model
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STORED = torch.bfloat16
+
+
+def measure(model, tok, stream, label: dict, max_tokens) -> dict:
+    """Cast to the stored dtype for byte counts, then evaluate in float32."""
+    model.to(STORED)
+    st = moecore.statistics(model)
+    model.to(torch.float32)
+    t0 = time.time()
+    res = perplexity(model, tok, stream=stream, max_tokens=max_tokens)
+    ex = st["experts"]
+    return {**label, "params_total": st["model"]["params_compressed"], "params_experts": ex["params_compressed"],
+            "expert_param_ratio": ex["params_compressed"] / ex["params_original"],
+            "bytes_total": st["model"]["bytes_compressed"], "bytes_experts": ex["bytes_compressed"],
+            "active_macs_per_token": st["model"]["macs_compressed"],
+            "expert_macs_ratio": ex["macs_compressed"] / ex["macs_original"],
+            "ppl": res.ppl, "tokens_scored": res.tokens_scored, "eval_seconds": round(time.time() - t0, 1)}
+
+
+def run_model(name: str, args, console: Console) -> list[dict]:
+    path = repo_root() / "models" / name
+    model, tok = load_model(path)
+    stream = token_stream(tok, load_split("heldout"))
+    calib = load_split("calib")
+    console.print(f"[bold]{name}[/]: original")
+    rows = [measure(model, tok, stream, {"model": name, "form": "original", "target_ratio": 1.0}, args.max_tokens)]
+    for form in args.forms:
+        for ratio in args.ratios:
+            console.print(f"[bold]{name}[/]: {form} form, target ratio {ratio}")
+            m, _ = load_model(path)
+            t0 = time.time()
+            moecore.compress(m, moecore.CompressionConfig(form=form, target_ratio=ratio), calibration=calib, tokenizer=tok)
+            row = measure(m, tok, stream, {"model": name, "form": form, "target_ratio": ratio}, args.max_tokens)
+            row["compress_seconds"] = round(time.time() - t0 - row["eval_seconds"], 1)
+            rows.append(row)
+            del m
+    base = rows[0]["ppl"]
+    for r in rows:
+        r["ppl_change_percent"] = 100 * (r["ppl"] / base - 1)
+    return rows
+
+
+def table(rows: list[dict]) -> Table:
+    t = Table(title="moecore demo: activation-aware zero-shot compression (held-out perplexity)")
+    for col in ["model", "form", "expert params", "expert bytes (bf16)", "active MACs/token",
+                "expert MACs vs orig", "held-out PPL", "Δ PPL"]:
+        t.add_column(col, justify="right" if col not in ("model", "form") else "left")
+    for r in rows:
+        t.add_row(r["model"], r["form"], f"{r['expert_param_ratio']:.1%}", f"{r['bytes_experts']:,}",
+                  f"{r['active_macs_per_token']:,}", f"{r['expert_macs_ratio']:.1%}", f"{r['ppl']:.3f}",
+                  f"{r['ppl_change_percent']:+.2f}%")
+    return t
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, len({r["model"] for r in rows}), figsize=(11, 4), squeeze=False)
+    for ax, name in zip(axes[0], dict.fromkeys(r["model"] for r in rows)):
+        mine = [r for r in rows if r["model"] == name]
+        base = mine[0]["ppl"]
+        for form, marker in (("delta", "o"), ("wrapper", "s")):
+            pts = sorted((r["expert_param_ratio"], r["ppl"]) for r in mine if r["form"] == form)
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, label=f"{form} form")
+        ax.axhline(base, color="k", ls="--", lw=1, label="original")
+        ax.set(title=name, xlabel="expert parameters kept (fraction)", ylabel="held-out perplexity")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-qwen3moe"])
+    ap.add_argument("--forms", nargs="+", default=["delta", "wrapper"], choices=["delta", "wrapper"])
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.25, 0.15])
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--out", default=str(repo_root() / "benchmarks"))
+    args = ap.parse_args()
+    console = Console(width=160)
+    rows = [r for name in args.models for r in run_model(name, args, console)]
+    console.print(table(rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"protocol": PPL_PROTOCOL, "max_tokens": args.max_tokens, "calibration": "calib split",
+            "init": "activation-whitened (init=auto with calibration)", "stored_dtype": "bfloat16",
+            "versions": {"moecore": moecore.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__}, "threads": torch.get_num_threads()}
+    atomic_write_text(out / "demo_results.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
+    plot(rows, out / "demo_ratio_vs_ppl.png")
+    console.print(f"wrote {out / 'demo_results.json'} and {out / 'demo_ratio_vs_ppl.png'}")
+
+
+if __name__ == "__main__":
+    main()
