@@ -1,0 +1,100 @@
+"""Recovery figures (issue 4 item 7): held-out perplexity of a bundled model at a given share
+of expert parameters, zero-shot, after layer-wise recovery, and after KD with a fixed step
+budget (about 20 CPU-minutes on this machine), each step as its own reproducible stage.
+
+Usage (one model per process; the two models can run side by side with --threads 1):
+  python benchmarks/recovery.py tiny-mixtral --ratio 0.25 --kd-steps 600 --threads 1
+Writes runs/recovery-NAME/ (compressed, recovered and distilled checkpoints, KD curves) and
+benchmarks/results/recovery-NAME.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import moecore
+from moecore.data import load_split, repo_root
+from moecore.evaluation import PPL_PROTOCOL, perplexity, token_stream
+from moecore.io_utils import atomic_write_text
+from moecore.modeling import load_model
+from moecore.training import distill, recover
+
+
+def heldout_ppl(path: Path, max_tokens: int | None) -> dict:
+    model, tok = load_model(path)
+    stream = token_stream(tok, load_split("heldout"))
+    return perplexity(model, tok, stream=stream, max_tokens=max_tokens, progress=False).as_dict()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name")
+    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--form", default="delta", choices=["delta", "wrapper"])
+    ap.add_argument("--recover-steps", type=int, default=200)
+    ap.add_argument("--kd-steps", type=int, default=600)
+    ap.add_argument("--kd-lr", type=float, default=5e-4)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--eval-max-tokens", type=int, default=None, help="smoke runs only")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    orig = repo_root() / "models" / args.name
+    work = repo_root() / "runs" / f"recovery-{args.name}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    rows, t = [], {}
+
+    def stage(label, path, seconds, **extra):
+        ppl = heldout_ppl(path, args.eval_max_tokens)
+        rows.append({"stage": label, "dir": str(path.relative_to(repo_root())), "ppl": ppl["ppl"],
+                     "tokens_scored": ppl["tokens_scored"], "stage_seconds": round(seconds, 1), **extra})
+        print(json.dumps(rows[-1]), flush=True)
+
+    stage("original", orig, 0.0)
+    model, tok = load_model(orig)
+    t0 = time.time()
+    cfg = moecore.CompressionConfig(form=args.form, target_ratio=args.ratio)
+    moecore.compress(model, cfg, calibration=load_split("calib"), tokenizer=tok)
+    ratio = moecore.statistics(model)["total_compression_ratio"]
+    moecore.save_compressed(model, work / "zero-shot", tokenizer=tok)
+    stage("zero-shot (activation-aware)", work / "zero-shot", time.time() - t0, expert_param_ratio=ratio)
+
+    t0 = time.time()
+    rep = recover(orig, model, load_split("calib"), tok, steps=args.recover_steps, progress=False)
+    moecore.save_compressed(model, work / "recovered", tokenizer=tok)
+    stage("layer-wise recovery", work / "recovered", time.time() - t0, recover_steps=args.recover_steps,
+          layers=rep.as_dict()["layers"])
+    del model
+
+    t0 = time.time()
+    res = distill(str(orig), str(work / "recovered"), work / "kd", max_steps=args.kd_steps,
+                  save_steps=max(1, args.kd_steps // 3), batch_size=8, block_size=256, lr=args.kd_lr,
+                  warmup_steps=args.kd_steps // 20,
+                  temperature=2.0, alpha=0.5, logging_steps=25)
+    stage("KD after recovery", Path(res.final_dir), time.time() - t0, kd_steps=args.kd_steps,
+          kd_tokens=args.kd_steps * 8 * 256)
+    base = rows[0]["ppl"]
+    for r in rows:
+        r["ppl_change_percent"] = 100 * (r["ppl"] / base - 1)
+    out = repo_root() / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.name, "form": args.form, "target_ratio": args.ratio, "protocol": PPL_PROTOCOL,
+            "threads": torch.get_num_threads(), "kd": {"batch": 8, "block": 256, "lr": args.kd_lr, "warmup": args.kd_steps // 20, "T": 2.0, "alpha": 0.5,
+                                                       "data": "train split"},
+            "versions": {"moecore": moecore.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "command": f"python benchmarks/recovery.py {args.name} --ratio {args.ratio} --form {args.form} "
+                       f"--recover-steps {args.recover_steps} --kd-steps {args.kd_steps} --kd-lr {args.kd_lr} --threads {args.threads}"}
+    atomic_write_text(out / f"recovery-{args.name}.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
+    shutil.copy(work / "kd" / "training_curves.png", out / f"recovery-{args.name}-kd-curves.png")
+
+
+if __name__ == "__main__":
+    main()
