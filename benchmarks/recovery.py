@@ -49,7 +49,7 @@ def main() -> None:
     work = repo_root() / "runs" / f"recovery-{args.name}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    rows, t = [], {}
+    rows = []
 
     def stage(label, path, seconds, **extra):
         ppl = heldout_ppl(path, args.eval_max_tokens)

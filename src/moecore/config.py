@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .io_utils import atomic_write_text
 from .errors import ConfigError
 
 CONFIG_FILENAME = "moecore_config.json"
@@ -139,16 +139,7 @@ class CompressionConfig:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         payload = {"moecore_version": __version__, **self.to_dict()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_FILENAME}.", dir=d)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(payload, fh, indent=2, sort_keys=True)
-                fh.write("\n")
-            os.replace(tmp, d / CONFIG_FILENAME)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(d / CONFIG_FILENAME, json.dumps(payload, indent=2, sort_keys=True) + "\n")
         return d / CONFIG_FILENAME
 
     @classmethod

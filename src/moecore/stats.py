@@ -18,12 +18,12 @@ Conventions (also written into the statistics as ``notes``):
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .io_utils import atomic_write_text
 from .errors import ConfigError, UnsupportedModelError
 
 PROJECTIONS = ("gate", "up", "down")
@@ -252,16 +252,7 @@ def write_statistics_yaml(stats: dict[str, Any], path: str | os.PathLike) -> Pat
     path = Path(path)
     text = "# moecore compression statistics: counted from real stored tensors\n"
     text += yaml.safe_dump(stats, sort_keys=False, default_flow_style=False, width=120)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     return path
 
 

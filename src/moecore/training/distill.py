@@ -22,7 +22,8 @@ from transformers import TrainerCallback, TrainingArguments
 
 from ..errors import ConfigError
 from . import checkpoints as ckpt
-from .common import BlockDataset, atomic_write_text, is_compressed_model, load_dir, select_trainable, training_texts
+from ..io_utils import atomic_write_text
+from .common import BlockDataset, is_compressed_model, load_dir, select_trainable, training_texts
 from .kd import DistillTrainer, kd_loss
 
 SUMMARY = "distill_summary.json"

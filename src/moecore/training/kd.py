@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from . import checkpoints as ckpt
-from .common import atomic_write_text, is_compressed_model
+from ..io_utils import atomic_write_text
+from .common import is_compressed_model
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
