@@ -75,11 +75,12 @@ def run_model(name: str, args, console: Console) -> list[dict]:
 
 def table(rows: list[dict]) -> Table:
     t = Table(title="moecore demo: activation-aware zero-shot compression (held-out perplexity)")
-    for col in ["model", "form", "expert params", "expert bytes (bf16)", "active MACs/token",
-                "expert MACs vs orig", "held-out PPL", "Δ PPL"]:
+    for col in ["model", "form", "params (total)", "expert params", "kept", "bytes (bf16)", "expert bytes",
+                "active MACs/token", "expert MACs vs orig", "held-out PPL", "Δ PPL"]:
         t.add_column(col, justify="right" if col not in ("model", "form") else "left")
     for r in rows:
-        t.add_row(r["model"], r["form"], f"{r['expert_param_ratio']:.1%}", f"{r['bytes_experts']:,}",
+        t.add_row(r["model"], r["form"], f"{r['params_total']:,}", f"{r['params_experts']:,}",
+                  f"{r['expert_param_ratio']:.1%}", f"{r['bytes_total']:,}", f"{r['bytes_experts']:,}",
                   f"{r['active_macs_per_token']:,}", f"{r['expert_macs_ratio']:.1%}", f"{r['ppl']:.3f}",
                   f"{r['ppl_change_percent']:+.2f}%")
     return t
@@ -110,7 +111,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--out", default=str(repo_root() / "benchmarks"))
     args = ap.parse_args()
-    console = Console(width=160)
+    console = Console(width=200)
     rows = [r for name in args.models for r in run_model(name, args, console)]
     console.print(table(rows))
     out = Path(args.out)
