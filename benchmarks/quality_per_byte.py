@@ -1,0 +1,249 @@
+"""Quality per byte (DESIGN §5.1): held-out perplexity against stored expert bytes, for
+moecore and baselines at equal byte budgets, side by side in one process run.
+
+Methods (each on a fresh copy of the model, weights first rounded through bfloat16, the
+stored dtype; evaluated in float32 under the pinned perplexity protocol):
+- ``original``: the bf16-rounded model (the baseline every ratio is taken against);
+- ``moecore-delta`` / ``moecore-wrapper``: ``moecore.compress`` with
+  ``target_ratio = budget`` and activation-aware (whitened) init on the calibration split;
+- ``delta-svd``: delta form, mean core, plain truncated SVD, no calibration (D²-MoE-like);
+- ``reap-prune``: REAP-like expert pruning to ``floor(budget·E)`` experts per layer;
+- ``hc-merge``: HC-SMoE-like frequency-weighted merging into ``floor(budget·E)`` clusters;
+- ``rtn-{4,3,2}bit``: round-to-nearest asymmetric group quantization (group 64).
+
+Expert bytes count stored tensors at bf16 (2 bytes/param; moecore: ``statistics`` params of
+the real tensors); RTN: b-bit codes + a bf16 scale and a b-bit zero point per group.
+Calibration reads only the ``calib`` split, evaluation only ``heldout``.
+
+Usage: python benchmarks/quality_per_byte.py [--models tiny-mixtral tiny-qwen3moe | DIR ...]
+       [--budgets 0.5 0.25 0.15] [--bits 4 3 2] [--max-tokens N] [--calib-tokens 32768]
+       [--methods ...] [--quick] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import moecore
+from moecore.data import load_split, repo_root
+from moecore.evaluation import PPL_PROTOCOL, perplexity, token_stream
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import baselines as bl  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ["moecore-delta", "moecore-wrapper", "delta-svd", "reap-prune", "hc-merge", "rtn"]
+STORED = torch.bfloat16
+
+
+def tiny_random_model(seed: int = 0):
+    """A tiny random Qwen3-MoE (8 experts, top-2) with the bundled tokenizer (no download)."""
+    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(repo_root() / "data" / "tokenizer")
+    cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_experts=8, num_experts_per_tok=2, max_position_embeddings=512, norm_topk_prob=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(cfg).eval(), tok
+
+
+def load(name: str):
+    """``(model, tokenizer, label)``: ``"tiny-random"``, a bundled model name or a directory."""
+    if name == "tiny-random":
+        model, tok = tiny_random_model()
+    else:
+        from moecore.modeling import load_model
+
+        path = Path(name) if Path(name).is_dir() else repo_root() / "models" / name
+        model, tok = load_model(path)
+    return model.to(STORED).to(torch.float32).eval(), tok, Path(name).name
+
+
+def calib_sequences(tok, max_tokens: int, seq_len: int) -> list[torch.Tensor]:
+    """Calibration split -> one token stream, truncated, cut into ``seq_len`` sequences
+    (same recipe as ``moecore.compress``)."""
+    ids = token_stream(tok, load_split("calib"))[:max_tokens]
+    return list(ids.split(seq_len))
+
+
+def expert_params_original(model) -> int:
+    """Original expert parameters (real tensors of the fused experts modules)."""
+    return sum(p.numel() for _, m, _ in bl.experts_of(model) for p in m.parameters())
+
+
+def apply(method: str, level: float, base, tok, calib_texts, stats, args) -> dict:
+    """Apply one method at one level (budget fraction, or bits for ``rtn``) to a copy of
+    ``base``; returns ``{"model", "expert_bytes", ...extra}``."""
+    model = copy.deepcopy(base)
+    extra: dict = {}
+    if method.startswith("moecore") or method == "delta-svd":
+        form = "wrapper" if method == "moecore-wrapper" else "delta"
+        svd = method == "delta-svd"
+        cfg = moecore.CompressionConfig(form=form, target_ratio=level, init="svd" if svd else "auto",
+                                        calib_max_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len)
+        moecore.compress(model, cfg, calibration=None if svd else calib_texts, tokenizer=tok)
+        model.to(STORED).to(torch.float32)  # evaluate what would be stored
+        st = moecore.statistics(model)["experts"]
+        extra = {"ranks": sorted({r for m in model.modules() if hasattr(m, "ranks") for r in m.ranks.values()}),
+                 "expert_macs_ratio": st["macs_compressed"] / st["macs_original"]}
+        return {"model": model, "expert_bytes": st["params_compressed"] * bl.BF16_BYTES, **extra}
+    if method == "reap-prune":
+        nbytes, kept = bl.prune_experts(model, stats, level)
+        extra = {"kept_per_layer": {p: len(v) for p, v in kept.items()}, "kept_ids": kept}
+    elif method == "hc-merge":
+        nbytes, labels = bl.merge_experts(model, stats, level)
+        extra = {"clusters_per_layer": {p: len(set(v)) for p, v in labels.items()}, "cluster_labels": labels}
+    elif method == "rtn":
+        nbytes, backend = bl.rtn_quantize(model, int(level), args.group)
+        extra = {"bits": int(level), "group": args.group, "backend": backend}
+    else:
+        raise ValueError(method)
+    return {"model": model, "expert_bytes": nbytes, **extra}
+
+
+def run_model(name: str, args) -> list[dict]:
+    """Every method x level on one model; rows with ppl, bytes and ratios to the original."""
+    base, tok, label = load(name)
+    stream = token_stream(tok, load_split("heldout"))
+    calib_texts = load_split("calib")
+    orig_bytes = expert_params_original(base) * bl.BF16_BYTES
+    ev = dict(stream=stream, max_tokens=args.max_tokens, progress=False, seq_len=args.seq_len, stride=args.stride)
+    t0 = time.time()
+    res = perplexity(base, tok, **ev)
+    rows = [{"model": label, "method": "original", "level": 1.0, "expert_bytes": orig_bytes, "ppl": res.ppl,
+             "nll": res.nll, "tokens_scored": res.tokens_scored, "seconds": round(time.time() - t0, 2)}]
+    print(f"{label}: original ppl {res.ppl:.4f} ({res.tokens_scored} tokens, {rows[0]['seconds']} s)", flush=True)
+    stats = None
+    if {"reap-prune", "hc-merge"} & set(args.methods):
+        t0 = time.time()
+        stats = bl.collect_expert_stats(base, calib_sequences(tok, args.calib_tokens, args.calib_seq_len),
+                                        mean_tokens=args.merge_tokens, seed=args.seed)
+        print(f"{label}: expert statistics on calibration in {time.time() - t0:.1f} s", flush=True)
+    for method in args.methods:
+        for level in (args.bits if method == "rtn" else args.budgets):
+            t0 = time.time()
+            torch.manual_seed(args.seed)
+            out = apply(method, level, base, tok, calib_texts, stats, args)
+            model = out.pop("model")
+            t1 = time.time()
+            res = perplexity(model, tok, **ev)
+            name_ = f"rtn-{int(level)}bit" if method == "rtn" else method
+            row = {"model": label, "method": name_, "level": level, **out, "ppl": res.ppl, "nll": res.nll,
+                   "tokens_scored": res.tokens_scored, "apply_seconds": round(t1 - t0, 2),
+                   "eval_seconds": round(time.time() - t1, 2)}
+            rows.append(row)
+            print(f"{label}: {name_:16s} level {level:<5} bytes {row['expert_bytes'] / orig_bytes:6.1%} "
+                  f"ppl {res.ppl:.4f} ({row['apply_seconds']} + {row['eval_seconds']} s)", flush=True)
+            del model
+    for r in rows:
+        r["expert_bytes_ratio"] = r["expert_bytes"] / orig_bytes
+        r["ppl_ratio"] = r["ppl"] / rows[0]["ppl"]
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """One table: model, method, level, expert bytes (share of bf16), ppl, ppl ratio."""
+    out = ["| model | method | level | expert bytes | share of bf16 | held-out PPL | PPL / original |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['method']} | {r['level']} | {r['expert_bytes']:,} | "
+                   f"{r['expert_bytes_ratio']:.1%} | {r['ppl']:.4f} | {r['ppl_ratio']:.4f} |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """PPL vs expert-byte share, one line per method, one panel per model (log y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == m]
+        fam = lambda r: "rtn" if r["method"].startswith("rtn") else r["method"]  # noqa: E731
+        for meth in dict.fromkeys(fam(r) for r in mine if r["method"] != "original"):
+            pts = sorted((r["expert_bytes_ratio"], r["ppl"]) for r in mine if fam(r) == meth)
+            ax.plot(*zip(*pts), marker="o", label=meth if meth != "rtn" else "rtn 4/3/2-bit g64")
+        ax.axhline(mine[0]["ppl"], color="k", ls="--", lw=1, label="original (bf16)")
+        ax.set(title=m, xlabel="expert bytes / bf16 expert bytes", ylabel="held-out perplexity", yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-qwen3moe"],
+                    help="bundled model names, model directories, or 'tiny-random'")
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.25, 0.15], help="fractions of bf16 expert bytes")
+    ap.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=None, help="cap the held-out stream (default: all)")
+    ap.add_argument("--seq-len", type=int, default=PPL_PROTOCOL["seq_len"])
+    ap.add_argument("--stride", type=int, default=PPL_PROTOCOL["stride"])
+    ap.add_argument("--calib-tokens", type=int, default=32768)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--merge-tokens", type=int, default=4096, help="tokens per layer for HC-SMoE mean outputs")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny random model, 2 budgets, 1k tokens (smoke test)")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    if args.quick:
+        if "--models" not in (argv if argv is not None else sys.argv):
+            args.models = ["tiny-random"]
+        args.budgets, args.max_tokens = [0.5, 0.25], args.max_tokens or 1024
+        args.calib_tokens, args.merge_tokens = min(args.calib_tokens, 1024), min(args.merge_tokens, 512)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    rows = [r for name in args.models for r in run_model(name, args)]
+    import transformers
+
+    try:
+        import torchao
+        torchao_version = torchao.__version__
+    except ImportError:
+        torchao_version = None
+    meta = {
+        "protocol": {**PPL_PROTOCOL, "seq_len": args.seq_len, "stride": args.stride, "max_tokens": args.max_tokens},
+        "calibration": {"split": "calib", "max_tokens": args.calib_tokens, "seq_len": args.calib_seq_len,
+                        "merge_mean_tokens_per_layer": args.merge_tokens},
+        "budgets": args.budgets, "bits": args.bits, "group": args.group, "seed": args.seed,
+        "threads": torch.get_num_threads(), "quick": args.quick, "seconds_total": round(time.time() - t0, 1),
+        "bytes": "experts only, stored tensors at bf16 (2 B/param); RTN: b-bit codes + bf16 scale + b-bit zero "
+                 "per group; pruning/merging: kept experts/clusters (router and its cluster map not counted)",
+        "versions": {"moecore": moecore.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "torchao": torchao_version,
+                     "python": platform.python_version()},
+        "argv": sys.argv if argv is None else argv,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "quality_per_byte_quick" if args.quick else "quality_per_byte"
+    md = markdown(rows)
+    print(md)
+    payload = {"meta": meta, "rows": rows}
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=float))
+    (out / f"{stem}.md").write_text(md + "\n")
+    plot([r for r in rows if math.isfinite(r["ppl"])], out / f"{stem}.png")
+    print(f"wrote {out / (stem + '.json')}, .md, .png ({meta['seconds_total']} s)")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Smoke tests of the benchmark scripts (``benchmarks/speed.py``, ``benchmarks/quality_per_byte.py``)
+in ``--quick`` mode on tiny random models built from configs (no download), plus the
+baselines' invariants: pruning keeps exactly the budgeted experts and the router never
+picks a pruned one, merging leaves the budgeted number of distinct experts, and the RTN
+byte count equals its formula."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield {n: importlib.import_module(n) for n in ("speed", "quality_per_byte", "baselines")}
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_speed_quick(bench, tmp_path):
+    bench["speed"].main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "speed_quick.json").read_text())
+    assert (tmp_path / "speed_quick.png").stat().st_size > 0 and (tmp_path / "speed_quick.md").is_file()
+    meta, blk = data["meta"], data["results"]["tiny"]
+    assert meta["threads"] == 1 and meta["versions"]["torch"] == torch.__version__
+    shape = blk["shape"]
+    assert 0 < shape["param_ratio"]["delta"] <= 0.25 and 0 < shape["param_ratio"]["wrapper"] <= 0.25
+    # delta MACs: cores once per token + k low-rank paths, from the budget maths
+    h, f, e, k, s = shape["H"], shape["F"], shape["E"], shape["top_k"], shape["delta_rank_s"]
+    assert shape["macs_ratio"]["delta"] == pytest.approx((3 * h * f + k * 3 * s * (h + f)) / (k * 3 * h * f))
+    assert [r["tokens"] for r in blk["rows"]] == [1, 8, 64]
+    for r in blk["rows"]:
+        assert set(r["ms"]) == {"grouped_mm", "eager", "delta", "wrapper"}
+        assert all(v > 0 for v in r["ms"].values())
+        assert r["speedup_vs_grouped_mm"]["grouped_mm"] == 1.0
+        assert r["delta_vs_grouped_mm_max_rel_err"] < 1e-4  # the original holds the delta's weights
+        assert 0 < r["bytes_touched_ratio"]["delta"] < 1
+
+
+def test_quality_per_byte_quick(bench, tmp_path):
+    bench["quality_per_byte"].main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "quality_per_byte_quick.json").read_text())
+    assert (tmp_path / "quality_per_byte_quick.png").stat().st_size > 0
+    assert (tmp_path / "quality_per_byte_quick.md").read_text().startswith("| model |")
+    rows = {(r["method"], r["level"]): r for r in data["rows"]}
+    orig = rows[("original", 1.0)]
+    assert orig["ppl_ratio"] == 1.0 and orig["expert_bytes_ratio"] == 1.0
+    assert data["meta"]["protocol"]["max_tokens"] == 1024 and data["meta"]["calibration"]["split"] == "calib"
+    for r in data["rows"]:
+        assert r["ppl"] > 1 and r["tokens_scored"] == orig["tokens_scored"]
+    for m in ("moecore-delta", "moecore-wrapper", "delta-svd"):
+        for b in (0.5, 0.25):
+            assert 0 < rows[(m, b)]["expert_bytes_ratio"] <= b
+    # tiny-random: 2 layers x 8 experts; 50 % keeps exactly 4 experts per layer
+    assert set(rows[("reap-prune", 0.5)]["kept_per_layer"].values()) == {4}
+    assert rows[("reap-prune", 0.5)]["expert_bytes_ratio"] == 0.5
+    assert set(rows[("hc-merge", 0.25)]["clusters_per_layer"].values()) == {2}
+    # RTN 4-bit, group 64: 4-bit codes + bf16 scale + 4-bit zero per group
+    n = orig["expert_bytes"] // 2
+    assert rows[("rtn-4bit", 4)]["expert_bytes"] == (n * 4 + (n // 64) * (16 + 4)) // 8
+    assert rows[("rtn-2bit", 2)]["expert_bytes"] == (n * 2 + (n // 64) * (16 + 2)) // 8
+
+
+def test_pruned_router_never_picks_pruned_experts(bench):
+    qpb, bl = bench["quality_per_byte"], bench["baselines"]
+    model, tok = qpb.tiny_random_model()
+    seqs = [torch.randint(0, len(tok), (64,)) for _ in range(2)]
+    stats = bl.collect_expert_stats(model, seqs, mean_tokens=64)
+    _, kept = bl.prune_experts(model, stats, 0.5)
+    seen = {}
+
+    def record(path):
+        return lambda mod, args, kwargs: seen.setdefault(path, set()).update(args[1].unique().tolist())
+
+    for path, mod, _ in bl.experts_of(model):
+        mod.register_forward_pre_hook(record(path), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=torch.stack(seqs))
+    for path, ids in kept.items():
+        assert len(ids) == 4 and seen[path] <= set(ids)
+
+
+def test_merge_leaves_cluster_count_distinct_experts(bench):
+    qpb, bl = bench["quality_per_byte"], bench["baselines"]
+    model, tok = qpb.tiny_random_model()
+    stats = bl.collect_expert_stats(model, [torch.randint(0, len(tok), (64,))], mean_tokens=64)
+    _, labels = bl.merge_experts(model, stats, 0.25)
+    for path, mod, _ in bl.experts_of(model):
+        assert torch.unique(mod.down_proj.detach(), dim=0).shape[0] == 2 == len(set(labels[path]))
