@@ -51,10 +51,15 @@ def main() -> None:
     work.mkdir(parents=True)
     rows = []
 
+    cpu0 = [time.process_time()]
+
     def stage(label, path, seconds, **extra):
+        cpu = time.process_time() - cpu0[0]  # CPU seconds of the stage's work (all threads), before its eval
         ppl = heldout_ppl(path, args.eval_max_tokens)
         rows.append({"stage": label, "dir": str(path.relative_to(repo_root())), "ppl": ppl["ppl"],
-                     "tokens_scored": ppl["tokens_scored"], "stage_seconds": round(seconds, 1), **extra})
+                     "tokens_scored": ppl["tokens_scored"], "stage_seconds": round(seconds, 1),
+                     "stage_cpu_seconds": round(cpu, 1), **extra})
+        cpu0[0] = time.process_time()
         print(json.dumps(rows[-1]), flush=True)
 
     stage("original", orig, 0.0)

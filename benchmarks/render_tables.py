@@ -24,7 +24,7 @@ def cards() -> str:
             f"| {name} | {m['params_total']:,} / {m['params_experts']:,} | {m['bytes_total']:,} / {m['bytes_experts']:,} "
             f"| {p['ppl']:.3f} | {p['tokens_scored']:,} | {m['unigram_baseline_perplexity']:.1f} "
             f"| {' '.join(f'{c:.2f}' for c in m['expert_cosine_per_layer'])} "
-            f"| {' '.join(f'{r['rel_residual']:.2f}' for r in m['residual_per_layer'])} "
+            f"| {' '.join(format(r['rel_residual'], '.2f') for r in m['residual_per_layer'])} "
             f"| {' '.join(f'{x:.2f}' for x in m['router_load_max_over_uniform'])} |")
     return "\n".join(out)
 
@@ -41,7 +41,7 @@ def demo() -> str:
 
 
 def recovery() -> str:
-    out = ["| model | stage | held-out PPL | Δ vs original | stage wall time (s) |", "|---|---|---|---|---|"]
+    out = ["| model | stage | held-out PPL | Δ vs original | stage wall time (s) | stage CPU time (s) |", "|---|---|---|---|---|---|"]
     cmds = []
     for name in BUNDLED:
         f = ROOT / "benchmarks" / "results" / f"recovery-{name}.json"
@@ -50,7 +50,7 @@ def recovery() -> str:
         d = json.loads(f.read_text())
         cmds.append(d["meta"]["command"])
         for r in d["rows"]:
-            out.append(f"| {name} | {r['stage']} | {r['ppl']:.3f} | {r['ppl_change_percent']:+.2f}% | {r['stage_seconds']} |")
+            out.append(f"| {name} | {r['stage']} | {r['ppl']:.3f} | {r['ppl_change_percent']:+.2f}% | {r['stage_seconds']} | {r['stage_cpu_seconds']} |")
     return "\n".join(out) + "\n\nCommands:\n" + "\n".join(f"    {c}" for c in cmds)
 
 
