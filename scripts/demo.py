@@ -50,13 +50,15 @@ def measure(model, tok, stream, label: dict, max_tokens) -> dict:
             "ppl": res.ppl, "tokens_scored": res.tokens_scored, "eval_seconds": round(time.time() - t0, 1)}
 
 
-def run_model(name: str, args, console: Console) -> list[dict]:
+def run_model(name: str, args, console: Console, done: list[dict], save) -> list[dict]:
     path = repo_root() / "models" / name
     model, tok = load_model(path)
     stream = token_stream(tok, load_split("heldout"))
     calib = load_split("calib")
     console.print(f"[bold]{name}[/]: original")
     rows = [measure(model, tok, stream, {"model": name, "form": "original", "target_ratio": 1.0}, args.max_tokens)]
+    base = rows[0]["ppl"]
+    rows[0]["ppl_change_percent"] = 0.0
     for form in args.forms:
         for ratio in args.ratios:
             console.print(f"[bold]{name}[/]: {form} form, target ratio {ratio}")
@@ -65,11 +67,10 @@ def run_model(name: str, args, console: Console) -> list[dict]:
             moecore.compress(m, moecore.CompressionConfig(form=form, target_ratio=ratio), calibration=calib, tokenizer=tok)
             row = measure(m, tok, stream, {"model": name, "form": form, "target_ratio": ratio}, args.max_tokens)
             row["compress_seconds"] = round(time.time() - t0 - row["eval_seconds"], 1)
+            row["ppl_change_percent"] = 100 * (row["ppl"] / base - 1)
             rows.append(row)
+            save(done + rows)  # partial results survive an interrupted run
             del m
-    base = rows[0]["ppl"]
-    for r in rows:
-        r["ppl_change_percent"] = 100 * (r["ppl"] / base - 1)
     return rows
 
 
@@ -112,15 +113,21 @@ def main() -> None:
     ap.add_argument("--out", default=str(repo_root() / "benchmarks"))
     args = ap.parse_args()
     console = Console(width=200)
-    rows = [r for name in args.models for r in run_model(name, args, console)]
-    console.print(table(rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"protocol": PPL_PROTOCOL, "max_tokens": args.max_tokens, "calibration": "calib split",
             "init": "activation-whitened (init=auto with calibration)", "stored_dtype": "bfloat16",
             "versions": {"moecore": moecore.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__}, "threads": torch.get_num_threads()}
-    atomic_write_text(out / "demo_results.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    def save(rows):
+        atomic_write_text(out / "demo_results.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    rows: list[dict] = []
+    for name in args.models:
+        rows += run_model(name, args, console, rows, save)
+    save(rows)
+    console.print(table(rows))
     plot(rows, out / "demo_ratio_vs_ppl.png")
     console.print(f"wrote {out / 'demo_results.json'} and {out / 'demo_ratio_vs_ppl.png'}")
 
