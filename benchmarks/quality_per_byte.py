@@ -13,7 +13,9 @@ stored dtype; evaluated in float32 under the pinned perplexity protocol):
 
 Expert bytes count stored tensors at bf16 (2 bytes/param; moecore: ``statistics`` params of
 the real tensors); RTN: b-bit codes + a bf16 scale and a b-bit zero point per group.
-Calibration reads only the ``calib`` split, evaluation only ``heldout``.
+Calibration reads only the ``calib`` split, evaluation only ``heldout``.  Outputs (under
+``--out``): ``quality_per_byte.{json,md,png}`` and ``quality_per_byte.rows.jsonl`` (one line
+per finished row, written as the run goes, so an interrupted run keeps what it measured).
 
 Usage: python benchmarks/quality_per_byte.py [--models tiny-mixtral tiny-qwen3moe | DIR ...]
        [--budgets 0.5 0.25 0.15] [--bits 4 3 2] [--max-tokens N] [--calib-tokens 32768]
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import sys
 import time
@@ -34,6 +35,7 @@ import torch
 
 import moecore
 from moecore.data import load_split, repo_root
+from moecore.errors import ConfigError
 from moecore.evaluation import PPL_PROTOCOL, perplexity, token_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,7 +92,8 @@ def apply(method: str, level: float, base, tok, calib_texts, stats, args) -> dic
         form = "wrapper" if method == "moecore-wrapper" else "delta"
         svd = method == "delta-svd"
         cfg = moecore.CompressionConfig(form=form, target_ratio=level, init="svd" if svd else "auto",
-                                        calib_max_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len)
+                                        calib_max_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
+                                        refine_steps=args.refine_steps)
         moecore.compress(model, cfg, calibration=None if svd else calib_texts, tokenizer=tok)
         model.to(STORED).to(torch.float32)  # evaluate what would be stored
         st = moecore.statistics(model)["experts"]
@@ -111,8 +114,9 @@ def apply(method: str, level: float, base, tok, calib_texts, stats, args) -> dic
     return {"model": model, "expert_bytes": nbytes, **extra}
 
 
-def run_model(name: str, args) -> list[dict]:
-    """Every method x level on one model; rows with ppl, bytes and ratios to the original."""
+def run_model(name: str, args, log: Path | None = None) -> list[dict]:
+    """Every method x level on one model; rows with ppl, bytes and ratios to the original.
+    Each finished row is also appended to ``log`` (JSONL) so an interrupted run keeps them."""
     base, tok, label = load(name)
     stream = token_stream(tok, load_split("heldout"))
     calib_texts = load_split("calib")
@@ -133,19 +137,29 @@ def run_model(name: str, args) -> list[dict]:
         for level in (args.bits if method == "rtn" else args.budgets):
             t0 = time.time()
             torch.manual_seed(args.seed)
-            out = apply(method, level, base, tok, calib_texts, stats, args)
+            name_ = f"rtn-{int(level)}bit" if method == "rtn" else method
+            try:
+                out = apply(method, level, base, tok, calib_texts, stats, args)
+            except ConfigError as exc:  # e.g. a budget below the cores' own share: recorded, not fatal
+                rows.append({"model": label, "method": name_, "level": level, "skipped": str(exc)})
+                print(f"{label}: {name_:16s} level {level:<5} skipped: {exc}", flush=True)
+                continue
             model = out.pop("model")
             t1 = time.time()
             res = perplexity(model, tok, **ev)
-            name_ = f"rtn-{int(level)}bit" if method == "rtn" else method
             row = {"model": label, "method": name_, "level": level, **out, "ppl": res.ppl, "nll": res.nll,
                    "tokens_scored": res.tokens_scored, "apply_seconds": round(t1 - t0, 2),
                    "eval_seconds": round(time.time() - t1, 2)}
             rows.append(row)
+            if log is not None:
+                with log.open("a") as fh:
+                    fh.write(json.dumps({**row, "ppl_ratio": row["ppl"] / rows[0]["ppl"]}, default=float) + "\n")
             print(f"{label}: {name_:16s} level {level:<5} bytes {row['expert_bytes'] / orig_bytes:6.1%} "
                   f"ppl {res.ppl:.4f} ({row['apply_seconds']} + {row['eval_seconds']} s)", flush=True)
             del model
     for r in rows:
+        if "skipped" in r:
+            continue
         r["expert_bytes_ratio"] = r["expert_bytes"] / orig_bytes
         r["ppl_ratio"] = r["ppl"] / rows[0]["ppl"]
     return rows
@@ -156,6 +170,9 @@ def markdown(rows: list[dict]) -> str:
     out = ["| model | method | level | expert bytes | share of bf16 | held-out PPL | PPL / original |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "skipped" in r:
+            out.append(f"| {r['model']} | {r['method']} | {r['level']} | skipped: {r['skipped'][:60]}… | | | |")
+            continue
         out.append(f"| {r['model']} | {r['method']} | {r['level']} | {r['expert_bytes']:,} | "
                    f"{r['expert_bytes_ratio']:.1%} | {r['ppl']:.4f} | {r['ppl_ratio']:.4f} |")
     return "\n".join(out)
@@ -198,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--merge-tokens", type=int, default=4096, help="tokens per layer for HC-SMoE mean outputs")
+    ap.add_argument("--refine-steps", type=int, default=50, help="wrapper form ALS refinement iterations")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny random model, 2 budgets, 1k tokens (smoke test)")
@@ -210,8 +228,13 @@ def main(argv: list[str] | None = None) -> dict:
         args.calib_tokens, args.merge_tokens = min(args.calib_tokens, 1024), min(args.merge_tokens, 512)
     if args.threads:
         torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "quality_per_byte_quick" if args.quick else "quality_per_byte"
+    log = out / f"{stem}.rows.jsonl"
+    log.write_text("")
     t0 = time.time()
-    rows = [r for name in args.models for r in run_model(name, args)]
+    rows = [r for name in args.models for r in run_model(name, args, log)]
     import transformers
 
     try:
@@ -223,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
         "protocol": {**PPL_PROTOCOL, "seq_len": args.seq_len, "stride": args.stride, "max_tokens": args.max_tokens},
         "calibration": {"split": "calib", "max_tokens": args.calib_tokens, "seq_len": args.calib_seq_len,
                         "merge_mean_tokens_per_layer": args.merge_tokens},
-        "budgets": args.budgets, "bits": args.bits, "group": args.group, "seed": args.seed,
+        "wrapper_refine_steps": args.refine_steps, "budgets": args.budgets, "bits": args.bits, "group": args.group,
+        "seed": args.seed,
         "threads": torch.get_num_threads(), "quick": args.quick, "seconds_total": round(time.time() - t0, 1),
         "bytes": "experts only, stored tensors at bf16 (2 B/param); RTN: b-bit codes + bf16 scale + b-bit zero "
                  "per group; pruning/merging: kept experts/clusters (router and its cluster map not counted)",
@@ -232,15 +256,12 @@ def main(argv: list[str] | None = None) -> dict:
                      "python": platform.python_version()},
         "argv": sys.argv if argv is None else argv,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "quality_per_byte_quick" if args.quick else "quality_per_byte"
     md = markdown(rows)
     print(md)
     payload = {"meta": meta, "rows": rows}
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=float))
     (out / f"{stem}.md").write_text(md + "\n")
-    plot([r for r in rows if math.isfinite(r["ppl"])], out / f"{stem}.png")
+    plot([r for r in rows if "skipped" not in r], out / f"{stem}.png")
     print(f"wrote {out / (stem + '.json')}, .md, .png ({meta['seconds_total']} s)")
     return payload
 

@@ -250,7 +250,12 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = bench_shape(name, args, dtype)
     import transformers
 
+    from transformers.integrations import moe as tf_moe
+
+    probe = torch.zeros(4, 8, dtype=dtype), torch.zeros(2, 8, 8, dtype=dtype), torch.tensor([2, 4], dtype=torch.int32)
     meta = {
+        "grouped_mm_kernel": "torch.nn.functional.grouped_mm" if tf_moe._can_use_grouped_mm(*probe)
+                             else "transformers grouped_mm fallback (per-expert loop)",
         "what": "one MoE layer's experts forward; random weights; router-like random top-k routing",
         "dtype": args.dtype, "threads": torch.get_num_threads(), "target_ratio": args.target_ratio,
         "warmup": args.warmup, "max_repeats": args.repeats, "max_seconds_per_case": args.max_seconds,

@@ -51,6 +51,8 @@ def test_quality_per_byte_quick(bench, tmp_path):
     assert (tmp_path / "quality_per_byte_quick.png").stat().st_size > 0
     assert (tmp_path / "quality_per_byte_quick.md").read_text().startswith("| model |")
     rows = {(r["method"], r["level"]): r for r in data["rows"]}
+    lines = (tmp_path / "quality_per_byte_quick.rows.jsonl").read_text().splitlines()
+    assert len(lines) == len(data["rows"]) - 1  # every non-original row, written as it finished
     orig = rows[("original", 1.0)]
     assert orig["ppl_ratio"] == 1.0 and orig["expert_bytes_ratio"] == 1.0
     assert data["meta"]["protocol"]["max_tokens"] == 1024 and data["meta"]["calibration"]["split"] == "calib"
