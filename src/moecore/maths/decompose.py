@@ -166,7 +166,7 @@ def reconstruct_wrapper(core: Tensor, u_in: Tensor, v_in: Tensor, u_out: Tensor,
 
 def wrapper_factors(
     weights: Tensor, core: Tensor, rank: int, grams: Tensor | None = None, damping: float = 0.01,
-    steps: int = 50, tol: float = 1e-7,
+    steps: int = 50, tol: float = 1e-4,
 ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], list[float]]:
     """Wrapper factors by closed-form start + alternating least squares (ALS).
 
