@@ -64,8 +64,10 @@ def run_model(name: str, args, console: Console, done: list[dict], save) -> list
             console.print(f"[bold]{name}[/]: {form} form, target ratio {ratio}")
             m, _ = load_model(path)
             t0 = time.time()
-            moecore.compress(m, moecore.CompressionConfig(form=form, target_ratio=ratio), calibration=calib, tokenizer=tok)
-            row = measure(m, tok, stream, {"model": name, "form": form, "target_ratio": ratio}, args.max_tokens)
+            cfg = moecore.CompressionConfig(form=form, target_ratio=ratio, init=args.init)
+            moecore.compress(m, cfg, calibration=calib if args.init == "auto" else None, tokenizer=tok)
+            row = measure(m, tok, stream, {"model": name, "form": form, "target_ratio": ratio, "init": args.init},
+                          args.max_tokens)
             row["compress_seconds"] = round(time.time() - t0 - row["eval_seconds"], 1)
             row["ppl_change_percent"] = 100 * (row["ppl"] / base - 1)
             rows.append(row)
@@ -114,13 +116,15 @@ def main() -> None:
                     help="score every N-th held-out document (default 6: about 64k tokens drawn from all three "
                          "sources; 1 = the whole split, as in the model cards)")
     ap.add_argument("--max-tokens", type=int, default=None, help="truncate the stream further (smoke runs)")
+    ap.add_argument("--init", default="auto", choices=["auto", "svd"],
+                    help="svd: plain truncated SVD without calibration (the D²-MoE-like ablation)")
     ap.add_argument("--out", default=str(repo_root() / "benchmarks"))
     args = ap.parse_args()
     console = Console(width=200)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"protocol": PPL_PROTOCOL, "heldout_documents": f"every {args.doc_stride}-th", "max_tokens": args.max_tokens, "calibration": "calib split",
-            "init": "activation-whitened (init=auto with calibration)", "stored_dtype": "bfloat16",
+            "init": "activation-whitened (init=auto with calibration)" if args.init == "auto" else "plain SVD, no calibration", "stored_dtype": "bfloat16",
             "versions": {"moecore": moecore.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__}, "threads": torch.get_num_threads()}
 
