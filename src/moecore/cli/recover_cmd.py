@@ -13,7 +13,7 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=200, help="Adam steps per layer")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-tokens", type=int, default=1024, help="tokens per Adam step")
-    p.add_argument("--max-tokens", type=int, default=8192, help="calibration tokens")
+    p.add_argument("--max-tokens", type=int, default=32768, help="calibration tokens (the last 20%% judge each layer)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--train-core", action="store_true", help="also fit the shared cores")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -91,7 +91,7 @@ def _rel_mse(module, x, idx, w, y, chunk: int = 4096) -> float:
 
 
 def recover(teacher, student, calibration_texts: list[str] | None = None, tokenizer=None, *, steps: int = 200,
-            lr: float = 1e-3, batch_tokens: int = 1024, max_tokens: int = 8192, seq_len: int = 256,
+            lr: float = 1e-3, batch_tokens: int = 1024, max_tokens: int = 32768, seq_len: int = 256,
             forward_batch: int = 8, train_core: bool = False, seed: int = 0, progress: bool = True) -> RecoveryReport:
     """Fit every compressed experts block of ``student`` (in place) to the original block.
 
@@ -145,31 +145,36 @@ def recover(teacher, student, calibration_texts: list[str] | None = None, tokeni
             with torch.no_grad():
                 y = torch.cat([orig(x[i:i + 4096], idx[i:i + 4096], w[i:i + 4096]) for i in range(0, x.shape[0], 4096)])
             del orig
-            before = _rel_mse(module, x, idx, w, y)
+            # fit on the first 80% of the cached tokens, judge on the last 20% (held back from the fit):
+            # small calibration sets overfit, and a layer is only kept if it improved on tokens it never saw
+            n_fit = max(1, int(0.8 * x.shape[0]))
+            val = (x[n_fit:], idx[n_fit:], w[n_fit:], y[n_fit:]) if x.shape[0] - n_fit >= 16 else (x, idx, w, y)
+            before, val_before = _rel_mse(module, x, idx, w, y), _rel_mse(module, *val)
             params = _trainable(module, train_core, compressed)
-            after = before
+            after, val_after = before, val_before
             if steps and params:
                 start = [p.detach().clone() for p in params]
                 for p in params:
                     p.requires_grad_(True)
                 opt = torch.optim.Adam(params, lr=lr)
-                scale = y.pow(2).mean().clamp_min(1e-30)
+                scale = y[:n_fit].pow(2).mean().clamp_min(1e-30)
                 for _ in range(steps):
-                    sel = torch.randint(0, x.shape[0], (min(batch_tokens, x.shape[0]),), generator=gen).to(dev)
+                    sel = torch.randint(0, n_fit, (min(batch_tokens, n_fit),), generator=gen).to(dev)
                     loss = (module(x[sel], idx[sel], w[sel]) - y[sel]).pow(2).mean() / scale
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                 for p in params:
                     p.requires_grad_(False)
-                after = _rel_mse(module, x, idx, w, y)
-                if after > before:  # never make a layer worse: restore the start
+                after, val_after = _rel_mse(module, x, idx, w, y), _rel_mse(module, *val)
+                if val_after > val_before:  # never make a layer worse on unseen tokens: restore the start
                     with torch.no_grad():
                         for p, s0 in zip(params, start):
                             p.copy_(s0)
-                    after = before
+                    after, val_after = before, val_before
                 del start, opt
             report.layers.append({"path": path, "rel_mse_before": before, "rel_mse_after": after,
+                                  "val_rel_mse_before": val_before, "val_rel_mse_after": val_after,
                                   "params": sum(p.numel() for p in params), "seconds": round(time.time() - t0, 3)})
             del x, idx, w, y
     finally:
