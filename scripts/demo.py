@@ -64,9 +64,11 @@ def run_model(name: str, args, console: Console, done: list[dict], save) -> list
             console.print(f"[bold]{name}[/]: {form} form, target ratio {ratio}")
             m, _ = load_model(path)
             t0 = time.time()
-            cfg = moecore.CompressionConfig(form=form, target_ratio=ratio, init=args.init)
+            extra = {} if args.refine_steps is None else {"refine_steps": args.refine_steps}
+            cfg = moecore.CompressionConfig(form=form, target_ratio=ratio, init=args.init, **extra)
             moecore.compress(m, cfg, calibration=calib if args.init == "auto" else None, tokenizer=tok)
-            row = measure(m, tok, stream, {"model": name, "form": form, "target_ratio": ratio, "init": args.init},
+            row = measure(m, tok, stream, {"model": name, "form": form, "target_ratio": ratio, "init": args.init,
+                                           "refine_steps": cfg.refine_steps if form == "wrapper" else None},
                           args.max_tokens)
             row["compress_seconds"] = round(time.time() - t0 - row["eval_seconds"], 1)
             row["ppl_change_percent"] = 100 * (row["ppl"] / base - 1)
@@ -116,6 +118,7 @@ def main() -> None:
                     help="score every N-th held-out document (default 6: about 64k tokens drawn from all three "
                          "sources; 1 = the whole split, as in the model cards)")
     ap.add_argument("--max-tokens", type=int, default=None, help="truncate the stream further (smoke runs)")
+    ap.add_argument("--refine-steps", type=int, default=None, help="wrapper-form ALS iterations (default: the config's)")
     ap.add_argument("--init", default="auto", choices=["auto", "svd"],
                     help="svd: plain truncated SVD without calibration (the D²-MoE-like ablation)")
     ap.add_argument("--out", default=str(repo_root() / "benchmarks"))
