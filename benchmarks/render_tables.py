@@ -29,15 +29,33 @@ def cards() -> str:
     return "\n".join(out)
 
 
-def demo() -> str:
-    d = json.loads((ROOT / "benchmarks" / "demo_results.json").read_text())
+DEMO_FILES = [ROOT / "benchmarks" / "demo_results.json",  # `make demo`
+              ROOT / "benchmarks" / "results" / "demo-qwen" / "demo_results.json",
+              ROOT / "benchmarks" / "results" / "demo-wrapper" / "demo_results.json"]
+
+
+def demo(paths: list[Path] = DEMO_FILES) -> str:
+    rows, seen = [], set()
+    for path in paths:
+        for r in json.loads(path.read_text())["rows"] if path.exists() else []:
+            key = (r["model"], r["form"], r["target_ratio"], r.get("init"), r.get("refine_steps"))
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    rows.sort(key=lambda r: (r["model"], r["form"] != "original", r["form"], -r["target_ratio"]))
     out = ["| model | form | target | expert params kept | expert bytes (bf16) | active MACs / token | "
            "expert MACs vs original | held-out PPL | Δ PPL |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in d["rows"]:
-        out.append(f"| {r['model']} | {r['form']} | {r['target_ratio']:g} | {r['expert_param_ratio']:.1%} "
+    for r in rows:
+        form = r["form"] + (f" ({r['refine_steps']} ALS steps)" if r.get("refine_steps") else "")
+        out.append(f"| {r['model']} | {form} | {r['target_ratio']:g} | {r['expert_param_ratio']:.1%} "
                    f"| {r['bytes_experts']:,} | {r['active_macs_per_token']:,} | {r['expert_macs_ratio']:.1%} "
                    f"| {r['ppl']:.3f} | {r['ppl_change_percent']:+.2f}% |")
     return "\n".join(out)
+
+
+def ablation() -> str:
+    """Plain truncated SVD without calibration (the D²-MoE-like init), same evaluation as the demo."""
+    return demo([ROOT / "benchmarks" / "results" / "ablation-plain-svd" / "demo_results.json"])
 
 
 def recovery() -> str:
@@ -55,6 +73,6 @@ def recovery() -> str:
 
 
 if __name__ == "__main__":
-    for what in sys.argv[1:] or ["cards", "demo", "recovery"]:
+    for what in sys.argv[1:] or ["cards", "demo", "ablation", "recovery"]:
         print(globals()[what]())
         print()
