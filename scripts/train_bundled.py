@@ -22,6 +22,7 @@ from transformers import (AutoTokenizer, MistralConfig, MistralForCausalLM, Mixt
                           MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from moecore.data import load_split
+from moecore.evaluation import token_stream
 
 COMMON = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
               num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True,
@@ -37,15 +38,6 @@ SPECS = {
                                       router_aux_loss_coef=0.01, output_router_logits=True)),
 }
 SEED = 1234
-
-
-def token_stream(tok) -> torch.Tensor:
-    """All train documents, tokenized and joined with EOS, as one int64 tensor."""
-    ids: list[int] = []
-    for text in load_split("train"):
-        ids.extend(tok(text)["input_ids"])
-        ids.append(tok.eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def train(model, stream, steps: int, lr: float, seq: int, batch: int, seed: int, tag: str, log: list):
@@ -104,7 +96,7 @@ def main() -> None:
     spec = SPECS[args.name]
     out = Path(args.output or f"models/{args.name}")
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    stream = token_stream(tok)
+    stream = token_stream(tok, load_split("train"))  # train documents joined with EOS
     print(f"train stream: {len(stream)} tokens", flush=True)
     torch.manual_seed(SEED)
     log: list = []

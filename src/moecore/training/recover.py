@@ -38,17 +38,14 @@ class RecoveryReport:
 
 
 def _calibration_ids(tokenizer, texts: list[str], max_tokens: int, seq_len: int) -> torch.Tensor:
-    ids: list[int] = []
-    for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
-        if len(ids) >= max_tokens:
-            break
-    ids = ids[:max_tokens]
+    """The first ``max_tokens`` of the EOS-joined calibration stream as ``(N, seq_len)`` sequences."""
+    from ..evaluation.perplexity import token_stream
+
+    ids = token_stream(tokenizer, texts)[:max_tokens]
     n = len(ids) // seq_len
     if n == 0:
         raise ValueError(f"calibration text too short for one sequence of {seq_len} tokens")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return ids[: n * seq_len].view(n, seq_len)
 
 
 @torch.no_grad()
