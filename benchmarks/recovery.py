@@ -40,6 +40,11 @@ def main() -> None:
     ap.add_argument("--recover-steps", type=int, default=200)
     ap.add_argument("--kd-steps", type=int, default=600)
     ap.add_argument("--kd-lr", type=float, default=5e-4)
+    ap.add_argument("--kd-temperature", type=float, default=1.0)
+    ap.add_argument("--kd-alpha", type=float, default=0.1)
+    ap.add_argument("--kd-start", default="auto", choices=["auto", "zero-shot", "recovered"],
+                    help="student KD starts from; auto: the one with the lower perplexity on the CALIBRATION "
+                         "split (never the held-out one)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--eval-max-tokens", type=int, default=None, help="smoke runs only")
     args = ap.parse_args()
@@ -78,25 +83,37 @@ def main() -> None:
           layers=rep.as_dict()["layers"])
     del model
 
+    start = args.kd_start
+    calib_ppl = {}
+    if start == "auto":  # model selection on calibration text only
+        for name in ("zero-shot", "recovered"):
+            m, t = load_model(work / name)
+            calib_ppl[name] = perplexity(m, t, stream=token_stream(t, load_split("calib")), progress=False).ppl
+        start = min(calib_ppl, key=calib_ppl.get)
+        print(json.dumps({"kd_start": start, "calib_ppl": calib_ppl}), flush=True)
+    cpu0[0] = time.process_time()
     t0 = time.time()
-    res = distill(str(orig), str(work / "recovered"), work / "kd", max_steps=args.kd_steps,
+    res = distill(str(orig), str(work / start), work / "kd", max_steps=args.kd_steps,
                   save_steps=max(1, args.kd_steps // 3), batch_size=8, block_size=256, lr=args.kd_lr,
                   warmup_steps=args.kd_steps // 20,
-                  temperature=2.0, alpha=0.5, logging_steps=25)
-    stage("KD after recovery", Path(res.final_dir), time.time() - t0, kd_steps=args.kd_steps,
-          kd_tokens=args.kd_steps * 8 * 256)
+                  temperature=args.kd_temperature, alpha=args.kd_alpha, logging_steps=25)
+    stage(f"KD (from {start})", Path(res.final_dir), time.time() - t0, kd_steps=args.kd_steps,
+          kd_tokens=args.kd_steps * 8 * 256, kd_start=start, calib_ppl=calib_ppl)
     base = rows[0]["ppl"]
     for r in rows:
         r["ppl_change_percent"] = 100 * (r["ppl"] / base - 1)
     out = repo_root() / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.name, "form": args.form, "target_ratio": args.ratio, "protocol": PPL_PROTOCOL,
-            "threads": torch.get_num_threads(), "kd": {"batch": 8, "block": 256, "lr": args.kd_lr, "warmup": args.kd_steps // 20, "T": 2.0, "alpha": 0.5,
+            "threads": torch.get_num_threads(), "kd": {"batch": 8, "block": 256, "lr": args.kd_lr, "warmup": args.kd_steps // 20,
+                                                       "T": args.kd_temperature, "alpha": args.kd_alpha, "start": args.kd_start,
                                                        "data": "train split"},
             "versions": {"moecore": moecore.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__},
             "command": f"python benchmarks/recovery.py {args.name} --ratio {args.ratio} --form {args.form} "
-                       f"--recover-steps {args.recover_steps} --kd-steps {args.kd_steps} --kd-lr {args.kd_lr} --threads {args.threads}"}
+                       f"--recover-steps {args.recover_steps} --kd-steps {args.kd_steps} --kd-lr {args.kd_lr} "
+                       f"--kd-temperature {args.kd_temperature} --kd-alpha {args.kd_alpha} --kd-start {args.kd_start} "
+                       f"--threads {args.threads}"}
     atomic_write_text(out / f"recovery-{args.name}.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
     shutil.copy(work / "kd" / "training_curves.png", out / f"recovery-{args.name}-kd-curves.png")
 

@@ -68,7 +68,7 @@ def run_model(name: str, args, console: Console, done: list[dict], save) -> list
             cfg = moecore.CompressionConfig(form=form, target_ratio=ratio, init=args.init, **extra)
             moecore.compress(m, cfg, calibration=calib if args.init == "auto" else None, tokenizer=tok)
             row = measure(m, tok, stream, {"model": name, "form": form, "target_ratio": ratio, "init": args.init,
-                                           "refine_steps": cfg.refine_steps if form == "wrapper" else None},
+                                           "refine_steps": cfg.refine_steps},
                           args.max_tokens)
             row["compress_seconds"] = round(time.time() - t0 - row["eval_seconds"], 1)
             row["ppl_change_percent"] = 100 * (row["ppl"] / base - 1)
@@ -118,9 +118,10 @@ def main() -> None:
                     help="score every N-th held-out document (default 6: about 64k tokens drawn from all three "
                          "sources; 1 = the whole split, as in the model cards)")
     ap.add_argument("--max-tokens", type=int, default=None, help="truncate the stream further (smoke runs)")
-    ap.add_argument("--refine-steps", type=int, default=None, help="wrapper-form ALS iterations (default: the config's)")
+    ap.add_argument("--refine-steps", type=int, default=None, help="alternating refinement iterations, both forms (default: the config's, 10)")
     ap.add_argument("--init", default="auto", choices=["auto", "svd"],
-                    help="svd: plain truncated SVD without calibration (the D²-MoE-like ablation)")
+                    help="svd: plain truncated SVD without calibration (with --refine-steps 0: mean core + SVD, "
+                         "the D²-MoE-like ablation)")
     ap.add_argument("--out", default=str(repo_root() / "benchmarks"))
     args = ap.parse_args()
     console = Console(width=200)
@@ -128,6 +129,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"protocol": PPL_PROTOCOL, "heldout_documents": f"every {args.doc_stride}-th", "max_tokens": args.max_tokens, "calibration": "calib split",
             "init": "activation-whitened (init=auto with calibration)" if args.init == "auto" else "plain SVD, no calibration", "stored_dtype": "bfloat16",
+            "config": moecore.CompressionConfig(**({} if args.refine_steps is None else {"refine_steps": args.refine_steps}),
+                                                init=args.init).to_dict(),
             "versions": {"moecore": moecore.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__}, "threads": torch.get_num_threads()}
 

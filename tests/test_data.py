@@ -1,7 +1,9 @@
 """The corpus splits and the tokenizer."""
 from transformers import AutoTokenizer
 
-from moecore.data import SPLITS, load_split, split_ids, split_of
+import torch
+
+from moecore.data import SPLITS, load_split, split_ids, split_of, spread_sequences, token_stream
 
 from .conftest import ROOT
 
@@ -33,3 +35,27 @@ def test_tokenizer_round_trips_text():
                  "def f(x):\n\treturn x ** 2  # ünïcödé ✓\n", load_split("heldout")[0][:2000]]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == text
+
+
+def test_spread_sequences_cover_the_whole_stream():
+    stream = torch.arange(10_000)
+    seqs = spread_sequences(stream, 1000, 100)
+    assert len(seqs) == 10 and all(s.numel() == 100 for s in seqs)
+    starts = [int(s[0]) for s in seqs]
+    assert starts[0] == 0 and starts[-1] == 9900 and starts == sorted(set(starts))  # head to tail, no repeats
+    assert all(torch.equal(s, stream[s[0]: s[0] + 100]) for s in seqs)  # contiguous windows
+    short = spread_sequences(stream[:250], 1000, 100)  # shorter than the budget: everything, in order
+    assert torch.equal(torch.cat(short), stream[:250])
+
+
+def test_calibration_budget_draws_every_source_of_the_calib_split():
+    """The bundled calib split is stored in source order (KJV, Jargon, Python docs); a
+    32k-token budget must still see all three in roughly their proportions."""
+    tok = AutoTokenizer.from_pretrained(ROOT / "data" / "tokenizer")
+    texts = load_split("calib")
+    seqs = spread_sequences(token_stream(tok, texts), 32768, 512)
+    assert sum(s.numel() for s in seqs) <= 32768
+    text = tok.decode(torch.cat(seqs))
+    kjv = sum(text.count(w) for w in (" LORD", " thee", " unto"))
+    py = sum(text.count(w) for w in ("Python", "module", "()"))
+    assert kjv > 100 and py > 150  # head truncation (the old behaviour) gives 460 and 24

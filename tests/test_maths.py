@@ -37,6 +37,41 @@ def test_core_mean_and_frequency():
     assert torch.allclose(dm.expert_core(w, torch.zeros(4)), w.mean(0))  # no hits: plain mean
 
 
+def test_output_core_is_the_output_error_optimum_and_generalizes_frequency():
+    w = _experts(shared=1.0)
+    x, g = _grams(4, 16)
+    c = dm.output_core(w, g, damping=0.0)  # (d_out, d_in)
+
+    def err(core):
+        return float(((w - core) @ x.mT).pow(2).sum())  # Σ_i ‖(W_i − C) X_iᵀ‖²
+
+    base = err(c)
+    for probe in (dm.expert_core(w), c + 1e-3 * torch.randn_like(c), dm.expert_core(w, torch.tensor([4.0, 3, 2, 1]))):
+        assert base < err(probe)
+    # same input distribution for every expert (G_i = n_i G): the frequency-weighted mean
+    n = torch.tensor([3.0, 1.0, 2.0, 0.0], dtype=F64)
+    shared = n[:, None, None] * g[0]
+    assert torch.allclose(dm.output_core(w, shared, damping=0.0), dm.expert_core(w, n), atol=1e-8)
+    assert torch.allclose(dm.output_core(w, torch.zeros_like(g)), w.mean(0))  # no hits: plain mean
+
+
+@pytest.mark.parametrize("grams", [False, True])
+def test_delta_refinement_descends_and_is_exact_at_full_rank(grams):
+    w = _experts(shared=1.0)
+    g = _grams(4, 16)[1] if grams else None
+    lw = dm.whitening_factor(g) if grams else torch.eye(16, dtype=F64)
+    start = dm.expert_core(w)
+    core, (a, b), hist = dm.refine_delta(w, start, 3, g, steps=25, tol=0.0)
+    assert len(hist) == 26 and all(h2 <= h1 * (1 + 1e-12) for h1, h2 in zip(hist, hist[1:]))  # monotone
+    assert hist[-1] < 0.97 * hist[0]  # the core moved usefully
+    final = float(((w - dm.reconstruct_delta(core, a, b)) @ lw).pow(2).sum())
+    assert abs(final - min(hist)) < 1e-9 * min(hist)  # best iterate returned
+    fac0 = dm.whitened_delta_factors(w, start, 3, g) if grams else dm.delta_factors(w, start, 3)
+    assert abs(hist[0] - float(((w - dm.reconstruct_delta(start, *fac0)) @ lw).pow(2).sum())) < 1e-9 * hist[0]
+    core, fac, _ = dm.refine_delta(w, start, 16, g, steps=3)
+    assert dm.relative_weight_error(w, dm.reconstruct_delta(core, *fac)) < 1e-12
+
+
 @pytest.mark.parametrize("d_out,d_in", SHAPES)
 def test_full_rank_is_exact_for_every_form(d_out, d_in):
     w = _experts(d_out=d_out, d_in=d_in)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .compressed_experts import PROJECTIONS, CompressedExperts
 from .config import CompressionConfig
+from .data import spread_sequences, token_stream
 from .errors import ConfigError
 from .families import ExpertsLayout, find_experts
 from .maths import budget
@@ -27,33 +28,32 @@ _F64 = torch.float64
 
 # ---------------------------------------------------------------------------- calibration
 def _calibration_ids(texts: Sequence[str], tokenizer: Any, cfg: CompressionConfig) -> list[torch.Tensor]:
-    """Tokenize, concatenate, truncate to ``calib_max_tokens`` and cut into sequences of
-    ``calib_seq_len`` tokens (the last one may be shorter)."""
+    """Calibration sequences ``[(calib_seq_len,), ...]`` holding at most ``calib_max_tokens``.
+
+    The texts are tokenized and joined with EOS (:func:`moecore.evaluation.token_stream`,
+    the same stream the evaluator scores), cut into sequences, and — when the stream is
+    longer than the budget — sequences are drawn evenly across the whole stream, not
+    from its head (:func:`moecore.data.spread_sequences`).
+    """
     if tokenizer is None:
         raise ConfigError("calibration text needs a tokenizer (compress(..., tokenizer=tok))")
     if isinstance(texts, str):
         texts = [texts]
-    ids: list[int] = []
     for t in texts:
         if not isinstance(t, str):
             raise ConfigError(f"calibration must be a list of strings, got an item of type {type(t).__name__}")
-        if t.strip():
-            ids.extend(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
-        if len(ids) >= cfg.calib_max_tokens:
-            break
-    ids = ids[: cfg.calib_max_tokens]
-    if not ids:
+    texts = [t for t in texts if t.strip()]
+    if not texts:
         raise ConfigError("calibration text is empty: it yields no tokens")
-    flat = torch.tensor(ids, dtype=torch.long)
-    return list(flat.split(cfg.calib_seq_len))
+    return spread_sequences(token_stream(tokenizer, texts), cfg.calib_max_tokens, cfg.calib_seq_len)
 
 
 class _GramHook:
     """Forward pre-hook on one experts module accumulating per-expert Grams and counts."""
 
-    def __init__(self, module: nn.Module, layout: ExpertsLayout):
+    def __init__(self, module: nn.Module, layout: ExpertsLayout, weighting: str = "tokens"):
         views = layout.split(module)
-        self.module, self.layout = module, layout
+        self.module, self.layout, self.weighting = module, layout, weighting
         e, f, h = views["gate"].shape
         self.gram_in = torch.zeros(e, h, h, dtype=_F64)  # (E, H, H)
         self.gram_mid = torch.zeros(e, f, f, dtype=_F64)  # (E, F, F)
@@ -64,14 +64,19 @@ class _GramHook:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         names = ("hidden_states", "top_k_index", "top_k_weights")
         vals = list(args) + [kwargs.get(n) for n in names[len(args):]]
-        x, idx = vals[0], vals[1]
+        x, idx, wts = vals[0], vals[1], vals[2]
         views = self.layout.split(module)
         x = x.reshape(-1, x.shape[-1])
         for e in torch.unique(idx).tolist():
             if e < 0 or e >= self.counts.numel():
                 continue  # sentinel "no expert"
-            rows = (idx == e).any(dim=-1)
+            hit = idx == e  # (T, k)
+            rows = hit.any(dim=-1)
             xe = x[rows]  # (n_e, H)
+            # routing weighting: the expert's output is scaled by its routing weight w_t, so
+            # its output error is Σ_t w_t² ‖Δ x_t‖²; scaling the rows by w_t weights the Grams by w_t²
+            rw = (wts.reshape(hit.shape) * hit).sum(-1)[rows].to(_F64).cpu()[:, None] \
+                if self.weighting == "routing" and wts is not None else None  # (n_e, 1)
             gate = xe @ views["gate"][e].mT  # (n_e, F)
             up = xe @ views["up"][e].mT
             if self.layout.has_bias:
@@ -79,6 +84,8 @@ class _GramHook:
                 gate, up = gate + bg, up + bu
             he = self.act(gate, up).to(_F64).cpu()  # (n_e, F)
             xe = xe.to(_F64).cpu()
+            if rw is not None:
+                he, xe = he * rw, xe * rw
             self.gram_in[e] += xe.mT @ xe
             self.gram_mid[e] += he.mT @ he
             self.counts[e] += xe.shape[0]
@@ -92,7 +99,7 @@ def collect_calibration(
     """Run the (original) model on calibration text; per experts path return
     ``{"gram_in": (E,H,H), "gram_mid": (E,F,F), "counts": (E,)}`` (float64, CPU)."""
     seqs = _calibration_ids(texts, tokenizer, cfg)
-    hooks = {path: _GramHook(model.get_submodule(path), layout) for path, layout in experts}
+    hooks = {path: _GramHook(model.get_submodule(path), layout, cfg.calib_weighting) for path, layout in experts}
     handles = [model.get_submodule(p).register_forward_pre_hook(h, with_kwargs=True) for p, h in hooks.items()]
     device = next(model.parameters()).device
     was_training = model.training
@@ -123,8 +130,12 @@ def _grams(calib: dict[str, torch.Tensor] | None, p: str) -> torch.Tensor | None
     return calib["gram_mid"] if p == "down" else calib["gram_in"]
 
 
-def _core(w: torch.Tensor, cfg: CompressionConfig, calib: dict | None) -> torch.Tensor:
-    return dm.expert_core(w, calib["counts"] if cfg.core == "frequency" else None)  # (d_out, d_in)
+def _core(w: torch.Tensor, cfg: CompressionConfig, calib: dict | None, p: str) -> torch.Tensor:
+    """The core's closed-form start (``cfg.core``; ``auto`` = frequency with calibration)."""
+    kind = ("frequency" if calib else "mean") if cfg.core == "auto" else cfg.core
+    if kind == "output":
+        return dm.output_core(w, _grams(calib, p), cfg.whiten_damping)  # (d_out, d_in)
+    return dm.expert_core(w, calib["counts"] if kind == "frequency" else None)  # (d_out, d_in)
 
 
 def _greedy_gains(model: nn.Module, experts, cfg, calib, whiten: bool) -> dict:
@@ -137,7 +148,7 @@ def _greedy_gains(model: nn.Module, experts, cfg, calib, whiten: bool) -> dict:
             c = {k: v.to(layout.split(module)["gate"].device) for k, v in c.items()}
         for p, w in _weights(module, layout).items():
             g = _grams(c, p) if whiten else None
-            sv = dm.residual_spectrum(w, _core(w, cfg, c), g, cfg.whiten_damping)  # (E, k)
+            sv = dm.residual_spectrum(w, _core(w, cfg, c, p), g, cfg.whiten_damping)  # (E, k)
             total = ((w @ dm.whitening_factor(g, cfg.whiten_damping)) if g is not None else w).pow(2).sum()
             unit = sv.pow(2).sum(0) / total.clamp_min(1e-300)  # (k,)
             if cfg.form == "wrapper":
@@ -178,14 +189,13 @@ def compress_layer(
     for p, w in _weights(module, layout).items():
         r, g = ranks[p], _grams(calib, p)
         wg = g if whiten else None
-        core = _core(w, cfg, calib)
+        core = _core(w, cfg, calib, p)
         entry: dict[str, Any] = {"rank": r, "whitened": wg is not None}
         if cfg.form == "delta":
-            if wg is not None:
-                fac = dm.whitened_delta_factors(w, core, r, wg, cfg.whiten_damping, cfg.svd, generator=gen)
-            else:
-                fac = dm.delta_factors(w, core, r, cfg.svd, generator=gen)
+            core, fac, hist = dm.refine_delta(w, core, r, wg, cfg.whiten_damping, cfg.refine_steps, method=cfg.svd,
+                                              generator=gen)
             approx = dm.reconstruct_delta(core, *fac)
+            entry.update(refine_iters=len(hist) - 1, refine_objective_start=hist[0], refine_objective_end=min(hist))
         else:
             fac, hist = dm.wrapper_factors(w, core, r, wg, cfg.whiten_damping, steps=cfg.refine_steps)
             approx = dm.reconstruct_wrapper(core, *fac)
@@ -229,8 +239,8 @@ def compress(
     have_calib = calibration is not None
     if config.init == "whitened" and not have_calib:
         raise ConfigError("init='whitened' needs calibration text")
-    if config.core == "frequency" and not have_calib:
-        raise ConfigError("core='frequency' needs calibration text (router frequencies)")
+    if config.core in ("frequency", "output") and not have_calib:
+        raise ConfigError(f"core={config.core!r} needs calibration text (router statistics)")
     whiten = have_calib and config.init in ("auto", "whitened")
     if config.rank is not None:  # fail fast on shapes before any calibration run
         solve_ranks(model, experts, config)

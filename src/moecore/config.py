@@ -21,7 +21,8 @@ CONFIG_FILENAME = "moecore_config.json"
 
 _CHOICES = {
     "form": ("delta", "wrapper"),
-    "core": ("mean", "frequency"),
+    "core": ("auto", "mean", "frequency", "output"),
+    "calib_weighting": ("tokens", "routing"),
     "init": ("auto", "svd", "whitened"),
     "allocation": ("uniform", "greedy"),
     "svd": ("exact", "randomized"),
@@ -48,8 +49,11 @@ class CompressionConfig:
             ``target_ratio = 0.25``.
         target_ratio: fraction in (0, 1) of the ORIGINAL expert parameters of the whole model
             (all compressed projections together) that the compressed experts may use.
-        core: ``"mean"`` of the experts, or ``"frequency"``: mean weighted by how often the
-            router picks each expert on the calibration text (needs calibration).
+        core: the start of the shared core: ``"mean"`` of the experts; ``"frequency"``: mean
+            weighted by how often the router picks each expert on the calibration text;
+            ``"output"``: the core minimizing the calibration output error
+            (``Σ W_i G_i (Σ G_i)⁻¹``); ``"auto"`` (default): frequency with calibration, mean
+            without.  Refinement (``refine_steps``) then moves the core jointly with the factors.
         init: ``"svd"`` (plain truncated SVD of the residual), ``"whitened"`` (activation-aware,
             needs calibration) or ``"auto"`` (whitened when calibration is given).
         allocation: how ``target_ratio`` becomes ranks: ``"uniform"`` (one rank everywhere) or
@@ -57,26 +61,34 @@ class CompressionConfig:
             reduction per parameter).  Ignored when ``rank`` is given.
         svd: ``"exact"`` (``torch.linalg.svd``) or ``"randomized"`` (range finder with
             oversampling and power iterations).
-        refine_steps: wrapper form only: alternating-least-squares refinement iterations
-            (0 = closed-form start only).  The error never increases (best iterate kept).
-        calib_max_tokens: calibration text is truncated to this many tokens.
+        refine_steps: alternating refinement iterations after the closed-form start (0 = the
+            closed form only).  Delta form: core and factors alternate exact minimizations of
+            the (whitened) reconstruction error; wrapper form: ALS over the output and input
+            sides.  The error never increases (best iterate kept); stops early at relative
+            improvement below 1e-4.
+        calib_max_tokens: at most this many calibration tokens are used; longer text is
+            sampled in ``calib_seq_len`` sequences spread evenly over all of it.
         calib_seq_len: calibration tokens are cut into sequences of this length.
         seed: seed of randomized SVD.
         whiten_damping: damping λ of the whitening: G + λ·mean(diag G)·I.
+        calib_weighting: ``"routing"`` (default): each calibration token's contribution to an
+            expert's Gram is weighted by its squared routing weight, since the expert's output is
+            scaled by that weight; ``"tokens"``: every routed token counts once.
     """
 
     form: str = "delta"
     rank: int | None = None
     target_ratio: float | None = None
-    core: str = "mean"
+    core: str = "auto"
     init: str = "auto"
     allocation: str = "uniform"
     svd: str = "exact"
-    refine_steps: int = 50
+    refine_steps: int = 10
     calib_max_tokens: int = 32768
     calib_seq_len: int = 512
     seed: int = 0
     whiten_damping: float = 0.01
+    calib_weighting: str = "routing"
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():

@@ -12,6 +12,9 @@ import json
 import lzma
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
+
+import torch
 
 SPLITS = ("train", "calib", "heldout")
 # Buckets out of 1000: [0, 80) held-out, [80, 100) calibration, the rest train.
@@ -75,3 +78,35 @@ def read_text_file(path: str | Path) -> list[str]:
     if not texts:
         raise ValueError(f"{p} holds no text")
     return texts
+
+
+def token_stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """Tokenize texts and join them with EOS into one (N,) int64 stream."""
+    if not texts or not any(t.strip() for t in texts):
+        raise ValueError("no text to evaluate")
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def spread_sequences(stream: torch.Tensor, max_tokens: int, seq_len: int) -> list[torch.Tensor]:
+    """Cut ``stream (N,)`` into ``(seq_len,)`` sequences (the last may be shorter) holding at
+    most ``max_tokens``; when the stream is longer, the sequences are drawn **evenly across
+    all of it** rather than from its head.
+
+    A corpus stored in source order would otherwise calibrate on one source only: the
+    bundled calibration split's first 32k tokens are 72% KJV while the whole split is 65%
+    Python docs, and head-truncated calibration made activation-aware init and layer-wise
+    recovery fit the wrong distribution.
+    """
+    seqs = list(stream.split(seq_len))
+    keep = max(1, max_tokens // seq_len)
+    if stream.numel() > max_tokens and len(seqs) > keep:
+        full = [s for s in seqs if s.numel() == seq_len] or seqs
+        picks = torch.linspace(0, len(full) - 1, min(keep, len(full))).round().long().unique().tolist()
+        seqs = [full[i] for i in picks]
+    return [s[:max_tokens] for s in seqs]

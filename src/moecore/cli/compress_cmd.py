@@ -39,9 +39,11 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output directory")
     add_budget_args(p)
     p.add_argument("--calib", help="calibration text file (.txt / .jsonl / .jsonl.xz): activation-aware init")
-    p.add_argument("--core", choices=["mean", "frequency"], default="mean", help="core: mean or router-frequency weighted")
+    p.add_argument("--core", choices=["auto", "mean", "frequency", "output"], default="auto",
+                   help="core start: auto (frequency with --calib, else mean), mean, router-frequency weighted, "
+                        "or output-error optimal")
     p.add_argument("--init", choices=["auto", "svd", "whitened"], default="auto")
-    p.add_argument("--refine-steps", type=int, default=None, help="wrapper form: ALS refinement iterations")
+    p.add_argument("--refine-steps", type=int, default=None, help="alternating refinement iterations (default 10)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load and store the model in")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no statistics table")

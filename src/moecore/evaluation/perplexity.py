@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..data import token_stream  # noqa: F401  (re-exported as moecore.evaluation.token_stream)
+
 # The protocol every recorded perplexity in this project uses.
 PPL_PROTOCOL = {"seq_len": 256, "stride": 128, "split": "heldout", "dtype": "float32"}
 
@@ -31,19 +33,6 @@ class PerplexityResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    """Tokenize texts and join them with EOS into one (N,) int64 stream."""
-    if not texts or not any(t.strip() for t in texts):
-        raise ValueError("no text to evaluate")
-    ids: list[int] = []
-    eos = tokenizer.eos_token_id
-    for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def _windows(n: int, seq_len: int, stride: int):

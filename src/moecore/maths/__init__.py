@@ -5,6 +5,7 @@ from .budget import ProjectionShape, projection_params, solve_greedy, solve_unif
 from .decompose import (
     delta_factors,
     expert_core,
+    output_core,
     reconstruct_delta,
     reconstruct_wrapper,
     relative_output_error,
@@ -18,7 +19,7 @@ from .decompose import (
 
 __all__ = [
     "budget", "decompose", "ProjectionShape", "projection_params", "solve_greedy", "solve_uniform",
-    "delta_factors", "expert_core", "reconstruct_delta", "reconstruct_wrapper", "relative_output_error",
+    "delta_factors", "expert_core", "output_core", "reconstruct_delta", "reconstruct_wrapper", "relative_output_error",
     "relative_weight_error", "residual_spectrum", "truncated_svd", "whitened_delta_factors",
     "whitening_factor", "wrapper_factors",
 ]

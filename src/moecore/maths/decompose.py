@@ -30,6 +30,24 @@ def expert_core(weights: Tensor, frequencies: Tensor | None = None) -> Tensor:
     return torch.einsum("e,eoi->oi", f, weights)  # (d_out, d_in)
 
 
+def output_core(weights: Tensor, grams: Tensor, damping: float = 0.01) -> Tensor:
+    """Shared core minimizing the rank-0 output error ``Σ_i ‖(W_i − C) X_iᵀ‖_F²``:
+    ``C = (Σ_i W_i G_i)(Σ_i G_i + λ·mean(diag)·I)⁻¹``.
+
+    It generalizes the frequency-weighted mean (equal to it when every expert sees the
+    same input distribution, G_i ∝ n_i·G).  ``weights (E, d_out, d_in), grams (E, d_in, d_in)
+    -> (d_out, d_in)``.  All-zero Grams fall back to the plain mean.
+    """
+    g = grams.to(weights.dtype)
+    s = g.sum(0)  # (d_in, d_in)
+    scale = torch.diagonal(s).mean()
+    if float(scale) <= 0:
+        return weights.mean(dim=0)
+    s = s + (damping * scale + 1e-10 * scale) * torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
+    m = torch.einsum("eoi,eij->oj", weights, g)  # (d_out, d_in)
+    return torch.linalg.solve(s, m.mT).mT  # C S = M (S symmetric)  ->  (d_out, d_in)
+
+
 # ---------------------------------------------------------------------------- SVD
 def truncated_svd(
     m: Tensor, rank: int, method: str = "exact", oversample: int = 8, power_iters: int = 4,
@@ -126,6 +144,51 @@ def whitened_delta_factors(
     u, sv, v = truncated_svd(resid @ L, rank, method, generator=generator)  # (E,d_out,s) (E,s) (E,d_in,s)
     a, bw = _split_sqrt(u, sv, v)
     return a, _solve_lt(L, bw)  # (E, d_out, s), (E, d_in, s)
+
+
+def refine_delta(
+    weights: Tensor, core: Tensor, rank: int, grams: Tensor | None = None, damping: float = 0.01,
+    steps: int = 10, tol: float = 1e-4, method: str = "exact", generator: torch.Generator | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor], list[float]]:
+    """Jointly fit core and delta factors by block-coordinate descent on
+    ``Σ_i ‖(W_i − C − A_i B_iᵀ) L_i‖_F²`` (``L_i = I`` without ``grams``).
+
+    Alternates the closed-form factors for a fixed core (truncated SVD of the whitened
+    residuals, Eckart–Young) and the closed-form core for fixed factors
+    ``C = Σ_i (W_i − A_i B_iᵀ) Ĝ_i (Σ_i Ĝ_i)⁻¹`` with ``Ĝ_i = L_i L_iᵀ``.  Both steps are
+    exact minimizers, so the objective never increases; the best iterate is returned.
+
+    ``weights (E, d_out, d_in), core (d_out, d_in)`` (the start) ``-> core, (A, B), history``.
+    """
+    e, d_out, d_in = weights.shape
+    L = whitening_factor(grams, damping) if grams is not None else None  # (E, d_in, d_in)
+    g_hat = L @ L.mT if L is not None else None  # (E, d_in, d_in)
+    s_inv = torch.linalg.inv(g_hat.sum(0)) if g_hat is not None else None  # (d_in, d_in)
+
+    def factors(c: Tensor) -> tuple[Tensor, Tensor]:
+        if grams is None:
+            return delta_factors(weights, c, rank, method, generator)
+        return whitened_delta_factors(weights, c, rank, grams, damping, method, generator)
+
+    def objective(c: Tensor, a: Tensor, b: Tensor) -> float:
+        d = weights - c - a @ b.mT  # (E, d_out, d_in)
+        return float((d @ L if L is not None else d).pow(2).sum())
+
+    fac = factors(core)
+    history = [objective(core, *fac)]
+    best = (core, fac)
+    for _ in range(steps):
+        resid = weights - fac[0] @ fac[1].mT  # (E, d_out, d_in)
+        core = torch.einsum("eoi,eij->oj", resid, g_hat) @ s_inv if g_hat is not None else resid.mean(0)
+        fac = factors(core)
+        err = objective(core, *fac)
+        improved = history[-1] - err
+        history.append(err)
+        if err < min(history[:-1]):
+            best = (core, fac)
+        if improved <= tol * max(err, 1e-30):
+            break
+    return best[0], best[1], history
 
 
 def reconstruct_delta(core: Tensor, a: Tensor, b: Tensor) -> Tensor:

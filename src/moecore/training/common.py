@@ -93,7 +93,7 @@ def select_trainable(model, *, train_core: bool = False, train_router: bool = Fa
 
 def pack_blocks(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
     """Tokenize, join with EOS, and cut into ``(N, block_size)`` blocks (remainder dropped)."""
-    from ..evaluation.perplexity import token_stream
+    from ..data import token_stream
 
     if block_size < 2:
         raise ConfigError(f"block size must be >= 2, got {block_size}")

@@ -38,14 +38,14 @@ class RecoveryReport:
 
 
 def _calibration_ids(tokenizer, texts: list[str], max_tokens: int, seq_len: int) -> torch.Tensor:
-    """The first ``max_tokens`` of the EOS-joined calibration stream as ``(N, seq_len)`` sequences."""
-    from ..evaluation.perplexity import token_stream
+    """``(N, seq_len)`` full sequences of the EOS-joined calibration stream, at most
+    ``max_tokens`` in all, spread evenly over the whole stream (:func:`moecore.data.spread_sequences`)."""
+    from ..data import spread_sequences, token_stream
 
-    ids = token_stream(tokenizer, texts)[:max_tokens]
-    n = len(ids) // seq_len
-    if n == 0:
+    seqs = [s for s in spread_sequences(token_stream(tokenizer, texts), max_tokens, seq_len) if s.numel() == seq_len]
+    if not seqs:
         raise ValueError(f"calibration text too short for one sequence of {seq_len} tokens")
-    return ids[: n * seq_len].view(n, seq_len)
+    return torch.stack(seqs)
 
 
 @torch.no_grad()
