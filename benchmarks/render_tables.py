@@ -29,9 +29,7 @@ def cards() -> str:
     return "\n".join(out)
 
 
-DEMO_FILES = [ROOT / "benchmarks" / "demo_results.json",  # `make demo`
-              ROOT / "benchmarks" / "results" / "demo-qwen" / "demo_results.json",
-              ROOT / "benchmarks" / "results" / "demo-wrapper" / "demo_results.json"]
+DEMO_FILES = [ROOT / "benchmarks" / "demo_results.json"]  # `make demo`
 
 
 def demo(paths: list[Path] = DEMO_FILES) -> str:
@@ -46,7 +44,7 @@ def demo(paths: list[Path] = DEMO_FILES) -> str:
     out = ["| model | form | target | expert params kept | expert bytes (bf16) | active MACs / token | "
            "expert MACs vs original | held-out PPL | Δ PPL |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        form = r["form"] + (f" ({r['refine_steps']} ALS steps)" if r.get("refine_steps") else "")
+        form = r["form"]
         out.append(f"| {r['model']} | {form} | {r['target_ratio']:g} | {r['expert_param_ratio']:.1%} "
                    f"| {r['bytes_experts']:,} | {r['active_macs_per_token']:,} | {r['expert_macs_ratio']:.1%} "
                    f"| {r['ppl']:.3f} | {r['ppl_change_percent']:+.2f}% |")
@@ -56,6 +54,20 @@ def demo(paths: list[Path] = DEMO_FILES) -> str:
 def ablation() -> str:
     """Plain truncated SVD without calibration (the D²-MoE-like init), same evaluation as the demo."""
     return demo([ROOT / "benchmarks" / "results" / "ablation-plain-svd" / "demo_results.json"])
+
+
+def init_ablation() -> str:
+    """benchmarks/init_ablation.py: one ingredient of the activation-aware init at a time."""
+    d = json.loads((ROOT / "benchmarks" / "results" / "init_ablation.json").read_text())
+    names = list(dict.fromkeys(r["model"] for r in d["rows"]))
+    by = {(r["model"], r["variant"]): r for r in d["rows"]}
+    out = ["| variant (delta form, target %g) | " % d["meta"]["target_ratio"] + " | ".join(names) + " |",
+           "|---|" + "---|" * len(names)]
+    for v in dict.fromkeys(r["variant"] for r in d["rows"]):
+        cells = [f"{by[(n, v)]['ppl']:.3f} ({by[(n, v)]['ppl_change_percent']:+.2f}%)" if (n, v) in by else "—"
+                 for n in names]
+        out.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + f"\n\nCommand: `{d['meta']['command']}`"
 
 
 def recovery() -> str:
@@ -73,6 +85,6 @@ def recovery() -> str:
 
 
 if __name__ == "__main__":
-    for what in sys.argv[1:] or ["cards", "demo", "ablation", "recovery"]:
+    for what in sys.argv[1:] or ["cards", "demo", "ablation", "init_ablation", "recovery"]:
         print(globals()[what]())
         print()

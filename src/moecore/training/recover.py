@@ -142,10 +142,16 @@ def recover(teacher, student, calibration_texts: list[str] | None = None, tokeni
             with torch.no_grad():
                 y = torch.cat([orig(x[i:i + 4096], idx[i:i + 4096], w[i:i + 4096]) for i in range(0, x.shape[0], 4096)])
             del orig
-            # fit on the first 80% of the cached tokens, judge on the last 20% (held back from the fit):
+            # fit on 4 of every 5 calibration sequences, judge on the 5th (held back from the fit; the
+            # sequences are spread over the whole calibration text, so both parts cover every source):
             # small calibration sets overfit, and a layer is only kept if it improved on tokens it never saw
-            n_fit = max(1, int(0.8 * x.shape[0]))
-            val = (x[n_fit:], idx[n_fit:], w[n_fit:], y[n_fit:]) if x.shape[0] - n_fit >= 16 else (x, idx, w, y)
+            held = (torch.arange(x.shape[0], device=x.device) // seq_len) % 5 == 4  # (N,)
+            if int(held.sum()) < 16 or bool(held.all()):
+                held = torch.zeros_like(held)
+            fit_rows = (~held).nonzero().squeeze(1)  # (n_fit,)
+            val = (x[held], idx[held], w[held], y[held]) if bool(held.any()) else (x, idx, w, y)
+            x, idx, w, y = x[fit_rows], idx[fit_rows], w[fit_rows], y[fit_rows]
+            n_fit = x.shape[0]
             before, val_before = _rel_mse(module, x, idx, w, y), _rel_mse(module, *val)
             params = _trainable(module, train_core, compressed)
             after, val_after = before, val_before
@@ -154,7 +160,7 @@ def recover(teacher, student, calibration_texts: list[str] | None = None, tokeni
                 for p in params:
                     p.requires_grad_(True)
                 opt = torch.optim.Adam(params, lr=lr)
-                scale = y[:n_fit].pow(2).mean().clamp_min(1e-30)
+                scale = y.pow(2).mean().clamp_min(1e-30)
                 for _ in range(steps):
                     sel = torch.randint(0, n_fit, (min(batch_tokens, n_fit),), generator=gen).to(dev)
                     loss = (module(x[sel], idx[sel], w[sel]) - y[sel]).pow(2).mean() / scale
@@ -173,7 +179,7 @@ def recover(teacher, student, calibration_texts: list[str] | None = None, tokeni
             report.layers.append({"path": path, "rel_mse_before": before, "rel_mse_after": after,
                                   "val_rel_mse_before": val_before, "val_rel_mse_after": val_after,
                                   "params": sum(p.numel() for p in params), "seconds": round(time.time() - t0, 3)})
-            del x, idx, w, y
+            del x, idx, w, y, val
     finally:
         for n, p in student.named_parameters():
             p.requires_grad_(flags[n])
