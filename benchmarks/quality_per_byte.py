@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import moecore
-from moecore.data import load_split, repo_root
+from moecore.data import load_split, repo_root, spread_sequences
 from moecore.errors import ConfigError
 from moecore.evaluation import PPL_PROTOCOL, perplexity, token_stream
 
@@ -72,10 +72,9 @@ def load(name: str):
 
 
 def calib_sequences(tok, max_tokens: int, seq_len: int) -> list[torch.Tensor]:
-    """Calibration split -> one token stream, truncated, cut into ``seq_len`` sequences
-    (same recipe as ``moecore.compress``)."""
-    ids = token_stream(tok, load_split("calib"))[:max_tokens]
-    return list(ids.split(seq_len))
+    """Calibration split -> one token stream cut into ``seq_len`` sequences spread evenly over
+    it, at most ``max_tokens`` (same recipe as ``moecore.compress``)."""
+    return spread_sequences(token_stream(tok, load_split("calib")), max_tokens, seq_len)
 
 
 def expert_params_original(model) -> int:
@@ -93,7 +92,7 @@ def apply(method: str, level: float, base, tok, calib_texts, stats, args) -> dic
         svd = method == "delta-svd"
         cfg = moecore.CompressionConfig(form=form, target_ratio=level, init="svd" if svd else "auto",
                                         calib_max_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
-                                        refine_steps=args.refine_steps)
+                                        refine_steps=0 if svd else args.refine_steps)
         moecore.compress(model, cfg, calibration=None if svd else calib_texts, tokenizer=tok)
         model.to(STORED).to(torch.float32)  # evaluate what would be stored
         st = moecore.statistics(model)["experts"]
@@ -118,7 +117,7 @@ def run_model(name: str, args, log: Path | None = None) -> list[dict]:
     """Every method x level on one model; rows with ppl, bytes and ratios to the original.
     Each finished row is also appended to ``log`` (JSONL) so an interrupted run keeps them."""
     base, tok, label = load(name)
-    stream = token_stream(tok, load_split("heldout"))
+    stream = token_stream(tok, load_split("heldout")[::args.doc_stride])
     calib_texts = load_split("calib")
     orig_bytes = expert_params_original(base) * bl.BF16_BYTES
     ev = dict(stream=stream, max_tokens=args.max_tokens, progress=False, seq_len=args.seq_len, stride=args.stride)
@@ -209,13 +208,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.25, 0.15], help="fractions of bf16 expert bytes")
     ap.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
     ap.add_argument("--group", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=None, help="cap the held-out stream (default: all)")
+    ap.add_argument("--doc-stride", type=int, default=6,
+                    help="score every N-th held-out document (default 6, as `make demo`; 1 = the whole split)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="cap the held-out stream (smoke runs)")
     ap.add_argument("--seq-len", type=int, default=PPL_PROTOCOL["seq_len"])
     ap.add_argument("--stride", type=int, default=PPL_PROTOCOL["stride"])
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--merge-tokens", type=int, default=4096, help="tokens per layer for HC-SMoE mean outputs")
-    ap.add_argument("--refine-steps", type=int, default=50, help="wrapper form ALS refinement iterations")
+    ap.add_argument("--refine-steps", type=int, default=moecore.CompressionConfig().refine_steps,
+                    help="moecore refinement iterations (delta-svd always uses 0: the plain baseline)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny random model, 2 budgets, 1k tokens (smoke test)")
@@ -243,10 +245,11 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError:
         torchao_version = None
     meta = {
-        "protocol": {**PPL_PROTOCOL, "seq_len": args.seq_len, "stride": args.stride, "max_tokens": args.max_tokens},
+        "protocol": {**PPL_PROTOCOL, "seq_len": args.seq_len, "stride": args.stride, "max_tokens": args.max_tokens,
+                     "heldout_documents": f"every {args.doc_stride}-th"},
         "calibration": {"split": "calib", "max_tokens": args.calib_tokens, "seq_len": args.calib_seq_len,
                         "merge_mean_tokens_per_layer": args.merge_tokens},
-        "wrapper_refine_steps": args.refine_steps, "budgets": args.budgets, "bits": args.bits, "group": args.group,
+        "refine_steps": args.refine_steps, "budgets": args.budgets, "bits": args.bits, "group": args.group,
         "seed": args.seed,
         "threads": torch.get_num_threads(), "quick": args.quick, "seconds_total": round(time.time() - t0, 1),
         "bytes": "experts only, stored tensors at bf16 (2 B/param); RTN: b-bit codes + bf16 scale + b-bit zero "
