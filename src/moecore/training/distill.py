@@ -127,8 +127,8 @@ class _Monitor(TrainerCallback):
 
 
 def distill(teacher, student=None, output_dir: str | Path = "distilled", *, compression=None,
-            data: str | Path | None = None, max_steps: int = 100, lr: float = 1e-3, temperature: float = 2.0,
-            alpha: float = 0.5, block_size: int = 128, batch_size: int = 4, grad_accum: int = 1,
+            data: str | Path | None = None, max_steps: int = 100, lr: float = 1e-3, temperature: float = 1.0,
+            alpha: float = 0.1, block_size: int = 128, batch_size: int = 4, grad_accum: int = 1,
             save_steps: int = 50, save_total_limit: int | None = None, logging_steps: int = 10,
             warmup_steps: int = 0, scheduler: str = "cosine", resume: bool = False, train_core: bool = False,
             train_router: bool = False, eval_async: bool = False, eval_max_tokens: int | None = 16384,

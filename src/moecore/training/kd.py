@@ -25,7 +25,7 @@ from .common import is_compressed_model
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-            temperature: float = 2.0, alpha: float = 0.5, ignore_index: int = -100):
+            temperature: float = 1.0, alpha: float = 0.1, ignore_index: int = -100):
     """``(loss, {"kd": float, "ce": float})`` for causal-LM logits ``(B, L, V)`` and labels ``(B, L)``.
 
     Position t's logits predict ``labels[t+1]``; positions whose next label is ``ignore_index``
@@ -52,7 +52,7 @@ class DistillTrainer(Trainer):
     ≥ 0 (weight of the CE term).
     """
 
-    def __init__(self, *args, teacher=None, temperature: float = 2.0, alpha: float = 0.5, **kwargs):
+    def __init__(self, *args, teacher=None, temperature: float = 1.0, alpha: float = 0.1, **kwargs):
         if teacher is None:
             raise ValueError("DistillTrainer needs a teacher model")
         if temperature <= 0 or alpha < 0:
