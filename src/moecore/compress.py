@@ -1,10 +1,12 @@
 """``compress(model, config, calibration=, tokenizer=)``: calibration capture + model surgery.
 
 Steps: find the experts modules (:func:`moecore.families.find_experts`); optionally run the
-ORIGINAL model on calibration text with hooks that accumulate, per expert, the Gram matrix
-of its routed inputs (gate/up: hidden states; down: ``act(gate)·up`` with the original
-weights) and its router hit count; solve ranks; then, one layer at a time, compute the
-core and factors (in float64), measure the errors and swap the experts module for a
+ORIGINAL model on calibration text (sequences spread over the whole text) with hooks that
+accumulate, per expert, the Gram matrix of its routed inputs (gate/up: hidden states;
+down: ``act(gate)·up`` with the original weights), each token weighted by its squared
+routing weight by default, and its router hit count; solve ranks; then, one layer at a
+time, compute the core start and the factors, refine them jointly (in float64), measure
+the errors and swap the experts module for a
 :class:`~moecore.compressed_experts.CompressedExperts` of the same dtype/device.
 """
 from __future__ import annotations
