@@ -28,15 +28,18 @@ def plot_training_curves(log_history: list[dict], path: str | Path) -> Path | No
         return None
     plt = _pyplot()
     path = Path(path)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("loss", "total"), ("kd_loss", "KD (T²·KL)"), ("ce_loss", "CE")):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax1.plot(*zip(*pts), marker="o", ms=3, label=label)
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("loss")
-    ax1.set_title("distillation loss")
-    ax1.legend()
+    # the KD term and CE live on different scales (e.g. 0.005 vs 3.8): one panel each
+    fig, (ax0, ax1, ax2) = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, keys in ((ax0, (("kd_loss", "KD (T²·KL)"),)), (ax1, (("loss", "total"), ("ce_loss", "CE")))):
+        for key, label in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+    ax0.set_title("KD term")
+    ax1.set_title("total loss and cross-entropy")
     lrs = [(r["step"], r["learning_rate"]) for r in rows if "learning_rate" in r]
     if lrs:
         ax2.plot(*zip(*lrs), color="tab:green")
