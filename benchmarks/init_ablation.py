@@ -12,7 +12,9 @@ to bfloat16 (the stored dtype) and scored in float32 on the demo's held-out docu
 5. ``+ routing weights``: Grams weighted by squared routing weights;
 6. ``+ frequency core``: core starts from the router-frequency-weighted mean;
 7. ``+ refinement`` (= the default config): 10 joint core/factor steps;
-8. ``output core``: the default with the output-error-optimal core start instead.
+8. ``output core``: the default with the output-error-optimal core start instead;
+9. ``without whitening``: the default with ``init="svd"``: calibration still sets the
+   frequency core, but factors and refinement work in weight space (isolates whitening).
 
 Usage: python benchmarks/init_ablation.py [--models tiny-mixtral tiny-qwen3moe] [--ratio 0.25]
 Writes benchmarks/results/init_ablation.json.
@@ -42,6 +44,7 @@ VARIANTS = [  # (label, config overrides, calibration: None | "head" | "all")
     ("+ frequency core", {**BASE, "calib_weighting": "routing", "core": "frequency"}, "all"),
     ("+ 10 refinement steps (= default)", {}, "all"),
     ("default with output-optimal core", {"core": "output"}, "all"),
+    ("default without whitening (calibration for core and weights only)", {"init": "svd"}, "all"),
 ]
 
 
@@ -61,9 +64,12 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-qwen3moe"])
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--doc-stride", type=int, default=6)
+    ap.add_argument("--only", nargs="+", type=int, default=None,
+                    help="run only these variant numbers (1-based) and merge them into the existing JSON")
     args = ap.parse_args()
-    rows = []
     out = repo_root() / "benchmarks" / "results" / "init_ablation.json"
+    rows = json.loads(out.read_text())["rows"] if args.only and out.exists() else []
+    variants = [v for i, v in enumerate(VARIANTS, 1) if not args.only or i in args.only]
     meta = {"form": "delta", "target_ratio": args.ratio, "protocol": PPL_PROTOCOL,
             "heldout_documents": f"every {args.doc_stride}-th", "stored_dtype": "bfloat16",
             "calib_max_tokens": moecore.CompressionConfig().calib_max_tokens,
@@ -76,8 +82,9 @@ def main() -> None:
         stream = token_stream(tok, load_split("heldout")[::args.doc_stride])
         calib = load_split("calib")
         base = perplexity(model, tok, stream=stream, progress=False).ppl
+        rows = [r for r in rows if not (r["model"] == name and r["variant"] in ("original", *(v[0] for v in variants)))]
         rows.append({"model": name, "variant": "original", "ppl": base, "ppl_change_percent": 0.0})
-        for label, over, cal in VARIANTS:
+        for label, over, cal in variants:
             m, _ = load_model(path)
             texts = None if cal is None else head_texts(tok, calib, 32768) if cal == "head" else calib
             t0 = time.time()
@@ -90,6 +97,8 @@ def main() -> None:
                          "ppl_change_percent": 100 * (ppl / base - 1), "compress_seconds": round(secs, 1)})
             print(json.dumps(rows[-1]), flush=True)
             atomic_write_text(out, json.dumps({"meta": meta, "rows": rows}, indent=1))
+    order = {v[0]: i for i, v in enumerate([("original",), *VARIANTS])}
+    rows.sort(key=lambda r: (args.models.index(r["model"]) if r["model"] in args.models else -1, order[r["variant"]]))
     atomic_write_text(out, json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
