@@ -21,8 +21,10 @@ PROJECTIONS = ("gate", "up", "down")
 
 
 class _Routing:
-    """Routed (token, expert) pairs, sorted by expert and padded per hit expert so that each
-    low-rank path is one ``bmm`` over the experts actually hit (no per-token loop).
+    """Routed (token, expert) pairs, sorted by expert.  When at least half the experts are
+    hit, each low-rank path is one padded ``bmm`` over all experts (no per-token loop); when
+    fewer are hit (decode), a loop over the hit experts' contiguous row ranges reads only
+    their factors, with no copy.
 
     ``S = T·k`` pairs; pairs with the sentinel index ``E`` (no expert) are dropped.  All
     pair-level tensors (``expert``, ``token``, ``weight`` and every ``(S, d)`` activation)
@@ -44,26 +46,27 @@ class _Routing:
         self.slot = torch.arange(self.expert.numel(), device=idx.device) - starts[self.expert]  # (S,)
         self.cap = int(counts.max()) if self.expert.numel() else 0
         hit = torch.nonzero(counts).squeeze(-1)  # (n_hit,)
-        if 2 * hit.numel() >= num_experts:
-            self.hit, self.group = None, self.expert  # most experts hit: use the factors in place, no copy
-        else:
-            remap = torch.full((num_experts,), -1, dtype=torch.long, device=idx.device)
-            remap[hit] = torch.arange(hit.numel(), device=idx.device)
-            self.hit, self.group = hit, remap[self.expert]  # (n_hit,), (S,)
-        self.num_groups = num_experts if self.hit is None else hit.numel()
+        self.hit = None if 2 * hit.numel() >= num_experts else hit  # few experts hit: loop over them
+        if self.hit is not None:  # contiguous row ranges of the sorted pairs, one per hit expert
+            ends = torch.cumsum(counts, 0)[hit]
+            self.ranges = list(zip(hit.tolist(), (ends - counts[hit]).tolist(), ends.tolist()))
+        self.num_experts = num_experts
 
     def lowrank(self, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """Per pair ``left_e (right_eᵀ x)``: ``x (S, d_in)``, ``right (E, d_in, s)``,
-        ``left (E, d_out, s)`` -> ``(S, d_out)``; two padded ``bmm`` over the hit experts."""
+        ``left (E, d_out, s)`` -> ``(S, d_out)``."""
         if x.shape[0] == 0:
             return x.new_zeros(0, left.shape[1])
-        if self.hit is not None:
-            left, right = left.index_select(0, self.hit), right.index_select(0, self.hit)
-        buf = x.new_zeros(self.num_groups, self.cap, x.shape[1])  # (n_hit, cap, d_in)
-        buf[self.group, self.slot] = x
-        z = torch.bmm(buf, right.to(x.dtype))  # (n_hit, cap, s)
-        y = torch.bmm(z, left.to(x.dtype).mT)  # (n_hit, cap, d_out)
-        return y[self.group, self.slot]  # (S, d_out)
+        if self.hit is not None:  # few experts hit (decode): read only their factors, in place, no copy
+            y = x.new_empty(x.shape[0], left.shape[1])  # (S, d_out)
+            for e, a, b in self.ranges:
+                y[a:b] = (x[a:b] @ right[e].to(x.dtype)) @ left[e].to(x.dtype).mT  # (n_e, s) -> (n_e, d_out)
+            return y
+        buf = x.new_zeros(self.num_experts, self.cap, x.shape[1])  # (E, cap, d_in)
+        buf[self.expert, self.slot] = x
+        z = torch.bmm(buf, right.to(x.dtype))  # (E, cap, s)
+        y = torch.bmm(z, left.to(x.dtype).mT)  # (E, cap, d_out)
+        return y[self.expert, self.slot]  # (S, d_out)
 
 
 class CompressedExperts(nn.Module):
