@@ -32,7 +32,7 @@ _F64 = torch.float64
 def _calibration_ids(texts: Sequence[str], tokenizer: Any, cfg: CompressionConfig) -> list[torch.Tensor]:
     """Calibration sequences ``[(calib_seq_len,), ...]`` holding at most ``calib_max_tokens``.
 
-    The texts are tokenized and joined with EOS (:func:`moecore.evaluation.token_stream`,
+    The texts are tokenized and joined with EOS (:func:`moecore.data.token_stream`,
     the same stream the evaluator scores), cut into sequences, and — when the stream is
     longer than the budget — sequences are drawn evenly across the whole stream, not
     from its head (:func:`moecore.data.spread_sequences`).
