@@ -43,14 +43,14 @@ class _Routing:
         self.expert, self.token, self.weight = idx[order], tok[order], w[order]  # (S,) each, sorted by expert
         counts = torch.bincount(self.expert, minlength=num_experts)  # (E,)
         starts = torch.cumsum(counts, 0) - counts  # (E,)
-        self.slot = torch.arange(self.expert.numel(), device=idx.device) - starts[self.expert]  # (S,)
-        self.cap = int(counts.max()) if self.expert.numel() else 0
         hit = torch.nonzero(counts).squeeze(-1)  # (n_hit,)
         self.hit = None if 2 * hit.numel() >= num_experts else hit  # few experts hit: loop over them
-        if self.hit is not None:  # contiguous row ranges of the sorted pairs, one per hit expert
-            ends = torch.cumsum(counts, 0)[hit]
-            self.ranges = list(zip(hit.tolist(), (ends - counts[hit]).tolist(), ends.tolist()))
         self.num_experts = num_experts
+        if self.hit is not None:  # contiguous row ranges [start, end) of the sorted pairs, one per hit expert
+            self.ranges = list(zip(hit.tolist(), starts[hit].tolist(), (starts + counts)[hit].tolist()))
+        else:  # padded layout for the bmm path: each pair's slot within its expert
+            self.slot = torch.arange(self.expert.numel(), device=idx.device) - starts[self.expert]  # (S,)
+            self.cap = int(counts.max()) if self.expert.numel() else 0
 
     def lowrank(self, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """Per pair ``left_e (right_eᵀ x)``: ``x (S, d_in)``, ``right (E, d_in, s)``,

@@ -139,7 +139,13 @@ def whitened_delta_factors(
     SVD of ``R_i L_i = U S Vᵀ`` truncated to s; ``A_i = U√S``, ``B_i = L_i⁻ᵀ V√S`` (a
     triangular solve), so ``A_i B_iᵀ L_i = U S Vᵀ``.  ``grams (E, d_in, d_in)``.
     """
-    L = whitening_factor(grams, damping)  # (E, d_in, d_in)
+    return _whitened_factors(weights, core, rank, whitening_factor(grams, damping), method, generator)
+
+
+def _whitened_factors(
+    weights: Tensor, core: Tensor, rank: int, L: Tensor, method: str, generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`whitened_delta_factors` for a precomputed whitening factor ``L (E, d_in, d_in)``."""
     resid = weights - core  # (E, d_out, d_in)
     u, sv, v = truncated_svd(resid @ L, rank, method, generator=generator)  # (E,d_out,s) (E,s) (E,d_in,s)
     a, bw = _split_sqrt(u, sv, v)
@@ -160,15 +166,14 @@ def refine_delta(
 
     ``weights (E, d_out, d_in), core (d_out, d_in)`` (the start) ``-> core, (A, B), history``.
     """
-    e, d_out, d_in = weights.shape
-    L = whitening_factor(grams, damping) if grams is not None else None  # (E, d_in, d_in)
+    L = whitening_factor(grams, damping) if grams is not None else None  # (E, d_in, d_in), once
     g_hat = L @ L.mT if L is not None else None  # (E, d_in, d_in)
     s_inv = torch.linalg.inv(g_hat.sum(0)) if g_hat is not None else None  # (d_in, d_in)
 
     def factors(c: Tensor) -> tuple[Tensor, Tensor]:
-        if grams is None:
+        if L is None:
             return delta_factors(weights, c, rank, method, generator)
-        return whitened_delta_factors(weights, c, rank, grams, damping, method, generator)
+        return _whitened_factors(weights, c, rank, L, method, generator)
 
     def objective(c: Tensor, a: Tensor, b: Tensor) -> float:
         d = weights - c - a @ b.mT  # (E, d_out, d_in)
