@@ -35,6 +35,8 @@ def work(tmp_path_factory):
     (root / "calib.txt").write_text("In the beginning God created the heaven and the earth.\n\n"
                                     "And the earth was without form, and void; and darkness was upon the deep.\n")
     (root / "empty.txt").write_text("\n\n  \n")
+    (root / "bad.jsonl").write_text('{"text": "In the beginning."}\n{"text": 5}\n')
+    (root / "o13").mkdir()  # an existing output, kept without --overwrite
     return root
 
 
@@ -104,7 +106,13 @@ def test_plan_prints_the_worked_example(capsys):
     (["compress", "{w}/base", "-o", "{w}/o5", "--calib", "{w}/empty.txt"], "compress", "holds no text"),
     (["compress", "{w}/base", "-o", "{w}/o6", "--calib", "{w}/nofile.txt"], "compress", "no such file"),
     (["compress", "{w}/llama", "-o", "{w}/o7", "--rank", "2"], "compress", "not a Mixture-of-Experts"),
-    (["compress", "{w}/base", "-o", "{w}/base", "--rank", "2"], "compress", "already exists"),
+    (["compress", "{w}/base", "-o", "{w}/base", "--rank", "2", "--overwrite"], "compress", "is the input"),
+    (["compress", "{w}/base", "-o", "{w}/base/../base/", "--rank", "2", "--overwrite"], "compress", "is the input"),
+    (["compress", "{w}/base", "-o", "{w}/base/sub", "--rank", "2"], "compress", "lies inside the input"),
+    (["compress", "{w}/base", "-o", "{w}", "--rank", "2", "--overwrite"], "compress", "contains the input"),
+    (["compress", "{w}/base", "-o", "{w}/calib.txt", "--calib", "{w}/calib.txt", "--rank", "2", "--overwrite"],
+     "compress", "is the input"),
+    (["compress", "{w}/base", "-o", "{w}/o13", "--rank", "2"], "compress", "already exists"),
     (["compress", "{w}/base", "-o", "{w}/o8", "--target-ratio", "0.0001"], "compress", "unreachable"),
     (["stats", "{w}/missing"], "stats", "not found"),
     (["stats", "{w}/llama"], "stats", "not a Mixture-of-Experts"),
@@ -114,6 +122,11 @@ def test_plan_prints_the_worked_example(capsys):
     (["plan", str(MIXTRAL), "--rank", "-3"], "plan", "rank must be > 0"),
     (["export", "{w}/base", "-o", "{w}/o9"], "export", "no moecore-compressed experts"),
     (["export", "{w}/missing", "-o", "{w}/o10"], "export", "not found"),
+    (["export", "{w}/base", "-o", "{w}/base", "--overwrite"], "export", "is the input"),
+    (["eval", "{w}/base", "--max-tokens", "0"], "eval", "--max-tokens must be > 0"),
+    (["eval", "{w}/base", "--seq-len", "0"], "eval", "--seq-len must be > 0"),
+    (["eval", "{w}/base", "--text", "{w}/bad.jsonl"], "eval", "bad.jsonl:2: \"text\" is a int, not a string"),
+    (["compress", "{w}/base", "-o", "{w}/o14", "--calib", "{w}/bad.jsonl"], "compress", "bad.jsonl:2:"),
 ])
 def test_bad_inputs_exit_2_with_one_line(work, capsys, argv, command, match):
     rc, _, err = run_cli(capsys, *(a.format(w=work) for a in argv))

@@ -22,7 +22,7 @@ import moecore
 from moecore.compressed_experts import CompressedExperts
 from moecore.errors import CheckpointError, UnsupportedModelError
 from moecore.hf_integration import MoecoreHfQuantizer, MoecoreQuantizationConfig
-from moecore.io import load_pretrained
+from moecore.modeling import load_model
 from moecore.stats import STATS_FILENAME, read_statistics_yaml
 
 V, H, F = 96, 32, 24
@@ -232,18 +232,18 @@ def test_corrupt_or_missing_files_give_clear_errors(saved, tmp_path):
     raw = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointError, match="corrupt safetensors"):
-        load_pretrained(bad)
+        load_model(bad)
     (bad / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no safetensors"):
-        load_pretrained(bad)
+        load_model(bad)
     with pytest.raises(CheckpointError, match="not found"):
-        load_pretrained(tmp_path / "nope")
+        load_model(tmp_path / "nope")
     cfg = json.loads((d / "config.json").read_text())
     cfg["quantization_config"]["layers"] = {"model.layers.0.mlp.experts": {"gate": 0, "up": 4, "down": 4}}
     (bad / "model.safetensors").write_bytes(raw)
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="bad ranks"):
-        load_pretrained(bad)
+        load_model(bad)
 
 
 def test_save_is_atomic_and_refuses_to_clobber(saved, tmp_path, monkeypatch):
@@ -278,3 +278,45 @@ def test_safetensors_headers_are_valid(saved):
     with safe_open(str(d / "model.safetensors"), framework="pt") as fh:
         assert fh.metadata().get("format") == "pt"
         assert "model.layers.0.mlp.experts.bias_gate_up" in fh.keys()
+
+
+@pytest.mark.parametrize("family,form", CASES)
+def test_plain_save_pretrained_round_trips(saved, family, form, tmp_path):
+    """``moecore.compress`` marks the model like a transformers quantizer does, so the plain
+    ``model.save_pretrained(dir)`` users call reloads bit-identically (not with random experts)."""
+    model, ref, _ = saved[(family, form)]
+    fresh = moecore.compress(build(family), ccfg(form))  # as returned by compress, never through save_compressed
+    assert fresh.config.quantization_config.quant_method == "moecore" and fresh.hf_quantizer is not None
+    assert torch.equal(logits(fresh), ref)
+    fresh.save_pretrained(tmp_path / "plain")
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(logits(loaded), ref)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_tampered_layout_malformed_record_and_uncovered_layer_are_errors(saved, tmp_path):
+    _, ref, d = saved[("mixtral", "delta")]
+    bad = _copy(d, tmp_path / "layout")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["layout"]["transposed"] = True  # would export transposed dense weights
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match the model's experts layout"):
+        AutoModelForCausalLM.from_pretrained(bad)
+    bad = _copy(d, tmp_path / "record")
+    (bad / "moecore_config.json").write_text('{"form": "delta", "rank": "four"')
+    with pytest.raises(CheckpointError, match="malformed .*moecore_config.json"):
+        AutoModelForCausalLM.from_pretrained(bad)
+    bad = _copy(d, tmp_path / "uncovered")  # layer 1's compressed tensors are stored but not listed
+    del cfg["quantization_config"]["layers"]["model.layers.1.mlp.experts"]
+    cfg["quantization_config"]["layout"]["transposed"] = False
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="lacks 2 tensor"):
+        load_model(bad, need_tokenizer=False)
+    assert torch.equal(logits(load_model(d, need_tokenizer=False)[0]), ref)  # the original still loads

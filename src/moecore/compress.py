@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from .compressed_experts import PROJECTIONS, CompressedExperts
 from .config import CompressionConfig
-from .data import spread_sequences, token_stream
+from .data import calibration_sequences
 from .errors import ConfigError
 from .families import ExpertsLayout, find_experts
+from .hf_integration import mark_compressed
 from .maths import budget
 from .maths import decompose as dm
 
@@ -30,24 +31,14 @@ _F64 = torch.float64
 
 # ---------------------------------------------------------------------------- calibration
 def _calibration_ids(texts: Sequence[str], tokenizer: Any, cfg: CompressionConfig) -> list[torch.Tensor]:
-    """Calibration sequences ``[(calib_seq_len,), ...]`` holding at most ``calib_max_tokens``.
-
-    The texts are tokenized and joined with EOS (:func:`moecore.data.token_stream`,
-    the same stream the evaluator scores), cut into sequences, and — when the stream is
-    longer than the budget — sequences are drawn evenly across the whole stream, not
-    from its head (:func:`moecore.data.spread_sequences`).
+    """Calibration sequences ``[(calib_seq_len,), ...]`` holding at most ``calib_max_tokens``,
+    drawn evenly over the whole text (:func:`moecore.data.calibration_sequences`: small text is
+    tokenized whole into the EOS-joined stream the evaluator scores; a large file or
+    :class:`~moecore.data.TextFile` is sampled in windows, so memory stays bounded).
     """
     if tokenizer is None:
         raise ConfigError("calibration text needs a tokenizer (compress(..., tokenizer=tok))")
-    if isinstance(texts, str):
-        texts = [texts]
-    for t in texts:
-        if not isinstance(t, str):
-            raise ConfigError(f"calibration must be a list of strings, got an item of type {type(t).__name__}")
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise ConfigError("calibration text is empty: it yields no tokens")
-    return spread_sequences(token_stream(tokenizer, texts), cfg.calib_max_tokens, cfg.calib_seq_len)
+    return calibration_sequences(texts, tokenizer, cfg.calib_max_tokens, cfg.calib_seq_len)
 
 
 class _GramHook:
@@ -259,4 +250,5 @@ def compress(
             del module
             calib.pop(path, None)
     model.moecore_config = config
+    mark_compressed(model)  # a plain model.save_pretrained(dir) now round-trips like save_compressed
     return model

@@ -1,5 +1,6 @@
-"""Exception types. Every user-facing failure raises a subclass of :class:`MoecoreError`
-(or a built-in ``FileNotFoundError``), which the CLI prints as a one-line error."""
+"""Exception types. Every failure the user can cause or fix raises a subclass of
+:class:`MoecoreError` (or a built-in ``OSError`` such as ``FileNotFoundError``), which the CLI
+prints as one line and exit status 2.  Anything else is a bug and keeps its traceback."""
 
 
 class MoecoreError(Exception):
@@ -15,4 +16,12 @@ class UnsupportedModelError(MoecoreError, TypeError):
 
 
 class CheckpointError(MoecoreError, OSError):
-    """A model directory is missing, incomplete or corrupt."""
+    """A model directory is missing, incomplete or corrupt, or an output can't be written safely."""
+
+
+class DataError(MoecoreError, ValueError):
+    """A text file or token stream is unusable (bad JSONL value, no text, degenerate tokens)."""
+
+
+class TrainingError(MoecoreError, RuntimeError):
+    """Training or recovery cannot go on (non-finite teacher outputs or loss, mismatched teacher)."""

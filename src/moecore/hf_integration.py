@@ -14,6 +14,7 @@ ranks, and the stored tensors load into it as they are: no original weights are 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -120,18 +121,44 @@ class MoecoreHfQuantizer(HfQuantizer):
 
 def _attach_compression_config(model) -> None:
     """Set ``model.moecore_config`` from the checkpoint's ``moecore_config.json`` (when loading
-    from a local folder), so that a re-save (e.g. after distillation) keeps it."""
+    from a local folder), so that a re-save (e.g. after distillation) keeps it.  A malformed
+    file is a ``CheckpointError`` (the record of how the model was made must not be lost
+    silently); the placeholder written for models not made by ``compress`` is skipped."""
+    import json
     from pathlib import Path
 
     from .config import CONFIG_FILENAME, CompressionConfig
     from .errors import ConfigError
 
     folder = Path(str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")))
-    if (folder / CONFIG_FILENAME).is_file():
-        try:
-            model.moecore_config = CompressionConfig.load(folder)
-        except ConfigError:
-            pass  # an unreadable record of how it was made does not stop loading
+    f = folder / CONFIG_FILENAME
+    if not f.is_file():
+        return
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "note" in data and "rank" not in data and "target_ratio" not in data:
+            return  # "compression config unknown" placeholder (save_compressed of a model not made by compress)
+        model.moecore_config = CompressionConfig.from_dict(data)
+    except (ConfigError, ValueError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"malformed {f}: {first}") from exc
+
+
+def mark_compressed(model) -> MoecoreQuantizationConfig:
+    """Make a compressed model save like any transformers-quantized one: set
+    ``model.config.quantization_config`` (ranks, forms and layouts of every
+    ``CompressedExperts``) and ``model.hf_quantizer``, so a plain ``model.save_pretrained(dir)``
+    writes a folder that ``from_pretrained(dir)`` rebuilds bit-identically.  Called by
+    :func:`moecore.compress` and :func:`moecore.save_compressed`.  Returns the config."""
+    from transformers.quantizers.base import _assign_is_quantized
+
+    qc = MoecoreQuantizationConfig.from_dict(build_quantization_config(model))
+    model.config.quantization_config = qc
+    model.hf_quantizer = MoecoreHfQuantizer(qc, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    _assign_is_quantized(model)
+    return qc
 
 
 def swap_in_compressed(model, qconfig: dict[str, Any], dtype: torch.dtype | None = None) -> dict[str, Any]:
@@ -140,10 +167,11 @@ def swap_in_compressed(model, qconfig: dict[str, Any], dtype: torch.dtype | None
     module it replaces (meta during ``from_pretrained``).  Returns ``{path: new module}``.
 
     Shapes (E, H, F) are read off the module being replaced; a path that is missing or not an
-    experts module raises ``CheckpointError`` naming it.
+    experts module, or a recorded layout that differs from the detected one, raises
+    ``CheckpointError`` naming it.
     """
-    from .compressed_experts import CompressedExperts
     from .families import ExpertsLayout, layout_of
+    from .quant import build_experts
 
     default_layout = qconfig.get("layout") or {}
     out = {}
@@ -154,13 +182,18 @@ def swap_in_compressed(model, qconfig: dict[str, Any], dtype: torch.dtype | None
             found = layout_of(path, old)
         except UnsupportedModelError as exc:
             raise CheckpointError(f"cannot rebuild {path}: {exc}") from exc
-        layout = ExpertsLayout.from_dict(spec.get("layout") or default_layout) if (spec.get("layout") or default_layout) else found
+        recorded = spec.get("layout") or default_layout
+        layout = ExpertsLayout.from_dict(recorded) if recorded else found
+        if layout.to_dict() != found.to_dict():  # a tampered layout would export wrong dense weights
+            raise CheckpointError(f"quantization_config layout of {path} ({layout.name}) does not match the "
+                                  f"model's experts layout {found.to_dict()}")
         views = found.split(old)
         e, f, h = views["gate"].shape
         ref = views["gate"]
-        new = CompressedExperts(
+        new = build_experts(  # CompressedExperts, or its quantized-storage subclass (moecore.quant)
             e, h, f, spec.get("form", qconfig.get("form", "delta")), {p: spec[p] for p in ("gate", "up", "down")},
-            layout, act_fn=getattr(old, "act_fn", None), dtype=dtype or ref.dtype, device=ref.device,
+            layout, quant=spec.get("quant", qconfig.get("quant")), act_fn=getattr(old, "act_fn", None),
+            dtype=dtype or ref.dtype, device=ref.device,
         )
         new.report = dict(spec.get("report") or {})
         parent_name, _, leaf = path.rpartition(".")
@@ -210,6 +243,8 @@ def build_quantization_config(model) -> dict[str, Any]:
             spec["form"] = m.form
         if m.layout.to_dict() != layout:
             spec["layout"] = m.layout.to_dict()
+        if getattr(m, "quant", None) is not None:  # quantized storage: bits, group, method
+            spec["quant"] = dataclasses.asdict(m.quant)
         layers[name] = spec
     return {"quant_method": QUANT_METHOD, "form": form, "layout": layout, "moecore_version": __version__,
             "layers": layers}

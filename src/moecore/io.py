@@ -1,50 +1,23 @@
 """Saving compressed models (loadable with ``from_pretrained`` after ``import moecore``) and
 exporting dense ones (loadable by stock transformers).  Safetensors only, never pickle.
 
-Both writers are atomic: everything is written into a temporary folder beside ``out_dir``,
-which then replaces ``out_dir`` by renames; an existing ``out_dir`` is kept intact until the
-new one is complete.
+Both writers go through :func:`moecore.io_utils.atomic_output_dir`: everything is written
+into a temporary folder beside ``out_dir``, which then replaces ``out_dir`` atomically; an
+existing ``out_dir`` is kept intact until the new one is complete, and ``out_dir`` may never be,
+contain or lie inside the folder the model was loaded from (``model.name_or_path``).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from .errors import CheckpointError, UnsupportedModelError
-
-@contextlib.contextmanager
-def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh temporary folder; on success it replaces ``out_dir``."""
-    out = Path(out_dir).resolve()
-    if out.exists():
-        if not overwrite:
-            raise CheckpointError(f"output directory already exists: {out} (use overwrite=True / --overwrite)")
-        if not out.is_dir():
-            raise CheckpointError(f"output path exists and is not a directory: {out}")
-        if any(out.iterdir()) and not (out / "config.json").is_file():
-            raise CheckpointError(f"refusing to overwrite {out}: it is not empty and holds no model (no config.json)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "d")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+from .io_utils import atomic_output_dir, model_source
 
 
 def _compressed_modules(model) -> dict[str, torch.nn.Module]:
@@ -74,16 +47,15 @@ def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwr
         config: the CompressionConfig to record (default ``model.moecore_config``).
     Returns the output path.
     """
-    from .hf_integration import MoecoreQuantizationConfig, build_quantization_config
+    from .hf_integration import mark_compressed
     from .stats import STATS_FILENAME, statistics, write_statistics_yaml
 
     if not _compressed_modules(model):
         raise UnsupportedModelError("model has no moecore-compressed experts; run moecore.compress first")
-    qdict = build_quantization_config(model)
+    qdict = mark_compressed(model).to_dict()
     stats = statistics(model)
     cfg = config if config is not None else getattr(model, "moecore_config", None)
-    model.config.quantization_config = MoecoreQuantizationConfig.from_dict(qdict)
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs=[model_source(model)]) as tmp:
         # save_original_format=False: keys are the modules' own names, no conversion regexes
         model.save_pretrained(tmp, save_original_format=False, max_shard_size=max_shard_size)
         _check_saved_keys(tmp, model)
@@ -178,7 +150,7 @@ def export_dense(model, out_dir: str | os.PathLike, tokenizer=None, *, overwrite
     of the stored factors).  Atomic, safetensors only.  Returns the output path.
     """
     dense = dense_model(model)
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs=[model_source(model)]) as tmp:
         dense.save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         if "quantization_config" in cfg:
@@ -186,46 +158,3 @@ def export_dense(model, out_dir: str | os.PathLike, tokenizer=None, *, overwrite
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
-
-
-def check_safetensors(folder: str | os.PathLike) -> list[Path]:
-    """Open the header of every ``*.safetensors`` file in ``folder``; ``CheckpointError`` naming
-    the file if one is missing or corrupt (truncated, bad header)."""
-    from safetensors import SafetensorError, safe_open
-
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no safetensors weights in {folder}")
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                fh.keys()
-        except (SafetensorError, OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"corrupt safetensors file {f}: {first}") from exc
-    return files
-
-
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None, need_tokenizer: bool = False):
-    """``(model, tokenizer or None)`` from a model directory (compressed or not), with clear
-    ``CheckpointError``s for a missing directory, missing/corrupt weights or a bad config."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .modeling import check_model_dir
-
-    p = check_model_dir(path)
-    check_safetensors(p)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype if dtype is not None else "auto")
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"could not load model from {p}: {first}") from exc
-    model.eval()
-    tok = None
-    try:
-        tok = AutoTokenizer.from_pretrained(p)
-    except (OSError, ValueError, KeyError) as exc:
-        if need_tokenizer:
-            raise CheckpointError(f"no usable tokenizer in {p}: {exc}") from exc
-    return model, tok

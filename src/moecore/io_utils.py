@@ -1,9 +1,41 @@
-"""Small atomic-write helpers: write to a temporary file in the same folder, then rename."""
+"""Safe outputs, in ONE place: every moecore writer goes through these helpers.
+
+- :func:`check_output_path`: an output may never resolve to, contain, or lie inside an input
+  (symlinks and ``..`` resolved); ``overwrite`` never overrides this.
+- :func:`atomic_output_dir`: write into ``.OUT.tmp-<pid>-<rand>`` beside ``OUT``, then
+  :func:`publish_dir` swaps it in (``renameat2(RENAME_EXCHANGE)`` on Linux, else two renames).
+- :func:`recover_interrupted`: the next run restores ``OUT`` from a ``.OUT.old-*`` left by a
+  kill between the two renames, removes stale ``.OUT.tmp-*`` folders (skipping those whose
+  process is alive) and says so on stderr.  ``.OUT.partial`` (resumable work) is not touched.
+- a full disk (``ENOSPC`` / ``EFBIG`` / quota, also as a safetensors or tokenizers error)
+  becomes one :class:`~moecore.errors.CheckpointError` naming the output.
+Folders and files follow the umask (``mkdtemp`` / ``mkstemp`` would make them private).
+"""
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import os
+import re
+import secrets
+import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import CheckpointError
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "os error 28",
+                   "os error 27", "file write failed")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -15,8 +47,219 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the file ordinary permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; follow the umask like open() does
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ---------------------------------------------------------------------------- output vs input
+def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> Path:
+    """Return ``out`` resolved; ``CheckpointError`` if it resolves to, contains, or lies inside
+    any existing input path (files or folders; ``None`` entries and non-paths are skipped)."""
+    o = Path(out).expanduser().resolve()
+    for inp in inputs:
+        if inp is None or not str(inp):
+            continue
+        i = Path(inp).expanduser()
+        if not i.exists():
+            continue  # e.g. a hub model id: nothing on disk to protect
+        i = i.resolve()
+        if o == i:
+            raise CheckpointError(f"output {out} is the input {inp}; refusing to write over an input")
+        if o.is_relative_to(i):
+            raise CheckpointError(f"output {out} lies inside the input {inp}; refusing to write into an input")
+        if i.is_relative_to(o):
+            raise CheckpointError(f"output {out} contains the input {inp}; replacing it would destroy the input")
+    return o
+
+
+def model_source(model) -> str | None:
+    """The local folder a model was loaded from (``name_or_path``), if any."""
+    src = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(src) if src else None
+
+
+# ---------------------------------------------------------------------------- interrupted runs
+def _entry_re(out: Path) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _say(msg: str) -> None:
+    print(f"moecore: {msg}", file=sys.stderr, flush=True)
+
+
+def recover_interrupted(out: str | os.PathLike) -> list[str]:
+    """Repair what an interrupted write of ``out`` left beside it, and report it on stderr:
+    restore ``out`` from ``.OUT.old-*`` if ``out`` is missing (else delete the old copy),
+    and delete ``.OUT.tmp-*``.  Entries of a still-running process are skipped.  Returns the
+    messages printed."""
+    out = Path(out).expanduser().resolve()
+    parent, pat, msgs = out.parent, _entry_re(out), []
+    if not parent.is_dir():
+        return msgs
+    found = [(p, m) for p in parent.iterdir() if (m := pat.match(p.name)) and not _alive(int(m.group(2)))]
+    olds = sorted((p for p, m in found if m.group(1) == "old"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in olds:
+        src = p / "d" if (p / "d").exists() else p  # the fallback rename keeps the old folder at OLD/d
+        if not out.exists():
+            os.rename(src, out)
+            shutil.rmtree(p, ignore_errors=True)
+            msgs.append(f"restored {out} from {p.name}, left by an interrupted replace")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            msgs.append(f"removed {p.name}, the previous {out.name} left by an interrupted replace")
+    for p, m in found:
+        if m.group(1) == "tmp" and p.exists():
+            shutil.rmtree(p, ignore_errors=True)
+            msgs.append(f"removed {p.name}, an incomplete output left by an interrupted run (pid {m.group(2)})")
+    for msg in msgs:
+        _say(msg)
+    return msgs
+
+
+# ---------------------------------------------------------------------------- publish
+def new_tmp_dir(out: str | os.PathLike) -> Path:
+    """Create ``.OUT.tmp-<pid>-<rand>`` beside ``out`` (mode per umask) and return it."""
+    out = Path(out).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(tmp)  # 0o777 & ~umask
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file under ``folder`` and the folder itself (durable before a rename)."""
+    folder = Path(folder)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False if unavailable."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike, overwrite: bool) -> Path:
+    """Make the complete folder ``tmp`` appear as ``out`` (fsync'd first).  An existing ``out``
+    is replaced only with ``overwrite``: by one atomic exchange where the OS allows (a kill
+    leaves either the old or the new ``out``), else by two renames whose interruption
+    :func:`recover_interrupted` repairs.  Returns ``out``."""
+    tmp, out = Path(tmp), Path(out).expanduser().resolve()
+    fsync_tree(tmp)
+    if not out.exists():
+        os.rename(tmp, out)
+    elif not overwrite:
+        raise CheckpointError(f"output directory already exists: {out} (use overwrite=True / --overwrite)")
+    elif _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous out
+    else:
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(out.parent)
+    return out
+
+
+# ---------------------------------------------------------------------------- full disk
+def disk_full(exc: BaseException) -> bool:
+    """True if ``exc`` (an OSError, SafetensorError, tokenizers or torch error) means the disk
+    or file-size limit is full."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        return True
+    return any(t in str(exc) for t in _DISK_FULL_TEXT)
+
+
+@contextlib.contextmanager
+def converting_disk_full(out: str | os.PathLike) -> Iterator[None]:
+    """Turn a full-disk failure inside the block into one ``CheckpointError`` naming ``out``."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        if disk_full(exc):
+            raise CheckpointError(f"cannot write {out}: no space left on the device or file size limit "
+                                  f"reached ({type(exc).__name__}); nothing was replaced") from exc
+        raise
+
+
+def prepare_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
+                   overwrite: bool = False) -> Path:
+    """Checks every writing command runs before any heavy work: ``out`` is not an input (nor
+    inside / around one), interrupted earlier writes are repaired, and an existing ``out`` is
+    only replaced with ``overwrite`` and only if it holds a model.  Returns ``out`` resolved."""
+    o = check_output_path(out, inputs)
+    recover_interrupted(o)
+    if o.exists():
+        if not overwrite:
+            raise CheckpointError(f"output directory already exists: {out} (use overwrite=True / --overwrite)")
+        if not o.is_dir():
+            raise CheckpointError(f"output path exists and is not a directory: {out}")
+        if any(o.iterdir()) and not (o / "config.json").is_file():
+            raise CheckpointError(f"refusing to overwrite {out}: it is not empty and holds no model (no config.json)")
+    return o
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False,
+                      inputs: Iterable[str | os.PathLike | None] = ()) -> Iterator[Path]:
+    """Yield a fresh ``.OUT.tmp-*`` folder; when the block succeeds it becomes ``out``
+    (:func:`publish_dir`).  On any failure it is removed and ``out`` is left as it was."""
+    o = prepare_output(out, inputs, overwrite)
+    tmp = new_tmp_dir(o)
+    try:
+        with converting_disk_full(out):
+            yield tmp
+            publish_dir(tmp, o, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

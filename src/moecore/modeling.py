@@ -1,14 +1,35 @@
-"""Loading models and tokenizers from a directory, with clear errors for bad paths."""
+"""THE model and tokenizer loader of moecore (every command and library path uses it).
+
+:func:`load_model` validates the directory and every safetensors header first, loads with
+``output_loading_info=True`` and refuses, with one :class:`~moecore.errors.CheckpointError`
+naming the directory:
+- any tensor transformers reports missing (e.g. an MoE ``config.json`` next to dense weights:
+  transformers would randomly initialise the experts and only log a report);
+- stored moecore tensors the model did not take (a ``quantization_config`` that does not
+  list a layer whose compressed tensors are in the checkpoint), and shape mismatches;
+- a tokenizer that does not fit the model (:func:`load_tokenizer`).
+``trust_remote_code`` is never set: no code from a checkpoint runs.
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError
 
+# Parameter-name markers of moecore's stored tensors (docs/ARCHITECTURE.md).
+MOECORE_MARKERS = ("core_gate", "core_up", "core_down", "delta_a_", "delta_b_", "wrap_u_", "wrap_v_")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
-def check_model_dir(path: str | Path) -> Path:
+
+def _first_line(exc: BaseException) -> str:
+    s = str(exc).strip()
+    return s.splitlines()[0] if s else type(exc).__name__
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
     """Return ``path`` if it looks like a Hugging Face model directory, else raise CheckpointError."""
     p = Path(path)
     if not p.exists():
@@ -20,23 +41,96 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` plus the tokenizer, after validating the directory.
+def check_safetensors(folder: str | os.PathLike) -> list[Path]:
+    """Open every ``*.safetensors`` file in ``folder`` (header + size check); ``CheckpointError``
+    naming the file if one is missing, truncated or corrupt."""
+    from safetensors import SafetensorError, safe_open
 
-    Importing moecore first registers its quantization method, so compressed checkpoints
-    load the same way as plain ones.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no safetensors weights in {folder}")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"corrupt safetensors file {f}: {_first_line(exc)}") from exc
+    return files
 
-    p = check_model_dir(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"could not load model from {p}: {first}") from exc
+
+def load_tokenizer(path: str | os.PathLike, config=None):
+    """``AutoTokenizer`` of ``path``, checked against the model ``config``: it must exist, have
+    more than one token, an EOS token, and no more tokens than the model's vocabulary (nor
+    fewer than half of it).  ``CheckpointError`` naming the directory otherwise."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"no tokenizer in {p} (none of {', '.join(TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(p)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"no usable tokenizer in {p}: {exc}") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"no usable tokenizer in {p}: {_first_line(exc)}") from exc
+    n = len(tok)
+    if n <= 1:
+        raise CheckpointError(f"the tokenizer in {p} is empty ({n} token): its files are missing or broken")
+    if tok.eos_token_id is None:
+        raise CheckpointError(f"the tokenizer in {p} has no EOS token")
+    vocab = getattr(getattr(config, "get_text_config", lambda: config)(), "vocab_size", None) if config else None
+    if vocab:
+        if n > vocab:
+            raise CheckpointError(f"the tokenizer in {p} has {n} tokens but the model's vocabulary has {vocab}")
+        if n < vocab // 2:
+            raise CheckpointError(f"the tokenizer in {p} has {n} tokens, far fewer than the model's vocabulary "
+                                  f"of {vocab}: it is not this model's tokenizer")
+    return tok
+
+
+def _check_loading_info(p: Path, info: dict) -> None:
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise CheckpointError(f"{p} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]} "
+                              "(weights that don't match config.json?)")
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        k = mismatched[0]
+        raise CheckpointError(f"{p}: tensor {k[0]} has shape {tuple(k[1])}, the model expects {tuple(k[2])}")
+    stray = sorted(k for k in info.get("unexpected_keys") or () if any(m in k for m in MOECORE_MARKERS))
+    if stray:
+        raise CheckpointError(f"{p} stores compressed tensors that its quantization_config does not cover, "
+                              f"e.g. {stray[0]}")
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, *, need_tokenizer: bool = True,
+               **kwargs):
+    """``(model, tokenizer)`` from a model directory, compressed or not (``tokenizer`` is None
+    when ``need_tokenizer=False`` and the folder holds none).  The model is in eval mode.
+
+    Importing moecore registers its quantization method, so compressed checkpoints load the
+    same way as plain ones.  Raises ``CheckpointError`` for a missing directory, corrupt or
+    truncated safetensors, missing tensors, uncovered compressed tensors or a bad tokenizer.
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from . import hf_integration  # noqa: F401  (registers the quantizer)
+
+    p = check_model_dir(path)
+    check_safetensors(p)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' multi-line LOAD REPORT: we raise one line instead
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, output_loading_info=True, **kwargs)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise CheckpointError(f"could not load model from {p}: {_first_line(exc)}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    _check_loading_info(p, info)
     model.eval()
+    has_tok = any((p / f).is_file() for f in TOKENIZER_FILES)
+    tok = load_tokenizer(p, model.config) if (need_tokenizer or has_tok) else None
     return model, tok

@@ -1,5 +1,9 @@
 """The ``moecore`` command line. Each sub-command lives in its own module exposing
-``register(subparsers)``; this module only dispatches and turns errors into one line."""
+``register(subparsers)``; this module only dispatches and turns errors into one line.
+
+Only errors the user can cause or fix are caught (:class:`~moecore.errors.MoecoreError` and
+``OSError``, e.g. a missing file or a full disk): they print ``moecore CMD: error: ...`` and
+exit 2.  Any other exception is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``moecore`` console script; returns the exit status."""
+    from moecore.errors import MoecoreError
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
@@ -31,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moecore: interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+    except (MoecoreError, OSError) as exc:
         if os.environ.get("MOECORE_DEBUG"):
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -52,9 +52,9 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from moecore import CompressionConfig, compress, save_compressed, statistics
-    from moecore.data import read_text_file
-    from moecore.errors import CheckpointError
-    from moecore.io import load_pretrained
+    from moecore.data import TextFile
+    from moecore.io_utils import prepare_output
+    from moecore.modeling import load_model
     from moecore.stats import print_table
 
     kw = {"form": args.form, "rank": args.rank, "target_ratio": args.target_ratio, "core": args.core,
@@ -63,14 +63,13 @@ def run(args) -> int:
         kw["refine_steps"] = args.refine_steps
     cfg = CompressionConfig(**kw)  # validates rank / ratio before any heavy work
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise CheckpointError(f"output directory already exists: {out} (use --overwrite)")
-    texts = read_text_file(args.calib) if args.calib else None
+    calib = TextFile(args.calib) if args.calib else None  # streamed: only what calibration needs is read
+    prepare_output(out, [args.model, args.calib], args.overwrite)
     status(f"loading {args.model}")
-    model, tok = load_pretrained(args.model, dtype=torch_dtype(args.dtype), need_tokenizer=texts is not None)
+    model, tok = load_model(args.model, dtype=torch_dtype(args.dtype), need_tokenizer=calib is not None)
     status(f"compressing ({cfg.form}, " + (f"rank {cfg.rank}" if cfg.rank else f"target ratio {cfg.target_ratio}")
-           + (f", calibration {len(texts)} texts" if texts else "") + ")")
-    model = compress(model, cfg, calibration=texts, tokenizer=tok)
+           + (f", calibration from {args.calib}" if calib else "") + ")")
+    model = compress(model, cfg, calibration=calib, tokenizer=tok)
     status(f"saving to {out}")
     save_compressed(model, out, tokenizer=tok, overwrite=args.overwrite, config=cfg)
     if not args.quiet:

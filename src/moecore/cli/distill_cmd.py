@@ -69,12 +69,13 @@ def _recovered_student(args, compression):
     import copy
 
     from moecore.training import recover
-    from moecore.training.common import is_compressed_model, load_dir
+    from moecore.modeling import load_model
+    from moecore.training.common import is_compressed_model
 
     if args.student:
-        model = load_dir(args.student)[0]
+        model = load_model(args.student)[0]
     else:
-        model = copy.deepcopy(load_dir(args.teacher)[0])
+        model = copy.deepcopy(load_model(args.teacher)[0])
     if compression is not None and not is_compressed_model(model):
         from moecore import compress
         from moecore.data import load_split

@@ -23,17 +23,29 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _check_positive(args) -> None:
+    from moecore.errors import ConfigError
+
+    for name in ("seq_len", "stride", "max_tokens", "limit", "batch_size", "max_length"):
+        v = getattr(args, name, None)
+        if v is not None and v <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+
+
 def run(args) -> int:
-    from moecore.data import load_split, read_text_file
+    from moecore.data import TextFile, load_split
     from moecore.evaluation import PPL_PROTOCOL, perplexity
     from moecore.modeling import load_model
 
+    _check_positive(args)
     if args.tasks:
         return run_tasks(args)
+    texts = TextFile(args.text) if args.text else None
     model, tok = load_model(args.model_dir)
-    texts = read_text_file(args.text) if args.text else load_split(args.split)
-    res = perplexity(model, tok, texts, seq_len=args.seq_len or PPL_PROTOCOL["seq_len"],
-                     stride=args.stride or PPL_PROTOCOL["stride"], max_tokens=args.max_tokens)
+    texts = texts if texts is not None else load_split(args.split)
+    seq_len = args.seq_len if args.seq_len is not None else PPL_PROTOCOL["seq_len"]
+    stride = args.stride if args.stride is not None else min(PPL_PROTOCOL["stride"], seq_len)
+    res = perplexity(model, tok, texts, seq_len=seq_len, stride=stride, max_tokens=args.max_tokens)
     out = {"model": args.model_dir, "data": args.text or args.split, **res.as_dict()}
     if args.json:
         print(json.dumps(out))
@@ -47,10 +59,8 @@ def run_tasks(args) -> int:
     """``--tasks``: lm-eval's ``simple_evaluate`` on the loaded model (original, compressed or dense)."""
     from moecore.evaluation.lm_eval_tasks import format_table, parse_tasks, run_lm_eval, summarize
     from moecore.modeling import load_model
-    from moecore.training.common import register_moecore
 
     names = parse_tasks(args.tasks)
-    register_moecore()
     model, tok = load_model(args.model_dir)
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
     res = run_lm_eval(model, tok, names, limit=limit, batch_size=args.batch_size,

@@ -15,14 +15,14 @@ def run(args) -> int:
     from pathlib import Path
 
     from moecore.cli.compress_cmd import status, torch_dtype
-    from moecore.errors import CheckpointError
-    from moecore.io import export_dense, load_pretrained
+    from moecore.io import export_dense
+    from moecore.io_utils import prepare_output
+    from moecore.modeling import load_model
 
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise CheckpointError(f"output directory already exists: {out} (use --overwrite)")
+    prepare_output(out, [args.model_dir], args.overwrite)
     status(f"loading {args.model_dir}")
-    model, tok = load_pretrained(args.model_dir, dtype=torch_dtype(args.dtype))
+    model, tok = load_model(args.model_dir, dtype=torch_dtype(args.dtype), need_tokenizer=False)
     status(f"materializing dense experts into {out}")
     export_dense(model, out, tokenizer=tok, overwrite=args.overwrite)
     print(f"exported dense model to {out}")

@@ -22,19 +22,21 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from moecore.data import read_text_file
+    from moecore.data import TextFile
     from moecore.errors import ConfigError
+    from moecore.io import save_compressed
+    from moecore.io_utils import prepare_output
+    from moecore.modeling import load_model
     from moecore.training import recover
-    from moecore.training.common import is_compressed_model, load_dir
+    from moecore.training.common import is_compressed_model
 
-    model, tok = load_dir(args.student)
+    prepare_output(args.output, [args.teacher, args.student, args.calib], args.overwrite)
+    calib = TextFile(args.calib) if args.calib else None
+    model, tok = load_model(args.student)
     if not is_compressed_model(model):
         raise ConfigError(f"{args.student} is not a moecore-compressed model (run moecore compress first)")
-    texts = read_text_file(args.calib) if args.calib else None
-    rep = recover(args.teacher, model, texts, tok, steps=args.steps, lr=args.lr, batch_tokens=args.batch_tokens,
+    rep = recover(args.teacher, model, calib, tok, steps=args.steps, lr=args.lr, batch_tokens=args.batch_tokens,
                   max_tokens=args.max_tokens, seq_len=args.seq_len, train_core=args.train_core)
-    from moecore.io import save_compressed
-
     save_compressed(model, args.output, tokenizer=tok, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(rep.as_dict()))

@@ -26,9 +26,9 @@ def run(args) -> int:
     if f.is_file() and not args.recompute:
         stats = read_statistics_yaml(f)
     else:
-        from moecore.io import load_pretrained
+        from moecore.modeling import load_model
 
-        model, _ = load_pretrained(d)
+        model, _ = load_model(d, dtype="auto", need_tokenizer=False)
         stats = statistics(model)
     if args.json:
         print(json.dumps(stats, indent=2, default=str))

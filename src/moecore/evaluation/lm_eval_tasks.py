@@ -48,7 +48,9 @@ def parse_tasks(tasks: str | list[str]) -> list[str]:
     """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]``; raises ValueError when empty."""
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not names:
-        raise ValueError("no lm-eval task given")
+        from ..errors import ConfigError
+
+        raise ConfigError("no lm-eval task given")
     return names
 
 

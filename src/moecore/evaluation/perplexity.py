@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import token_stream  # noqa: F401  (re-exported as moecore.evaluation.token_stream)
+from ..data import check_token_stream, token_stream  # token_stream re-exported as moecore.evaluation.token_stream
+from ..errors import ConfigError, DataError
 
 # The protocol every recorded perplexity in this project uses.
 PPL_PROTOCOL = {"seq_len": 256, "stride": 128, "split": "heldout", "dtype": "float32"}
@@ -55,15 +56,22 @@ def perplexity(model, tokenizer, texts: list[str] | None = None, *, stream: torc
     """Perplexity of ``model`` on ``texts`` (or a pre-tokenized ``stream``).
 
     Computed in the model's dtype; log-softmax in float32. ``max_tokens`` truncates the
-    stream (for quick checks; recorded results use the whole held-out split).
+    stream (for quick checks; recorded results use the whole held-out split); ``None`` means
+    all, and ``0`` is an error, not "unset".  Texts (not a given ``stream``) are checked for a
+    degenerate token stream (:func:`moecore.data.check_token_stream`).
     """
     if stride <= 0 or seq_len <= 1 or stride > seq_len:
-        raise ValueError(f"need 0 < stride <= seq_len and seq_len > 1, got seq_len={seq_len}, stride={stride}")
-    ids = stream if stream is not None else token_stream(tokenizer, texts or [])
-    if max_tokens:
+        raise ConfigError(f"need 0 < stride <= seq_len and seq_len > 1, got seq_len={seq_len}, stride={stride}")
+    if max_tokens is not None and max_tokens <= 0:
+        raise ConfigError(f"max_tokens must be > 0 (or None for all), got {max_tokens}")
+    if stream is not None:
+        ids = stream
+    else:  # a broken tokenizer must not yield a perplexity of EOS / unknown tokens
+        ids = check_token_stream(token_stream(tokenizer, texts or []), tokenizer, "the evaluation text")
+    if max_tokens is not None:
         ids = ids[:max_tokens]
     if len(ids) < 2:
-        raise ValueError("need at least two tokens to compute perplexity")
+        raise DataError("need at least two tokens to compute perplexity")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

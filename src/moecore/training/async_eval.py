@@ -46,10 +46,10 @@ def evaluate_checkpoint(path: Path, *, max_tokens: int | None, tasks: list[str] 
                         limit: int | None = None, stream=None) -> dict:
     """One ``eval_results.jsonl`` row for a checkpoint directory."""
     from ..evaluation.perplexity import perplexity
-    from .common import load_dir
+    from ..modeling import load_model
 
     t0 = time.time()
-    model, tok = load_dir(path)
+    model, tok = load_model(path)
     if stream is None:
         stream = heldout_stream(tok, max_tokens)
     res = perplexity(model, tok, stream=stream, progress=False)

@@ -7,10 +7,11 @@ complete; a kill mid-save leaves only a ``.tmp-`` directory, which is ignored an
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
+
+from ..io_utils import publish_dir
 
 PREFIX = "checkpoint"
 TMP_PREFIX = ".tmp-checkpoint"
@@ -59,38 +60,11 @@ def clean_staging(output_dir: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def publish(tmp: str | Path, final: str | Path) -> Path:
-    """Atomically rename a fully written staging directory to its final name (fsync'd first).
-    An existing ``final`` (same step, from an earlier run) is moved aside and removed."""
-    tmp, final = Path(tmp), Path(final)
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    return final
+    """Make a fully written staging directory appear as ``final`` (fsync'd first); an existing
+    ``final`` (same step, from an earlier run) is swapped out atomically and removed
+    (:func:`moecore.io_utils.publish_dir`)."""
+    return publish_dir(tmp, final, overwrite=True)
 
 
 def rotate(output_dir: str | Path, keep: int | None) -> None:

@@ -1,5 +1,6 @@
-"""Helpers shared by distillation, recovery and async evaluation: model detection and
-loading, trainable-parameter selection, packed training blocks, atomic writes."""
+"""Helpers shared by distillation, recovery and async evaluation: model detection,
+trainable-parameter selection, packed training blocks, JSONL logs.  Models are loaded with
+:func:`moecore.modeling.load_model`, the package's one loader."""
 from __future__ import annotations
 
 import importlib
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DataError
 
 # Parameter-name markers of the compressed experts (docs/ARCHITECTURE.md).
 FACTOR_MARKERS = ("delta_a_", "delta_b_", "wrap_")
@@ -43,15 +44,6 @@ def is_compressed_dir(path: str | Path) -> bool:
 def is_compressed_model(model) -> bool:
     """True when the model holds moecore compressed experts (factor or core parameters)."""
     return any(any(m in n for m in FACTOR_MARKERS) or f".{CORE_MARKER}" in n for n, _ in model.named_parameters())
-
-
-def load_dir(path: str | Path, dtype=torch.float32):
-    """``(model, tokenizer)`` from a directory, compressed or not (moecore registered first)."""
-    from ..modeling import load_model
-
-    if is_compressed_dir(path):
-        register_moecore()
-    return load_model(path, dtype=dtype)
 
 
 def experts_paths(model) -> list[str]:
@@ -100,7 +92,7 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
     ids = token_stream(tokenizer, texts)
     n = len(ids) // block_size
     if n == 0:
-        raise ValueError(f"not enough text for one block of {block_size} tokens ({len(ids)} tokens)")
+        raise DataError(f"not enough text for one block of {block_size} tokens ({len(ids)} tokens)")
     return ids[: n * block_size].view(n, block_size)
 
 
@@ -118,12 +110,12 @@ class BlockDataset(torch.utils.data.Dataset):
         return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
 
 
-def training_texts(data: str | Path | None) -> list[str]:
-    """Texts of a user file (.txt / .jsonl via ``moecore.data.read_text_file``), or the bundled
+def training_texts(data: str | Path | None):
+    """Texts of a user file (streamed: a :class:`moecore.data.TextFile`), or the bundled
     ``train`` split. The held-out split is never read here."""
-    from ..data import load_split, read_text_file
+    from ..data import TextFile, load_split
 
-    return read_text_file(data) if data else load_split("train")
+    return TextFile(data) if data else load_split("train")
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:

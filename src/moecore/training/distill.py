@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from . import checkpoints as ckpt
-from ..io_utils import atomic_write_text
-from .common import BlockDataset, is_compressed_model, load_dir, select_trainable, training_texts
+from ..io_utils import atomic_write_text, check_output_path, converting_disk_full
+from ..modeling import load_model
+from .common import BlockDataset, is_compressed_model, select_trainable, training_texts
+from .guards import check_teacher
 from .kd import DistillTrainer, kd_loss
 
 SUMMARY = "distill_summary.json"
@@ -49,16 +51,16 @@ class DistillResult:
 def _load_teacher(teacher):
     if isinstance(teacher, torch.nn.Module):
         return teacher, None
-    return load_dir(teacher)
+    return load_model(teacher)
 
 
 def _resolve_student(student, teacher_model, tok, compression, resume_ckpt):
     if resume_ckpt is not None:
-        return load_dir(resume_ckpt)[0], f"resumed from {resume_ckpt}"
+        return load_model(resume_ckpt)[0], f"resumed from {resume_ckpt}"
     if isinstance(student, torch.nn.Module):
         model, how = student, "given module"
     elif student is not None:
-        model, how = load_dir(student)[0], f"loaded from {student}"
+        model, how = load_model(student)[0], f"loaded from {student}"
     elif compression is None:
         raise ConfigError("no student: pass a student directory or a CompressionConfig (--form/--rank/--target-ratio)")
     else:
@@ -82,7 +84,7 @@ def _blocks(tok, data, block_size: int, needed_tokens: int) -> torch.Tensor:
             break
     n = len(ids) // block_size
     if n == 0:
-        raise ValueError(f"not enough text for one block of {block_size} tokens ({len(ids)} tokens)")
+        raise DataError(f"not enough text for one block of {block_size} tokens ({len(ids)} tokens)")
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
@@ -143,9 +145,14 @@ def distill(teacher, student=None, output_dir: str | Path = "distilled", *, comp
     (from scratch, with a note, if there is none). ``eval_async`` starts the background
     evaluator (:mod:`moecore.training.async_eval`). Works under ``accelerate launch``.
     """
-    if max_steps <= 0 or save_steps <= 0 or batch_size <= 0 or lr <= 0:
-        raise ConfigError("max_steps, save_steps, batch_size and lr must be positive")
+    if min(max_steps, save_steps, batch_size, grad_accum, logging_steps) <= 0 or lr <= 0:
+        raise ConfigError("max_steps, save_steps, batch_size, grad_accum, logging_steps and lr must be positive")
+    if block_size < 2 or temperature <= 0 or alpha < 0 or warmup_steps < 0:
+        raise ConfigError(f"need block_size >= 2, temperature > 0, alpha >= 0, warmup_steps >= 0; got "
+                          f"{block_size}, {temperature}, {alpha}, {warmup_steps}")
     out = Path(output_dir)
+    # the run directory may never be, contain or lie inside an input (its checkpoints rotate)
+    check_output_path(out, [t for t in (teacher, student, data) if isinstance(t, (str, Path))])
     last = ckpt.last_checkpoint(out) if resume else None
     if not resume and ckpt.complete_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue, or choose another -o")
@@ -153,7 +160,7 @@ def distill(teacher, student=None, output_dir: str | Path = "distilled", *, comp
     if tok is None:
         if student is None or isinstance(student, torch.nn.Module):
             raise ConfigError("pass a teacher directory (for its tokenizer) when the teacher is a module")
-        tok = load_dir(student)[1]
+        tok = load_model(student)[1]
     student_model, how = _resolve_student(student, teacher_model, tok, compression, last)
     names = select_trainable(student_model, train_core=train_core, train_router=train_router)
     n_train = sum(p.numel() for p in student_model.parameters() if p.requires_grad)
@@ -168,6 +175,8 @@ def distill(teacher, student=None, output_dir: str | Path = "distilled", *, comp
     world = max(args.world_size, 1)
     needed = max_steps * batch_size * grad_accum * world * block_size
     blocks = _blocks(tok, data, block_size, needed)
+    check_teacher(teacher_model, student_model, blocks[:1],
+                  name=f"teacher {teacher}" if isinstance(teacher, (str, Path)) else "the teacher")
     if args.should_save:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_staging(out)
@@ -184,7 +193,13 @@ def distill(teacher, student=None, output_dir: str | Path = "distilled", *, comp
     trainer = DistillTrainer(model=student_model, args=args, train_dataset=BlockDataset(blocks),
                              processing_class=tok, teacher=teacher_model, temperature=temperature, alpha=alpha,
                              callbacks=[_Monitor(out, worker)])
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    try:
+        with converting_disk_full(out):
+            trainer.train(resume_from_checkpoint=str(last) if last else None)
+    except BaseException:
+        if worker is not None:
+            worker.finish(timeout=60)
+        raise
 
     final = out / "final"
     staging = out / ".tmp-final"

@@ -12,6 +12,7 @@ The optimizer, scheduler, RNG and trainer state use the Trainer's own files, so
 """
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from . import checkpoints as ckpt
+from ..errors import ConfigError, TrainingError
 from ..io_utils import atomic_write_text
 from .common import is_compressed_model
 
@@ -54,9 +56,9 @@ class DistillTrainer(Trainer):
 
     def __init__(self, *args, teacher=None, temperature: float = 1.0, alpha: float = 0.1, **kwargs):
         if teacher is None:
-            raise ValueError("DistillTrainer needs a teacher model")
+            raise ConfigError("DistillTrainer needs a teacher model")
         if temperature <= 0 or alpha < 0:
-            raise ValueError(f"need temperature > 0 and alpha >= 0, got {temperature}, {alpha}")
+            raise ConfigError(f"need temperature > 0 and alpha >= 0, got {temperature}, {alpha}")
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
@@ -73,6 +75,11 @@ class DistillTrainer(Trainer):
         with torch.no_grad():
             t_logits = self.teacher(**inputs).logits
         loss, parts = kd_loss(out.logits, t_logits, labels, self.temperature, self.alpha)
+        if not all(math.isfinite(v) for v in parts.values()):
+            last = ckpt.last_checkpoint(self.args.output_dir)
+            raise TrainingError(f"non-finite loss (KD {parts['kd']}, CE {parts['ce']}) at step "
+                                f"{self.state.global_step + 1}; stopping, nothing written as final"
+                                + (f" (last good checkpoint: {last})" if last else ""))
         if model.training:
             for k, v in parts.items():
                 self._parts[k].append(v)

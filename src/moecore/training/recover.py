@@ -12,6 +12,7 @@ Memory: the student plus ONE original experts layer, read from the teacher's saf
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError, DataError, TrainingError
 from .common import CORE_MARKER, FACTOR_MARKERS, experts_paths, is_compressed_model
+from .guards import check_finite, check_teacher
 
 
 class _Stop(Exception):
@@ -37,14 +40,14 @@ class RecoveryReport:
         return asdict(self)
 
 
-def _calibration_ids(tokenizer, texts: list[str], max_tokens: int, seq_len: int) -> torch.Tensor:
-    """``(N, seq_len)`` full sequences of the EOS-joined calibration stream, at most
-    ``max_tokens`` in all, spread evenly over the whole stream (:func:`moecore.data.spread_sequences`)."""
-    from ..data import spread_sequences, token_stream
+def _calibration_ids(tokenizer, texts, max_tokens: int, seq_len: int) -> torch.Tensor:
+    """``(N, seq_len)`` full calibration sequences, at most ``max_tokens`` in all, spread evenly
+    over the whole text (:func:`moecore.data.calibration_sequences`; a ``TextFile`` is streamed)."""
+    from ..data import calibration_sequences
 
-    seqs = [s for s in spread_sequences(token_stream(tokenizer, texts), max_tokens, seq_len) if s.numel() == seq_len]
+    seqs = [s for s in calibration_sequences(texts, tokenizer, max_tokens, seq_len) if s.numel() == seq_len]
     if not seqs:
-        raise ValueError(f"calibration text too short for one sequence of {seq_len} tokens")
+        raise DataError(f"calibration text too short for one sequence of {seq_len} tokens")
     return torch.stack(seqs)
 
 
@@ -106,24 +109,28 @@ def recover(teacher, student, calibration_texts: list[str] | None = None, tokeni
     from ..data import load_split
 
     if steps < 0 or lr <= 0 or batch_tokens <= 0:
-        raise ValueError("need steps >= 0, lr > 0, batch_tokens > 0")
+        raise ConfigError("need steps >= 0, lr > 0, batch_tokens > 0")
     loader = None
     if isinstance(teacher, (str, Path)):
         from .originals import OriginalExpertsLoader
 
         loader = OriginalExpertsLoader(teacher)
         if tokenizer is None:
-            from transformers import AutoTokenizer
+            from ..modeling import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(teacher)
+            tokenizer = load_tokenizer(teacher, loader.skeleton.config)
     if tokenizer is None:
-        raise ValueError("recover needs a tokenizer when the teacher is a module")
+        raise ConfigError("recover needs a tokenizer when the teacher is a module")
     texts = calibration_texts if calibration_texts is not None else load_split("calib")
     seqs = _calibration_ids(tokenizer, texts, max_tokens, seq_len)
     compressed = is_compressed_model(student)
     paths = experts_paths(student)
     if not paths:
-        raise ValueError("the student has no MoE experts modules")
+        raise ConfigError("the student has no MoE experts modules")
+    tname = f"teacher {teacher}" if loader is not None else "the teacher"
+    # same vocabulary and MoE shapes; a module teacher also gets a finite-logits probe (a directory
+    # teacher is never loaded whole: its experts are checked layer by layer below)
+    check_teacher(loader.skeleton if loader is not None else teacher, student, seqs[:1], name=tname)
     gen = torch.Generator().manual_seed(seed)
     was_training = student.training
     student.eval()
@@ -139,9 +146,13 @@ def recover(teacher, student, calibration_texts: list[str] | None = None, tokeni
             x, idx, w = _capture(student, module, seqs, forward_batch)
             orig = loader.experts(path) if loader is not None else teacher.get_submodule(path)
             orig = orig.to(device=dev, dtype=x.dtype)
+            for pname, p in orig.named_parameters():
+                check_finite(p.detach(), f"{tname}: weights {path}.{pname}")
             with torch.no_grad():
                 y = torch.cat([orig(x[i:i + 4096], idx[i:i + 4096], w[i:i + 4096]) for i in range(0, x.shape[0], 4096)])
             del orig
+            check_finite(x, f"the student's inputs to {path}")
+            check_finite(y, f"{tname}: outputs of {path}")
             # fit on 4 of every 5 calibration sequences, judge on the 5th (held back from the fit; the
             # sequences are spread over the whole calibration text, so both parts cover every source):
             # small calibration sets overfit, and a layer is only kept if it improved on tokens it never saw
@@ -153,6 +164,8 @@ def recover(teacher, student, calibration_texts: list[str] | None = None, tokeni
             x, idx, w, y = x[fit_rows], idx[fit_rows], w[fit_rows], y[fit_rows]
             n_fit = x.shape[0]
             before, val_before = _rel_mse(module, x, idx, w, y), _rel_mse(module, *val)
+            if not (math.isfinite(before) and math.isfinite(val_before)):
+                raise TrainingError(f"the student's {path} gives a non-finite output error ({before}); stopping")
             params = _trainable(module, train_core, compressed)
             after, val_after = before, val_before
             if steps and params:
@@ -164,6 +177,9 @@ def recover(teacher, student, calibration_texts: list[str] | None = None, tokeni
                 for _ in range(steps):
                     sel = torch.randint(0, n_fit, (min(batch_tokens, n_fit),), generator=gen).to(dev)
                     loss = (module(x[sel], idx[sel], w[sel]) - y[sel]).pow(2).mean() / scale
+                    if not bool(torch.isfinite(loss)):
+                        raise TrainingError(f"non-finite relative MSE ({float(loss)}) while fitting {path}; "
+                                            "stopping, nothing written")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

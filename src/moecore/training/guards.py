@@ -1,0 +1,65 @@
+"""Checks that stop recovery and distillation before they compute garbage.
+
+- :func:`check_teacher`: before any training, the teacher must have the student's vocabulary
+  and MoE shapes, and (when it is a real model) finite logits on a probe batch.
+- :func:`check_finite`: a non-finite tensor (teacher output, loss) stops the run with a
+  :class:`~moecore.errors.TrainingError`; nothing is written as final.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import TrainingError
+from .common import experts_paths
+
+
+def _vocab(model) -> int | None:
+    cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(cfg, "vocab_size", None)
+
+
+def experts_shape(path: str, module: torch.nn.Module) -> tuple[int, int, int]:
+    """``(num_experts, intermediate_size, hidden_size)`` of an experts module, compressed or
+    not (works on the meta device)."""
+    from ..compressed_experts import CompressedExperts
+    from ..families import layout_of
+
+    if isinstance(module, CompressedExperts):
+        return module.num_experts, module.intermediate_size, module.hidden_size
+    e, f, h = layout_of(path, module).split(module)["gate"].shape
+    return int(e), int(f), int(h)
+
+
+def check_teacher(teacher, student, probe: torch.Tensor | None = None, name: str = "the teacher") -> None:
+    """``TrainingError`` unless ``teacher`` (a model, possibly on the meta device) matches
+    ``student``: same vocabulary size, same experts paths with the same (E, F, H), and —
+    given a ``probe`` batch ``(B, L)`` of token ids and real weights — finite logits."""
+    tv, sv = _vocab(teacher), _vocab(student)
+    if tv != sv:
+        raise TrainingError(f"{name} has a vocabulary of {tv} tokens, the student {sv}: not the same model family")
+    tp, sp = experts_paths(teacher), experts_paths(student)
+    if tp != sp:
+        raise TrainingError(f"{name} has MoE layers {tp[:2]}..., the student {sp[:2]}...: not the same architecture")
+    for path in tp:
+        ts = experts_shape(path, teacher.get_submodule(path))
+        ss = experts_shape(path, student.get_submodule(path))
+        if ts != ss:
+            raise TrainingError(f"{name}'s {path} has (experts, intermediate, hidden) = {ts}, the student {ss}")
+    if probe is not None and next(teacher.parameters()).device.type != "meta":
+        dev = next(teacher.parameters()).device
+        was = teacher.training
+        teacher.eval()
+        with torch.no_grad():
+            logits = teacher(input_ids=probe.to(dev)).logits
+        teacher.train(was)
+        check_finite(logits, f"{name}'s logits on a probe batch (NaN/inf weights?)")
+
+
+def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    """Return ``t``; ``TrainingError`` naming ``what`` if any element is NaN or infinite."""
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise TrainingError(f"{what}: {bad} of {t.numel()} values are NaN or infinite; stopping, nothing written "
+                            "as final")
+    return t
