@@ -354,3 +354,35 @@ def test_programming_errors_keep_their_traceback(monkeypatch, w):
     monkeypatch.setattr(stats_cmd, "run", bug)
     with pytest.raises(TypeError, match="a bug"):
         main(["stats", str(w / "comp")])
+
+
+# ------------------------------------------------------------------ guarantees: determinism, no code on load
+def test_compression_is_byte_for_byte_deterministic(w, tmp_path):
+    outs = []
+    for i in range(2):
+        model, tok = load_model(w / "base")
+        model = moecore.compress(model, moecore.CompressionConfig(rank=2, refine_steps=2),
+                                 calibration=TextFile(w / "calib.txt"), tokenizer=tok)
+        outs.append(moecore.save_compressed(model, tmp_path / f"o{i}", tokenizer=tok))
+    a, b = (tree_hash(o) for o in outs)
+    assert [v for k, v in sorted(a.items())] == [v for k, v in sorted(b.items())]
+
+
+def test_no_code_from_a_checkpoint_runs_on_load(w, tmp_path, capsys):
+    evil = copy_dir(w / "comp", tmp_path / "evil")
+    marker = tmp_path / "ran"
+    (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+    cfg = json.loads((evil / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.Cfg", "AutoModelForCausalLM": "evil.Model"}
+    (evil / "config.json").write_text(json.dumps(cfg))
+
+    class Boom:  # a pickle that would run code if anything unpickled it
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    import pickle
+
+    (evil / "pytorch_model.bin").write_bytes(pickle.dumps(Boom()))
+    rc = main(["eval", str(evil), "--max-tokens", "64"])  # loads the built-in class from the safetensors
+    capsys.readouterr()
+    assert rc == 0 and not marker.exists()
