@@ -335,22 +335,3 @@ def test_gradients_match_a_dense_reference(family, form):
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-4, rtol=1e-4), n
     assert any(g.abs().max() > 1e-3 for g in grads[0].values())
-
-
-@pytest.mark.parametrize("tokens", [1, 3, 64])  # few experts hit (loop path) and most hit (bmm path)
-def test_routing_lowrank_paths_match_per_pair_maths(tokens):
-    from moecore.compressed_experts import _Routing
-
-    torch.manual_seed(0)
-    e, k, d_in, d_out, s = 16, 2, 12, 10, 3
-    idx = torch.stack([torch.randperm(e)[:k] for _ in range(tokens)])  # (T, k)
-    idx[0, -1] = e  # a sentinel "no expert" pair is dropped
-    w = torch.rand(tokens, k)
-    route = _Routing(idx, w, e, torch.float64)
-    assert (route.hit is not None) == (tokens < 8)
-    x = torch.randn(route.expert.numel(), d_in, dtype=torch.float64)  # (S, d_in), sorted pair order
-    left, right = torch.randn(e, d_out, s, dtype=torch.float64), torch.randn(e, d_in, s, dtype=torch.float64)
-    y = route.lowrank(x, left, right)
-    ref = torch.stack([left[i] @ (right[i].mT @ xi) for i, xi in zip(route.expert.tolist(), x)])
-    assert route.expert.numel() == tokens * k - 1
-    assert torch.allclose(y, ref, atol=1e-12)

@@ -5,6 +5,12 @@ Forward keeps the transformers 5.x experts signature
 Stored parameter names are chosen to be safe from transformers' checkpoint key rewriting
 (docs/ARCHITECTURE.md): ``core_{p}``, ``delta_a_{p}``/``delta_b_{p}`` or
 ``wrap_{u,v}_{in,out}_{p}``, ``bias_gate_up``/``bias_down``.
+
+The forward (maths in :mod:`moecore.grouped`) has no host synchronization: grouped GEMMs
+with offsets for the per-expert low-rank paths, gate and up in one grouped pass, the core
+once per token (delta) or once per pair (wrapper).  Its grouped-GEMM weights are built from
+the stored tensors and, when no gradient is needed, cached on the module (about one more
+copy of the factors; see :attr:`CompressedExperts.cache_operands`).
 """
 from __future__ import annotations
 
@@ -13,60 +19,12 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from . import grouped
 from .families import ExpertsLayout
 from .maths import budget
 from .maths.decompose import reconstruct_delta, reconstruct_wrapper
 
 PROJECTIONS = ("gate", "up", "down")
-
-
-class _Routing:
-    """Routed (token, expert) pairs, sorted by expert.  When at least half the experts are
-    hit, each low-rank path is one padded ``bmm`` over all experts (no per-token loop); when
-    fewer are hit (decode), a loop over the hit experts' contiguous row ranges reads only
-    their factors, with no copy.
-
-    ``S = T·k`` pairs; pairs with the sentinel index ``E`` (no expert) are dropped.  All
-    pair-level tensors (``expert``, ``token``, ``weight`` and every ``(S, d)`` activation)
-    are in this sorted order; results go back to tokens with ``index_add_`` on ``token``.
-    """
-
-    def __init__(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int, dtype: torch.dtype):
-        t, k = top_k_index.shape
-        idx = top_k_index.reshape(-1)  # (S,)
-        tok = torch.arange(t, device=idx.device).repeat_interleave(k)  # (S,)
-        w = top_k_weights.reshape(-1).to(dtype)  # (S,)
-        valid = (idx >= 0) & (idx < num_experts)
-        if not bool(valid.all()):
-            idx, tok, w = idx[valid], tok[valid], w[valid]
-        order = torch.argsort(idx, stable=True)  # (S,)
-        self.expert, self.token, self.weight = idx[order], tok[order], w[order]  # (S,) each, sorted by expert
-        counts = torch.bincount(self.expert, minlength=num_experts)  # (E,)
-        starts = torch.cumsum(counts, 0) - counts  # (E,)
-        hit = torch.nonzero(counts).squeeze(-1)  # (n_hit,)
-        self.hit = None if 2 * hit.numel() >= num_experts else hit  # few experts hit: loop over them
-        self.num_experts = num_experts
-        if self.hit is not None:  # contiguous row ranges [start, end) of the sorted pairs, one per hit expert
-            self.ranges = list(zip(hit.tolist(), starts[hit].tolist(), (starts + counts)[hit].tolist()))
-        else:  # padded layout for the bmm path: each pair's slot within its expert
-            self.slot = torch.arange(self.expert.numel(), device=idx.device) - starts[self.expert]  # (S,)
-            self.cap = int(counts.max()) if self.expert.numel() else 0
-
-    def lowrank(self, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """Per pair ``left_e (right_eᵀ x)``: ``x (S, d_in)``, ``right (E, d_in, s)``,
-        ``left (E, d_out, s)`` -> ``(S, d_out)``."""
-        if x.shape[0] == 0:
-            return x.new_zeros(0, left.shape[1])
-        if self.hit is not None:  # few experts hit (decode): read only their factors, in place, no copy
-            y = x.new_empty(x.shape[0], left.shape[1])  # (S, d_out)
-            for e, a, b in self.ranges:
-                y[a:b] = (x[a:b] @ right[e].to(x.dtype)) @ left[e].to(x.dtype).mT  # (n_e, s) -> (n_e, d_out)
-            return y
-        buf = x.new_zeros(self.num_experts, self.cap, x.shape[1])  # (E, cap, d_in)
-        buf[self.expert, self.slot] = x
-        z = torch.bmm(buf, right.to(x.dtype))  # (E, cap, s)
-        y = torch.bmm(z, left.to(x.dtype).mT)  # (E, cap, d_out)
-        return y[self.expert, self.slot]  # (S, d_out)
 
 
 class CompressedExperts(nn.Module):
@@ -180,41 +138,52 @@ class CompressedExperts(nn.Module):
         return out
 
     # ------------------------------------------------------------------ forward
-    def _lowrank(self, route: _Routing, x: torch.Tensor, p: str, side: str = "") -> torch.Tensor:
-        if self.form == "delta":
-            return route.lowrank(x, getattr(self, f"delta_a_{p}"), getattr(self, f"delta_b_{p}"))
-        return route.lowrank(x, getattr(self, f"wrap_u_{side}_{p}"), getattr(self, f"wrap_v_{side}_{p}"))
+    #: Cache the grouped-GEMM operands between inference calls (rebuilt when a stored tensor
+    #: changes: new storage or an in-place write, which bumps its version counter).  Costs
+    #: about one more copy of the factors in memory; set ``False`` to rebuild them per call.
+    #: Writes through ``.data`` bypass the version counter: call :meth:`clear_cache` after them.
+    cache_operands: bool = True
 
-    def _wrapped(self, route: _Routing, x: torch.Tensor, p: str) -> torch.Tensor:
-        """Wrapper form, per pair: ``x + U_in(V_inᵀx) -> C· -> h + U_out(V_outᵀh)``."""
-        xi = x + self._lowrank(route, x, p, "in")  # (S, d_in)
-        y = xi @ getattr(self, f"core_{p}").mT  # (S, d_out): the core runs once per pair
-        return y + self._lowrank(route, y, p, "out")
+    def _tensor(self, name: str) -> torch.Tensor:
+        """The stored core / factor / bias tensor ``name`` as the forward reads it (the one
+        place a storage subclass, e.g. quantized, converts it)."""
+        return getattr(self, name)
+
+    def clear_cache(self) -> None:
+        """Drop the cached grouped-GEMM operands (rebuilt on the next forward)."""
+        self.__dict__.pop("_operand_cache", None)
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the cache is stale
+        self.clear_cache()
+        return super()._apply(fn, recurse)
+
+    def _operands(self) -> dict[str, torch.Tensor]:
+        """The grouped-GEMM operands (:func:`moecore.grouped.fused_operands`): cached in
+        inference, built per call (differentiably) when a gradient is needed or under
+        ``torch.compile``."""
+        build = lambda: grouped.fused_operands(self._tensor, self.form, self.ranks)  # noqa: E731
+        if torch.compiler.is_compiling() or not self.cache_operands:
+            return build()
+        stored = [*self._parameters.values(), *self._buffers.values()]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in stored):
+            return build()
+        if any(t.is_inference() for t in stored):  # no version counter: can't tell if it changed
+            return build()
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in stored)
+        cached = self.__dict__.get("_operand_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self.__dict__["_operand_cache"] = (key, build())
+        return cached[1]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """``(T, H), (T, k), (T, k) -> (T, H)``; same contract as transformers' experts."""
+        """``(T, H), (T, k), (T, k) -> (T, H)``; same contract as transformers' experts.
+        Expert indices outside ``[0, E)`` (sentinels) contribute nothing."""
         x = hidden_states
-        route = _Routing(top_k_index, top_k_weights, self.num_experts, x.dtype)
-        xs = x[route.token]  # (S, H)
-        if self.form == "delta":
-            # core once per token, then per routed pair add A_i (B_iᵀ x)
-            gate = (x @ self.core_gate.mT)[route.token] + self._lowrank(route, xs, "gate")  # (S, F)
-            up = (x @ self.core_up.mT)[route.token] + self._lowrank(route, xs, "up")  # (S, F)
-        else:
-            gate, up = self._wrapped(route, xs, "gate"), self._wrapped(route, xs, "up")
+        route = grouped.Routing(top_k_index, top_k_weights, self.num_experts, x.dtype)
+        bias_gu = bias_down = None
         if self.layout.has_bias:
-            bg, bu = self.layout.split_bias(self.bias_gate_up)  # (E, F) each
-            gate, up = gate + bg[route.expert], up + bu[route.expert]
-        h = self._activation(gate, up)  # (S, F)
-        w = route.weight.unsqueeze(-1)  # (S, 1)
-        out = torch.zeros_like(x)  # (T, H)
-        if self.form == "delta":
-            # down: C (Σ_i w_i h_i) once per token + Σ_i w_i A_i (B_iᵀ h_i)
-            mixed = x.new_zeros(x.shape[0], h.shape[1]).index_add_(0, route.token, w * h)  # (T, F)
-            out.index_add_(0, route.token, w * self._lowrank(route, h, "down"))
-            out = out + mixed @ self.core_down.mT
-        else:
-            out.index_add_(0, route.token, w * self._wrapped(route, h, "down"))
-        if self.layout.has_bias:
-            out.index_add_(0, route.token, w * self.bias_down[route.expert])
-        return out
+            bias_gu = self.layout.split_bias(self._tensor("bias_gate_up"))  # (E, F) each
+            bias_down = self._tensor("bias_down")  # (E, H)
+        fwd = grouped.delta_forward if self.form == "delta" else grouped.wrapper_forward
+        return fwd(x, route, self._operands(), self._activation, bias_gu, bias_down)
