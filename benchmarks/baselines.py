@@ -15,7 +15,10 @@ that the real model code runs:
 - :func:`rtn_quantize`: round-to-nearest asymmetric group quantization (torchao's
   ``choose_qparams_affine`` / ``quantize_affine`` / ``dequantize_affine`` when torchao is
   installed, else the same maths written out here), weights replaced by their dequantized
-  values.
+  values;
+- :func:`hqq_quantize`: HQQ (half-quadratic optimized scale and zero point, the ``hqq``
+  library via :func:`moecore.quant.quantize`), bit-packed codes + float16 scale and zero per
+  group, weights replaced by their dequantized values.
 
 Every function returns the stored expert bytes it accounts for (see each docstring).
 """
@@ -242,3 +245,22 @@ def rtn_quantize(model, bits: int, group: int = 64) -> tuple[int, str]:
             view.copy_(deq.reshape(w.shape).to(view.dtype))
             total += rtn_bytes(w.numel(), bits, group)
     return total, backend
+
+
+@torch.no_grad()
+def hqq_quantize(model, bits: int, group: int = 64) -> tuple[int, str]:
+    """HQQ every expert projection (groups of ``group`` along d_in, row-major as
+    :func:`rtn_quantize`) through the ``hqq`` library; returns (stored bytes of the packed
+    codes + float16 scale + float16 zero point per group, i.e. what moecore stores, "hqq")."""
+    from moecore.quant import dequantize, quantize
+
+    total = 0
+    for _path, module, layout in experts_of(model):
+        for p, view in layout.split(module).items():
+            if p.startswith("bias"):
+                total += view.numel() * BF16_BYTES
+                continue
+            q = quantize(view.detach(), bits, group, "hqq", "core")
+            view.copy_(dequantize(q, tuple(view.shape), bits, "core", view.dtype))
+            total += sum(t.numel() * t.element_size() for t in q.values())
+    return total, "hqq"

@@ -9,10 +9,15 @@ stored dtype; evaluated in float32 under the pinned perplexity protocol):
 - ``delta-svd``: delta form, mean core, plain truncated SVD, no calibration (D²-MoE-like);
 - ``reap-prune``: REAP-like expert pruning to ``floor(budget·E)`` experts per layer;
 - ``hc-merge``: HC-SMoE-like frequency-weighted merging into ``floor(budget·E)`` clusters;
-- ``rtn-{4,3,2}bit``: round-to-nearest asymmetric group quantization (group 64).
+- ``rtn-{4,3,2}bit``: round-to-nearest asymmetric group quantization (group 64);
+- ``hqq-{4,3,2,1}bit``: HQQ through the ``hqq`` library (group 64, float16 scale and zero);
+- ``moecore-q``: moecore-delta with quantized storage (``CompressionConfig.quant``), level
+  ``"RATIO:CORE/FACTOR"`` (e.g. ``0.5:4/4``): parameter ratio, core bits, factor bits
+  (group 64, HQQ); the factors are refit after the core is quantized.
 
 Expert bytes count stored tensors at bf16 (2 bytes/param; moecore: ``statistics`` params of
-the real tensors); RTN: b-bit codes + a bf16 scale and a b-bit zero point per group.
+the real tensors); RTN: b-bit codes + a bf16 scale and a b-bit zero point per group; HQQ and
+moecore-q: the stored packed codes, scales and zero points (``moecore.statistics`` bytes).
 Calibration reads only the ``calib`` split, evaluation only ``heldout``.  Outputs (under
 ``--out``): ``quality_per_byte.{json,md,png}`` and ``quality_per_byte.rows.jsonl`` (one line
 per finished row, written as the run goes, so an interrupted run keeps what it measured).
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import sys
@@ -34,6 +40,7 @@ from pathlib import Path
 import torch
 
 import moecore
+from moecore.config import QuantConfig
 from moecore.data import load_split, repo_root, spread_sequences
 from moecore.errors import ConfigError
 from moecore.evaluation import PPL_PROTOCOL, perplexity, token_stream
@@ -42,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines as bl  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ["moecore-delta", "moecore-wrapper", "delta-svd", "reap-prune", "hc-merge", "rtn"]
+METHODS = ["moecore-delta", "moecore-wrapper", "delta-svd", "reap-prune", "hc-merge", "rtn", "hqq", "moecore-q"]
+QUANT_SETTINGS = ["0.5:8/8", "0.5:4/4", "0.5:4/3", "0.5:4/2", "0.25:8/8", "0.25:4/4", "0.25:4/3", "0.15:4/4"]
 STORED = torch.bfloat16
 
 
@@ -87,6 +95,18 @@ def apply(method: str, level: float, base, tok, calib_texts, stats, args) -> dic
     ``base``; returns ``{"model", "expert_bytes", ...extra}``."""
     model = copy.deepcopy(base)
     extra: dict = {}
+    if method == "moecore-q":
+        ratio, bits = str(level).split(":")
+        core_bits, factor_bits = (int(b) for b in bits.split("/"))
+        quant = QuantConfig(core_bits=core_bits, factor_bits=factor_bits, group_size=args.group, method="hqq")
+        cfg = moecore.CompressionConfig(target_ratio=float(ratio), calib_max_tokens=args.calib_tokens,
+                                        calib_seq_len=args.calib_seq_len, refine_steps=args.refine_steps, quant=quant)
+        moecore.compress(model, cfg, calibration=calib_texts, tokenizer=tok)
+        model.to(STORED)  # bytes as stored: codes and scales are integers, float leftovers bf16
+        st = moecore.statistics(model)["experts"]
+        model.to(torch.float32)
+        return {"model": model, "expert_bytes": st["bytes_compressed"], "params_ratio": st["compression_ratio"],
+                "expert_macs_ratio": st["macs_ratio"], "quant": dataclasses.asdict(quant)}
     if method.startswith("moecore") or method == "delta-svd":
         form = "wrapper" if method == "moecore-wrapper" else "delta"
         svd = method == "delta-svd"
@@ -107,6 +127,9 @@ def apply(method: str, level: float, base, tok, calib_texts, stats, args) -> dic
         extra = {"clusters_per_layer": {p: len(set(v)) for p, v in labels.items()}, "cluster_labels": labels}
     elif method == "rtn":
         nbytes, backend = bl.rtn_quantize(model, int(level), args.group)
+        extra = {"bits": int(level), "group": args.group, "backend": backend}
+    elif method == "hqq":
+        nbytes, backend = bl.hqq_quantize(model, int(level), args.group)
         extra = {"bits": int(level), "group": args.group, "backend": backend}
     else:
         raise ValueError(method)
@@ -133,10 +156,11 @@ def run_model(name: str, args, log: Path | None = None) -> list[dict]:
                                         mean_tokens=args.merge_tokens, seed=args.seed)
         print(f"{label}: expert statistics on calibration in {time.time() - t0:.1f} s", flush=True)
     for method in args.methods:
-        for level in (args.bits if method == "rtn" else args.budgets):
+        levels = {"rtn": args.bits, "hqq": args.hqq_bits, "moecore-q": args.quant_settings}.get(method, args.budgets)
+        for level in levels:
             t0 = time.time()
             torch.manual_seed(args.seed)
-            name_ = f"rtn-{int(level)}bit" if method == "rtn" else method
+            name_ = f"{method}-{int(level)}bit" if method in ("rtn", "hqq") else method
             try:
                 out = apply(method, level, base, tok, calib_texts, stats, args)
             except ConfigError as exc:  # e.g. a budget below the cores' own share: recorded, not fatal
@@ -177,24 +201,47 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def pareto(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats on both bytes and perplexity (one model), by bytes."""
+    pts = sorted((r for r in rows if r["method"] != "original"), key=lambda r: (r["expert_bytes"], r["ppl"]))
+    front, best = [], float("inf")
+    for r in pts:
+        if r["ppl"] < best:
+            front.append(r)
+            best = r["ppl"]
+    return front
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """PPL vs expert-byte share, one line per method, one panel per model (log y)."""
+    """PPL vs expert-byte share, one line per method, one panel per model (log y); the
+    Pareto front of all methods drawn through the non-dominated points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
+    fam = lambda r: r["method"].split("-")[0] if r["method"].startswith(("rtn-", "hqq-")) else r["method"]  # noqa: E731
     for ax, m in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == m]
-        fam = lambda r: "rtn" if r["method"].startswith("rtn") else r["method"]  # noqa: E731
         for meth in dict.fromkeys(fam(r) for r in mine if r["method"] != "original"):
             pts = sorted((r["expert_bytes_ratio"], r["ppl"]) for r in mine if fam(r) == meth)
-            ax.plot(*zip(*pts), marker="o", label=meth if meth != "rtn" else "rtn 4/3/2-bit g64")
+            label = {"rtn": "RTN 4/3/2-bit g64", "hqq": "HQQ 4/3/2/1-bit g64",
+                     "moecore-q": "moecore-delta + quantized core/factors"}.get(meth, meth)
+            style = {"ls": "none", "marker": "*", "ms": 9} if meth == "moecore-q" else {"marker": "o"}
+            ax.plot(*zip(*pts), label=label, **style)
+        for r in mine:
+            if r["method"] == "moecore-q":
+                ax.annotate(str(r["level"]), (r["expert_bytes_ratio"], r["ppl"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+        front = pareto(mine)
+        ax.plot([r["expert_bytes_ratio"] for r in front], [r["ppl"] for r in front], color="k", lw=2, alpha=0.3,
+                label="Pareto front (all methods)")
         ax.axhline(mine[0]["ppl"], color="k", ls="--", lw=1, label="original (bf16)")
-        ax.set(title=m, xlabel="expert bytes / bf16 expert bytes", ylabel="held-out perplexity", yscale="log")
-        ax.legend(fontsize=8)
+        ax.set(title=m, xlabel="expert bytes / bf16 expert bytes", ylabel="held-out perplexity", yscale="log",
+               xscale="log")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -206,7 +253,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="bundled model names, model directories, or 'tiny-random'")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.25, 0.15], help="fractions of bf16 expert bytes")
-    ap.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
+    ap.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2], help="RTN bit widths")
+    ap.add_argument("--hqq-bits", nargs="+", type=int, default=[4, 3, 2, 1])
+    ap.add_argument("--quant-settings", nargs="+", default=QUANT_SETTINGS,
+                    help="moecore-q levels RATIO:CORE_BITS/FACTOR_BITS")
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--doc-stride", type=int, default=6,
                     help="score every N-th held-out document (default 6, as `make demo`; 1 = the whole split)")
@@ -227,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "--models" not in (argv if argv is not None else sys.argv):
             args.models = ["tiny-random"]
         args.budgets, args.max_tokens = [0.5, 0.25], args.max_tokens or 1024
+        args.hqq_bits, args.quant_settings = [4, 2], ["0.5:4/4", "0.25:4/3"]
         args.calib_tokens, args.merge_tokens = min(args.calib_tokens, 1024), min(args.merge_tokens, 512)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,18 +295,20 @@ def main(argv: list[str] | None = None) -> dict:
         torchao_version = torchao.__version__
     except ImportError:
         torchao_version = None
+    from importlib.metadata import version
     meta = {
         "protocol": {**PPL_PROTOCOL, "seq_len": args.seq_len, "stride": args.stride, "max_tokens": args.max_tokens,
                      "heldout_documents": f"every {args.doc_stride}-th"},
         "calibration": {"split": "calib", "max_tokens": args.calib_tokens, "seq_len": args.calib_seq_len,
                         "merge_mean_tokens_per_layer": args.merge_tokens},
         "refine_steps": args.refine_steps, "budgets": args.budgets, "bits": args.bits, "group": args.group,
+        "hqq_bits": args.hqq_bits, "quant_settings": args.quant_settings,
         "seed": args.seed,
         "threads": torch.get_num_threads(), "quick": args.quick, "seconds_total": round(time.time() - t0, 1),
         "bytes": "experts only, stored tensors at bf16 (2 B/param); RTN: b-bit codes + bf16 scale + b-bit zero "
                  "per group; pruning/merging: kept experts/clusters (router and its cluster map not counted)",
         "versions": {"moecore": moecore.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "torchao": torchao_version,
+                     "transformers": transformers.__version__, "torchao": torchao_version, "hqq": version("hqq"),
                      "python": platform.python_version()},
         "argv": sys.argv if argv is None else argv,
     }

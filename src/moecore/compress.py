@@ -179,9 +179,10 @@ def compress_layer(
         calib = {k: v.to(ref.device) for k, v in calib.items()}
     gen = torch.Generator(device=ref.device).manual_seed(seed)
     cores, factors, report = {}, {}, {}
-    for p, w in _weights(module, layout).items():
+    originals, whitening = _weights(module, layout), {}
+    for p, w in originals.items():
         r, g = ranks[p], _grams(calib, p)
-        wg = g if whiten else None
+        wg = whitening[p] = g if whiten else None
         core = _core(w, cfg, calib, p)
         entry: dict[str, Any] = {"rank": r, "whitened": wg is not None}
         if cfg.form == "delta":
@@ -202,6 +203,10 @@ def compress_layer(
         dtype=ref.dtype, device=ref.device,
     )
     new.report = report
+    if cfg.quant is not None:  # quantized core, factors refit to the core's rounding error, then quantized
+        from .quant import quantize_layer
+
+        new = quantize_layer(new, originals, whitening, cfg.quant, cfg.whiten_damping)
     new.train(module.training)
     return new
 

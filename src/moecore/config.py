@@ -37,6 +37,54 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+QUANT_BITS = (2, 3, 4, 8)
+QUANT_METHODS = ("hqq", "rtn")
+
+
+@dataclass
+class QuantConfig:
+    """Weight format of the stored core and factors (delta form; :mod:`moecore.quant`).
+
+    Attributes:
+        core_bits: bits per core weight (2, 3, 4 or 8), or ``None`` to keep the core in float.
+        factor_bits: bits per factor weight (2, 3, 4 or 8), or ``None`` to keep the factors in
+            float (then ``moecore distill`` trains them against the frozen quantized core).
+        group_size: weights per (scale, zero point) group, along each matrix's input side for
+            the core and along each factor column.
+        method: ``"hqq"`` (half-quadratic optimized scale/zero, the HQQ library) or ``"rtn"``
+            (round-to-nearest min/max, same library and storage).
+    """
+
+    core_bits: int | None = 4
+    factor_bits: int | None = 8
+    group_size: int = 64
+    method: str = "hqq"
+
+    def __post_init__(self) -> None:
+        for name in ("core_bits", "factor_bits"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v not in QUANT_BITS):
+                raise ConfigError(f"quant.{name} must be one of {', '.join(map(str, QUANT_BITS))} or None, got {v!r}")
+        if self.core_bits is None and self.factor_bits is None:
+            raise ConfigError("quant needs core_bits or factor_bits (or use quant=None for float storage)")
+        if not _is_int(self.group_size) or not 8 <= self.group_size <= 4096:
+            raise ConfigError(f"quant.group_size must be an integer in [8, 4096], got {self.group_size!r}")
+        if self.method not in QUANT_METHODS:
+            raise ConfigError(f"quant.method must be one of {', '.join(map(repr, QUANT_METHODS))}, got {self.method!r}")
+
+    @classmethod
+    def coerce(cls, value: Any) -> "QuantConfig | None":
+        """``None``, a ``QuantConfig`` or its dict -> ``QuantConfig | None`` (ConfigError otherwise)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"quant must be a QuantConfig, a dict or None, got {type(value).__name__}")
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown quant key(s): {', '.join(unknown)}")
+        return cls(**value)
+
+
 @dataclass
 class CompressionConfig:
     """How to compress every MoE layer's experts.
@@ -74,6 +122,8 @@ class CompressionConfig:
         calib_weighting: ``"routing"`` (default): each calibration token's contribution to an
             expert's Gram is weighted by its squared routing weight, since the expert's output is
             scaled by that weight; ``"tokens"``: every routed token counts once.
+        quant: ``None`` (float storage) or a :class:`QuantConfig` (or its dict): quantized core
+            and/or factors, the factors refit after the core is quantized (delta form only).
     """
 
     form: str = "delta"
@@ -89,6 +139,7 @@ class CompressionConfig:
     seed: int = 0
     whiten_damping: float = 0.01
     calib_weighting: str = "routing"
+    quant: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
@@ -124,6 +175,9 @@ class CompressionConfig:
         if not _is_number(self.whiten_damping) or self.whiten_damping < 0:
             raise ConfigError(f"whiten_damping must be a number >= 0, got {self.whiten_damping!r}")
         self.whiten_damping = float(self.whiten_damping)
+        self.quant = QuantConfig.coerce(self.quant)
+        if self.quant is not None and self.form != "delta":
+            raise ConfigError("quant is supported for form='delta' only (the wrapper's factors multiply the core)")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

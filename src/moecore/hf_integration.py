@@ -14,6 +14,7 @@ ranks, and the stored tensors load into it as they are: no original weights are 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -170,7 +171,7 @@ def swap_in_compressed(model, qconfig: dict[str, Any], dtype: torch.dtype | None
     ``CheckpointError`` naming it.
     """
     from .families import ExpertsLayout, layout_of
-    from .compressed_experts import CompressedExperts
+    from .quant import build_experts
 
     default_layout = qconfig.get("layout") or {}
     out = {}
@@ -189,9 +190,10 @@ def swap_in_compressed(model, qconfig: dict[str, Any], dtype: torch.dtype | None
         views = found.split(old)
         e, f, h = views["gate"].shape
         ref = views["gate"]
-        new = CompressedExperts(
+        new = build_experts(  # CompressedExperts, or its quantized-storage subclass (moecore.quant)
             e, h, f, spec.get("form", qconfig.get("form", "delta")), {p: spec[p] for p in ("gate", "up", "down")},
-            layout, act_fn=getattr(old, "act_fn", None), dtype=dtype or ref.dtype, device=ref.device,
+            layout, quant=spec.get("quant", qconfig.get("quant")), act_fn=getattr(old, "act_fn", None),
+            dtype=dtype or ref.dtype, device=ref.device,
         )
         new.report = dict(spec.get("report") or {})
         parent_name, _, leaf = path.rpartition(".")
@@ -241,6 +243,8 @@ def build_quantization_config(model) -> dict[str, Any]:
             spec["form"] = m.form
         if m.layout.to_dict() != layout:
             spec["layout"] = m.layout.to_dict()
+        if getattr(m, "quant", None) is not None:  # quantized storage: bits, group, method
+            spec["quant"] = dataclasses.asdict(m.quant)
         layers[name] = spec
     return {"quant_method": QUANT_METHOD, "form": form, "layout": layout, "moecore_version": __version__,
             "layers": layers}

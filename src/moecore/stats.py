@@ -17,6 +17,8 @@ Conventions (also written into the statistics as ``notes``):
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from .errors import ConfigError, UnsupportedModelError
 
 PROJECTIONS = ("gate", "up", "down")
 STATS_FILENAME = "compression_statistics.yaml"
+_QSUFFIXES = ("_qcodes", "_qscale", "_qzero")  # moecore.quant's stored parts of one quantized tensor
 _GB = 1e9
 
 
@@ -99,28 +102,50 @@ def _proj_of(param_name: str) -> str | None:
     return None
 
 
+def _logical_numels(mod, stored: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Weights per logical tensor name: a quantized tensor (``{name}_qcodes/_qscale/_qzero``,
+    :mod:`moecore.quant`) counts the ``numel`` of the tensor it encodes, once."""
+    numels = {n: t.numel() for n, t in stored.items()}
+    for qname, (_bits, shape) in (getattr(mod, "quantized", None) or {}).items():
+        for suffix in _QSUFFIXES:
+            numels.pop(qname + suffix)
+        numels[qname] = math.prod(shape)
+    return numels
+
+
+def _base_name(stored_name: str) -> str:
+    for suffix in _QSUFFIXES:
+        if stored_name.endswith(suffix):
+            return stored_name[: -len(suffix)]
+    return stored_name
+
+
 def _compressed_layer(name: str, mod, k: int) -> dict[str, Any]:
-    """Counts for one ``CompressedExperts`` module, from its stored tensors."""
+    """Counts for one ``CompressedExperts`` module, from its stored tensors (quantized ones:
+    params = the weights they encode, bytes = codes + scales + zero points as stored)."""
     E, H, F = int(mod.num_experts), int(mod.hidden_size), int(mod.intermediate_size)
-    tensors = dict(mod.named_parameters())
-    elsize = next(iter(tensors.values())).element_size()
+    stored = _stored(mod)
+    tensors = _logical_numels(mod, stored)
+    fdtype = getattr(mod, "_float_dtype", None) or next(t.dtype for t in stored.values() if t.is_floating_point())
+    elsize = torch.empty(0, dtype=fdtype).element_size()
     dims = {"gate": F * H, "up": F * H, "down": H * F}
     report = getattr(mod, "report", None) or {}
     core = factors = bias = 0
     proj_rows = {}
     for p in PROJECTIONS:
-        c = sum(t.numel() for n, t in tensors.items() if n.startswith("core_") and _proj_of(n) == p)
-        f = sum(t.numel() for n, t in tensors.items()
-                if n.startswith(("delta_", "wrap_")) and _proj_of(n) == p)
+        c = sum(v for n, v in tensors.items() if n.startswith("core_") and _proj_of(n) == p)
+        f = sum(v for n, v in tensors.items() if n.startswith(("delta_", "wrap_")) and _proj_of(n) == p)
         row = {"rank": int(mod.ranks[p]), "params_original": E * dims[p], "params_compressed": c + f,
-               "core_params": c, "factor_params": f}
+               "core_params": c, "factor_params": f,
+               "bytes_compressed": _nbytes(t for n, t in stored.items()
+                                           if _proj_of(_base_name(n)) == p and not n.startswith("bias_"))}
         errs = report.get(p) if isinstance(report, dict) else None
         if isinstance(errs, dict):
             row.update({k2: _plain(v) for k2, v in errs.items() if k2 != "rank"})
         proj_rows[p] = row
         core, factors = core + c, factors + f
-    bias = sum(t.numel() for n, t in tensors.items() if n.startswith("bias_"))
-    other = sum(t.numel() for t in tensors.values()) - core - factors - bias
+    bias = sum(v for n, v in tensors.items() if n.startswith("bias_"))
+    other = sum(tensors.values()) - core - factors - bias
     if other:
         raise UnsupportedModelError(f"{name}: stored tensors outside the core/factor/bias naming contract")
     weights_orig = E * 3 * H * F
@@ -133,8 +158,9 @@ def _compressed_layer(name: str, mod, k: int) -> dict[str, Any]:
         "active_params_original": k * (3 * H * F) + k * bias // E,
         "active_params_compressed": core + k * per_expert_factors + k * bias // E,
         "macs_original": k * 3 * H * F, "macs_compressed": macs,
-        "bytes_original": (weights_orig + bias) * elsize, "bytes_compressed": _nbytes(tensors.values()),
+        "bytes_original": (weights_orig + bias) * elsize, "bytes_compressed": _nbytes(stored.values()),
         "projections": proj_rows,
+        **({"quant": dataclasses.asdict(mod.quant)} if getattr(mod, "quant", None) is not None else {}),
     }
 
 
@@ -295,12 +321,10 @@ def plan(hf_config, cfg, dtype: torch.dtype | str | None = None) -> dict[str, An
     ``hf_config`` is a ``PretrainedConfig``, a config dict, or a path to ``config.json`` (or its
     folder).  The model is built on the meta device (real tensor shapes, no memory), its
     experts are swapped for meta ``CompressedExperts`` with the ranks the budget solver
-    gives (the same :func:`moecore.compress.solve_ranks` that ``compress`` uses), and
+    gives (the same :func:`moecore.fitting.solve_ranks` that ``compress`` uses), and
     :func:`statistics` counts them.  ``allocation="greedy"`` needs weights, so plan uses
     uniform ranks for it and says so in ``notes``.  ``dtype`` defaults to the config's.
     """
-    import dataclasses
-
     from transformers import AutoModelForCausalLM
 
     from .compress import solve_ranks
@@ -324,7 +348,8 @@ def plan(hf_config, cfg, dtype: torch.dtype | str | None = None) -> dict[str, An
         note = "; greedy allocation needs weights: plan shows uniform ranks"
     ranks = solve_ranks(model, experts, cfg)
     layers = {path: {p: int(ranks[(path, p)]) for p in PROJECTIONS} for path, _ in experts}
-    swap_in_compressed(model, {"form": cfg.form, "layers": layers})
+    quant = dataclasses.asdict(cfg.quant) if cfg.quant is not None else None
+    swap_in_compressed(model, {"form": cfg.form, "layers": layers, "quant": quant})
     out = statistics(model)
     out["notes"] += "; planned from the config alone (meta device)" + note
     out["compression_config"] = cfg.to_dict()

@@ -37,7 +37,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from moecore.io_utils import check_output_path
     from moecore.training import distill
+
+    check_output_path(args.output, [args.teacher, args.student, args.data])  # before any heavy work
 
     compression = None
     if args.rank is not None or args.target_ratio is not None or args.student is None:

@@ -1,0 +1,157 @@
+"""Quantized storage of the compressed experts (``moecore.quant``, ``CompressionConfig.quant``):
+quantize/dequantize error bounds through the HQQ library, refit-after-quantization lowers the
+whitened error, save -> ``from_pretrained`` gives bit-identical logits, statistics bytes equal
+the bytes of the stored tensors, ``plan`` agrees, ``export_dense`` works, bad settings are
+clear errors."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import moecore
+from moecore.compressed_experts import CompressedExperts
+from moecore.config import QuantConfig
+from moecore.errors import ConfigError
+from moecore.families import find_experts
+from moecore.maths import decompose as dm
+from moecore.quant import QuantizedCompressedExperts, dequantize, packed_layout, quantize, quantize_layer
+from tests._tiny_models import tiny_mixtral
+
+# measured on Gaussian weights, group 64: about 0.005 / 0.087 / 0.18 / 0.43-0.46 (8/4/3/2 bits)
+REL_BOUND = {8: 0.01, 4: 0.10, 3: 0.20, 2: 0.48}
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("shape,kind", [((96, 256), "core"), ((4, 96, 13), "factor")])
+def test_quantize_dequantize_error_bounds(bits, shape, kind):
+    t = torch.randn(shape)
+    for method in ("rtn", "hqq"):
+        q = quantize(t, bits, 64, method, kind)
+        codes_shape, codes_dtype, groups = packed_layout(t.numel(), bits, 64)
+        assert q["qcodes"].shape == codes_shape and q["qcodes"].dtype == codes_dtype
+        assert q["qscale"].shape == q["qzero"].shape == (groups, 1) and q["qscale"].dtype == torch.int16
+        d = dequantize(q, shape, bits, kind)
+        assert d.shape == t.shape
+        assert float((d - t).norm() / t.norm()) < REL_BOUND[bits]
+        if method == "rtn":  # round-to-nearest: every weight within half a step (+ float16 scale/zero rounding)
+            view = t.mT if kind == "factor" else t
+            flat = torch.nn.functional.pad(view.contiguous().reshape(-1), (0, groups * 64 - t.numel()))
+            err = ((d.mT if kind == "factor" else d).contiguous().reshape(-1) - flat[: t.numel()]).abs()
+            step = q["qscale"].view(torch.float16).float().expand(groups, 64).reshape(-1)[: t.numel()]
+            assert bool((err <= 0.5 * step * 1.01 + 2e-3 * step * 2 ** bits).all())
+
+
+def _fitted_layer(seed: int = 0):
+    """A float delta-form layer of a tiny Mixtral fitted with whitening, its originals and Grams."""
+    model, _ = tiny_mixtral(seed, hidden=128, layers=1, experts=4)
+    path, module, layout = find_experts(model)[0]
+    views = layout.split(module)
+    weights = {p: views[p].detach().double() for p in ("gate", "up", "down")}
+    torch.manual_seed(seed)
+    x = torch.randn(4, 512, 128, dtype=torch.float64) * torch.linspace(0.2, 3, 128, dtype=torch.float64)  # (E, n, H)
+    mid = torch.randn(4, 512, 256, dtype=torch.float64) * torch.linspace(0.2, 3, 256, dtype=torch.float64)
+    grams = {"gate": x.mT @ x, "up": x.mT @ x, "down": mid.mT @ mid}
+    cores, factors = {}, {}
+    for p, w in weights.items():
+        cores[p] = w.mean(0)
+        factors[p] = dm.whitened_delta_factors(w, cores[p], 24, grams[p])
+    fitted = CompressedExperts.from_factors(layout, "delta", cores, factors, dtype=torch.float32)
+    return fitted, weights, grams
+
+
+def _whitened_error(module, weights, grams) -> float:
+    total = 0.0
+    for p, w in weights.items():
+        d = w - module.expert_weights(p).detach().double()  # (E, d_out, d_in)
+        total += float(((d @ grams[p]) * d).sum())
+    return total
+
+
+@pytest.mark.parametrize("core_bits,factor_bits", [(4, None), (3, 8), (4, 4)])
+def test_refit_after_quantization_lowers_the_whitened_error(core_bits, factor_bits):
+    fitted, weights, grams = _fitted_layer()
+    quant = QuantConfig(core_bits=core_bits, factor_bits=factor_bits, group_size=64)
+    refit = quantize_layer(fitted, weights, grams, quant, refit=True)
+    plain = quantize_layer(fitted, weights, grams, quant, refit=False)
+    e_float, e_refit, e_plain = (_whitened_error(m, weights, grams) for m in (fitted, refit, plain))
+    assert isinstance(refit, QuantizedCompressedExperts) and sorted(refit.quantized)[0].startswith("core_")
+    assert e_refit < e_plain  # the factors absorb part of the rounding error
+    assert e_float < e_refit  # quantization costs something
+    for p in weights:
+        assert refit.report[p]["quant_refit"] and refit.report[p]["output_rel_error"] > 0
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model, tok = tiny_mixtral(1, hidden=64, layers=2, experts=4)
+    cfg = moecore.CompressionConfig(rank=16, quant={"core_bits": 4, "factor_bits": 3, "group_size": 32})
+    moecore.compress(model, cfg)
+    d = moecore.save_compressed(model, tmp_path_factory.mktemp("q") / "mix-q", tokenizer=tok)
+    return model, d
+
+
+def test_save_load_is_bit_identical(saved):
+    from transformers import AutoModelForCausalLM
+
+    model, d = saved
+    ids = torch.arange(1, 33)[None]
+    loaded = AutoModelForCausalLM.from_pretrained(d).eval()
+    experts = [m for m in loaded.modules() if isinstance(m, QuantizedCompressedExperts)]
+    assert len(experts) == 2 and experts[0].quant == QuantConfig(4, 3, 32, "hqq")
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, loaded(ids).logits)
+    qc = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert all(spec["quant"] == {"core_bits": 4, "factor_bits": 3, "group_size": 32, "method": "hqq"}
+               for spec in qc["layers"].values())
+
+
+def test_statistics_bytes_are_the_stored_tensor_bytes(saved):
+    model, d = saved
+    stats = moecore.statistics(model)
+    stored = 0
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if ".experts." in key:
+                t = f.get_tensor(key)
+                stored += t.numel() * t.element_size()
+    assert stats["experts"]["bytes_compressed"] == stored
+    layer = stats["layers"][0]
+    assert layer["quant"]["factor_bits"] == 3
+    assert sum(r["bytes_compressed"] for r in layer["projections"].values()) == layer["bytes_compressed"]
+    # parameters count the weights the codes encode: E·s·(d_out + d_in) + d_out·d_in per projection
+    assert layer["projections"]["gate"]["params_compressed"] == 4 * 16 * (128 + 64) + 128 * 64
+    # plan from the config alone counts the same bytes
+    planned = moecore.plan(model.config.to_dict(), moecore.CompressionConfig(
+        rank=16, quant={"core_bits": 4, "factor_bits": 3, "group_size": 32}), dtype=torch.float32)
+    assert planned["experts"]["bytes_compressed"] == stored
+
+
+def test_export_dense_matches_the_dequantized_model(saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = saved
+    out = moecore.export_dense(model, tmp_path / "dense")
+    dense = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.arange(1, 33)[None]
+    with torch.no_grad():
+        assert float((dense(ids).logits - model(ids).logits).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"core_bits": 5}, "core_bits"), ({"factor_bits": 1}, "factor_bits"), ({"core_bits": None, "factor_bits": None}, "needs"),
+    ({"group_size": 0}, "group_size"), ({"method": "gptq"}, "method"), ({"bits": 4}, "unknown"), (4, "QuantConfig"),
+])
+def test_bad_quant_setting_is_a_clear_error(bad, msg):
+    with pytest.raises(ConfigError, match=msg):
+        moecore.CompressionConfig(quant=bad)
+
+
+def test_quant_needs_the_delta_form():
+    with pytest.raises(ConfigError, match="delta"):
+        moecore.CompressionConfig(form="wrapper", quant={"core_bits": 4})
+    assert math.isclose(moecore.CompressionConfig.from_dict(
+        moecore.CompressionConfig(quant={"core_bits": 8}).to_dict()).quant.core_bits, 8)
