@@ -5,6 +5,7 @@ the bytes of the stored tensors, ``plan`` agrees, ``export_dense`` works, bad se
 clear errors."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -155,3 +156,29 @@ def test_quant_needs_the_delta_form():
         moecore.CompressionConfig(form="wrapper", quant={"core_bits": 4})
     assert math.isclose(moecore.CompressionConfig.from_dict(
         moecore.CompressionConfig(quant={"core_bits": 8}).to_dict()).quant.core_bits, 8)
+
+
+def test_kd_trains_float_factors_against_the_quantized_core(saved):
+    from moecore.quant import float_factors, quantize_factors
+    from moecore.training.common import select_trainable
+
+    model, _ = saved
+    model = copy.deepcopy(model).eval()
+    ids = torch.arange(1, 33)[None]
+    with torch.no_grad():
+        before = model(ids).logits
+    assert float_factors(model) == 2
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)  # the float factors hold the dequantized values
+    trainable = set(select_trainable(model))  # what `moecore distill` does: factors trainable, the rest frozen
+    assert trainable and all(".delta_" in n for n in trainable)
+    assert all(m.quant.factor_bits is None and m.quantized and all(k.startswith("core_") for k in m.quantized)
+               for m in model.modules() if isinstance(m, QuantizedCompressedExperts))
+    loss = model(ids, labels=ids).loss
+    loss.backward()  # gradients reach the factors through the dequantized (frozen) core
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in trainable)
+    model.zero_grad(set_to_none=True)
+    assert quantize_factors(model, 3) == 2
+    with torch.no_grad():
+        again = model(ids).logits
+    assert float((again - before).abs().max()) < 0.05 * float(before.abs().max())

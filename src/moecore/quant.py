@@ -26,10 +26,13 @@ core/factor through attribute access, which this subclass routes to :meth:`dequa
 
 Training: quantized tensors are buffers, so ``moecore distill`` trains only float
 parameters.  With ``factor_bits=None`` the factors stay float parameters and train against
-the frozen quantized core.
+the frozen quantized core.  With quantized factors, :func:`float_factors` turns them back into
+float parameters (their dequantized values, so the logits do not change) for KD against the
+still-quantized core, and :func:`quantize_factors` quantizes the trained factors again.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Mapping
 
@@ -226,3 +229,59 @@ def quantize_layer(module: CompressedExperts, weights: Mapping[str, torch.Tensor
     out.report = report
     out.train(module.training)
     return out
+
+
+def _quantized_modules(model: nn.Module) -> list[QuantizedCompressedExperts]:
+    return [m for m in model.modules() if isinstance(m, QuantizedCompressedExperts)]
+
+
+@torch.no_grad()
+def float_factors(model: nn.Module) -> int:
+    """Make every quantized factor a float ``nn.Parameter`` holding its dequantized value (the
+    core stays quantized, i.e. frozen), e.g. before ``moecore distill``; ``quant.factor_bits``
+    becomes ``None`` so a save records float factors.  Returns the number of modules changed."""
+    changed = 0
+    for m in _quantized_modules(model):
+        names = [n for n in m.quantized if not n.startswith("core_")]
+        if not names:
+            continue
+        if m.quant.core_bits is None:
+            raise ConfigError("float_factors would leave nothing quantized (core_bits is None)")
+        for name in names:
+            value = m.dequantized(name)
+            for s in SUFFIXES:
+                del m._buffers[name + s]
+            del m.quantized[name]
+            m.register_parameter(name, nn.Parameter(value))
+        m.quant = dataclasses.replace(m.quant, factor_bits=None)
+        m.clear_cache()  # the forward's cached operands were built from the old storage
+        changed += 1
+    return changed
+
+
+@torch.no_grad()
+def quantize_factors(model: nn.Module, factor_bits: int) -> int:
+    """Quantize the float factors of every :class:`QuantizedCompressedExperts` (e.g. after KD):
+    ``Q(A)``; ``B`` re-solved so that ``Q(A) Bᵀ`` is the least-squares fit of the trained
+    ``A Bᵀ``; ``Q(B)``.  Returns the number of modules changed."""
+    changed = 0
+    for m in _quantized_modules(model):
+        if m.quant.factor_bits is not None:
+            continue
+        quant = dataclasses.replace(m.quant, factor_bits=factor_bits)
+        g, method = quant.group_size, quant.method
+        for p in PROJECTIONS:
+            a, b = (getattr(m, f"delta_{s}_{p}").detach().to(torch.float64) for s in ("a", "b"))
+            qa = quantize(a, factor_bits, g, method, "factor")
+            a_hat = dequantize(qa, tuple(a.shape), factor_bits, "factor", torch.float64)  # (E, d_out, s)
+            b = (torch.linalg.pinv(a_hat) @ a @ b.mT).mT  # (E, d_in, s)
+            qb = quantize(b, factor_bits, g, method, "factor")
+            for name, q, shape in ((f"delta_a_{p}", qa, a.shape), (f"delta_b_{p}", qb, b.shape)):
+                del m._parameters[name]
+                for s in SUFFIXES:
+                    m.register_buffer(name + s, q[s[1:]])
+                m.quantized[name] = (factor_bits, tuple(shape))
+        m.quant = quant
+        m.clear_cache()  # the forward's cached operands were built from the old storage
+        changed += 1
+    return changed
