@@ -168,26 +168,34 @@ def test_whitened_beats_plain_on_calibration_output_error(tok, form):
 @pytest.mark.parametrize("weighting", ["tokens", "routing"])
 def test_calibration_grams_match_the_routed_inputs(tok, weighting):
     """The Gram of expert e is Σ_t c_t x_t x_tᵀ over the tokens routed to e, with c_t = 1
-    ("tokens") or the squared routing weight ("routing"); counts are routed tokens."""
-    from moecore.compress import collect_calibration
+    ("tokens") or the squared routing weight ("routing"); counts are routed tokens; the
+    shrinkage adds κ·Ḡ (Ḡ = Σ_e G_e / Σ_e n_e) to every expert."""
+    from moecore.calibration import ExpertsInputHook
 
     model = build("qwen3_moe")
-    experts = [(p, layout) for p, _, layout in find_experts(model)]
-    path = experts[0][0]
-    seen = []
-    h = model.get_submodule(path).register_forward_pre_hook(
+    path, module, layout = find_experts(model)[0]
+    seen, hook = [], ExpertsInputHook()
+    h1 = module.register_forward_pre_hook(
         lambda m, a: seen.append((a[0].detach().reshape(-1, H).double(), a[1], a[2].detach().double())))
-    cfg = CompressionConfig(rank=4, calib_weighting=weighting, calib_seq_len=16)
-    calib = collect_calibration(model, experts, [TEXT] * 2, tok, cfg)[path]
-    h.remove()
+    h2 = module.register_forward_pre_hook(hook, with_kwargs=True)
+    model(input_ids=ids(3, 16))
+    h1.remove(), h2.remove()
+    inputs = hook.inputs(module.num_experts, weighting)
     x, idx, w = (torch.cat(t) for t in zip(*seen))
-    assert int(calib["counts"].sum()) == idx.numel()
-    for e in range(calib["counts"].numel()):
+    e_n = module.num_experts
+    grams = inputs.grams("in", torch.empty(e_n, H, H, dtype=torch.float64), "cpu")
+    assert int(inputs.counts.sum()) == idx.numel()
+    expected = []
+    for e in range(e_n):
         hit = idx == e
         c = (w * hit).sum(-1) ** 2 if weighting == "routing" else hit.any(-1).double()  # (T,)
-        expected = (x * c[:, None]).mT @ x
-        assert torch.allclose(calib["gram_in"][e], expected, atol=1e-9, rtol=1e-9)
-        assert int(calib["counts"][e]) == int(hit.any(-1).sum())
+        expected.append((x * c[:, None]).mT @ x)
+        assert torch.allclose(grams[e], expected[e], atol=1e-9, rtol=1e-9)
+        assert int(inputs.counts[e]) == int(hit.any(-1).sum())
+    shrunk = inputs.grams("in", torch.empty(e_n, H, H, dtype=torch.float32), "cpu", prior_tokens=5.0)
+    prior = 5.0 * sum(expected) / idx.numel()
+    for e in range(e_n):
+        assert torch.allclose(shrunk[e].double(), expected[e] + prior, rtol=1e-5, atol=1e-5)
 
 
 def test_calibration_frequency_core_and_greedy_allocation(tok):
@@ -200,8 +208,8 @@ def test_calibration_frequency_core_and_greedy_allocation(tok):
     assert model.moecore_config is cfg
     assert expert_params(model) <= 0.5 * orig
     ranks = [r for _, m in compressed_modules(model) for r in m.ranks.values()]
-    assert min(ranks) >= 1 and all(e["output_rel_error"] is not None for _, m in compressed_modules(model)
-                                   for e in m.report.values())
+    assert min(ranks) >= 1 and all(m.report[p]["output_rel_error"] is not None for _, m in compressed_modules(model)
+                                   for p in ("gate", "up", "down"))
     assert torch.isfinite(model(ids()).logits).all()
 
 

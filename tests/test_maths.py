@@ -11,6 +11,7 @@ from moecore.config import CONFIG_FILENAME, CompressionConfig
 from moecore.errors import ConfigError
 from moecore.maths import budget
 from moecore.maths import decompose as dm
+from moecore.maths import fit
 
 F64 = torch.float64
 SHAPES = [(24, 16), (16, 24)]  # d_out > d_in and d_in > d_out
@@ -61,14 +62,14 @@ def test_delta_refinement_descends_and_is_exact_at_full_rank(grams):
     g = _grams(4, 16)[1] if grams else None
     lw = dm.whitening_factor(g) if grams else torch.eye(16, dtype=F64)
     start = dm.expert_core(w)
-    core, (a, b), hist = dm.refine_delta(w, start, 3, g, steps=25, tol=0.0)
+    core, (a, b), hist = fit.refine_delta(w, start, 3, g, steps=25, tol=0.0)
     assert len(hist) == 26 and all(h2 <= h1 * (1 + 1e-12) for h1, h2 in zip(hist, hist[1:]))  # monotone
     assert hist[-1] < 0.97 * hist[0]  # the core moved usefully
     final = float(((w - dm.reconstruct_delta(core, a, b)) @ lw).pow(2).sum())
     assert abs(final - min(hist)) < 1e-9 * min(hist)  # best iterate returned
     fac0 = dm.whitened_delta_factors(w, start, 3, g) if grams else dm.delta_factors(w, start, 3)
     assert abs(hist[0] - float(((w - dm.reconstruct_delta(start, *fac0)) @ lw).pow(2).sum())) < 1e-9 * hist[0]
-    core, fac, _ = dm.refine_delta(w, start, 16, g, steps=3)
+    core, fac, _ = fit.refine_delta(w, start, 16, g, steps=3)
     assert dm.relative_weight_error(w, dm.reconstruct_delta(core, *fac)) < 1e-12
 
 

@@ -25,7 +25,9 @@ _CHOICES = {
     "calib_weighting": ("tokens", "routing"),
     "init": ("auto", "svd", "whitened"),
     "allocation": ("uniform", "greedy"),
-    "svd": ("exact", "randomized"),
+    "svd": ("auto", "exact", "randomized"),
+    "gram_dtype": ("auto", "float64", "float32"),
+    "propagate": ("compressed", "original"),
 }
 
 
@@ -107,8 +109,10 @@ class CompressionConfig:
         allocation: how ``target_ratio`` becomes ranks: ``"uniform"`` (one rank everywhere) or
             ``"greedy"`` (rank units go to the projection with the largest marginal error
             reduction per parameter).  Ignored when ``rank`` is given.
-        svd: ``"exact"`` (``torch.linalg.svd``) or ``"randomized"`` (range finder with
-            oversampling and power iterations).
+        svd: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (range finder with
+            oversampling and power iterations, warm-started across refinement steps) or
+            ``"auto"`` (default): exact when the projection's short side is at most 1024,
+            randomized above (every real-scale MoE layer).
         refine_steps: alternating refinement iterations after the closed-form start (0 = the
             closed form only).  Delta form: core and factors alternate exact minimizations of
             the (whitened) reconstruction error; wrapper form: ALS over the output and input
@@ -122,6 +126,19 @@ class CompressionConfig:
         calib_weighting: ``"routing"`` (default): each calibration token's contribution to an
             expert's Gram is weighted by its squared routing weight, since the expert's output is
             scaled by that weight; ``"tokens"``: every routed token counts once.
+        propagate: what the next layer is calibrated on. ``"compressed"`` (default,
+            sequential calibration): the outputs of the already compressed earlier layers, so
+            every layer is fitted to what it will really receive; ``"original"``: the original
+            model's activations (every layer calibrated independently).
+        calib_prior_tokens: experts with few routed calibration tokens are shrunk toward the
+            layer-wide Gram: ``G_i + κ·Ḡ`` with ``Ḡ`` the Gram of an average routed token and κ
+            this many tokens.  Experts with fewer routed tokens than κ are counted as
+            under-calibrated in the statistics.  0 disables it.
+        gram_dtype: storage of the per-expert Grams / whitening factors between steps (they
+            are always accumulated and used in float64): ``"auto"`` keeps float64 up to 1 GiB
+            per projection and float32 above (error bound in :mod:`moecore.maths.fit`).
+        fit_memory_gb: working memory for fitting one projection; experts are processed in
+            chunks that fit it.  ``expert_chunk`` fixes the chunk size instead.
         quant: ``None`` (float storage) or a :class:`QuantConfig` (or its dict): quantized core
             and/or factors, the factors refit after the core is quantized (delta form only).
     """
@@ -132,13 +149,18 @@ class CompressionConfig:
     core: str = "auto"
     init: str = "auto"
     allocation: str = "uniform"
-    svd: str = "exact"
+    svd: str = "auto"
     refine_steps: int = 10
     calib_max_tokens: int = 32768
     calib_seq_len: int = 512
     seed: int = 0
     whiten_damping: float = 0.01
     calib_weighting: str = "routing"
+    propagate: str = "compressed"
+    calib_prior_tokens: float = 64.0
+    gram_dtype: str = "auto"
+    fit_memory_gb: float = 8.0
+    expert_chunk: int | None = None
     quant: QuantConfig | None = None
 
     def __post_init__(self) -> None:
@@ -175,6 +197,13 @@ class CompressionConfig:
         if not _is_number(self.whiten_damping) or self.whiten_damping < 0:
             raise ConfigError(f"whiten_damping must be a number >= 0, got {self.whiten_damping!r}")
         self.whiten_damping = float(self.whiten_damping)
+        for name in ("calib_prior_tokens", "fit_memory_gb"):
+            v = getattr(self, name)
+            if not _is_number(v) or v < 0 or (name == "fit_memory_gb" and v <= 0):
+                raise ConfigError(f"{name} must be a number {'> 0' if name == 'fit_memory_gb' else '>= 0'}, got {v!r}")
+            setattr(self, name, float(v))
+        if self.expert_chunk is not None and (not _is_int(self.expert_chunk) or self.expert_chunk <= 0):
+            raise ConfigError(f"expert_chunk must be a positive integer or None, got {self.expert_chunk!r}")
         self.quant = QuantConfig.coerce(self.quant)
         if self.quant is not None and self.form != "delta":
             raise ConfigError("quant is supported for form='delta' only (the wrapper's factors multiply the core)")

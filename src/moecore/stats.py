@@ -327,7 +327,7 @@ def plan(hf_config, cfg, dtype: torch.dtype | str | None = None) -> dict[str, An
     """
     from transformers import AutoModelForCausalLM
 
-    from .compress import solve_ranks
+    from .fitting import projection_shapes, solve_ranks
     from .config import CompressionConfig
     from .families import find_experts
     from .hf_integration import swap_in_compressed
@@ -341,12 +341,13 @@ def plan(hf_config, cfg, dtype: torch.dtype | str | None = None) -> dict[str, An
         dtype = getattr(torch, dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf, dtype=dtype)
-    experts = [(path, layout) for path, _, layout in find_experts(model)]
+    found = find_experts(model)
+    experts = [(path, layout) for path, _, layout in found]
     note = ""
     if cfg.rank is None and cfg.allocation == "greedy":
         cfg = dataclasses.replace(cfg, allocation="uniform")
         note = "; greedy allocation needs weights: plan shows uniform ranks"
-    ranks = solve_ranks(model, experts, cfg)
+    ranks = solve_ranks([s for path, m, layout in found for s in projection_shapes(path, m, layout)], cfg)
     layers = {path: {p: int(ranks[(path, p)]) for p in PROJECTIONS} for path, _ in experts}
     quant = dataclasses.asdict(cfg.quant) if cfg.quant is not None else None
     swap_in_compressed(model, {"form": cfg.form, "layers": layers, "quant": quant})

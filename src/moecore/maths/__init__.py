@@ -1,6 +1,7 @@
-"""Pure maths of moecore: decompositions (:mod:`.decompose`) and parameter budgets (:mod:`.budget`).
+"""Pure maths of moecore: decompositions (:mod:`.decompose`), expert-chunked fitting (:mod:`.fit`)
+and parameter budgets (:mod:`.budget`).
 No modules, hooks or I/O here."""
-from . import budget, decompose
+from . import budget, decompose, fit
 from .budget import ProjectionShape, projection_params, solve_greedy, solve_uniform
 from .decompose import (
     delta_factors,
@@ -18,7 +19,7 @@ from .decompose import (
 )
 
 __all__ = [
-    "budget", "decompose", "ProjectionShape", "projection_params", "solve_greedy", "solve_uniform",
+    "budget", "decompose", "fit", "ProjectionShape", "projection_params", "solve_greedy", "solve_uniform",
     "delta_factors", "expert_core", "output_core", "reconstruct_delta", "reconstruct_wrapper", "relative_output_error",
     "relative_weight_error", "residual_spectrum", "truncated_svd", "whitened_delta_factors",
     "whitening_factor", "wrapper_factors",

@@ -51,7 +51,7 @@ def output_core(weights: Tensor, grams: Tensor, damping: float = 0.01) -> Tensor
 # ---------------------------------------------------------------------------- SVD
 def truncated_svd(
     m: Tensor, rank: int, method: str = "exact", oversample: int = 8, power_iters: int = 4,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, init: Tensor | None = None, warm_power_iters: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Rank-``rank`` truncated SVD of a (batch of) matrix ``m (..., a, b)``.
 
@@ -59,12 +59,19 @@ def truncated_svd(
     ``s = rank`` (zero-padded if ``rank > min(a, b)``).  ``method="randomized"`` uses a
     Gaussian range finder with ``oversample`` extra columns and ``power_iters``
     subspace iterations (Halko et al.), exact when ``rank + oversample >= min(a, b)``.
+    ``init (..., b, s)``: right singular vectors of a nearby matrix (the previous refinement
+    step's); they replace the first ``s`` Gaussian columns and ``warm_power_iters`` subspace
+    iterations are run instead of ``power_iters`` (a warm start).  In every case
+    ``U diag(S) Vᵀ = U Uᵀ m`` is an orthogonal projection of ``m``.
     """
     a, b = m.shape[-2], m.shape[-1]
     k = min(a, b)
     s = min(rank, k)
     if method == "randomized" and s + oversample < k:
         omega = torch.randn(*m.shape[:-2], b, s + oversample, dtype=m.dtype, device=m.device, generator=generator)
+        if init is not None and init.shape[-1] >= s:
+            omega[..., :s] = init[..., :s].to(omega)  # warm start from the previous subspace
+            power_iters = warm_power_iters
         q = torch.linalg.qr(m @ omega).Q  # (..., a, s+p)
         for _ in range(power_iters):
             q = torch.linalg.qr(m.mT @ q).Q  # (..., b, s+p)
@@ -84,17 +91,18 @@ def truncated_svd(
     return u, sv, v
 
 
-def _split_sqrt(u: Tensor, sv: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def split_sqrt(u: Tensor, sv: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Balanced factors ``(U√S, V√S)`` of ``U diag(S) Vᵀ``."""
     r = sv.clamp_min(0).sqrt().unsqueeze(-2)  # (..., 1, s)
     return u * r, v * r
 
 
 # ---------------------------------------------------------------------------- whitening
-def whitening_factor(grams: Tensor, damping: float = 0.01) -> Tensor:
-    """Lower Cholesky factor ``L (E, d, d)`` of ``G + damping·mean(diag G)·I`` per expert.
+def damped_grams(grams: Tensor, damping: float = 0.01) -> tuple[Tensor, Tensor]:
+    """``Ĝ_i = G_i + λ_i·I`` with ``λ_i = (damping + 1e-10)·mean(diag G_i)`` per expert, in float64.
 
-    Experts whose Gram is zero (never routed) get ``L = I`` (plain, weight-space SVD).
+    Experts whose Gram is zero (never routed) get ``Ĝ_i = (1 + λ)·I`` (plain, weight-space
+    SVD).  ``grams (E, d, d) -> Ĝ (E, d, d), λ (E,)``.
     """
     g = grams.to(torch.float64)  # (E, d, d)
     d = g.shape[-1]
@@ -103,14 +111,22 @@ def whitening_factor(grams: Tensor, damping: float = 0.01) -> Tensor:
     dead = mean_diag <= 0
     scale = torch.where(dead, torch.ones_like(mean_diag), mean_diag)
     g = torch.where(dead[:, None, None], eye.expand_as(g), g)
-    g = g + (damping * scale + 1e-10 * scale)[:, None, None] * eye  # (E, d, d)
+    lam = damping * scale + 1e-10 * scale  # (E,)
+    return g + lam[:, None, None] * eye, lam
+
+
+def whitening_factor(grams: Tensor, damping: float = 0.01) -> Tensor:
+    """Lower Cholesky factor ``L (E, d, d)`` of ``Ĝ_i`` (:func:`damped_grams`) per expert,
+    in the dtype of ``grams``.  Experts whose Gram is zero (never routed) get ``L ∝ I``."""
+    g, lam = damped_grams(grams, damping)  # (E, d, d), (E,)
     L, info = torch.linalg.cholesky_ex(g)
     if bool((info != 0).any()):  # numerically indefinite: fall back to a stronger ridge
-        L = torch.linalg.cholesky(g + (1e-6 * scale)[:, None, None] * eye)
+        eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+        L = torch.linalg.cholesky(g + (1e-4 * lam)[:, None, None] * eye)
     return L.to(grams.dtype)  # (E, d, d)
 
 
-def _solve_lt(L: Tensor, rhs: Tensor) -> Tensor:
+def solve_lt(L: Tensor, rhs: Tensor) -> Tensor:
     """``L⁻ᵀ rhs`` for lower-triangular ``L (E, d, d)``, ``rhs (E, d, s)``."""
     return torch.linalg.solve_triangular(L.mT, rhs, upper=True)
 
@@ -126,7 +142,7 @@ def delta_factors(
     """
     resid = weights - core  # (E, d_out, d_in)
     u, sv, v = truncated_svd(resid, rank, method, generator=generator)
-    return _split_sqrt(u, sv, v)
+    return split_sqrt(u, sv, v)
 
 
 def whitened_delta_factors(
@@ -139,61 +155,17 @@ def whitened_delta_factors(
     SVD of ``R_i L_i = U S Vᵀ`` truncated to s; ``A_i = U√S``, ``B_i = L_i⁻ᵀ V√S`` (a
     triangular solve), so ``A_i B_iᵀ L_i = U S Vᵀ``.  ``grams (E, d_in, d_in)``.
     """
-    return _whitened_factors(weights, core, rank, whitening_factor(grams, damping), method, generator)
+    return whitened_factors_l(weights, core, rank, whitening_factor(grams, damping), method, generator)
 
 
-def _whitened_factors(
+def whitened_factors_l(
     weights: Tensor, core: Tensor, rank: int, L: Tensor, method: str, generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`whitened_delta_factors` for a precomputed whitening factor ``L (E, d_in, d_in)``."""
     resid = weights - core  # (E, d_out, d_in)
     u, sv, v = truncated_svd(resid @ L, rank, method, generator=generator)  # (E,d_out,s) (E,s) (E,d_in,s)
-    a, bw = _split_sqrt(u, sv, v)
-    return a, _solve_lt(L, bw)  # (E, d_out, s), (E, d_in, s)
-
-
-def refine_delta(
-    weights: Tensor, core: Tensor, rank: int, grams: Tensor | None = None, damping: float = 0.01,
-    steps: int = 10, tol: float = 1e-4, method: str = "exact", generator: torch.Generator | None = None,
-) -> tuple[Tensor, tuple[Tensor, Tensor], list[float]]:
-    """Jointly fit core and delta factors by block-coordinate descent on
-    ``Σ_i ‖(W_i − C − A_i B_iᵀ) L_i‖_F²`` (``L_i = I`` without ``grams``).
-
-    Alternates the closed-form factors for a fixed core (truncated SVD of the whitened
-    residuals, Eckart–Young) and the closed-form core for fixed factors
-    ``C = Σ_i (W_i − A_i B_iᵀ) Ĝ_i (Σ_i Ĝ_i)⁻¹`` with ``Ĝ_i = L_i L_iᵀ``.  Both steps are
-    exact minimizers, so the objective never increases; the best iterate is returned.
-
-    ``weights (E, d_out, d_in), core (d_out, d_in)`` (the start) ``-> core, (A, B), history``.
-    """
-    L = whitening_factor(grams, damping) if grams is not None else None  # (E, d_in, d_in), once
-    g_hat = L @ L.mT if L is not None else None  # (E, d_in, d_in)
-    s_inv = torch.linalg.inv(g_hat.sum(0)) if g_hat is not None else None  # (d_in, d_in)
-
-    def factors(c: Tensor) -> tuple[Tensor, Tensor]:
-        if L is None:
-            return delta_factors(weights, c, rank, method, generator)
-        return _whitened_factors(weights, c, rank, L, method, generator)
-
-    def objective(c: Tensor, a: Tensor, b: Tensor) -> float:
-        d = weights - c - a @ b.mT  # (E, d_out, d_in)
-        return float((d @ L if L is not None else d).pow(2).sum())
-
-    fac = factors(core)
-    history = [objective(core, *fac)]
-    best = (core, fac)
-    for _ in range(steps):
-        resid = weights - fac[0] @ fac[1].mT  # (E, d_out, d_in)
-        core = torch.einsum("eoi,eij->oj", resid, g_hat) @ s_inv if g_hat is not None else resid.mean(0)
-        fac = factors(core)
-        err = objective(core, *fac)
-        improved = history[-1] - err
-        history.append(err)
-        if err < min(history[:-1]):
-            best = (core, fac)
-        if improved <= tol * max(err, 1e-30):
-            break
-    return best[0], best[1], history
+    a, bw = split_sqrt(u, sv, v)
+    return a, solve_lt(L, bw)  # (E, d_out, s), (E, d_in, s)
 
 
 def reconstruct_delta(core: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -213,7 +185,7 @@ def _reduced_rank_left(target: Tensor, m: Tensor, rank: int, rcond: float = 1e-6
     inv = torch.where(keep, 1.0 / torch.where(keep, sig, torch.ones_like(sig)), torch.zeros_like(sig))  # (E, k)
     q = target @ vh.mT  # (E, a, k)
     uq, sq, vq = truncated_svd(q, rank)  # (E,a,r) (E,r) (E,k,r)
-    x, vqs = _split_sqrt(uq, sq, vq)  # (E, a, r), (E, k, r)
+    x, vqs = split_sqrt(uq, sq, vq)  # (E, a, r), (E, k, r)
     y = u @ (inv.unsqueeze(-1) * vqs)  # (E, b, r)
     return x, y
 
@@ -234,7 +206,7 @@ def reconstruct_wrapper(core: Tensor, u_in: Tensor, v_in: Tensor, u_out: Tensor,
 
 def wrapper_factors(
     weights: Tensor, core: Tensor, rank: int, grams: Tensor | None = None, damping: float = 0.01,
-    steps: int = 50, tol: float = 1e-4,
+    steps: int = 50, tol: float = 1e-4, whitening: Tensor | None = None,
 ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], list[float]]:
     """Wrapper factors by closed-form start + alternating least squares (ALS).
 
@@ -250,12 +222,14 @@ def wrapper_factors(
     exact when C has full rank.  The best iterate is returned, so the error never increases
     over the start; iteration stops when the relative improvement is below ``tol``.
 
+    ``whitening (E, d_in, d_in)``: a precomputed whitening factor, used instead of ``grams``.
+
     Returns ``(u_in (E,d_in,r), v_in (E,d_in,r), u_out (E,d_out,r), v_out (E,d_out,r))`` and
     the objective history (one value per iteration).
     """
     e, d_out, d_in = weights.shape
     dt = weights.dtype
-    L = whitening_factor(grams, damping) if grams is not None else None  # (E, d_in, d_in)
+    L = whitening_factor(grams, damping) if grams is not None else whitening  # (E, d_in, d_in)
     c = core.expand(e, d_out, d_in)  # (E, d_out, d_in)
     wl = weights @ L if L is not None else weights  # (E, d_out, d_in)
     u_in = torch.zeros(e, d_in, rank, dtype=dt, device=weights.device)
@@ -278,7 +252,7 @@ def wrapper_factors(
         # min_Ñ ‖T − M Ñ‖ == transpose of the left problem: Ñᵀ = X Yᵀ  ->  Ñ = Y Xᵀ
         x, y = _reduced_rank_left((wl - m).mT, m.mT, rank)  # (E, d_in, r) x2
         if L is not None:
-            u_in, v_in = L @ y, _solve_lt(L, x)
+            u_in, v_in = L @ y, solve_lt(L, x)
         else:
             u_in, v_in = y, x
         err = objective()

@@ -1,0 +1,182 @@
+"""Calibration activations for the layer-by-layer engine (:mod:`moecore.engine`).
+
+Two jobs, both per decoder layer and never for the whole model at once:
+
+* :func:`capture_layer_inputs` runs the model's embedding (and mask / rotary set-up) with
+  every decoder layer replaced by a recorder, so it gets the first layer's input hidden
+  states and every layer's keyword arguments (masks differ per layer type, e.g. GPT-OSS's
+  sliding window) without running any layer.
+* :class:`RoutedInputs` holds what reached one experts module while its *original* layer ran
+  on the current calibration activations (inputs, top-k indices and weights) and turns it
+  into per-expert Gram matrices, one expert at a time, accumulated in float64 on the compute
+  device and stored wherever the caller wants (host memory, float64 or float32).
+
+A token's contribution to an expert's Gram is weighted by its squared routing weight
+(``calib_weighting="routing"``): the expert's output is scaled by that weight, so its output
+error is ``Σ_t w_t² ‖Δ x_t‖²``.  Experts that received few calibration tokens are shrunk
+toward the layer-wide Gram: ``G̃_i = G_i + κ·Ḡ`` with ``Ḡ = Σ_j G_j / Σ_j n_j`` (the Gram of an
+average routed token) and ``κ = calib_prior_tokens``, so a rarely used expert is fitted to the
+layer's input distribution instead of to a handful of rows.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .families import ExpertsLayout
+
+_F64 = torch.float64
+
+
+class _Stop(Exception):
+    """Raised by the last recorder: nothing after the decoder layers needs to run."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index`` during :func:`capture_layer_inputs`."""
+
+    def __init__(self, index: int, sink: list, last: bool):
+        super().__init__()
+        self.index, self.sink, self.last = index, sink, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink.append((self.index, hidden_states, args, kwargs))
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+def to_device(obj: Any, device) -> Any:
+    """``obj`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], device,
+                         store_device="cpu") -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
+    """Inputs of the first decoder layer per batch, ``[(B, L, H)]`` on ``store_device``, and
+    every layer's extra arguments ``calls[layer][batch] = (args, kwargs)``.
+
+    The decoder layers in ``layers`` are swapped for recorders for the duration of the call
+    (their weights may be on the meta device); only the embedding and what the model computes
+    before its first layer run, on ``device``.
+    """
+    originals = list(layers)
+    sink: list = []
+    for i in range(len(originals)):
+        layers[i] = _Recorder(i, sink, last=i == len(originals) - 1)
+    hidden: list[torch.Tensor] = []
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in originals]
+    try:
+        for ids in batches:
+            sink.clear()
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Stop:
+                pass
+            for index, h, args, kwargs in sink:
+                if index == 0:
+                    hidden.append(h.detach().to(store_device))
+                calls[index].append((args, kwargs))
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    if any(len(c) != len(batches) for c in calls):
+        raise RuntimeError("moecore: the model did not call every decoder layer once per batch")
+    return hidden, calls
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict], device) -> torch.Tensor:
+    """One decoder layer on one batch: ``(B, L, H) -> (B, L, H)`` (a tuple output's first item)."""
+    args, kwargs = to_device(call, device)
+    out = layer(hidden.to(device), *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class ExpertsInputHook:
+    """Forward pre-hook on an experts module that keeps what reaches it (on the host)."""
+
+    def __init__(self, store_device="cpu"):
+        self.store_device = store_device
+        self.got: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        vals = list(args) + [kwargs.get(n) for n in names[len(args):]]
+        x, idx, wts = vals[0], vals[1], vals[2]
+        x = x.detach().reshape(-1, x.shape[-1])
+        self.got.append((x.to(self.store_device), idx.detach().reshape(x.shape[0], -1).to(self.store_device),
+                         wts.detach().reshape(x.shape[0], -1).to(self.store_device)))
+
+    def inputs(self, num_experts: int, weighting: str) -> "RoutedInputs":
+        """Everything collected so far as one :class:`RoutedInputs`."""
+        x, idx, w = (torch.cat([g[j] for g in self.got]) for j in range(3))
+        return RoutedInputs(x, idx, w, num_experts, weighting)
+
+
+class RoutedInputs:
+    """Calibration inputs of one experts module: ``x (T, H)``, ``top_k_index (T, k)``,
+    ``top_k_weights (T, k)``, with the routed (token, expert) pairs sorted by expert."""
+
+    def __init__(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, num_experts: int, weighting: str):
+        t, k = idx.shape
+        flat = idx.reshape(-1)  # (S,)
+        tok = torch.arange(t, device=idx.device).repeat_interleave(k)  # (S,)
+        wts = weights.reshape(-1)
+        valid = (flat >= 0) & (flat < num_experts)  # drop the "no expert" sentinel
+        flat, tok, wts = flat[valid], tok[valid], wts[valid]
+        order = torch.argsort(flat, stable=True)
+        self.x, self.num_experts, self.weighting = x, num_experts, weighting
+        self.expert, self.token, self.weight = flat[order], tok[order], wts[order]  # (S,) each
+        self.counts = torch.bincount(self.expert, minlength=num_experts).to(_F64)  # (E,)
+        ends = torch.cumsum(self.counts.long(), 0)
+        self.ranges = list(zip((ends - self.counts.long()).tolist(), ends.tolist()))
+
+    def _rows(self, e: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, b = self.ranges[e]
+        x = self.x[self.token[a:b]].to(device)  # (n_e, H), model dtype
+        rw = self.weight[a:b].to(device=device, dtype=_F64)[:, None] if self.weighting == "routing" else None
+        return x, rw
+
+    @torch.no_grad()
+    def grams(self, kind: str, store: torch.Tensor, device, views: dict | None = None, layout: ExpertsLayout | None = None,
+              act: Callable | None = None, prior_tokens: float = 0.0) -> torch.Tensor:
+        """Fill ``store (E, d, d)`` (any device/dtype) with every expert's Gram and return it.
+
+        ``kind="in"``: the experts' input ``x`` (gate/up projections, d = H).  ``kind="mid"``:
+        ``act(gate)·up`` computed with the ORIGINAL weights ``views`` (down projection, d = F).
+        Each Gram is accumulated in float64 on ``device``; then ``κ·Ḡ`` is added
+        (``κ = prior_tokens``, see the module docstring).
+        """
+        d = store.shape[-1]
+        total = torch.zeros(d, d, dtype=_F64, device=device)
+        for e in range(self.num_experts):
+            x, rw = self._rows(e, device)
+            if kind == "mid":
+                gate, up = x @ views["gate"][e].to(device).mT, x @ views["up"][e].to(device).mT  # (n_e, F)
+                if layout.has_bias:
+                    bg, bu = layout.split_bias(views["bias_gate_up"][e].to(device))
+                    gate, up = gate + bg, up + bu
+                x = act(gate, up)
+            x = x.to(_F64)
+            if rw is not None:
+                x = x * rw
+            g = x.mT @ x  # (d, d)
+            total += g
+            store[e] = g.to(store)
+        n = float(self.counts.sum())
+        if prior_tokens > 0 and n > 0:
+            prior = (prior_tokens / n) * total  # κ·Ḡ
+            for e in range(self.num_experts):
+                store[e] += prior.to(store)
+        return store

@@ -1,0 +1,236 @@
+"""The layer-by-layer engine: one implementation behind both ``moecore.compress(model, cfg)``
+(in memory) and ``moecore compress DIR -o OUT`` (streamed from and to sharded safetensors).
+
+Per decoder layer, in order:
+
+1. **load**: the :class:`LayerStore` brings the layer's weights onto the compute device
+   (in memory: a move if needed; streaming: read from the shards);
+2. **calibrate**: the *original* layer runs on the current calibration activations with a
+   pre-hook on its experts module that keeps what reaches the experts (inputs, top-k
+   indices and weights);
+3. **fit**: Grams, whitening, core and factors (:func:`moecore.fitting.fit_experts`), then
+   the experts module is swapped for a :class:`~moecore.compressed_experts.CompressedExperts`;
+4. **propagate**: the *compressed* layer runs to produce the next layer's inputs
+   (``propagate="compressed"``, sequential calibration), or the original layer's outputs are
+   kept (``"original"``);
+5. **done**: the store writes / frees the layer.
+
+Only one layer's calibration state exists at a time.  ``allocation="greedy"`` needs every
+layer's spectrum before any rank is fixed, so it costs one extra pass over the layers
+(calibrate + spectra with original propagation, no fitting).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import ExpertsInputHook, _Stop, capture_layer_inputs, run_layer
+from .compressed_experts import PROJECTIONS
+from .config import CompressionConfig
+from .errors import ConfigError, UnsupportedModelError
+from .families import ExpertsLayout, find_experts
+from .fitting import fit_experts, projection_shapes, rank_gains, solve_ranks
+from .surgery import decoder_layers, replace_module
+
+
+class LayerStore(Protocol):
+    """Where decoder layers come from and where they go."""
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        """Make ``layer``'s weights real and on the compute device."""
+
+    def done(self, index: int, layer: nn.Module, hidden: list[torch.Tensor] | None) -> None:
+        """``layer`` is final (compressed); ``hidden`` are its outputs on the calibration batches."""
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        """``layer`` was only read (greedy's first pass): free it without writing."""
+
+
+class InMemoryStore:
+    """Layers already live in the model; ``device`` may differ from where they live (e.g. a
+    model in host memory compressed on one GPU): each layer visits ``device`` and goes back."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._home: dict[int, torch.device] = {}
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        home = next(layer.parameters()).device
+        if home != self.device:
+            self._home[index] = home
+            layer.to(self.device)
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        home = self._home.pop(index, None)
+        if home is not None:
+            layer.to(home)
+
+    def done(self, index: int, layer: nn.Module, hidden) -> None:
+        self.release(index, layer)
+
+
+def experts_by_layer(model: nn.Module) -> tuple[str, nn.ModuleList, dict[int, list[tuple[str, ExpertsLayout]]]]:
+    """The decoder-layer stack and, per layer index, its experts modules as
+    ``(path relative to the layer, layout)``."""
+    found = find_experts(model)
+    stack_path, stack = decoder_layers(model, found[0][0])
+    by_layer: dict[int, list[tuple[str, ExpertsLayout]]] = {}
+    for path, _, layout in found:
+        if not path.startswith(stack_path + "."):
+            raise UnsupportedModelError(f"{path} is outside the decoder layers {stack_path}")
+        index, _, rel = path[len(stack_path) + 1:].partition(".")
+        by_layer.setdefault(int(index), []).append((rel, layout))
+    return stack_path, stack, by_layer
+
+
+def check_top_k(model: nn.Module, by_layer: dict, stack: nn.ModuleList) -> None:
+    """``num_experts_per_tok`` must not exceed the number of experts of any layer."""
+    from .stats import top_k_of
+
+    k = top_k_of(model.config)
+    for i, mods in by_layer.items():
+        for rel, layout in mods:
+            e = layout.split(stack[i].get_submodule(rel))["gate"].shape[0]
+            if k > e:
+                raise ConfigError(f"the config routes each token to {k} experts but layer {i} has only {e} "
+                                  f"(num_experts_per_tok > number of experts)")
+
+
+def make_batches(seqs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """Full-length sequences in batches of ``batch_size``; a shorter last sequence on its own."""
+    if not seqs:
+        return []
+    full = [s for s in seqs if s.numel() == seqs[0].numel()]
+    rest = [s for s in seqs if s.numel() != seqs[0].numel()]
+    out = [torch.stack(full[i: i + batch_size]) for i in range(0, len(full), batch_size)]
+    return out + [s[None] for s in rest]
+
+
+class Engine:
+    """Runs the per-layer pipeline over ``model`` (see the module docstring).
+
+    Args:
+        model: a transformers MoE model; its decoder layers may be on the meta device when
+            ``store`` materializes them.
+        cfg: the :class:`~moecore.config.CompressionConfig`.
+        store: a :class:`LayerStore`.
+        seqs: calibration sequences (token ids) or ``None`` (weight-space init, no forward).
+        device: the compute device.
+    """
+
+    def __init__(self, model: nn.Module, cfg: CompressionConfig, store: LayerStore,
+                 seqs: list[torch.Tensor] | None, device, batch_size: int = 8, progress: bool = True):
+        self.model, self.cfg, self.store, self.device = model, cfg, store, torch.device(device)
+        self.stack_path, self.stack, self.by_layer = experts_by_layer(model)
+        check_top_k(model, self.by_layer, self.stack)
+        self.batches = make_batches(seqs, batch_size) if seqs else []
+        self.progress = progress
+        self.calls = None
+        self.timings: list[dict[str, Any]] = []
+        self.order = [(i, rel) for i in sorted(self.by_layer) for rel, _ in self.by_layer[i]]
+
+    # ------------------------------------------------------------------ set-up
+    def shapes(self) -> list:
+        return [s for i in sorted(self.by_layer) for rel, layout in self.by_layer[i]
+                for s in projection_shapes(f"{self.stack_path}.{i}.{rel}", self.stack[i].get_submodule(rel), layout)]
+
+    def first_inputs(self) -> list[torch.Tensor] | None:
+        """Capture every layer's call arguments; return the first layer's inputs per batch."""
+        if not self.batches:
+            return None
+        hidden, self.calls = capture_layer_inputs(self.model, self.stack, self.batches, self.device)
+        return hidden
+
+    def solve(self, hidden: list[torch.Tensor] | None) -> dict:
+        """Ranks for every projection (greedy: an extra pass over the layers for the spectra)."""
+        gains = None
+        if self.cfg.rank is None and self.cfg.allocation == "greedy":
+            gains = {}
+            for i in tqdm(range(len(self.stack)), desc="moecore: spectra (greedy)", unit="layer",
+                          disable=not self.progress):
+                layer = self.stack[i]
+                self.store.load(i, layer)
+                inputs, outs = self._calibrate(i, layer, hidden, keep_outputs=True)
+                for rel, layout in self.by_layer.get(i, []):
+                    gains.update(rank_gains(f"{self.stack_path}.{i}.{rel}", layer.get_submodule(rel), layout, self.cfg,
+                                            inputs.get(rel), self.device))
+                hidden = outs
+                self.store.release(i, layer)
+        return solve_ranks(self.shapes(), self.cfg, gains)
+
+    # ------------------------------------------------------------------ per layer
+    @torch.no_grad()
+    def _calibrate(self, i: int, layer: nn.Module, hidden, keep_outputs: bool):
+        """Run the original layer on ``hidden``; return its experts' routed inputs and (if
+        ``keep_outputs``) its outputs per batch."""
+        if hidden is None:
+            return {}, None
+        mods = self.by_layer.get(i, [])
+        hooks = {rel: ExpertsInputHook() for rel, _ in mods}
+        stop = not keep_outputs and len(mods) == 1  # nothing after the experts is needed
+
+        def make(h):
+            def pre(module, args, kwargs):
+                h(module, args, kwargs)
+                if stop:
+                    raise _Stop
+            return pre
+
+        handles = [layer.get_submodule(rel).register_forward_pre_hook(make(h), with_kwargs=True)
+                   for rel, h in hooks.items()]
+        outs = [] if keep_outputs else None
+        try:
+            for b, h in enumerate(hidden):
+                try:
+                    y = run_layer(layer, h, self.calls[i][b], self.device)
+                except _Stop:
+                    continue
+                if keep_outputs:
+                    outs.append(y.to(h.device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        inputs = {}
+        for rel, layout in mods:
+            e = layout.split(layer.get_submodule(rel))["gate"].shape[0]
+            inputs[rel] = hooks[rel].inputs(e, self.cfg.calib_weighting)
+        return inputs, outs
+
+    @torch.no_grad()
+    def _propagate(self, i: int, layer: nn.Module, hidden) -> list[torch.Tensor]:
+        return [run_layer(layer, h, self.calls[i][b], self.device).to(h.device) for b, h in enumerate(hidden)]
+
+    @torch.no_grad()
+    def run(self, ranks: dict, hidden: list[torch.Tensor] | None, start: int = 0) -> None:
+        """Compress layers ``start ...`` (``hidden``: the inputs of layer ``start``)."""
+        original = self.cfg.propagate == "original"
+        bar = tqdm(range(start, len(self.stack)), desc="moecore: compressing", unit="layer", disable=not self.progress,
+                   initial=start, total=len(self.stack))
+        for i in bar:
+            t0 = time.perf_counter()
+            layer = self.stack[i]
+            self.store.load(i, layer)
+            t1 = time.perf_counter()
+            mods = self.by_layer.get(i, [])
+            inputs, outs = self._calibrate(i, layer, hidden, keep_outputs=original or not mods)
+            t2 = time.perf_counter()
+            for rel, layout in mods:
+                path = f"{self.stack_path}.{i}.{rel}"
+                seed = self.cfg.seed + self.order.index((i, rel))
+                new = fit_experts(layer.get_submodule(rel), layout, self.cfg, {p: ranks[(path, p)] for p in PROJECTIONS},
+                                  inputs.get(rel), self.device, seed)
+                replace_module(layer, rel, new)
+            inputs = None
+            t3 = time.perf_counter()
+            if hidden is not None:
+                hidden = outs if outs is not None else self._propagate(i, layer, hidden)
+            t4 = time.perf_counter()
+            self.store.done(i, layer, hidden)
+            t5 = time.perf_counter()
+            self.timings.append({"layer": i, "load_s": t1 - t0, "calibrate_s": t2 - t1, "fit_s": t3 - t2,
+                                 "propagate_s": t4 - t3, "write_s": t5 - t4})
+            bar.set_postfix(fit=f"{t3 - t2:.1f}s")

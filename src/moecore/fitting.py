@@ -1,0 +1,202 @@
+"""Fitting one experts module: ranks from the budget, then core + factors per projection.
+
+This is the "fit" step of the layer engine (:mod:`moecore.engine`); it works on one
+experts module and its calibration inputs (:class:`~moecore.calibration.RoutedInputs`), never on
+the whole model.  The maths is in :mod:`moecore.maths.fit` (expert-chunked, float64 on the
+compute device); here live the memory policy (where Grams are stored, how many experts
+per chunk), the order of the steps and the per-projection report.
+
+Order for one module: Gram of the experts' inputs ``x`` → whitening factors (in place of the
+Grams) → gate and up fitted → that storage freed → Gram of ``act(gate)·up`` (original
+weights) → down fitted.  Peak memory is one Gram stack, not two.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import RoutedInputs
+from .compressed_experts import PROJECTIONS, CompressedExperts
+from .config import CompressionConfig
+from .errors import ConfigError
+from .families import ExpertsLayout
+from .maths import budget
+from .maths import decompose as dm
+from .maths import fit as mf
+
+_F64 = torch.float64
+GIB = 1 << 30
+#: below this many float64 bytes per Gram stack, Grams are stored in float64 (``gram_dtype="auto"``)
+F64_GRAM_LIMIT = 1 * GIB
+#: Gram stacks up to this size stay on an accelerator; larger ones live in host memory
+DEVICE_GRAM_LIMIT = 4 * GIB
+
+
+def gram_storage(num_experts: int, d: int, cfg: CompressionConfig, device: torch.device) -> tuple[torch.dtype, str]:
+    """``(dtype, device)`` where one projection's ``(E, d, d)`` Gram stack is kept."""
+    f64_bytes = num_experts * d * d * 8
+    if cfg.gram_dtype == "auto":
+        dtype = _F64 if f64_bytes <= F64_GRAM_LIMIT else torch.float32
+    else:
+        dtype = getattr(torch, cfg.gram_dtype)
+    nbytes = num_experts * d * d * torch.empty(0, dtype=dtype).element_size()
+    where = device if device.type == "cpu" or nbytes <= DEVICE_GRAM_LIMIT else torch.device("cpu")
+    return dtype, str(where)
+
+
+def expert_chunk(num_experts: int, d_out: int, d_in: int, cfg: CompressionConfig) -> int:
+    """Experts per chunk so that one chunk's float64 working set (weights, residual, whitened
+    residual, whitening factor, its product) stays within ``cfg.fit_memory_gb``."""
+    if cfg.expert_chunk:
+        return cfg.expert_chunk
+    per_expert = 8 * (3 * d_out * d_in + 2 * d_in * d_in)
+    return max(1, min(num_experts, int(cfg.fit_memory_gb * GIB) // per_expert))
+
+
+def svd_method(cfg: CompressionConfig, d_out: int, d_in: int) -> str:
+    """``cfg.svd``, with ``"auto"``: exact up to 1024 on the short side, randomized above."""
+    if cfg.svd != "auto":
+        return cfg.svd
+    return "exact" if min(d_out, d_in) <= 1024 else "randomized"
+
+
+def projection_shapes(path: str, module: nn.Module, layout: ExpertsLayout) -> list[budget.ProjectionShape]:
+    """The three :class:`~moecore.maths.budget.ProjectionShape` of an experts module (meta is fine)."""
+    views = layout.split(module)
+    return [budget.ProjectionShape((path, p), *views[p].shape) for p in PROJECTIONS]
+
+
+def solve_ranks(shapes: list[budget.ProjectionShape], cfg: CompressionConfig, gains: dict | None = None) -> dict:
+    """Ranks ``{(path, proj): rank}`` from ``cfg.rank`` or ``cfg.target_ratio`` (+ ``allocation``;
+    greedy needs ``gains`` from :func:`rank_gains`).  ``ConfigError`` names the projection
+    for a rank above ``min(d_in, d_out)``."""
+    if cfg.rank is not None:
+        for s in shapes:
+            budget.check_rank(s, cfg.rank)
+        return {s.key: cfg.rank for s in shapes}
+    if cfg.allocation == "greedy":
+        if gains is None:
+            raise ConfigError("allocation='greedy' needs the residual spectra of every layer (a first pass)")
+        return budget.solve_greedy(cfg.form, shapes, cfg.target_ratio, gains)
+    return budget.solve_uniform(cfg.form, shapes, cfg.target_ratio)
+
+
+class _Projection:
+    """One projection being fitted: weights view, Grams turned whitening factors, core start."""
+
+    def __init__(self, w: torch.Tensor, cfg: CompressionConfig, inputs: RoutedInputs | None, L, S, lam, device):
+        self.w, self.cfg, self.inputs, self.L, self.S, self.lam, self.device = w, cfg, inputs, L, S, lam, device
+        e, d_out, d_in = w.shape
+        self.chunk = expert_chunk(e, d_out, d_in, cfg)
+        self.method = svd_method(cfg, d_out, d_in)
+
+    def core_start(self, grams_raw: torch.Tensor | None) -> torch.Tensor:
+        kind = ("frequency" if self.inputs is not None else "mean") if self.cfg.core == "auto" else self.cfg.core
+        w = self.w
+        if kind == "output":
+            return mf.output_core(w, grams_raw, self.cfg.whiten_damping, chunk=self.chunk, device=self.device)
+        counts = self.inputs.counts if kind == "frequency" else None
+        return mf.expert_core(w, counts, chunk=self.chunk, device=self.device)
+
+
+def _whitening(inputs: RoutedInputs, kind: str, module_views: dict, layout: ExpertsLayout, act, cfg, device):
+    """Gram stack of ``kind`` ("in" / "mid") turned into whitening factors in place.
+    Returns ``(raw Grams copy or None, L, S, λ)``; the raw copy only when ``core="output"`` needs it."""
+    e = inputs.num_experts
+    d = module_views["gate"].shape[2] if kind == "in" else module_views["gate"].shape[1]
+    dtype, where = gram_storage(e, d, cfg, device)
+    store = torch.empty(e, d, d, dtype=dtype, device=where)
+    inputs.grams(kind, store, device, module_views, layout, act, cfg.calib_prior_tokens)
+    raw = store.clone() if cfg.core == "output" else None
+    S, lam = mf.whiten_in_place(store, cfg.whiten_damping, expert_chunk(e, d, d, cfg), device)
+    return raw, store, S, lam
+
+
+@torch.no_grad()
+def fit_experts(
+    module: nn.Module, layout: ExpertsLayout, cfg: CompressionConfig, ranks: dict[str, int],
+    inputs: RoutedInputs | None, device=None, seed: int = 0,
+) -> CompressedExperts:
+    """Compress one experts module into a :class:`CompressedExperts` (same dtype and device as
+    the module), with ``report[p] = {"rank", "whitened", "weight_rel_error", "output_rel_error",
+    "refine_*", "svd"}`` and, with calibration, ``"routed_tokens", "min_expert_tokens",
+    "under_calibrated_experts"}``."""
+    views = layout.split(module)
+    ref = views["gate"]
+    device = torch.device(device) if device is not None else ref.device
+    whiten = inputs is not None and cfg.init in ("auto", "whitened")
+    act = layout.activation_fn(getattr(module, "act_fn", None))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cores, factors, report = {}, {}, {}
+    white = None
+    for p in PROJECTIONS:
+        kind = "mid" if p == "down" else "in"
+        if inputs is not None and (white is None or white[0] != kind):
+            white = None  # free the other Gram stack first
+            white = (kind, *_whitening(inputs, kind, views, layout, act, cfg, device))
+        raw, L, S, lam = white[1:] if white is not None else (None, None, None, None)
+        proj = _Projection(views[p].detach(), cfg, inputs, L if whiten else None, S, lam, device)
+        core = proj.core_start(raw)
+        r = ranks[p]
+        entry: dict[str, Any] = {"rank": r, "whitened": whiten}
+        if cfg.form == "delta":
+            core, fac, hist = mf.fit_delta(proj.w, core, r, proj.L, S, steps=cfg.refine_steps, method=proj.method,
+                                           generator=gen, chunk=proj.chunk, device=device)
+
+            def approx(sl, core=core, fac=fac):
+                return dm.reconstruct_delta(core, fac[0][sl], fac[1][sl])
+            entry.update(refine_iters=len(hist) - 1)
+        else:
+            fac, hist = mf.fit_wrapper(proj.w, core, r, proj.L, steps=cfg.refine_steps, chunk=proj.chunk, device=device)
+            core = core.to(device=device, dtype=_F64)
+
+            def approx(sl, core=core, fac=fac):
+                return dm.reconstruct_wrapper(core, *(f[sl] for f in fac))
+            entry.update(refine_iters=len(hist))
+        entry.update(refine_objective_start=hist[0], refine_objective_end=min(hist), svd=proj.method)
+        werr, oerr = mf.errors(proj.w, approx, L if inputs is not None else None, lam, chunk=proj.chunk, device=device)
+        entry.update(weight_rel_error=werr, output_rel_error=oerr)
+        if inputs is not None:
+            entry.update(calibration_report(inputs, cfg))
+        cores[p], factors[p], report[p] = core, fac, entry
+    biases = {k: views[k].detach() for k in ("bias_gate_up", "bias_down") if k in views}
+    new = CompressedExperts.from_factors(layout, cfg.form, cores, factors, biases, act_fn=getattr(module, "act_fn", None),
+                                         dtype=ref.dtype, device=ref.device)
+    new.report = report
+    new.train(module.training)
+    return new
+
+
+def calibration_report(inputs: RoutedInputs, cfg: CompressionConfig) -> dict[str, Any]:
+    """Routed calibration tokens of one layer and how many experts got fewer than
+    ``calib_prior_tokens`` of them (those are mostly fitted to the layer-wide Gram)."""
+    counts = inputs.counts
+    return {"routed_tokens": int(counts.sum()), "min_expert_tokens": int(counts.min()),
+            "under_calibrated_experts": int((counts < cfg.calib_prior_tokens).sum())}
+
+
+@torch.no_grad()
+def rank_gains(path: str, module: nn.Module, layout: ExpertsLayout, cfg: CompressionConfig,
+               inputs: RoutedInputs | None, device=None) -> dict:
+    """Greedy allocation's marginal gains of one experts module: for every projection, the
+    (whitened) residual energy each rank unit removes, relative to the projection's energy."""
+    views = layout.split(module)
+    device = torch.device(device) if device is not None else views["gate"].device
+    whiten = inputs is not None and cfg.init in ("auto", "whitened")
+    act = layout.activation_fn(getattr(module, "act_fn", None))
+    gains, white = {}, None
+    for p in PROJECTIONS:
+        kind = "mid" if p == "down" else "in"
+        if inputs is not None and (white is None or white[0] != kind):
+            white = None
+            white = (kind, *_whitening(inputs, kind, views, layout, act, cfg, device))
+        raw, L, S, lam = white[1:] if white is not None else (None, None, None, None)
+        proj = _Projection(views[p].detach(), cfg, inputs, L if whiten else None, S, lam, device)
+        sv, total = mf.spectrum(proj.w, proj.core_start(raw), proj.L, chunk=proj.chunk, device=device)
+        unit = sv.pow(2).sum(0) / max(total, 1e-300)  # (k,)
+        if cfg.form == "wrapper":
+            unit = torch.nn.functional.pad(unit, (0, unit.numel() % 2)).view(-1, 2).sum(-1)
+        gains[(path, p)] = unit.tolist()
+    return gains

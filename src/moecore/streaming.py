@@ -1,0 +1,360 @@
+"""``compress_checkpoint(MODEL_DIR, OUT, cfg)``: the layer engine streamed from and to
+sharded safetensors, for models that don't fit in memory.
+
+* The model skeleton is built from ``config.json`` with empty (meta) weights.
+* Each decoder layer's tensors are read from the shards through transformers' own loading
+  and key conversion (``convert_and_load_state_dict_in_model`` with the model's conversion
+  mapping), so every family that ``from_pretrained`` loads also streams, including legacy
+  per-expert key layouts.  Apart from the embeddings and the head, at most one decoder layer
+  of original weights is in memory.
+* Each finished layer is written as its own shard into ``.OUT.partial/`` (atomically), with
+  the calibration activations it produced and a state file.  ``resume=True`` continues
+  after a kill from the first unfinished layer; a fingerprint of the model, the config, the
+  calibration tokens, the dtype, the device type and the moecore version stops a resume into
+  a different job.  Only at the end are ``config.json`` and the index written and the folder
+  published as ``OUT`` (see :mod:`moecore.io_utils`): nothing half-written looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import CompressionConfig
+from .engine import Engine
+from .errors import CheckpointError, UnsupportedModelError
+
+STATE = "moecore_resume.json"
+INDEX = "model.safetensors.index.json"
+
+
+def partial_dir(out: Path) -> Path:
+    """The resumable work folder of output ``out``: ``.OUT.partial`` beside it."""
+    return out.parent / f".{out.name}.partial"
+
+
+# ---------------------------------------------------------------------------- reading
+def _weight_files(model_dir: Path) -> dict[str, Path]:
+    """Checkpoint key -> shard file, from ``model.safetensors.index.json`` or the single file."""
+    from safetensors import SafetensorError, safe_open
+
+    idx = model_dir / INDEX
+    if idx.is_file():
+        try:
+            wm = json.loads(idx.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{idx} is not a valid safetensors index: {exc}") from exc
+        files = {k: model_dir / f for k, f in wm.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{idx} names {f.name}, which is missing")
+        return files
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"no safetensors weights in {model_dir} (model.safetensors or {INDEX})")
+    try:
+        with safe_open(str(single), "pt") as fh:
+            return {k: single for k in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"corrupt safetensors file {single}: {str(exc).splitlines()[0]}") from exc
+
+
+class CheckpointReader:
+    """Loads submodules of ``skeleton`` from ``model_dir``'s safetensors shards, a group of
+    checkpoint keys at a time, through transformers' own conversion of checkpoint keys."""
+
+    def __init__(self, model_dir: Path, skeleton: nn.Module, dtype: torch.dtype, stack_leaf: str):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        self.dir, self.skeleton, self.dtype = model_dir, skeleton, dtype
+        self.files = _weight_files(model_dir)
+        self.mapping = get_model_conversion_mapping(skeleton, None, None)
+        pat = re.compile(rf"(?:^|\.){re.escape(stack_leaf)}\.(\d+)\.")
+        self.by_layer: dict[int | None, list[str]] = {}
+        for key in self.files:
+            m = pat.search(key)
+            self.by_layer.setdefault(int(m.group(1)) if m else None, []).append(key)
+
+    def load(self, keys: list[str], prefix: str, device, exclude: str | None = None) -> None:
+        """Read checkpoint ``keys`` into the skeleton; every parameter under ``prefix`` (but not
+        under ``exclude``) must be covered (``CheckpointError`` naming the first missing one),
+        and those parameters move to ``device``."""
+        from safetensors import SafetensorError, safe_open
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+        from transformers.utils import logging as hf_logging
+
+        handles, state = [], {}
+        try:
+            for f in sorted({self.files[k] for k in keys}):
+                try:
+                    fh = safe_open(str(f), framework="pt")
+                except (SafetensorError, OSError) as exc:
+                    raise CheckpointError(f"corrupt safetensors file {f}: {str(exc).splitlines()[0]}") from exc
+                handles.append(fh)
+                mine = set(fh.keys())
+                state.update({k: fh.get_slice(k) for k in keys if self.files[k] == f and k in mine})
+            missing_keys = [k for k in keys if k not in state]
+            if missing_keys:
+                raise CheckpointError(f"{self.dir}: the index lists {missing_keys[0]} but its shard does not hold it")
+            cfg = LoadStateDictConfig(dtype=self.dtype, dtype_plan=self.skeleton._get_dtype_plan(self.dtype),
+                                      weight_mapping=self.mapping)
+            progress = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                info, _ = convert_and_load_state_dict_in_model(self.skeleton, state, cfg)
+            except (SafetensorError, RuntimeError, ValueError) as exc:
+                raise CheckpointError(f"{self.dir}: cannot read {prefix or 'the non-layer tensors'}: "
+                                      f"{str(exc).splitlines()[0]}") from exc
+            finally:
+                if progress:
+                    hf_logging.enable_progress_bar()
+        finally:
+            handles.clear()  # safe_open handles close when collected
+        bad = sorted(set(info.mismatched_keys) | set(info.conversion_errors))
+        if bad:
+            raise CheckpointError(f"{self.dir}: tensor {sorted(bad)[0]} does not match the model's shape")
+        if prefix == "" and getattr(self.skeleton.config, "tie_word_embeddings", False):
+            self.skeleton.tie_weights()
+        root = self.skeleton.get_submodule(prefix) if prefix else self.skeleton
+        for name, p in list(root.named_parameters(prefix=prefix)) + list(root.named_buffers(prefix=prefix)):
+            if exclude and name.startswith(exclude + "."):
+                continue
+            if p.device.type == "meta":
+                raise CheckpointError(f"{self.dir}: the checkpoint has no tensor for {name} "
+                                      f"(weights missing; is config.json from another model?)")
+        if device is not None:
+            move_except(root, device, exclude)
+
+
+def move_except(root: nn.Module, device, exclude: str | None) -> None:
+    """Move every parameter and buffer of ``root`` to ``device``, except those under ``exclude``."""
+    for name, t in list(root.named_parameters()) + list(root.named_buffers()):
+        if exclude and name.startswith(exclude + "."):
+            continue
+        owner, _, leaf = name.rpartition(".")
+        mod = root.get_submodule(owner) if owner else root
+        if leaf in mod._parameters:
+            mod._parameters[leaf].data = t.data.to(device)
+        else:
+            mod._buffers[leaf] = t.to(device)
+
+
+def open_skeleton(model_dir: Path, dtype: torch.dtype | str | None):
+    """``(config, skeleton, dtype)``: the model built from ``config.json`` with meta
+    parameters (buffers are real: rotary tables and the like are computed as usual)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot read {model_dir / 'config.json'}: {str(exc).splitlines()[0]}") from exc
+    qc = getattr(cfg, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        if method == "moecore":
+            raise UnsupportedModelError(f"{model_dir} is already compressed by moecore; pass the original model")
+        raise UnsupportedModelError(
+            f"{model_dir} stores its weights quantized ({method}); moecore needs the unquantized weights: "
+            f"dequantize it first (e.g. load it with transformers in bfloat16 and save_pretrained a copy)")
+    if dtype in (None, "auto"):
+        dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.eval()
+    return cfg, model, dtype
+
+
+# ---------------------------------------------------------------------------- writing / state
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors file written to a temporary name, fsynced and renamed: whole or absent."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from .io_utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def fingerprint(model_dir: Path, cfg: CompressionConfig, seqs, dtype, device) -> str:
+    """sha256 over what decides the output: config.json, the weight files (names, sizes,
+    headers), the compression config, the calibration token ids, dtype, device type and the
+    moecore version."""
+    from . import __version__
+
+    h = hashlib.sha256()
+    h.update((model_dir / "config.json").read_bytes())
+    for f in sorted(set(_weight_files(model_dir).values())):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 1 << 24)))
+    h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    for s in seqs or []:
+        h.update(s.numpy().tobytes())
+    h.update(f"{dtype}|{torch.device(device).type}|{__version__}".encode())
+    return h.hexdigest()
+
+
+class StreamingStore:
+    """:class:`~moecore.engine.LayerStore` that reads each layer from the checkpoint, writes
+    each compressed layer as one shard of the work folder, and frees it."""
+
+    def __init__(self, reader: CheckpointReader, work: Path, stack_path: str, num_layers: int, device,
+                 state: dict[str, Any]):
+        self.reader, self.work, self.stack_path, self.device, self.state = reader, work, stack_path, device, state
+        self.num_shards = num_layers + 1
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        self.reader.load(self.reader.by_layer.get(index, []), f"{self.stack_path}.{index}", self.device)
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        layer.to("meta")
+
+    def done(self, index: int, layer: nn.Module, hidden) -> None:
+        prefix = f"{self.stack_path}.{index}."
+        _save({prefix + k: v for k, v in layer.state_dict().items()}, self.work / shard_name(index, self.num_shards))
+        from .compressed_experts import CompressedExperts
+        from .hf_integration import build_quantization_config
+
+        if any(isinstance(m, CompressedExperts) for m in layer.modules()):
+            q = build_quantization_config(layer)
+            self.state.setdefault("layers", {}).update({prefix + k: v for k, v in q["layers"].items()})
+            self.state.setdefault("qconfig", {k: v for k, v in q.items() if k != "layers"})
+        acts = None
+        if hidden is not None:
+            acts = f"activations-{index:05d}.safetensors"
+            _save({f"batch.{b}": h for b, h in enumerate(hidden)}, self.work / acts)
+        old = self.state.get("activations")
+        self.state.update(done=index + 1, activations=acts)
+        _write_json(self.work / STATE, self.state)  # the commit point of this layer
+        if old and old != acts:
+            (self.work / old).unlink(missing_ok=True)
+        layer.to("meta")
+
+
+def write_state(work: Path, state: dict[str, Any]) -> None:
+    _write_json(work / STATE, state)
+
+
+def read_state(work: Path, fp: str, resume: bool, overwrite: bool) -> dict[str, Any]:
+    """The resume state of ``work`` (continuing an interrupted run) or a fresh one.
+
+    An interrupted run's folder is continued only with ``resume`` and only if its fingerprint
+    matches; without ``resume`` it is an error (or, with ``overwrite``, discarded), so an
+    hour of finished layers is never dropped silently."""
+    from .io_utils import _say
+
+    if work.exists():
+        try:
+            old = json.loads((work / STATE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            old = None
+        done = old.get("done", 0) if isinstance(old, dict) else 0
+        if resume and isinstance(old, dict) and old.get("fingerprint") == fp:
+            _say(f"resuming in {work}: {done} layer(s) already done")
+            return old
+        if resume and not overwrite:
+            raise CheckpointError(f"cannot resume from {work}: it belongs to a different job (model, config, "
+                                  f"calibration, dtype, device or moecore version differ); remove it or pass --overwrite")
+        if not overwrite:
+            raise CheckpointError(f"{work} holds an unfinished compression ({done} layer(s) done): pass --resume to "
+                                  f"continue it or --overwrite to start over")
+        _say(f"discarding the unfinished compression in {work} ({done} layer(s) done)")
+        shutil.rmtree(work)
+    elif resume:
+        _say(f"nothing to resume in {work}; starting from the first layer")
+    work.parent.mkdir(parents=True, exist_ok=True)
+    os.mkdir(work)  # 0o777 & ~umask
+    state = {"fingerprint": fp, "done": 0, "activations": None}
+    write_state(work, state)
+    return state
+
+
+def load_activations(work: Path, state: dict[str, Any]) -> list[torch.Tensor]:
+    """The calibration activations the last finished layer produced (the next layer's inputs)."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(work / state["activations"]))
+    return [t[f"batch.{b}"] for b in range(len(t))]
+
+
+def _index(work: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    weight_map, total = {}, 0
+    for f in sorted(work.glob("model-*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                weight_map[k] = f.name
+                sl = fh.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                total += n * torch.empty(0, dtype=getattr(torch, _ST_DTYPES[sl.get_dtype()])).element_size()
+    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def finish(work: Path, src: Path, model: nn.Module, hf_cfg, stack_path: str, state: dict[str, Any],
+           config: CompressionConfig, tokenizer) -> None:
+    """Write what makes ``work`` a checkpoint: the non-layer shard, ``config.json`` with the
+    ``quantization_config``, the index, statistics, the compression config, the tokenizer;
+    then drop the resume files.  Everything is derived from the stored state, so a resumed
+    run writes the same bytes as an uninterrupted one."""
+    from transformers import AutoModelForCausalLM
+
+    from . import __version__
+    from .hf_integration import MoecoreQuantizationConfig, swap_in_compressed
+    from .stats import STATS_FILENAME, statistics, write_statistics_yaml
+
+    n_layers = len(model.get_submodule(stack_path))
+    rest, seen = {}, set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if k.startswith(stack_path + ".") or id(v) in seen:
+            continue  # layers are in their shards; tied duplicates (lm_head = embeddings) once
+        seen.add(id(v))
+        rest[k] = v
+    _save(rest, work / shard_name(n_layers, n_layers + 1))
+    qdict = {**state["qconfig"], "moecore_version": __version__, "layers": state["layers"]}
+    dtype = next(iter(rest.values())).dtype
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+    swap_in_compressed(meta, qdict, dtype=dtype)
+    write_statistics_yaml(statistics(meta), work / STATS_FILENAME)
+    hf_cfg.quantization_config = MoecoreQuantizationConfig.from_dict(qdict)
+    hf_cfg.dtype = dtype
+    hf_cfg.save_pretrained(work)
+    if (src / "generation_config.json").is_file():
+        shutil.copyfile(src / "generation_config.json", work / "generation_config.json")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(work)
+    config.save(work)
+    _write_json(work / INDEX, _index(work))
+    for f in [work / STATE, *work.glob("activations-*.safetensors")]:
+        f.unlink(missing_ok=True)
