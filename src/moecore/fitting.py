@@ -109,7 +109,7 @@ def _whitening(inputs: RoutedInputs, kind: str, module_views: dict, layout: Expe
     dtype, where = gram_storage(e, d, cfg, device)
     store = torch.empty(e, d, d, dtype=dtype, device=where)
     inputs.grams(kind, store, device, module_views, layout, act, cfg.calib_prior_tokens)
-    raw = store.clone() if cfg.core == "output" else None
+    raw = store.clone() if cfg.core == "output" or cfg.quant is not None else None
     S, lam = mf.whiten_in_place(store, cfg.whiten_damping, expert_chunk(e, d, d, cfg), device)
     return raw, store, S, lam
 
@@ -129,7 +129,7 @@ def fit_experts(
     whiten = inputs is not None and cfg.init in ("auto", "whitened")
     act = layout.activation_fn(getattr(module, "act_fn", None))
     gen = torch.Generator(device=device).manual_seed(seed)
-    cores, factors, report = {}, {}, {}
+    cores, factors, report, raw_grams = {}, {}, {}, {}
     white = None
     for p in PROJECTIONS:
         kind = "mid" if p == "down" else "in"
@@ -137,6 +137,7 @@ def fit_experts(
             white = None  # free the other Gram stack first
             white = (kind, *_whitening(inputs, kind, views, layout, act, cfg, device))
         raw, L, S, lam = white[1:] if white is not None else (None, None, None, None)
+        raw_grams[p] = raw if whiten else None
         proj = _Projection(views[p].detach(), cfg, inputs, L if whiten else None, S, lam, device)
         core = proj.core_start(raw)
         r = ranks[p]
@@ -165,6 +166,10 @@ def fit_experts(
     new = CompressedExperts.from_factors(layout, cfg.form, cores, factors, biases, act_fn=getattr(module, "act_fn", None),
                                          dtype=ref.dtype, device=ref.device)
     new.report = report
+    if cfg.quant is not None:  # quantized core, factors refit to its rounding error, then quantized
+        from .quant import quantize_layer
+
+        new = quantize_layer(new, {p: views[p].detach() for p in PROJECTIONS}, raw_grams, cfg.quant, cfg.whiten_damping)
     new.train(module.training)
     return new
 
