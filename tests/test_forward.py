@@ -132,10 +132,14 @@ def test_unaligned_shapes_take_the_fallback_and_match():
         names = {e.name for e in prof.events()}
         assert "transformers::grouped_mm_fallback" in names and "aten::_grouped_mm" not in names
         assert rel_err(out, reference(m, x, idx, w)) < 2e-6
-    m = make("delta")  # aligned: the native grouped GEMM
+    m = make("delta")  # aligned, more rows than groups: the native grouped GEMM
     with torch.no_grad(), profile() as prof:
-        m(torch.randn(4, H), *routing(4, "random"))
+        m(torch.randn(32, H), *routing(32, "random"))
     assert "aten::_grouped_mm" in {e.name for e in prof.events()}
+    with torch.no_grad(), profile() as prof:  # CPU decode (S < E): the op that skips empty experts
+        m(torch.randn(2, H), *routing(2, "random"))
+    names = {e.name for e in prof.events()}
+    assert "transformers::grouped_mm_fallback" in names and "aten::_grouped_mm" not in names
 
 
 def test_grouped_linear_and_routing_offsets():

@@ -7,7 +7,7 @@
 - :func:`grouped_linear`: per group ``x[rows of g] @ w[g]ᵀ`` with
   ``torch.nn.functional.grouped_mm`` (via transformers' own dispatcher, which knows the
   device / dtype / compile rules) and transformers' registered per-group fallback op where
-  the native kernel can't take the operands (float64, unaligned strides).
+  the native kernel can't take the operands (float64, unaligned strides) and for CPU decode.
 - :func:`fused_operands`: the stored cores and factors rearranged once into grouped-GEMM
   weights: gate and up concatenated along the rank axis (one grouped pass for both), ranks
   zero-padded to 16-byte rows (the kernels' stride rule), every weight ``(G, N, K)``
@@ -82,9 +82,14 @@ def _native_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Per group ``g``: rows ``[offs[g-1], offs[g])`` of ``x (S, K)`` times ``w[g]ᵀ``, with
     ``w (G, N, K)`` (``nn.Linear`` convention) and ``offs (G,)`` int32 with ``offs[-1] == S``
-    -> ``(S, N)`` in ``w``'s dtype."""
-    if _native_ok(x, w):  # transformers' dispatcher: native kernel, or its fallback (e.g. fp32 under compile)
-        return _tf_moe._grouped_mm(x, w.mT, offs=offs)
+    -> ``(S, N)`` in ``w``'s dtype.
+
+    CPU, eager, fewer rows than groups (decode): transformers' fallback op, which skips
+    empty groups (the CPU ``grouped_mm`` kernel runs one ``mm`` per group, empty or not;
+    reading ``offs`` on the host costs nothing on CPU)."""
+    cpu_decode = x.device.type == "cpu" and x.shape[0] < w.shape[0] and not torch.compiler.is_compiling()
+    if _native_ok(x, w) and not cpu_decode:  # transformers' dispatcher: native kernel, or its fallback
+        return _tf_moe._grouped_mm(x, w.mT, offs=offs)  # (e.g. non-bf16 under torch.compile)
     return torch.ops.transformers.grouped_mm_fallback(x.to(w.dtype).contiguous(), w.mT, offs=offs)
 
 
