@@ -44,35 +44,50 @@ def register(sub) -> None:
                         "or output-error optimal")
     p.add_argument("--init", choices=["auto", "svd", "whitened"], default="auto")
     p.add_argument("--refine-steps", type=int, default=None, help="alternating refinement iterations (default 10)")
+    p.add_argument("--svd", choices=["auto", "exact", "randomized"], default="auto",
+                   help="truncated SVD: auto = exact up to 1024 on the short side, randomized (warm-started) above")
+    p.add_argument("--propagate", choices=["compressed", "original"], default="compressed",
+                   help="calibrate each layer on the compressed (sequential, default) or the original earlier layers")
+    p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (default 32768)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load and store the model in")
+    p.add_argument("--device", default="auto", help="where layers are calibrated and fitted: auto (cuda if "
+                   "available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same job from its first unfinished layer")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no statistics table")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from moecore import CompressionConfig, compress, save_compressed, statistics
+    """Stream the checkpoint through the layer engine (one decoder layer in memory at a time)."""
+    import torch
+
+    from moecore import CompressionConfig
+    from moecore.compress import compress_checkpoint
     from moecore.data import TextFile
-    from moecore.io_utils import prepare_output
-    from moecore.modeling import load_model
-    from moecore.stats import print_table
+    from moecore.stats import STATS_FILENAME, print_table, read_statistics_yaml
 
     kw = {"form": args.form, "rank": args.rank, "target_ratio": args.target_ratio, "core": args.core,
-          "init": args.init, "allocation": args.allocation}
+          "init": args.init, "allocation": args.allocation, "svd": args.svd, "propagate": args.propagate}
     if args.refine_steps is not None:
         kw["refine_steps"] = args.refine_steps
+    if args.calib_tokens is not None:
+        kw["calib_max_tokens"] = args.calib_tokens
     cfg = CompressionConfig(**kw)  # validates rank / ratio before any heavy work
-    out = Path(args.output)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     calib = TextFile(args.calib) if args.calib else None  # streamed: only what calibration needs is read
-    prepare_output(out, [args.model, args.calib], args.overwrite)
-    status(f"loading {args.model}")
-    model, tok = load_model(args.model, dtype=torch_dtype(args.dtype), need_tokenizer=calib is not None)
-    status(f"compressing ({cfg.form}, " + (f"rank {cfg.rank}" if cfg.rank else f"target ratio {cfg.target_ratio}")
+    status(f"compressing {args.model} layer by layer on {device} ({cfg.form}, "
+           + (f"rank {cfg.rank}" if cfg.rank else f"target ratio {cfg.target_ratio}")
            + (f", calibration from {args.calib}" if calib else "") + ")")
-    model = compress(model, cfg, calibration=calib, tokenizer=tok)
-    status(f"saving to {out}")
-    save_compressed(model, out, tokenizer=tok, overwrite=args.overwrite, config=cfg)
+    res = compress_checkpoint(args.model, args.output, cfg, calib, device=device, dtype=torch_dtype(args.dtype),
+                              resume=args.resume, overwrite=args.overwrite, calibration_path=args.calib)
+    t = res["timings"]
+    if t:
+        tot = {k: sum(r[k] for r in t) for k in ("load_s", "calibrate_s", "fit_s", "propagate_s", "write_s")}
+        status(f"{len(t)} layer(s) in {sum(tot.values()):.1f} s: " + ", ".join(
+            f"{k[:-2]} {v:.1f} s" for k, v in tot.items()))
     if not args.quiet:
-        print_table(statistics(model), per_layer=False)
-    print(f"saved compressed model to {out}")
+        print_table(read_statistics_yaml(Path(res["output"]) / STATS_FILENAME), per_layer=False)
+    print(f"saved compressed model to {args.output}")
     return 0
