@@ -182,3 +182,22 @@ def test_kd_trains_float_factors_against_the_quantized_core(saved):
     with torch.no_grad():
         again = model(ids).logits
     assert float((again - before).abs().max()) < 0.05 * float(before.abs().max())
+
+
+def test_cli_compress_and_plan_with_quantized_storage(tmp_path, capsys):
+    from moecore.cli import main
+    from tests._tiny_models import save_tiny
+
+    src = save_tiny(tmp_path / "tiny", seed=2, hidden=64, layers=1, experts=4)
+    out = tmp_path / "q"
+    assert main(["compress", str(src), "-o", str(out), "--rank", "8", "--core-bits", "4", "--factor-bits", "8",
+                 "--quant-group", "32", "--quiet"]) == 0
+    stats = moecore.stats.read_statistics_yaml(out / moecore.stats.STATS_FILENAME)
+    assert stats["layers"][0]["quant"] == {"core_bits": 4, "factor_bits": 8, "group_size": 32, "method": "hqq"}
+    capsys.readouterr()
+    assert main(["plan", str(src), "--rank", "8", "--core-bits", "4", "--factor-bits", "8", "--quant-group", "32",
+                 "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert next(iter(planned.values()))["experts"]["bytes_compressed"] == stats["experts"]["bytes_compressed"]
+    assert main(["plan", str(src), "--rank", "8", "--core-bits", "5"]) == 2
+    assert "core_bits must be one of" in capsys.readouterr().err

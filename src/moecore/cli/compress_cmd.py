@@ -17,6 +17,19 @@ def add_budget_args(p) -> None:
                    help="fraction in (0, 1) of the original expert parameters (default 0.25)")
     p.add_argument("--allocation", choices=["uniform", "greedy"], default="uniform",
                    help="how --target-ratio becomes ranks")
+    q = p.add_argument_group("quantized storage (delta form; moecore.quant)")
+    q.add_argument("--core-bits", type=int, help="store the cores in 2/3/4/8-bit groups")
+    q.add_argument("--factor-bits", type=int, help="store the factors in 2/3/4/8-bit groups (refit after the core)")
+    q.add_argument("--quant-group", type=int, default=64, help="weights per scale/zero point (default 64)")
+    q.add_argument("--quant-method", choices=["hqq", "rtn"], default="hqq")
+
+
+def quant_arg(args) -> dict | None:
+    """``CompressionConfig.quant`` from ``--core-bits`` / ``--factor-bits`` (None: float storage)."""
+    if getattr(args, "core_bits", None) is None and getattr(args, "factor_bits", None) is None:
+        return None
+    return {"core_bits": args.core_bits, "factor_bits": args.factor_bits, "group_size": args.quant_group,
+            "method": args.quant_method}
 
 
 def torch_dtype(name: str | None):
@@ -69,7 +82,8 @@ def run(args) -> int:
     from moecore.stats import STATS_FILENAME, print_table, read_statistics_yaml
 
     kw = {"form": args.form, "rank": args.rank, "target_ratio": args.target_ratio, "core": args.core,
-          "init": args.init, "allocation": args.allocation, "svd": args.svd, "propagate": args.propagate}
+          "init": args.init, "allocation": args.allocation, "svd": args.svd, "propagate": args.propagate,
+          "quant": quant_arg(args)}
     if args.refine_steps is not None:
         kw["refine_steps"] = args.refine_steps
     if args.calib_tokens is not None:

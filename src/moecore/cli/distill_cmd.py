@@ -46,8 +46,10 @@ def run(args) -> int:
     if args.rank is not None or args.target_ratio is not None or args.student is None:
         from moecore import CompressionConfig
 
+        from moecore.cli.compress_cmd import quant_arg
+
         compression = CompressionConfig(form=args.form, rank=args.rank, target_ratio=args.target_ratio,
-                                        allocation=args.allocation)
+                                        allocation=args.allocation, quant=quant_arg(args))
     student = args.student
     if args.recover_steps and not args.resume:
         student = _recovered_student(args, compression)

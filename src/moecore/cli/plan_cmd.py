@@ -24,7 +24,10 @@ def run(args) -> int:
     from moecore import CompressionConfig, plan
     from moecore.stats import print_table
 
-    cfg = CompressionConfig(form=args.form, rank=args.rank, target_ratio=args.target_ratio, allocation=args.allocation)
+    from moecore.cli.compress_cmd import quant_arg
+
+    cfg = CompressionConfig(form=args.form, rank=args.rank, target_ratio=args.target_ratio, allocation=args.allocation,
+                            quant=quant_arg(args))
     plans = [(c, plan(c, cfg, dtype=args.dtype)) for c in args.configs]
     if args.json:
         print(json.dumps({c: p for c, p in plans}, indent=2, default=str))
