@@ -211,6 +211,12 @@ def test_operand_cache_follows_parameter_changes():
         assert torch.equal(m(x, idx, w), m2(x, idx, w))
     m.to(torch.bfloat16)  # .to() drops the cache
     assert "_operand_cache" not in m.__dict__
+    with torch.inference_mode():  # parameters made in inference mode (no version counter) are cached too
+        mi = make("wrapper")
+        mi(x, idx, w)
+        first = mi.__dict__["_operand_cache"][1]
+        mi(x, idx, w)
+        assert mi.__dict__["_operand_cache"][1] is first
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # in transformers' dispatcher

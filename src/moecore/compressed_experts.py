@@ -141,7 +141,8 @@ class CompressedExperts(nn.Module):
     #: Cache the grouped-GEMM operands between inference calls (rebuilt when a stored tensor
     #: changes: new storage or an in-place write, which bumps its version counter).  Costs
     #: about one more copy of the factors in memory; set ``False`` to rebuild them per call.
-    #: Writes through ``.data`` bypass the version counter: call :meth:`clear_cache` after them.
+    #: Writes through ``.data``, and in-place writes to inference tensors, bypass the version
+    #: counter: call :meth:`clear_cache` after them.
     cache_operands: bool = True
 
     def _tensor(self, name: str) -> torch.Tensor:
@@ -167,9 +168,9 @@ class CompressedExperts(nn.Module):
         stored = [*self._parameters.values(), *self._buffers.values()]
         if torch.is_grad_enabled() and any(t.requires_grad for t in stored):
             return build()
-        if any(t.is_inference() for t in stored):  # no version counter: can't tell if it changed
-            return build()
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in stored)
+        # inference tensors (made under torch.inference_mode) have no version counter: their
+        # storage is the key (in-place writes to them inside inference_mode need clear_cache())
+        key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype, t.device) for t in stored)
         cached = self.__dict__.get("_operand_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():
