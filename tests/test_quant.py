@@ -201,3 +201,21 @@ def test_cli_compress_and_plan_with_quantized_storage(tmp_path, capsys):
     assert next(iter(planned.values()))["experts"]["bytes_compressed"] == stats["experts"]["bytes_compressed"]
     assert main(["plan", str(src), "--rank", "8", "--core-bits", "5"]) == 2
     assert "core_bits must be one of" in capsys.readouterr().err
+
+
+def test_checkpoint_missing_a_quantized_tensor_is_an_error(saved, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from moecore.errors import CheckpointError
+
+    _, d = saved
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    sd = load_file(bad / "model.safetensors")
+    del sd[next(k for k in sd if k.endswith("core_gate_qscale"))]
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="core_gate_qscale"):
+        AutoModelForCausalLM.from_pretrained(bad)

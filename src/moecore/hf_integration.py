@@ -95,7 +95,7 @@ class MoecoreHfQuantizer(HfQuantizer):
 
         for name, module in model.named_modules():
             if isinstance(module, CompressedExperts):
-                for pname, p in module.named_parameters():
+                for pname, p in [*module.named_parameters(), *module.named_buffers()]:  # buffers: moecore.quant
                     # loaded tensors carry transformers' `_is_hf_initialized` flag; a missing one
                     # would otherwise be left uninitialised with only a warning
                     if p.device.type == "meta" or not getattr(p, "_is_hf_initialized", False):
