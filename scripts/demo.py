@@ -65,10 +65,12 @@ def run_model(name: str, args, console: Console, done: list[dict], save) -> list
             m, _ = load_model(path)
             t0 = time.time()
             extra = {} if args.refine_steps is None else {"refine_steps": args.refine_steps}
+            if args.propagate:
+                extra["propagate"] = args.propagate
             cfg = moecore.CompressionConfig(form=form, target_ratio=ratio, init=args.init, **extra)
             moecore.compress(m, cfg, calibration=calib if args.init == "auto" else None, tokenizer=tok)
             row = measure(m, tok, stream, {"model": name, "form": form, "target_ratio": ratio, "init": args.init,
-                                           "refine_steps": cfg.refine_steps},
+                                           "refine_steps": cfg.refine_steps, "propagate": cfg.propagate},
                           args.max_tokens)
             row["compress_seconds"] = round(time.time() - t0 - row["eval_seconds"], 1)
             row["ppl_change_percent"] = 100 * (row["ppl"] / base - 1)
@@ -122,6 +124,8 @@ def main() -> None:
     ap.add_argument("--init", default="auto", choices=["auto", "svd"],
                     help="svd: plain truncated SVD without calibration (with --refine-steps 0: mean core + SVD, "
                          "the D²-MoE-like ablation)")
+    ap.add_argument("--propagate", choices=["compressed", "original"], default=None,
+                    help="calibrate on the compressed (default, sequential) or the original earlier layers")
     ap.add_argument("--out", default=str(repo_root() / "benchmarks"))
     args = ap.parse_args()
     console = Console(width=200)

@@ -12,6 +12,7 @@ to sharded safetensors (:mod:`moecore.streaming`).
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from .config import CompressionConfig
 from .data import calibration_sequences
 from .engine import Engine, InMemoryStore
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .hf_integration import mark_compressed
 
 
@@ -112,7 +113,7 @@ def compress_checkpoint(
     Returns a summary: output path, ranks, per-layer timings, whether it resumed.
     """
     from . import streaming as st
-    from .io_utils import converting_disk_full, prepare_output, publish_dir
+    from .io_utils import converting_disk_full, disk_full, prepare_output
     from .modeling import TOKENIZER_FILES, check_model_dir, load_tokenizer
 
     src = check_model_dir(model_dir)
@@ -126,31 +127,38 @@ def compress_checkpoint(
     seqs = _calibration_ids(calibration, tok, config) if have_calib else None
     work, fp = st.partial_dir(out), st.fingerprint(src, config, seqs, dtype, device)
     state = st.read_state(work, fp, resume, overwrite)
-    engine_kw = dict(device=device, progress=progress)
-    with converting_disk_full(out):
-        stack_path = _stack_path(model)
-        reader = st.CheckpointReader(src, model, dtype, stack_path.rpartition(".")[2])
-        reader.load(reader.by_layer.get(None, []), "", device, exclude=stack_path)
-        store = st.StreamingStore(reader, work, stack_path, len(model.get_submodule(stack_path)), device, state)
-        engine = Engine(model, config, store, seqs, **engine_kw)
-        hidden = engine.first_inputs()
-        start = state["done"]
-        if "ranks" in state:
-            ranks = {tuple(k.split("|")): r for k, r in state["ranks"].items()}
-        else:
-            ranks = engine.solve(hidden)
-            state["ranks"] = {"|".join(k): r for k, r in ranks.items()}
-            st.write_state(work, state)
-        if start and hidden is not None:
-            hidden = st.load_activations(work, state)
-        engine.run(ranks, hidden, start)
-        st.finish(work, src, model, hf_cfg, stack_path, state, config, tok)
-        publish_dir(work, out, overwrite)
+    try:
+        with converting_disk_full(out):
+            return _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress, overwrite)
+    except (CheckpointError, UnsupportedModelError) as exc:
+        if not disk_full(exc.__cause__ or exc):  # a bad input: nothing to resume, leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress, overwrite):
+    """The streaming run proper (see :func:`compress_checkpoint`)."""
+    from . import streaming as st
+    from .engine import experts_by_layer
+    from .io_utils import publish_dir
+
+    stack_path = experts_by_layer(model)[0]
+    reader = st.CheckpointReader(src, model, dtype, stack_path.rpartition(".")[2])
+    reader.load(reader.by_layer.get(None, []), "", device, exclude=stack_path)  # embeddings, norm, head
+    store = st.StreamingStore(reader, work, stack_path, len(model.get_submodule(stack_path)), device, state)
+    engine = Engine(model, config, store, seqs, device=device, progress=progress)
+    hidden = engine.first_inputs()
+    start = state["done"]
+    if "ranks" in state:
+        ranks = {tuple(k.split("|")): r for k, r in state["ranks"].items()}
+    else:
+        ranks = engine.solve(hidden)
+        state["ranks"] = {"|".join(k): r for k, r in ranks.items()}
+        st.write_state(work, state)
+    if start and hidden is not None:
+        hidden = st.load_activations(work, state)
+    engine.run(ranks, hidden, start)
+    st.finish(work, src, model, hf_cfg, stack_path, state, config, tok)
+    publish_dir(work, out, overwrite)
     return {"output": str(out), "resumed_at_layer": start, "timings": engine.timings,
             "ranks": state["ranks"], "dtype": str(dtype), "device": str(device)}
-
-
-def _stack_path(model: nn.Module) -> str:
-    from .engine import experts_by_layer
-
-    return experts_by_layer(model)[0]

@@ -240,7 +240,8 @@ class StreamingStore:
         from .hf_integration import build_quantization_config
 
         if any(isinstance(m, CompressedExperts) for m in layer.modules()):
-            q = build_quantization_config(layer)
+            # through JSON now, so a resumed run (which reads the state back) sees the same values in the same order
+            q = json.loads(json.dumps(build_quantization_config(layer), sort_keys=True))
             self.state.setdefault("layers", {}).update({prefix + k: v for k, v in q["layers"].items()})
             self.state.setdefault("qconfig", {k: v for k, v in q.items() if k != "layers"})
         acts = None

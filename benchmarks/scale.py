@@ -1,0 +1,211 @@
+"""Scale benchmark: stream a synthetic checkpoint with REAL MoE layer shapes through
+``moecore compress`` and measure per-layer time and peak memory.
+
+The checkpoint has a few decoder layers of the real model's shapes (random bf16 weights, a
+4,096-token vocabulary, sharded safetensors + index), so speed and memory are those of the
+real model per layer; quality is not measured here (random weights).  The compression runs
+in a child process, which reports:
+
+* seconds per layer for load, calibrate, fit, propagate and write;
+* peak host memory (``ru_maxrss`` of the child) and peak GPU memory
+  (``torch.cuda.max_memory_allocated``) when ``--device cuda``;
+* one layer's expert weights in bytes, for comparison;
+* the extrapolated whole-model time (mean seconds per layer × the real number of MoE layers).
+
+Usage::
+
+    python benchmarks/scale.py --shape qwen3-30b-a3b --layers 2 --device cpu --refine-steps 1 --calib-tokens 4096
+    python benchmarks/scale.py --shape mixtral-8x7b --layers 2 --device cuda        # defaults = the product defaults
+    python benchmarks/scale.py --render                                           # results/scale.md from the JSONs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+#: the real shapes: hidden H, expert intermediate F, experts E, top-k, real MoE layers, attention
+SHAPES = {
+    "qwen3-30b-a3b": dict(family="qwen3_moe", H=2048, F=768, E=128, k=8, moe_layers=48, heads=32, kv=4, head_dim=128),
+    "mixtral-8x7b": dict(family="mixtral", H=4096, F=14336, E=8, k=2, moe_layers=32, heads=32, kv=8, head_dim=128),
+    "smoke": dict(family="qwen3_moe", H=128, F=64, E=8, k=2, moe_layers=4, heads=4, kv=2, head_dim=32),  # CI only
+    "deepseek-v3": dict(family="deepseek_v3", H=7168, F=2048, E=256, k=8, moe_layers=58, heads=128, kv=128,
+                        head_dim=128),
+}
+
+
+def hf_config(shape: str, layers: int):
+    """A transformers config with the real layer shapes, ``layers`` decoder layers, vocab 4096."""
+    from transformers import DeepseekV3Config, MixtralConfig, Qwen3MoeConfig
+
+    s = SHAPES[shape]
+    common = dict(vocab_size=4096, hidden_size=s["H"], num_hidden_layers=layers, num_attention_heads=s["heads"],
+                  num_key_value_heads=s["kv"], max_position_embeddings=4096, tie_word_embeddings=False,
+                  eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    if s["family"] == "qwen3_moe":
+        return Qwen3MoeConfig(**common, intermediate_size=6144, moe_intermediate_size=s["F"], num_experts=s["E"],
+                              num_experts_per_tok=s["k"], head_dim=s["head_dim"], decoder_sparse_step=1)
+    if s["family"] == "mixtral":
+        return MixtralConfig(**common, intermediate_size=s["F"], num_local_experts=s["E"], num_experts_per_tok=s["k"])
+    return DeepseekV3Config(**common, intermediate_size=18432, moe_intermediate_size=s["F"], n_routed_experts=s["E"],
+                            num_experts_per_tok=s["k"], n_shared_experts=1, first_k_dense_replace=0, n_group=8,
+                            topk_group=4, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+                            qk_nope_head_dim=128, v_head_dim=128)
+
+
+def write_checkpoint(shape: str, layers: int, folder: Path) -> dict:
+    """Synthetic sharded bf16 checkpoint (one decoder layer at a time in memory) + a tokenizer."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = hf_config(shape, layers)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    weight_map, total, n = {}, 0, layers + 1
+    groups: dict[str, dict] = {}
+    for name, p in model.state_dict().items():
+        key = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "rest"
+        groups.setdefault(key, {})[name] = p
+    for j, (key, params) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0] == "rest", kv[0].zfill(6)))):
+        fname = f"model-{j + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {}
+        for name, p in params.items():
+            fan_in = p.shape[-1] if p.dim() >= 2 else 1
+            t = torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(fan_in ** -0.5) if p.dim() >= 2 \
+                else torch.ones(p.shape)
+            tensors[name] = t.to(torch.bfloat16)
+            weight_map[name] = fname
+            total += t.numel() * 2
+        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    cfg.dtype = torch.bfloat16
+    cfg.save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(ROOT / "data" / "tokenizer")
+    tok.save_pretrained(folder)
+    s = SHAPES[shape]
+    return {"bytes_on_disk": total, "expert_bytes_per_layer": s["E"] * 3 * s["H"] * s["F"] * 2}
+
+
+_CHILD = r"""
+import json, resource, sys, time
+import torch
+from moecore import CompressionConfig
+from moecore.compress import compress_checkpoint
+from moecore.data import TextFile
+args = json.loads(sys.argv[1])
+cfg = CompressionConfig(**args["cfg"])
+t0 = time.perf_counter()
+res = compress_checkpoint(args["src"], args["out"], cfg, TextFile(args["calib"]), device=args["device"], progress=True)
+res["wall_s"] = time.perf_counter() - t0
+res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if args["device"].startswith("cuda") else None
+print("RESULT " + json.dumps(res))
+"""
+
+
+def run(a) -> dict:
+    import torch
+    import transformers
+
+    import moecore
+    from moecore.data import load_split
+
+    with tempfile.TemporaryDirectory(prefix="moecore-scale-", dir=a.workdir) as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        info = write_checkpoint(a.shape, a.layers, tmp / "src")
+        write_s = time.perf_counter() - t0
+        (tmp / "calib.txt").write_text("\n\n".join(load_split("calib")), encoding="utf-8")
+        cfg = {"target_ratio": a.ratio, "calib_max_tokens": a.calib_tokens}
+        if a.refine_steps is not None:
+            cfg["refine_steps"] = a.refine_steps
+        if a.svd:
+            cfg["svd"] = a.svd
+        child = {"src": str(tmp / "src"), "out": str(tmp / "out"), "calib": str(tmp / "calib.txt"),
+                 "device": a.device, "cfg": cfg}
+        r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(child)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"compression failed:\n{r.stderr[-3000:]}")
+        res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    per = res["timings"]
+    mean = {k: sum(t[k] for t in per) / len(per) for k in ("load_s", "calibrate_s", "fit_s", "propagate_s", "write_s")}
+    per_layer = sum(mean.values())
+    s = SHAPES[a.shape]
+    out = {
+        "shape": a.shape, "layers": a.layers, "device": a.device, "config": cfg, **info,
+        "checkpoint_write_s": round(write_s, 1), "wall_s": round(res["wall_s"], 1),
+        "per_layer": [{k: round(v, 2) if isinstance(v, float) else v for k, v in t.items()} for t in per],
+        "mean_per_layer_s": {k: round(v, 2) for k, v in mean.items()}, "seconds_per_layer": round(per_layer, 2),
+        "extrapolated_model_minutes": round(per_layer * s["moe_layers"] / 60, 1), "real_moe_layers": s["moe_layers"],
+        "peak_rss_gib": round(res["peak_rss_bytes"] / 2**30, 2),
+        "peak_gpu_gib": None if res["peak_gpu_bytes"] is None else round(res["peak_gpu_bytes"] / 2**30, 2),
+        "expert_gib_per_layer": round(info["expert_bytes_per_layer"] / 2**30, 2),
+        "versions": {"moecore": moecore.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "hardware": (torch.cuda.get_device_name() if a.device.startswith("cuda") else
+                     f"{platform.processor() or platform.machine()} CPU, {_cores()} cores"),
+        "command": " ".join(["python", "benchmarks/scale.py"] + sys.argv[1:]),
+    }
+    return out
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def render() -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("scale-*.json"))]
+    lines = ["| shape | device | config | layers | s/layer (calibrate / fit / write) | whole model (extrapolated) "
+             "| peak host | peak GPU | one layer's experts |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["mean_per_layer_s"]
+        lines.append(
+            f"| {r['shape']} | {r['hardware']} | {json.dumps(r['config'])} | {r['layers']} | {r['seconds_per_layer']} "
+            f"({m['calibrate_s']} / {m['fit_s']} / {m['write_s']}) | {r['extrapolated_model_minutes']} min "
+            f"× {r['real_moe_layers']} layers | {r['peak_rss_gib']} GiB | "
+            f"{'not measured' if r['peak_gpu_gib'] is None else str(r['peak_gpu_gib']) + ' GiB'} | "
+            f"{r['expert_gib_per_layer']} GiB |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--calib-tokens", type=int, default=32768)
+    ap.add_argument("--refine-steps", type=int, default=None, help="default: the product default")
+    ap.add_argument("--svd", choices=["auto", "exact", "randomized"], default=None)
+    ap.add_argument("--workdir", default=None, help="where the synthetic checkpoint is written (needs disk space)")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--render", action="store_true", help="only render results/scale.md from the JSON files")
+    a = ap.parse_args()
+    if not a.render:
+        res = run(a)
+        dev = "cuda" if a.device.startswith("cuda") else "cpu"
+        path = RESULTS / f"scale-{a.shape}-{dev}{a.tag}.json"
+        path.write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps({k: res[k] for k in ("shape", "device", "seconds_per_layer", "mean_per_layer_s",
+                                              "extrapolated_model_minutes", "peak_rss_gib", "peak_gpu_gib")}, indent=1))
+    (RESULTS / "scale.md").write_text(render())
+
+
+if __name__ == "__main__":
+    main()
