@@ -169,8 +169,8 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def render() -> str:
-    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("scale-*.json"))]
+def render(results: Path) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(results.glob("scale-*.json"))]
     lines = ["| shape | device | config | layers | s/layer (calibrate / fit / write) | whole model (extrapolated) "
              "| peak host | peak GPU | one layer's experts |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -196,15 +196,16 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where the synthetic checkpoint is written (needs disk space)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--render", action="store_true", help="only render results/scale.md from the JSON files")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and scale.md go")
     a = ap.parse_args()
     if not a.render:
         res = run(a)
         dev = "cuda" if a.device.startswith("cuda") else "cpu"
-        path = RESULTS / f"scale-{a.shape}-{dev}{a.tag}.json"
+        path = a.results / f"scale-{a.shape}-{dev}{a.tag}.json"
         path.write_text(json.dumps(res, indent=2) + "\n")
         print(json.dumps({k: res[k] for k in ("shape", "device", "seconds_per_layer", "mean_per_layer_s",
                                               "extrapolated_model_minutes", "peak_rss_gib", "peak_gpu_gib")}, indent=1))
-    (RESULTS / "scale.md").write_text(render())
+    (a.results / "scale.md").write_text(render(a.results))
 
 
 if __name__ == "__main__":

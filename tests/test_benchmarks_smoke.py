@@ -97,3 +97,19 @@ def test_merge_leaves_cluster_count_distinct_experts(bench):
     _, labels = bl.merge_experts(model, stats, 0.25)
     for path, mod, _ in bl.experts_of(model):
         assert torch.unique(mod.down_proj.detach(), dim=0).shape[0] == 2 == len(set(labels[path]))
+
+
+def test_scale_smoke(tmp_path):
+    """benchmarks/scale.py end to end at a toy shape: synthetic sharded checkpoint, streamed
+    compression in a child process, per-layer timings, peak memory and the rendered table."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "scale.py"), "--shape", "smoke", "--layers", "2",
+                        "--calib-tokens", "256", "--refine-steps", "0", "--results", str(tmp_path),
+                        "--workdir", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "scale-smoke-cpu.json").read_text())
+    assert [t["layer"] for t in res["per_layer"]] == [0, 1]
+    assert res["seconds_per_layer"] > 0 and res["peak_rss_gib"] > 0 and res["peak_gpu_gib"] is None
+    assert "| smoke |" in (tmp_path / "scale.md").read_text()

@@ -160,6 +160,9 @@ def _compressed_layer(name: str, mod, k: int) -> dict[str, Any]:
         "macs_original": k * 3 * H * F, "macs_compressed": macs,
         "bytes_original": (weights_orig + bias) * elsize, "bytes_compressed": _nbytes(stored.values()),
         "projections": proj_rows,
+        # experts that saw fewer calibration tokens than calib_prior_tokens (fitted mostly to the layer-wide Gram)
+        **({"under_calibrated_experts": max(r["under_calibrated_experts"] for r in proj_rows.values())}
+           if all("under_calibrated_experts" in r for r in proj_rows.values()) else {}),
         **({"quant": dataclasses.asdict(mod.quant)} if getattr(mod, "quant", None) is not None else {}),
     }
 
