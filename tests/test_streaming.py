@@ -183,3 +183,14 @@ def test_bad_checkpoints_give_one_error_and_leave_nothing(tmp_path):
         compress_checkpoint(q, tmp_path / "o3", cfg, progress=False)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["missing", "quant", "src", "trunc"], left  # no output, no work folder
+
+
+def test_more_experts_per_token_than_experts_is_refused():
+    from moecore.errors import ConfigError
+
+    tok = tokenizer()
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=5)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ConfigError, match="num_experts_per_tok > number of experts"):
+        moecore.compress(model, moecore.CompressionConfig(rank=2), progress=False)

@@ -159,7 +159,7 @@ class CompressionConfig:
     propagate: str = "compressed"
     calib_prior_tokens: float = 64.0
     gram_dtype: str = "auto"
-    fit_memory_gb: float = 8.0
+    fit_memory_gb: float = 6.0
     expert_chunk: int | None = None
     quant: QuantConfig | None = None
 

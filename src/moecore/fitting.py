@@ -143,8 +143,12 @@ def fit_experts(
         r = ranks[p]
         entry: dict[str, Any] = {"rank": r, "whitened": whiten}
         if cfg.form == "delta":
+            e, d_out, d_in = proj.w.shape
+            big = e * (d_out + d_in) * r * 8 > F64_GRAM_LIMIT  # factor stacks over 1 GiB in float64
             core, fac, hist = mf.fit_delta(proj.w, core, r, proj.L, S, steps=cfg.refine_steps, method=proj.method,
-                                           generator=gen, chunk=proj.chunk, device=device)
+                                           generator=gen, chunk=proj.chunk, device=device,
+                                           factor_dtype=torch.float32 if big else _F64,
+                                           best_on="cpu" if device.type != "cpu" else None)
 
             def approx(sl, core=core, fac=fac):
                 return dm.reconstruct_delta(core, fac[0][sl], fac[1][sl])

@@ -100,7 +100,7 @@ def whiten_in_place(grams: Tensor, damping: float, chunk: int, device) -> tuple[
 def fit_delta(
     weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None, S: Tensor | None = None, *,
     steps: int = 10, tol: float = 1e-4, method: str = "exact", generator: torch.Generator | None = None,
-    chunk: int | None = None, device=None,
+    chunk: int | None = None, device=None, factor_dtype: torch.dtype = _F64, best_on=None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor], list[float]]:
     """Jointly fit core and delta factors by block-coordinate descent on
     ``Σ_i ‖(W_i − C − A_i B_iᵀ) L_i‖_F²`` (``L_i = I`` without ``L``).
@@ -119,6 +119,10 @@ def fit_delta(
         S: ``(d_in, d_in)`` ``Σ_i Ĝ_i`` (required with ``L``).
         chunk / device: experts per chunk (default all) and where the maths runs (default
             the weights' device).
+        factor_dtype: storage of the factor stacks between steps (every product is float64;
+            float32 halves the largest persistent buffers of a DeepSeek-V3-sized layer).
+        best_on: where the best iterate's copy is kept (default ``device``; the host saves
+            accelerator memory).
     Returns ``core (d_out, d_in)``, ``(A (E, d_out, s), B (E, d_in, s))`` (float64 on
     ``device``) and the objective history (start first).
     """
@@ -128,8 +132,9 @@ def fit_delta(
     if L is not None and S is None:
         raise ValueError("fit_delta: S = Σ Ĝ_i is required with L")
     s_inv = torch.linalg.inv(S.to(device=device, dtype=_F64)) if L is not None else None  # (d_in, d_in)
-    a_all = torch.zeros(e, d_out, rank, dtype=_F64, device=device)
-    b_all = torch.zeros(e, d_in, rank, dtype=_F64, device=device)
+    a_all = torch.zeros(e, d_out, rank, dtype=factor_dtype, device=device)
+    b_all = torch.zeros(e, d_in, rank, dtype=factor_dtype, device=device)
+    best_on = torch.device(best_on) if best_on is not None else device
     v_prev: list[Tensor | None] = [None] * len(parts)
 
     def factors(c: Tensor) -> float:
@@ -142,8 +147,8 @@ def fit_delta(
             u, sv, v = truncated_svd(rl, rank, method, generator=generator, init=v_prev[j])
             v_prev[j] = v if method == "randomized" else None
             a, bw = split_sqrt(u, sv, v)  # (n, d_out, s), (n, d_in, s)
-            a_all[sl] = a
-            b_all[sl] = solve_lt(l, bw) if l is not None else bw
+            a_all[sl] = a.to(factor_dtype)
+            b_all[sl] = (solve_lt(l, bw) if l is not None else bw).to(factor_dtype)
             err += float((rl - a @ bw.mT).pow(2).sum())
         return err
 
@@ -151,23 +156,26 @@ def fit_delta(
         m = torch.zeros(d_out, d_in, dtype=_F64, device=device)
         for sl in parts:
             w, l = _on(weights, sl, device), _on(L, sl, device)
-            resid = w - a_all[sl] @ b_all[sl].mT  # (n, d_out, d_in)
+            resid = w - a_all[sl].to(_F64) @ b_all[sl].to(_F64).mT  # (n, d_out, d_in)
             m += ((resid @ l) @ l.mT).sum(0) if l is not None else resid.sum(0)
         return m @ s_inv if s_inv is not None else m / e  # (d_out, d_in)
 
     core = core.to(device=device, dtype=_F64)
+    def snapshot() -> tuple[Tensor, Tensor, Tensor]:
+        return core.to(best_on, copy=True), a_all.to(best_on, copy=True), b_all.to(best_on, copy=True)
+
     history = [factors(core)]
-    best = (core, a_all.clone(), b_all.clone())
+    best = snapshot()
     for _ in range(steps):
         core = core_step()
         err = factors(core)
         improved = history[-1] - err
         history.append(err)
         if err < min(history[:-1]):
-            best = (core, a_all.clone(), b_all.clone())
+            best = snapshot()
         if improved <= tol * max(err, 1e-30):
             break
-    return best[0], (best[1], best[2]), history
+    return best[0].to(device), (best[1].to(device), best[2].to(device)), history
 
 
 @torch.no_grad()
