@@ -56,7 +56,15 @@ def run_model(name: str, args, console: Console, done: list[dict], save) -> list
     stream = token_stream(tok, load_split("heldout")[::args.doc_stride])
     calib = load_split("calib")
     console.print(f"[bold]{name}[/]: original")
-    rows = [measure(model, tok, stream, {"model": name, "form": "original", "target_ratio": 1.0}, args.max_tokens)]
+    if args.original_from:  # reuse a recorded original row measured under the same protocol
+        old = json.loads(Path(args.original_from).read_text())
+        rows = [r for r in old["rows"] if r["model"] == name and r["form"] == "original"][:1]
+        if not rows or old["meta"]["heldout_documents"] != f"every {args.doc_stride}-th" \
+                or old["meta"]["max_tokens"] != args.max_tokens:
+            raise SystemExit(f"{args.original_from} has no original row for {name} under this protocol")
+        rows[0] = {**rows[0], "reused_from": str(args.original_from)}
+    else:
+        rows = [measure(model, tok, stream, {"model": name, "form": "original", "target_ratio": 1.0}, args.max_tokens)]
     base = rows[0]["ppl"]
     rows[0]["ppl_change_percent"] = 0.0
     for form in args.forms:
@@ -126,6 +134,9 @@ def main() -> None:
                          "the D²-MoE-like ablation)")
     ap.add_argument("--propagate", choices=["compressed", "original"], default=None,
                     help="calibrate on the compressed (default, sequential) or the original earlier layers")
+    ap.add_argument("--original-from", default=None,
+                    help="reuse the original model's row from this demo_results.json (same protocol) instead of "
+                         "evaluating it again")
     ap.add_argument("--out", default=str(repo_root() / "benchmarks"))
     args = ap.parse_args()
     console = Console(width=200)

@@ -111,7 +111,7 @@ class CompressionConfig:
             reduction per parameter).  Ignored when ``rank`` is given.
         svd: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (range finder with
             oversampling and power iterations, warm-started across refinement steps) or
-            ``"auto"`` (default): exact when the projection's short side is at most 1024,
+            ``"auto"`` (default): exact when the projection's short side is at most 512,
             randomized above (every real-scale MoE layer).
         refine_steps: alternating refinement iterations after the closed-form start (0 = the
             closed form only).  Delta form: core and factors alternate exact minimizations of

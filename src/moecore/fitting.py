@@ -56,10 +56,12 @@ def expert_chunk(num_experts: int, d_out: int, d_in: int, cfg: CompressionConfig
 
 
 def svd_method(cfg: CompressionConfig, d_out: int, d_in: int) -> str:
-    """``cfg.svd``, with ``"auto"``: exact up to 1024 on the short side, randomized above."""
+    """``cfg.svd``, with ``"auto"``: exact up to 512 on the short side, randomized above
+    (every real-scale MoE layer: an exact SVD of a Qwen3-30B-A3B layer's 128 experts alone
+    takes about 24 s on one H200)."""
     if cfg.svd != "auto":
         return cfg.svd
-    return "exact" if min(d_out, d_in) <= 1024 else "randomized"
+    return "exact" if min(d_out, d_in) <= 512 else "randomized"
 
 
 def projection_shapes(path: str, module: nn.Module, layout: ExpertsLayout) -> list[budget.ProjectionShape]:

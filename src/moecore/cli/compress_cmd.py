@@ -58,7 +58,7 @@ def register(sub) -> None:
     p.add_argument("--init", choices=["auto", "svd", "whitened"], default="auto")
     p.add_argument("--refine-steps", type=int, default=None, help="alternating refinement iterations (default 10)")
     p.add_argument("--svd", choices=["auto", "exact", "randomized"], default="auto",
-                   help="truncated SVD: auto = exact up to 1024 on the short side, randomized (warm-started) above")
+                   help="truncated SVD: auto = exact up to 512 on the short side, randomized (warm-started) above")
     p.add_argument("--propagate", choices=["compressed", "original"], default="compressed",
                    help="calibrate each layer on the compressed (sequential, default) or the original earlier layers")
     p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (default 32768)")
