@@ -32,28 +32,28 @@ def _grams(e, d_in, n=200):
 
 def test_core_mean_and_frequency():
     w = _experts()
-    assert torch.allclose(dm.expert_core(w), w.mean(0))
+    assert torch.allclose(fit.expert_core(w), w.mean(0))
     f = torch.tensor([3.0, 1.0, 0.0, 0.0])
-    assert torch.allclose(dm.expert_core(w, f), 0.75 * w[0] + 0.25 * w[1])
-    assert torch.allclose(dm.expert_core(w, torch.zeros(4)), w.mean(0))  # no hits: plain mean
+    assert torch.allclose(fit.expert_core(w, f), 0.75 * w[0] + 0.25 * w[1])
+    assert torch.allclose(fit.expert_core(w, torch.zeros(4)), w.mean(0))  # no hits: plain mean
 
 
 def test_output_core_is_the_output_error_optimum_and_generalizes_frequency():
     w = _experts(shared=1.0)
     x, g = _grams(4, 16)
-    c = dm.output_core(w, g, damping=0.0)  # (d_out, d_in)
+    c = fit.output_core(w, g, damping=0.0)  # (d_out, d_in)
 
     def err(core):
         return float(((w - core) @ x.mT).pow(2).sum())  # Σ_i ‖(W_i − C) X_iᵀ‖²
 
     base = err(c)
-    for probe in (dm.expert_core(w), c + 1e-3 * torch.randn_like(c), dm.expert_core(w, torch.tensor([4.0, 3, 2, 1]))):
+    for probe in (fit.expert_core(w), c + 1e-3 * torch.randn_like(c), fit.expert_core(w, torch.tensor([4.0, 3, 2, 1]))):
         assert base < err(probe)
     # same input distribution for every expert (G_i = n_i G): the frequency-weighted mean
     n = torch.tensor([3.0, 1.0, 2.0, 0.0], dtype=F64)
     shared = n[:, None, None] * g[0]
-    assert torch.allclose(dm.output_core(w, shared, damping=0.0), dm.expert_core(w, n), atol=1e-8)
-    assert torch.allclose(dm.output_core(w, torch.zeros_like(g)), w.mean(0))  # no hits: plain mean
+    assert torch.allclose(fit.output_core(w, shared, damping=0.0), fit.expert_core(w, n), atol=1e-8)
+    assert torch.allclose(fit.output_core(w, torch.zeros_like(g)), w.mean(0))  # no hits: plain mean
 
 
 @pytest.mark.parametrize("grams", [False, True])
@@ -61,7 +61,7 @@ def test_delta_refinement_descends_and_is_exact_at_full_rank(grams):
     w = _experts(shared=1.0)
     g = _grams(4, 16)[1] if grams else None
     lw = dm.whitening_factor(g) if grams else torch.eye(16, dtype=F64)
-    start = dm.expert_core(w)
+    start = fit.expert_core(w)
     core, (a, b), hist = fit.refine_delta(w, start, 3, g, steps=25, tol=0.0)
     assert len(hist) == 26 and all(h2 <= h1 * (1 + 1e-12) for h1, h2 in zip(hist, hist[1:]))  # monotone
     assert hist[-1] < 0.97 * hist[0]  # the core moved usefully
@@ -76,7 +76,7 @@ def test_delta_refinement_descends_and_is_exact_at_full_rank(grams):
 @pytest.mark.parametrize("d_out,d_in", SHAPES)
 def test_full_rank_is_exact_for_every_form(d_out, d_in):
     w = _experts(d_out=d_out, d_in=d_in)
-    c = dm.expert_core(w)
+    c = fit.expert_core(w)
     s = min(d_out, d_in)
     _, g = _grams(4, d_in)
     assert dm.relative_weight_error(w, dm.reconstruct_delta(c, *dm.delta_factors(w, c, s))) < 1e-12
@@ -93,7 +93,7 @@ def test_full_rank_is_exact_for_every_form(d_out, d_in):
 @pytest.mark.parametrize("s", [1, 4, 9])
 def test_delta_error_is_discarded_singular_energy(s):
     w = _experts(shared=1.0)
-    c = dm.expert_core(w)
+    c = fit.expert_core(w)
     err = dm.relative_weight_error(w, dm.reconstruct_delta(c, *dm.delta_factors(w, c, s)))
     sv = torch.linalg.svdvals(w - c)  # (E, k)
     expected = (sv[:, s:].pow(2).sum() / w.pow(2).sum()).sqrt().item()
@@ -118,7 +118,7 @@ def test_randomized_svd_matches_exact_on_low_rank_plus_noise():
 @pytest.mark.parametrize("s", [2, 6])
 def test_whitened_beats_plain_on_output_error(s):
     w = _experts(shared=0.5)
-    c = dm.expert_core(w)
+    c = fit.expert_core(w)
     x, g = _grams(4, 16)
     plain = dm.reconstruct_delta(c, *dm.delta_factors(w, c, s))
     white = dm.reconstruct_delta(c, *dm.whitened_delta_factors(w, c, s, g, damping=1e-4))
@@ -138,7 +138,7 @@ def test_whitening_handles_never_routed_expert():
     assert torch.isfinite(L).all()
     assert torch.allclose(L[2], L[2, 0, 0] * torch.eye(16, dtype=F64))  # ∝ I: weight-space SVD
     w = _experts()
-    c = dm.expert_core(w)
+    c = fit.expert_core(w)
     a, b = dm.whitened_delta_factors(w, c, 3, g)
     a0, b0 = dm.delta_factors(w, c, 3)
     assert torch.allclose(a[2] @ b[2].mT, a0[2] @ b0[2].mT, atol=1e-10)
@@ -148,7 +148,7 @@ def test_whitening_handles_never_routed_expert():
 @pytest.mark.parametrize("d_out,d_in", SHAPES)
 def test_wrapper_refinement_never_increases_error_and_delta_is_not_worse(grams, d_out, d_in):
     w = _experts(d_out=d_out, d_in=d_in, shared=1.0)
-    c = dm.expert_core(w)
+    c = fit.expert_core(w)
     g = _grams(4, d_in)[1] if grams else None
     r = 3
     fac, hist = dm.wrapper_factors(w, c, r, g, steps=30)

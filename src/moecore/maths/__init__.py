@@ -3,10 +3,9 @@ and parameter budgets (:mod:`.budget`).
 No modules, hooks or I/O here."""
 from . import budget, decompose, fit
 from .budget import ProjectionShape, projection_params, solve_greedy, solve_uniform
+from .fit import expert_core, output_core
 from .decompose import (
     delta_factors,
-    expert_core,
-    output_core,
     reconstruct_delta,
     reconstruct_wrapper,
     relative_output_error,

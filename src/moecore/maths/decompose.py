@@ -16,38 +16,6 @@ import torch
 Tensor = torch.Tensor
 
 
-# ---------------------------------------------------------------------------- cores
-def expert_core(weights: Tensor, frequencies: Tensor | None = None) -> Tensor:
-    """Shared core of a projection: the mean of the experts, or the mean weighted by
-    ``frequencies (E,)`` (e.g. router hit counts; all-zero falls back to the plain mean).
-
-    ``weights (E, d_out, d_in) -> (d_out, d_in)``.
-    """
-    if frequencies is None or float(frequencies.sum()) <= 0:
-        return weights.mean(dim=0)  # (d_out, d_in)
-    f = frequencies.to(weights.dtype)
-    f = f / f.sum()  # (E,)
-    return torch.einsum("e,eoi->oi", f, weights)  # (d_out, d_in)
-
-
-def output_core(weights: Tensor, grams: Tensor, damping: float = 0.01) -> Tensor:
-    """Shared core minimizing the rank-0 output error ``Σ_i ‖(W_i − C) X_iᵀ‖_F²``:
-    ``C = (Σ_i W_i G_i)(Σ_i G_i + λ·mean(diag)·I)⁻¹``.
-
-    It generalizes the frequency-weighted mean (equal to it when every expert sees the
-    same input distribution, G_i ∝ n_i·G).  ``weights (E, d_out, d_in), grams (E, d_in, d_in)
-    -> (d_out, d_in)``.  All-zero Grams fall back to the plain mean.
-    """
-    g = grams.to(weights.dtype)
-    s = g.sum(0)  # (d_in, d_in)
-    scale = torch.diagonal(s).mean()
-    if float(scale) <= 0:
-        return weights.mean(dim=0)
-    s = s + (damping * scale + 1e-10 * scale) * torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
-    m = torch.einsum("eoi,eij->oj", weights, g)  # (d_out, d_in)
-    return torch.linalg.solve(s, m.mT).mT  # C S = M (S symmetric)  ->  (d_out, d_in)
-
-
 # ---------------------------------------------------------------------------- SVD
 def truncated_svd(
     m: Tensor, rank: int, method: str = "exact", oversample: int = 8, power_iters: int = 4,

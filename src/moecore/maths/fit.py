@@ -40,8 +40,9 @@ def _on(t: Tensor | None, sl: slice, device) -> Tensor | None:
 @torch.no_grad()
 def expert_core(weights: Tensor, frequencies: Tensor | None = None, *, chunk: int | None = None,
                 device=None) -> Tensor:
-    """:func:`.decompose.expert_core` (plain or frequency-weighted mean of the experts) summed
-    ``chunk`` experts at a time; ``(E, d_out, d_in) -> (d_out, d_in)`` float64 on ``device``."""
+    """Shared core of a projection: the mean of the experts, or the mean weighted by
+    ``frequencies (E,)`` (router hit counts; all-zero falls back to the plain mean), summed
+    ``chunk`` experts at a time.  ``(E, d_out, d_in) -> (d_out, d_in)`` float64 on ``device``."""
     e, d_out, d_in = weights.shape
     device = torch.device(device) if device is not None else weights.device
     f = None
@@ -57,8 +58,12 @@ def expert_core(weights: Tensor, frequencies: Tensor | None = None, *, chunk: in
 @torch.no_grad()
 def output_core(weights: Tensor, grams: Tensor, damping: float = 0.01, *, chunk: int | None = None,
                 device=None) -> Tensor:
-    """:func:`.decompose.output_core` ``(Σ_i W_i G_i)(Σ_i G_i + λ·mean(diag)·I)⁻¹``, summed
-    ``chunk`` experts at a time; all-zero Grams give the plain mean."""
+    """Shared core minimizing the rank-0 output error ``Σ_i ‖(W_i − C) X_iᵀ‖_F²``:
+    ``C = (Σ_i W_i G_i)(Σ_i G_i + λ·mean(diag)·I)⁻¹``, summed ``chunk`` experts at a time.
+
+    It generalizes the frequency-weighted mean (equal to it when every expert sees the same
+    input distribution, ``G_i ∝ n_i·G``).  ``grams (E, d_in, d_in)``; all-zero Grams give the
+    plain mean."""
     e, d_out, d_in = weights.shape
     device = torch.device(device) if device is not None else weights.device
     m = torch.zeros(d_out, d_in, dtype=_F64, device=device)
