@@ -230,7 +230,8 @@ def plot(rows: list[dict], path: Path) -> None:
             label = {"rtn": "RTN 4/3/2-bit g64", "hqq": "HQQ 4/3/2/1-bit g64",
                      "moecore-q": "moecore-delta + quantized core/factors"}.get(meth, meth)
             style = {"ls": "none", "marker": "*", "ms": 9} if meth == "moecore-q" else {"marker": "o"}
-            ax.plot(*zip(*pts), label=label, **style)
+            colors = ["moecore-q", "hqq", "reap-prune", "hc-merge", "moecore-wrapper", "rtn", "moecore-delta", "delta-svd"]
+            ax.plot(*zip(*pts), label=label, color=f"C{colors.index(meth)}" if meth in colors else None, **style)
         for r in mine:
             if r["method"] == "moecore-q":
                 ax.annotate(str(r["level"]), (r["expert_bytes_ratio"], r["ppl"]), fontsize=6,

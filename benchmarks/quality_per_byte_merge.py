@@ -1,11 +1,11 @@
 """Merge two ``quality_per_byte.py`` runs of the same protocol into one table, Pareto plot and
 "which method wins at which bytes" list (RESULTS §5).
 
-The runs must agree on the protocol and on every model's original perplexity (checked: the
-same bf16 model, documents and windows give the same number to the last digit), so their
-rows are one experiment.  Rows measured in both runs are taken from the newer one.
+The runs must agree on the protocol and on every model's original perplexity (checked to a
+relative 1e-5: the same bf16 model, documents and windows), so their rows are one
+experiment.  Rows measured in several runs are taken from the latest one.
 
-Usage: python benchmarks/quality_per_byte_merge.py OLD.json NEW.json [--out DIR]
+Usage: python benchmarks/quality_per_byte_merge.py OLD.json NEW.json|NEW.rows.jsonl ... [--out DIR]
 """
 from __future__ import annotations
 
@@ -20,22 +20,36 @@ from quality_per_byte import markdown, pareto, plot  # noqa: E402
 BANDS = [(0.0, 0.10), (0.10, 0.143), (0.143, 0.20), (0.20, 0.30), (0.30, 0.55)]
 
 
-def merge(old: dict, new: dict) -> list[dict]:
-    """Rows of both runs, one per (model, method, level); ConfigError-free rows only."""
+def _load(path: str) -> dict:
+    """A run's ``{"meta", "rows"}``: its JSON, or the ``.rows.jsonl`` an interrupted run left
+    (finished rows only, no meta and no original row)."""
+    p = Path(path)
+    if p.name.endswith(".jsonl"):
+        return {"meta": None, "rows": [json.loads(line) for line in p.read_text().splitlines() if line.strip()]}
+    return json.loads(p.read_text())
+
+
+def merge(old: dict, news: list[dict]) -> list[dict]:
+    """Rows of all runs, one per (model, method, level), later runs winning; byte and perplexity
+    ratios recomputed against the OLD run's original row of each model."""
     keys = ("seq_len", "stride", "heldout_documents", "max_tokens")
-    for k in keys:
-        if old["meta"]["protocol"].get(k) != new["meta"]["protocol"].get(k):
-            raise SystemExit(f"protocols differ in {k}: {old['meta']['protocol'].get(k)} vs {new['meta']['protocol'].get(k)}")
-    orig = {r["model"]: r["ppl"] for r in old["rows"] if r["method"] == "original"}
-    for r in new["rows"]:
-        if r["method"] == "original" and r["model"] in orig and abs(orig[r["model"]] - r["ppl"]) > 1e-6 * r["ppl"]:
-            raise SystemExit(f"{r['model']}: original ppl differs between runs ({orig[r['model']]} vs {r['ppl']})")
+    orig = {r["model"]: r for r in old["rows"] if r["method"] == "original"}
+    for new in news:
+        for k in keys if new["meta"] else ():
+            if old["meta"]["protocol"].get(k) != new["meta"]["protocol"].get(k):
+                raise SystemExit(f"protocols differ in {k}")
+        for r in new["rows"]:
+            if r["method"] == "original" and abs(orig[r["model"]]["ppl"] - r["ppl"]) > 1e-5 * r["ppl"]:
+                raise SystemExit(f"{r['model']}: original ppl differs between runs ({orig[r['model']]['ppl']} vs {r['ppl']})")
     rows: dict[tuple, dict] = {}
-    for run, tag in ((old, "old"), (new, "new")):
+    for tag, run in [("old", old)] + [(f"new{i}", n) for i, n in enumerate(news)]:
         for r in run["rows"]:
-            if "skipped" not in r:
-                rows[(r["model"], r["method"], str(r["level"]))] = {**r, "run": tag}
-    order = list(dict.fromkeys(r["model"] for r in old["rows"] + new["rows"]))
+            if "skipped" in r or (r["method"] == "original" and tag != "old"):
+                continue
+            o = orig[r["model"]]
+            rows[(r["model"], r["method"], str(r["level"]))] = {
+                **r, "run": tag, "expert_bytes_ratio": r["expert_bytes"] / o["expert_bytes"], "ppl_ratio": r["ppl"] / o["ppl"]}
+    order = list(orig)
     return sorted(rows.values(), key=lambda r: (order.index(r["model"]), r["method"] != "original", r["expert_bytes"]))
 
 
@@ -61,11 +75,10 @@ def winners(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("old")
-    ap.add_argument("new")
+    ap.add_argument("new", nargs="+")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
-    old, new = (json.loads(Path(p).read_text()) for p in (args.old, args.new))
-    rows = merge(old, new)
+    rows = merge(_load(args.old), [_load(p) for p in args.new])
     out = Path(args.out)
     front = {m: [(r["method"], r["level"]) for r in pareto([x for x in rows if x["model"] == m])]
              for m in dict.fromkeys(r["model"] for r in rows)}
@@ -73,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- {m}: " + ", ".join(f"{a} ({b})" for a, b in f) for m, f in front.items()) + "\n"
     (out / "quality_per_byte_merged.md").write_text(text)
     (out / "quality_per_byte_merged.json").write_text(json.dumps(
-        {"meta": {"old": old["meta"], "new": new["meta"]}, "rows": rows}, indent=1, default=float))
+        {"meta": {"runs": [args.old, *args.new]}, "rows": rows}, indent=1, default=float))
     plot(rows, out / "quality_per_byte_merged.png")
     print(text)
 
