@@ -121,29 +121,18 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
     assert bad.returncode == 2 and "different job" in bad.stderr
 
 
-_PEAK = """
-import resource, sys
-from moecore import CompressionConfig
-from moecore.compress import compress_checkpoint
-from moecore.data import TextFile
-compress_checkpoint(sys.argv[1], sys.argv[2], CompressionConfig(rank=16, refine_steps=0, svd="randomized", calib_max_tokens=512,
-                    calib_seq_len=128), TextFile(sys.argv[3]), progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
-
-
 def test_host_memory_does_not_grow_with_depth(tmp_path):
+    """16 layers streamed: what stays resident after each layer (weights, Grams and calibration
+    state released) does not grow from layer to layer.  (Peak RSS of whole runs, 4 against 16
+    layers, is measured in benchmarks/RESULTS.md §7: it also moves with allocator noise.)"""
     calib = _calib_file(tmp_path / "calib.txt")
-    peaks = {}
-    for layers in (4, 16):
-        src = _tiny_checkpoint(tmp_path / f"src{layers}", layers=layers, hidden=256, inter=2048, experts=8)
-        r = subprocess.run([sys.executable, "-c", _PEAK, str(src), str(tmp_path / f"out{layers}"), str(calib)],
-                           env=subprocess_env(1), capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        peaks[layers] = int(r.stdout.strip().splitlines()[-1]) * 1024  # bytes
-    layer_bytes = 8 * 3 * 256 * 2048 * 4  # one layer's expert weights, float32 (48 MiB)
-    grown = peaks[16] - peaks[4]
-    assert grown < 2 * layer_bytes, f"peak RSS grew by {grown / 2**20:.1f} MiB from 4 to 16 layers"
+    src = _tiny_checkpoint(tmp_path / "src", layers=16, hidden=256, inter=1024, experts=8)
+    cfg = moecore.CompressionConfig(rank=16, refine_steps=0, svd="randomized", calib_max_tokens=512, calib_seq_len=128)
+    res = compress_checkpoint(src, tmp_path / "out", cfg, moecore.data.TextFile(calib), progress=False)
+    rss = [t["resident_bytes"] for t in res["timings"]]
+    layer_bytes = 8 * 3 * 256 * 1024 * 4  # one layer's expert weights, float32 (24 MiB)
+    grown = max(rss[4:]) - rss[3]
+    assert grown < 2 * layer_bytes, f"resident memory grew by {grown / 2**20:.1f} MiB over 12 layers"
 
 
 def test_bad_checkpoints_give_one_error_and_leave_nothing(tmp_path):

@@ -21,6 +21,7 @@ layer's spectrum before any rank is fixed, so it costs one extra pass over the l
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Protocol
 
@@ -100,6 +101,15 @@ def release_memory(device: torch.device) -> None:
         pass  # not glibc
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def resident_bytes() -> int | None:
+    """Current resident memory of this process (Linux ``/proc/self/statm``), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def experts_by_layer(model: nn.Module) -> tuple[str, nn.ModuleList, dict[int, list[tuple[str, ExpertsLayout]]]]:
@@ -264,5 +274,5 @@ class Engine:
             release_memory(self.device)
             t5 = time.perf_counter()
             self.timings.append({"layer": i, "load_s": t1 - t0, "calibrate_s": t2 - t1, "fit_s": t3 - t2,
-                                 "propagate_s": t4 - t3, "write_s": t5 - t4})
+                                 "propagate_s": t4 - t3, "write_s": t5 - t4, "resident_bytes": resident_bytes()})
             bar.set_postfix(fit=f"{t3 - t2:.1f}s")
