@@ -75,10 +75,14 @@ def run_model(name: str, args, console: Console, done: list[dict], save) -> list
             extra = {} if args.refine_steps is None else {"refine_steps": args.refine_steps}
             if args.propagate:
                 extra["propagate"] = args.propagate
+            for item in args.set or []:  # --set key=value: any CompressionConfig field (ablations)
+                key, _, value = item.partition("=")
+                extra[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
             cfg = moecore.CompressionConfig(form=form, target_ratio=ratio, init=args.init, **extra)
             moecore.compress(m, cfg, calibration=calib if args.init == "auto" else None, tokenizer=tok)
             row = measure(m, tok, stream, {"model": name, "form": form, "target_ratio": ratio, "init": args.init,
-                                           "refine_steps": cfg.refine_steps, "propagate": cfg.propagate},
+                                           "refine_steps": cfg.refine_steps, "propagate": cfg.propagate,
+                                           "calib_prior_tokens": cfg.calib_prior_tokens},
                           args.max_tokens)
             row["compress_seconds"] = round(time.time() - t0 - row["eval_seconds"], 1)
             row["ppl_change_percent"] = 100 * (row["ppl"] / base - 1)
@@ -133,7 +137,9 @@ def main() -> None:
                     help="svd: plain truncated SVD without calibration (with --refine-steps 0: mean core + SVD, "
                          "the D²-MoE-like ablation)")
     ap.add_argument("--propagate", choices=["compressed", "original"], default=None,
-                    help="calibrate on the compressed (default, sequential) or the original earlier layers")
+                    help="calibrate on the original (default) or the compressed earlier layers (sequential)")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a CompressionConfig field, e.g. --set calib_prior_tokens=0 (repeatable)")
     ap.add_argument("--original-from", default=None,
                     help="reuse the original model's row from this demo_results.json (same protocol) instead of "
                          "evaluating it again")

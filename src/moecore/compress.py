@@ -5,8 +5,8 @@ decoder layer, the original layer runs on the current calibration activations wi
 that keeps what reaches its experts, the core and factors are fitted
 (:mod:`moecore.fitting`), the experts module is swapped for a
 :class:`~moecore.compressed_experts.CompressedExperts`, and the compressed layer produces the
-next layer's inputs (sequential calibration; ``propagate="original"`` keeps the original
-activations instead).  ``moecore compress DIR -o OUT`` runs the same engine streamed from and
+next layer's inputs (``propagate="compressed"``, sequential calibration) or the original
+layer's outputs do (``"original"``, the default).  ``moecore compress DIR -o OUT`` runs the same engine streamed from and
 to sharded safetensors (:mod:`moecore.streaming`).
 """
 from __future__ import annotations

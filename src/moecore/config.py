@@ -126,10 +126,12 @@ class CompressionConfig:
         calib_weighting: ``"routing"`` (default): each calibration token's contribution to an
             expert's Gram is weighted by its squared routing weight, since the expert's output is
             scaled by that weight; ``"tokens"``: every routed token counts once.
-        propagate: what the next layer is calibrated on. ``"compressed"`` (default,
-            sequential calibration): the outputs of the already compressed earlier layers, so
-            every layer is fitted to what it will really receive; ``"original"``: the original
-            model's activations (every layer calibrated independently).
+        propagate: what the next layer is calibrated on. ``"original"`` (default): the
+            original layer's outputs (every layer calibrated on the original model's
+            activations); ``"compressed"`` (sequential calibration): the outputs of the already
+            compressed earlier layers, so every layer is fitted to what it will really receive.
+            On the bundled models sequential calibration was measured worse on the from-scratch
+            model and level on the upcycled one (benchmarks/RESULTS.md §3), so it is an option.
         calib_prior_tokens: experts with few routed calibration tokens are shrunk toward the
             layer-wide Gram: ``G_i + κ·Ḡ`` with ``Ḡ`` the Gram of an average routed token and κ
             this many tokens.  Experts with fewer routed tokens than κ are counted as
@@ -156,7 +158,7 @@ class CompressionConfig:
     seed: int = 0
     whiten_damping: float = 0.01
     calib_weighting: str = "routing"
-    propagate: str = "compressed"
+    propagate: str = "original"
     calib_prior_tokens: float = 64.0
     gram_dtype: str = "auto"
     fit_memory_gb: float = 6.0

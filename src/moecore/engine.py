@@ -10,9 +10,9 @@ Per decoder layer, in order:
    indices and weights);
 3. **fit**: Grams, whitening, core and factors (:func:`moecore.fitting.fit_experts`), then
    the experts module is swapped for a :class:`~moecore.compressed_experts.CompressedExperts`;
-4. **propagate**: the *compressed* layer runs to produce the next layer's inputs
-   (``propagate="compressed"``, sequential calibration), or the original layer's outputs are
-   kept (``"original"``);
+4. **propagate**: the original layer's outputs become the next layer's inputs
+   (``propagate="original"``, the default), or the *compressed* layer runs to produce them
+   (``"compressed"``, sequential calibration);
 5. **done**: the store writes / frees the layer.
 
 Only one layer's calibration state exists at a time.  ``allocation="greedy"`` needs every

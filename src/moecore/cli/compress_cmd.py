@@ -59,8 +59,8 @@ def register(sub) -> None:
     p.add_argument("--refine-steps", type=int, default=None, help="alternating refinement iterations (default 10)")
     p.add_argument("--svd", choices=["auto", "exact", "randomized"], default="auto",
                    help="truncated SVD: auto = exact up to 512 on the short side, randomized (warm-started) above")
-    p.add_argument("--propagate", choices=["compressed", "original"], default="compressed",
-                   help="calibrate each layer on the compressed (sequential, default) or the original earlier layers")
+    p.add_argument("--propagate", choices=["compressed", "original"], default="original",
+                   help="calibrate each layer on the original (default) or the compressed earlier layers (sequential)")
     p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (default 32768)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load and store the model in")
     p.add_argument("--device", default="auto", help="where layers are calibrated and fitted: auto (cuda if "
