@@ -1,4 +1,4 @@
-"""Quality per byte (DESIGN §5.1): held-out perplexity against stored expert bytes, for
+"""Quality per byte: held-out perplexity against stored expert bytes, for
 moecore and baselines at equal byte budgets, side by side in one process run.
 
 Methods (each on a fresh copy of the model, weights first rounded through bfloat16, the

@@ -1,4 +1,4 @@
-"""Speed benchmark (DESIGN §5.2, issue 9): moecore ``CompressedExperts`` forward (delta and
+"""Speed benchmark (issue 9): moecore ``CompressedExperts`` forward (delta and
 wrapper) against the original transformers experts module with ``experts_implementation``
 ``"grouped_mm"`` and ``"eager"``, at real layer shapes and decode / prefill token counts,
 on CPU (wall clock) or CUDA (CUDA events, bfloat16 by default).

@@ -159,7 +159,7 @@ def test_wrapper_refinement_never_increases_error_and_delta_is_not_worse(grams, 
     assert abs(float(((w - final) @ lw).pow(2).sum()) - min(hist)) < 1e-8 * min(hist)  # best iterate kept
     start, _ = dm.wrapper_factors(w, c, r, g, steps=0)
     assert float(((w - final) @ lw).pow(2).sum()) <= float(((w - dm.reconstruct_wrapper(c, *start)) @ lw).pow(2).sum())
-    if not grams:  # DESIGN §1: delta at s = 2r is never worse than wrapper at r (same params)
+    if not grams:  # delta at s = 2r is never worse than wrapper at r (same params)
         delta = dm.reconstruct_delta(c, *dm.delta_factors(w, c, 2 * r))
         assert dm.relative_weight_error(w, delta) <= dm.relative_weight_error(w, final) + 1e-12
 

@@ -1,4 +1,4 @@
-"""Statistics counted from real tensors, the DESIGN §2 worked example, and ``plan`` == the
+"""Statistics counted from real tensors, the worked example of one Mixtral-8x7B layer, and ``plan`` == the
 counts of what ``compress`` produces."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ COUNTS = ("params_original", "params_compressed", "active_params_original", "act
 
 
 def test_design_worked_example_one_mixtral_layer():
-    """DESIGN §2: one Mixtral-8x7B layer, wrapper r=64 vs delta s=128 (same params)."""
+    """One Mixtral-8x7B layer, wrapper r=64 vs delta s=128 (same params)."""
     w = moecore.plan(MIXTRAL, moecore.CompressionConfig(form="wrapper", rank=64))
     d = moecore.plan(MIXTRAL, moecore.CompressionConfig(form="delta", rank=128))
     for p in (w, d):

@@ -1,4 +1,4 @@
-"""moecore as a transformers quantization method (DESIGN §3).
+"""moecore as a transformers quantization method.
 
 ``import moecore`` registers :class:`MoecoreQuantizationConfig` and :class:`MoecoreHfQuantizer`
 under ``quant_method = "moecore"``.  A compressed checkpoint's ``config.json`` carries::

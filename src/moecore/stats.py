@@ -1,4 +1,4 @@
-"""Honest statistics (DESIGN §2): every count is the ``numel`` of a real tensor.
+"""Honest statistics: every count is the ``numel`` of a real tensor.
 
 ``statistics(model)`` reads a compressed (or original) model; ``plan(hf_config, cfg)``
 builds the model on the meta device, swaps in meta ``CompressedExperts`` with the ranks
