@@ -46,11 +46,15 @@ def test_streamed_equals_in_memory_on_a_resharded_bundled_model(tmp_path, name):
     assert len(list(sharded.glob("*.safetensors"))) >= 3
     texts = load_split("calib")[:8]
     cfg = moecore.CompressionConfig(**FAST)
-    res = compress_checkpoint(sharded, tmp_path / "streamed", cfg, texts, progress=False)
+    shard = 1 if name == "tiny-mixtral" else "5GB"  # sharded output (one shard per layer) / one file
+    res = compress_checkpoint(sharded, tmp_path / "streamed", cfg, texts, progress=False, max_shard_size=shard)
     assert [t["layer"] for t in res["timings"]] == list(range(src.config.num_hidden_layers))
     out = tmp_path / "streamed"
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert len(set(index["weight_map"].values())) == src.config.num_hidden_layers + 1  # a shard per layer + rest
+    if shard == 1:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) == src.config.num_hidden_layers + 1  # a shard per layer + rest
+    else:
+        assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]
     moecore.compress(src, cfg, texts, tok, progress=False)
     moecore.save_compressed(src, tmp_path / "memory", tokenizer=tok)
     ids = torch.randint(0, len(tok), (2, 48), generator=torch.Generator().manual_seed(0))
@@ -148,7 +152,7 @@ def test_bad_checkpoints_give_one_error_and_leave_nothing(tmp_path):
     gone = next(k for k in index["weight_map"] if ".layers.2." in k and "experts" in k)
     wm = {k: v for k, v in index["weight_map"].items() if k != gone}
     (broken / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
-    with pytest.raises(CheckpointError, match="no tensor for"):
+    with pytest.raises(CheckpointError, match="missing pieces"):
         compress_checkpoint(broken, tmp_path / "o1", cfg, progress=False)
     # 2. a truncated shard
     trunc = tmp_path / "trunc"

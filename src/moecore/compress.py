@@ -94,7 +94,7 @@ def compress_checkpoint(
     model_dir: str | os.PathLike, out_dir: str | os.PathLike, config: CompressionConfig,
     calibration: Sequence[str] | None = None, *, device: torch.device | str = "cpu",
     dtype: torch.dtype | str | None = "auto", resume: bool = False, overwrite: bool = False,
-    progress: bool = True, calibration_path: str | os.PathLike | None = None,
+    progress: bool = True, calibration_path: str | os.PathLike | None = None, max_shard_size: int | str = "5GB",
 ) -> dict[str, Any]:
     """Compress the checkpoint in ``model_dir`` into ``out_dir`` layer by layer, never holding
     more than one decoder layer of original weights (plus embeddings and head); the same
@@ -110,6 +110,9 @@ def compress_checkpoint(
         dtype: load / store dtype (``"auto"``: the checkpoint's).
         resume: continue an interrupted run of the same job from its first unfinished layer.
         overwrite: replace an existing ``out_dir`` (never an input).
+        max_shard_size: as in ``save_pretrained``: a result up to this size is one
+            ``model.safetensors``; a larger one keeps one shard per decoder layer plus
+            ``model.safetensors.index.json``.
     Returns a summary: output path, ranks, per-layer timings, whether it resumed.
     """
     from . import streaming as st
@@ -129,14 +132,21 @@ def compress_checkpoint(
     state = st.read_state(work, fp, resume, overwrite)
     try:
         with converting_disk_full(out):
-            return _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress, overwrite)
+            return _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress,
+                           overwrite, max_shard_size)
     except (CheckpointError, UnsupportedModelError) as exc:
         if not disk_full(exc.__cause__ or exc):  # a bad input: nothing to resume, leave nothing behind
             shutil.rmtree(work, ignore_errors=True)
-        raise
+            raise
+        if state["done"] == 0:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        raise CheckpointError(f"{exc}; the {state['done']} finished layer(s) are kept in {work}: free space and "
+                              f"rerun with --resume (or delete that folder)") from exc
 
 
-def _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress, overwrite):
+def _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress, overwrite,
+            max_shard_size):
     """The streaming run proper (see :func:`compress_checkpoint`)."""
     from . import streaming as st
     from .engine import experts_by_layer
@@ -158,7 +168,7 @@ def _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, devi
     if start and hidden is not None:
         hidden = st.load_activations(work, state)
     engine.run(ranks, hidden, start)
-    st.finish(work, src, model, hf_cfg, stack_path, state, config, tok)
+    st.finish(work, src, model, hf_cfg, stack_path, state, config, tok, max_shard_size)
     publish_dir(work, out, overwrite)
     return {"output": str(out), "resumed_at_layer": start, "timings": engine.timings,
             "ranks": state["ranks"], "dtype": str(dtype), "device": str(device)}

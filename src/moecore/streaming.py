@@ -120,7 +120,8 @@ class CheckpointReader:
             handles.clear()  # safe_open handles close when collected
         bad = sorted(set(info.mismatched_keys) | set(info.conversion_errors))
         if bad:
-            raise CheckpointError(f"{self.dir}: tensor {sorted(bad)[0]} does not match the model's shape")
+            raise CheckpointError(f"{self.dir}: tensor {sorted(bad)[0]} is missing pieces or has the wrong shape "
+                                  f"in the checkpoint")
         if prefix == "" and getattr(self.skeleton.config, "tie_word_embeddings", False):
             self.skeleton.tie_weights()
         root = self.skeleton.get_submodule(prefix) if prefix else self.skeleton
@@ -322,12 +323,29 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "fl
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
+def _consolidate(work: Path) -> None:
+    """Merge the per-layer shards into one ``model.safetensors`` (a small model, like
+    ``save_pretrained`` below its shard size)."""
+    from safetensors.torch import load_file
+
+    shards = sorted(work.glob("model-*.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    for f in shards:
+        tensors.update(load_file(str(f)))
+    _save(tensors, work / "model.safetensors")
+    for f in shards:
+        f.unlink()
+
+
 def finish(work: Path, src: Path, model: nn.Module, hf_cfg, stack_path: str, state: dict[str, Any],
-           config: CompressionConfig, tokenizer) -> None:
+           config: CompressionConfig, tokenizer, max_shard_size: int | str = "5GB") -> None:
     """Write what makes ``work`` a checkpoint: the non-layer shard, ``config.json`` with the
-    ``quantization_config``, the index, statistics, the compression config, the tokenizer;
-    then drop the resume files.  Everything is derived from the stored state, so a resumed
-    run writes the same bytes as an uninterrupted one."""
+    ``quantization_config``, the index (or, when everything fits ``max_shard_size``, one
+    ``model.safetensors`` as ``save_pretrained`` writes it), statistics, the compression
+    config, the tokenizer; then drop the resume files.  Everything is derived from the stored
+    state, so a resumed run writes the same bytes as an uninterrupted one."""
+    from transformers.utils.hub import convert_file_size_to_int
+
     from transformers import AutoModelForCausalLM
 
     from . import __version__
@@ -356,6 +374,11 @@ def finish(work: Path, src: Path, model: nn.Module, hf_cfg, stack_path: str, sta
     if tokenizer is not None:
         tokenizer.save_pretrained(work)
     config.save(work)
-    _write_json(work / INDEX, _index(work))
+    index = _index(work)
+    limit = convert_file_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    if index["metadata"]["total_size"] <= limit:
+        _consolidate(work)
+    else:
+        _write_json(work / INDEX, index)
     for f in [work / STATE, *work.glob("activations-*.safetensors")]:
         f.unlink(missing_ok=True)
