@@ -42,6 +42,8 @@ class CompressedExperts(nn.Module):
             ``None`` it is rebuilt from ``layout.hidden_act``).
     """
 
+    moecore_compressed = True  # what :func:`moecore.families.is_compressed` looks for
+
     def __init__(
         self, num_experts: int, hidden_size: int, intermediate_size: int, form: str, ranks: Mapping[str, int],
         layout: ExpertsLayout, act_fn: nn.Module | None = None, dtype: torch.dtype | None = None,

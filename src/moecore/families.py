@@ -155,14 +155,19 @@ def _looks_like_experts(name: str, module: nn.Module) -> bool:
     return isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == 3
 
 
+def is_compressed(module: nn.Module) -> bool:
+    """True for a moecore experts module (``CompressedExperts`` and its subclasses carry the
+    class attribute ``moecore_compressed``; checked by attribute so that this module does not
+    import the module that imports it)."""
+    return bool(getattr(type(module), "moecore_compressed", False))
+
+
 def layout_of(name: str, module: nn.Module) -> ExpertsLayout:
     """The :class:`ExpertsLayout` of experts module ``module`` at path ``name`` (works on the
     meta device).  Raises :class:`UnsupportedModelError` naming ``name`` if moecore can't
     handle it."""
-    from .compressed_experts import CompressedExperts
-
     cls = type(module).__name__
-    if isinstance(module, CompressedExperts):
+    if is_compressed(module):
         raise UnsupportedModelError(f"{name} is already compressed by moecore")
     if cls in KNOWN_LAYOUTS:
         layout = KNOWN_LAYOUTS[cls](module)
@@ -212,15 +217,13 @@ def find_experts(model: nn.Module) -> list[tuple[str, nn.Module, ExpertsLayout]]
     Raises :class:`UnsupportedModelError` if the model has no experts module ("not a
     Mixture-of-Experts model") or one of them has a layout moecore can't handle.
     """
-    from .compressed_experts import CompressedExperts
-
     found: list[tuple[str, nn.Module, ExpertsLayout]] = []
     compressed = 0
     inside: str | None = None
     for name, module in model.named_modules():
         if inside is not None and name.startswith(inside + "."):
             continue  # children of an experts module
-        if isinstance(module, CompressedExperts):
+        if is_compressed(module):
             compressed += 1
             inside = name
             continue
