@@ -60,6 +60,9 @@ def test_streamed_equals_in_memory_on_a_resharded_bundled_model(tmp_path, name):
     ids = torch.randint(0, len(tok), (2, 48), generator=torch.Generator().manual_seed(0))
     assert torch.equal(_logits(out, ids), _logits(tmp_path / "memory", ids))
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no work folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~umask)}  # files follow the umask
 
 
 def _tiny_checkpoint(path: Path, layers: int, hidden: int = 64, inter: int = 128, experts: int = 4, seed: int = 0):

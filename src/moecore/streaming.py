@@ -30,6 +30,7 @@ from torch import nn
 from .config import CompressionConfig
 from .engine import Engine
 from .errors import CheckpointError, UnsupportedModelError
+from .io_utils import _umask
 
 STATE = "moecore_resume.json"
 INDEX = "model.safetensors.index.json"
@@ -185,6 +186,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600; outputs follow the umask
     os.replace(tmp, path)
 
 
