@@ -193,6 +193,10 @@ def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike, overwrite: bool)
     leaves either the old or the new ``out``), else by two renames whose interruption
     :func:`recover_interrupted` repairs.  Returns ``out``."""
     tmp, out = Path(tmp), Path(out).expanduser().resolve()
+    mode = 0o666 & ~_umask()
+    for f in tmp.rglob("*"):  # safetensors writes its files 0600: every output file follows the umask
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
     fsync_tree(tmp)
     if not out.exists():
         os.rename(tmp, out)
