@@ -116,6 +116,22 @@ def _whitening(inputs: RoutedInputs, kind: str, module_views: dict, layout: Expe
     return raw, store, S, lam
 
 
+def _projections(views: dict, layout: ExpertsLayout, act, cfg: CompressionConfig, inputs: RoutedInputs | None,
+                 device):
+    """Yield ``(p, _Projection, raw Grams or None, λ)`` for gate, up, down.  gate and up share
+    one Gram stack of the experts' input (whitened once); it is freed before the down
+    projection's stack is built."""
+    whiten = inputs is not None and cfg.init in ("auto", "whitened")
+    white = None
+    for p in PROJECTIONS:
+        kind = "mid" if p == "down" else "in"
+        if inputs is not None and (white is None or white[0] != kind):
+            white = None  # free the other Gram stack first
+            white = (kind, *_whitening(inputs, kind, views, layout, act, cfg, device))
+        raw, L, S, lam = white[1:] if white is not None else (None, None, None, None)
+        yield p, _Projection(views[p].detach(), cfg, inputs, L if whiten else None, S, lam, device), raw, L, lam
+
+
 @torch.no_grad()
 def fit_experts(
     module: nn.Module, layout: ExpertsLayout, cfg: CompressionConfig, ranks: dict[str, int],
@@ -132,15 +148,9 @@ def fit_experts(
     act = layout.activation_fn(getattr(module, "act_fn", None))
     gen = torch.Generator(device=device).manual_seed(seed)
     cores, factors, report, raw_grams = {}, {}, {}, {}
-    white = None
-    for p in PROJECTIONS:
-        kind = "mid" if p == "down" else "in"
-        if inputs is not None and (white is None or white[0] != kind):
-            white = None  # free the other Gram stack first
-            white = (kind, *_whitening(inputs, kind, views, layout, act, cfg, device))
-        raw, L, S, lam = white[1:] if white is not None else (None, None, None, None)
+    for p, proj, raw, L, lam in _projections(views, layout, act, cfg, inputs, device):
         raw_grams[p] = raw if whiten else None
-        proj = _Projection(views[p].detach(), cfg, inputs, L if whiten else None, S, lam, device)
+        S = proj.S
         core = proj.core_start(raw)
         r = ranks[p]
         entry: dict[str, Any] = {"rank": r, "whitened": whiten}
@@ -195,16 +205,9 @@ def rank_gains(path: str, module: nn.Module, layout: ExpertsLayout, cfg: Compres
     (whitened) residual energy each rank unit removes, relative to the projection's energy."""
     views = layout.split(module)
     device = torch.device(device) if device is not None else views["gate"].device
-    whiten = inputs is not None and cfg.init in ("auto", "whitened")
     act = layout.activation_fn(getattr(module, "act_fn", None))
-    gains, white = {}, None
-    for p in PROJECTIONS:
-        kind = "mid" if p == "down" else "in"
-        if inputs is not None and (white is None or white[0] != kind):
-            white = None
-            white = (kind, *_whitening(inputs, kind, views, layout, act, cfg, device))
-        raw, L, S, lam = white[1:] if white is not None else (None, None, None, None)
-        proj = _Projection(views[p].detach(), cfg, inputs, L if whiten else None, S, lam, device)
+    gains = {}
+    for p, proj, raw, _, _ in _projections(views, layout, act, cfg, inputs, device):
         sv, total = mf.spectrum(proj.w, proj.core_start(raw), proj.L, chunk=proj.chunk, device=device)
         unit = sv.pow(2).sum(0) / max(total, 1e-300)  # (k,)
         if cfg.form == "wrapper":
