@@ -104,7 +104,7 @@ _CHILD = r"""
 import json, resource, sys, time
 import torch
 from moecore import CompressionConfig
-from moecore.compress import compress_checkpoint
+from moecore.api import compress_checkpoint
 from moecore.data import TextFile
 args = json.loads(sys.argv[1])
 cfg = CompressionConfig(**args["cfg"])

@@ -14,7 +14,7 @@ from transformers import (
     Qwen2MoeConfig, Qwen3MoeConfig,
 )
 
-from moecore.compress import compress
+from moecore.api import compress
 from moecore.compressed_experts import CompressedExperts
 from moecore.config import CompressionConfig
 from moecore.errors import ConfigError, UnsupportedModelError

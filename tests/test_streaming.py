@@ -1,4 +1,4 @@
-"""The streaming layer engine (``moecore compress DIR``, :func:`moecore.compress.compress_checkpoint`):
+"""The streaming layer engine (``moecore compress DIR``, :func:`moecore.compress_checkpoint`):
 streamed == in memory, kill + resume is byte-identical, host memory does not grow with depth,
 bad checkpoints give one clear error and leave nothing behind."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig
 
 import moecore
-from moecore.compress import compress_checkpoint
+from moecore.api import compress_checkpoint
 from moecore.data import load_split
 from moecore.errors import CheckpointError, UnsupportedModelError
 

@@ -77,7 +77,7 @@ def run(args) -> int:
     import torch
 
     from moecore import CompressionConfig
-    from moecore.compress import compress_checkpoint
+    from moecore.api import compress_checkpoint
     from moecore.data import TextFile
     from moecore.stats import STATS_FILENAME, print_table, read_statistics_yaml
 

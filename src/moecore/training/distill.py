@@ -66,7 +66,7 @@ def _resolve_student(student, teacher_model, tok, compression, resume_ckpt):
     else:
         model, how = copy.deepcopy(teacher_model), "the teacher"
     if compression is not None and not is_compressed_model(model):
-        from ..compress import compress
+        from ..api import compress
         from ..data import load_split
 
         compress(model, compression, calibration=load_split("calib"), tokenizer=tok)
