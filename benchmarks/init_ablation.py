@@ -21,6 +21,7 @@ Writes benchmarks/results/init_ablation.json.
 """
 from __future__ import annotations
 
+from pathlib import Path
 import argparse
 import json
 import time
@@ -29,10 +30,12 @@ import torch
 import transformers
 
 import moecore
-from moecore.data import load_split, repo_root, token_stream
+from moecore.data import load_split, token_stream
 from moecore.evaluation import PPL_PROTOCOL, perplexity
 from moecore.io_utils import atomic_write_text
 from moecore.modeling import load_model
+
+REPO = Path(__file__).resolve().parents[1]  # the source checkout (bundled models, results)
 
 BASE = {"init": "whitened", "core": "mean", "calib_weighting": "tokens", "refine_steps": 0}
 VARIANTS = [  # (label, config overrides, calibration: None | "head" | "all")
@@ -67,7 +70,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", type=int, default=None,
                     help="run only these variant numbers (1-based) and merge them into the existing JSON")
     args = ap.parse_args()
-    out = repo_root() / "benchmarks" / "results" / "init_ablation.json"
+    out = REPO / "benchmarks" / "results" / "init_ablation.json"
     rows = json.loads(out.read_text())["rows"] if args.only and out.exists() else []
     variants = [v for i, v in enumerate(VARIANTS, 1) if not args.only or i in args.only]
     meta = {"form": "delta", "target_ratio": args.ratio, "protocol": PPL_PROTOCOL,
@@ -77,7 +80,7 @@ def main() -> None:
                          "transformers": transformers.__version__},
             "command": f"python benchmarks/init_ablation.py --models {' '.join(args.models)} --ratio {args.ratio}"}
     for name in args.models:
-        path = repo_root() / "models" / name
+        path = REPO / "models" / name
         model, tok = load_model(path)
         stream = token_stream(tok, load_split("heldout")[::args.doc_stride])
         calib = load_split("calib")

@@ -41,12 +41,14 @@ import torch
 
 import moecore
 from moecore.config import QuantConfig
-from moecore.data import load_split, repo_root, spread_sequences
+from moecore.data import load_split, spread_sequences
 from moecore.errors import ConfigError
 from moecore.evaluation import PPL_PROTOCOL, perplexity, token_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines as bl  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]  # the source checkout (bundled models, results)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["moecore-delta", "moecore-wrapper", "delta-svd", "reap-prune", "hc-merge", "rtn", "hqq", "moecore-q"]
@@ -58,7 +60,7 @@ def tiny_random_model(seed: int = 0):
     """A tiny random Qwen3-MoE (8 experts, top-2) with the bundled tokenizer (no download)."""
     from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(repo_root() / "data" / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(REPO / "data" / "tokenizer")
     cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                          num_experts=8, num_experts_per_tok=2, max_position_embeddings=512, norm_topk_prob=True,
@@ -74,7 +76,7 @@ def load(name: str):
     else:
         from moecore.modeling import load_model
 
-        path = Path(name) if Path(name).is_dir() else repo_root() / "models" / name
+        path = Path(name) if Path(name).is_dir() else REPO / "models" / name
         model, tok = load_model(path)
     return model.to(STORED).to(torch.float32).eval(), tok, Path(name).name
 

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from moecore.data import repo_root
 from moecore.families import find_experts
 from moecore.modeling import load_model
+
+REPO = Path(__file__).resolve().parents[1]  # the source checkout (bundled models, results)
 
 GROUP = 64
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     rows = []
     for name in args.models:
-        model, _ = load_model(repo_root() / "models" / name)
+        model, _ = load_model(REPO / "models" / name)
         path, module, layout = find_experts(model)[0]
         weights = {p: v.detach().float().contiguous() for p, v in layout.split(module).items() if p in ("gate", "up", "down")}
         for bits in args.bits:

@@ -19,11 +19,13 @@ import torch
 import transformers
 
 import moecore
-from moecore.data import load_split, repo_root
+from moecore.data import load_split
 from moecore.evaluation import PPL_PROTOCOL, perplexity, token_stream
 from moecore.io_utils import atomic_write_text
 from moecore.modeling import load_model
-from moecore.training import distill, recover
+from moecore.training import DistillConfig, RecoveryConfig, distill, recover
+
+REPO = Path(__file__).resolve().parents[1]  # the source checkout (bundled models, results)
 
 
 def heldout_ppl(path: Path, max_tokens: int | None) -> dict:
@@ -50,8 +52,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    orig = repo_root() / "models" / args.name
-    work = repo_root() / "runs" / f"recovery-{args.name}"
+    orig = REPO / "models" / args.name
+    work = REPO / "runs" / f"recovery-{args.name}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     rows = []
@@ -61,7 +63,7 @@ def main() -> None:
     def stage(label, path, seconds, **extra):
         cpu = time.process_time() - cpu0[0]  # CPU seconds of the stage's work (all threads), before its eval
         ppl = heldout_ppl(path, args.eval_max_tokens)
-        rows.append({"stage": label, "dir": str(path.relative_to(repo_root())), "ppl": ppl["ppl"],
+        rows.append({"stage": label, "dir": str(path.relative_to(REPO)), "ppl": ppl["ppl"],
                      "tokens_scored": ppl["tokens_scored"], "stage_seconds": round(seconds, 1),
                      "stage_cpu_seconds": round(cpu, 1), **extra})
         cpu0[0] = time.process_time()
@@ -77,7 +79,8 @@ def main() -> None:
     stage("zero-shot (activation-aware)", work / "zero-shot", time.time() - t0, expert_param_ratio=ratio)
 
     t0 = time.time()
-    rep = recover(orig, model, load_split("calib"), tok, steps=args.recover_steps, progress=False)
+    rep = recover(orig, model, RecoveryConfig(steps=args.recover_steps), calibration=load_split("calib"), tokenizer=tok,
+                  progress=False)
     moecore.save_compressed(model, work / "recovered", tokenizer=tok)
     stage("layer-wise recovery", work / "recovered", time.time() - t0, recover_steps=args.recover_steps,
           layers=rep.as_dict()["layers"])
@@ -93,16 +96,16 @@ def main() -> None:
         print(json.dumps({"kd_start": start, "calib_ppl": calib_ppl}), flush=True)
     cpu0[0] = time.process_time()
     t0 = time.time()
-    res = distill(str(orig), str(work / start), work / "kd", max_steps=args.kd_steps,
-                  save_steps=max(1, args.kd_steps // 3), batch_size=8, block_size=256, lr=args.kd_lr,
-                  warmup_steps=args.kd_steps // 20,
-                  temperature=args.kd_temperature, alpha=args.kd_alpha, logging_steps=25)
+    kd = DistillConfig(max_steps=args.kd_steps, save_steps=max(1, args.kd_steps // 3), batch_size=8, block_size=256,
+                       lr=args.kd_lr, warmup_steps=args.kd_steps // 20, temperature=args.kd_temperature,
+                       alpha=args.kd_alpha, logging_steps=25)
+    res = distill(str(orig), str(work / start), work / "kd", kd)
     stage(f"KD (from {start})", Path(res.final_dir), time.time() - t0, kd_steps=args.kd_steps,
           kd_tokens=args.kd_steps * 8 * 256, kd_start=start, calib_ppl=calib_ppl)
     base = rows[0]["ppl"]
     for r in rows:
         r["ppl_change_percent"] = 100 * (r["ppl"] / base - 1)
-    out = repo_root() / "benchmarks" / "results"
+    out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.name, "form": args.form, "target_ratio": args.ratio, "protocol": PPL_PROTOCOL,
             "threads": torch.get_num_threads(), "kd": {"batch": 8, "block": 256, "lr": args.kd_lr, "warmup": args.kd_steps // 20,

@@ -1,15 +1,15 @@
-"""Build the bundled corpus from Debian packages (see data/PROVENANCE.md).
+"""Build the bundled corpus from Debian packages (see src/moecore/resources/PROVENANCE.md).
 
 Reads three public-domain / PSF-licensed sources installed by apt:
   * bible-kjv      -> `bible -f "Gen1:1-Rev22:21"` (King James Version, public domain)
   * jargon-text    -> /usr/share/doc/jargon-text/jargon.txt.gz (Jargon File 4.4.7, public domain)
   * python3.11-doc -> /usr/share/doc/python3.11/html/_sources/**/*.rst.txt (PSF licence)
 
-Writes data/corpus.jsonl.xz: one JSON document per line {"id", "source", "text"}.
+Writes src/moecore/resources/corpus.jsonl.xz: one JSON document per line {"id", "source", "text"}.
 The train / calibration / held-out split is computed from the id by
 `moecore.data.split_of` (a hash), so it is deterministic and needs no extra files.
 
-Usage: python scripts/build_corpus.py [-o data/corpus.jsonl.xz]
+Usage: python scripts/build_corpus.py [-o src/moecore/resources/corpus.jsonl.xz]
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def pydoc_documents():
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-o", "--output", default="data/corpus.jsonl.xz")
+    ap.add_argument("-o", "--output", default="src/moecore/resources/corpus.jsonl.xz")
     args = ap.parse_args()
     docs = [d for gen in (kjv_documents(), jargon_documents(), pydoc_documents()) for d in gen if len(d["text"]) > 200]
     out = Path(args.output)

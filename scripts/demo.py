@@ -23,13 +23,15 @@ from rich.console import Console
 from rich.table import Table
 
 import moecore
-from moecore.data import load_split, repo_root
+from moecore.data import load_split
 from moecore.evaluation import PPL_PROTOCOL, perplexity, token_stream
 from moecore.io_utils import atomic_write_text
 from moecore.modeling import load_model
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]  # the source checkout (bundled models, results)
 
 STORED = torch.bfloat16
 
@@ -51,7 +53,7 @@ def measure(model, tok, stream, label: dict, max_tokens) -> dict:
 
 
 def run_model(name: str, args, console: Console, done: list[dict], save) -> list[dict]:
-    path = repo_root() / "models" / name
+    path = REPO / "models" / name
     model, tok = load_model(path)
     stream = token_stream(tok, load_split("heldout")[::args.doc_stride])
     calib = load_split("calib")
@@ -143,7 +145,7 @@ def main() -> None:
     ap.add_argument("--original-from", default=None,
                     help="reuse the original model's row from this demo_results.json (same protocol) instead of "
                          "evaluating it again")
-    ap.add_argument("--out", default=str(repo_root() / "benchmarks"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks"))
     args = ap.parse_args()
     console = Console(width=200)
     out = Path(args.out)

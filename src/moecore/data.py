@@ -3,7 +3,8 @@
 User text files are streamed (:class:`TextFile`), and :func:`calibration_sequences` tokenizes
 only what calibration needs, so memory stays bounded for any file size.
 
-The corpus (``data/corpus.jsonl.xz``, built by ``scripts/build_corpus.py``) is a list of
+The corpus (``moecore/resources/corpus.jsonl.xz``, package data found through
+:mod:`importlib.resources`, built by ``scripts/build_corpus.py``) is a list of
 documents ``{"id", "source", "text"}``. Each document's split is a pure function of its
 id (SHA-256 bucket), so the split never changes and held-out text is never read by
 training or calibration code: they call :func:`load_split` with ``"train"`` or ``"calib"``.
@@ -11,6 +12,7 @@ training or calibration code: they call :func:`load_split` with ``"train"`` or `
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import lzma
 from functools import lru_cache
@@ -19,20 +21,17 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, FileAccessError
+from .io_utils import user_path
 
 SPLITS = ("train", "calib", "heldout")
 # Buckets out of 1000: [0, 80) held-out, [80, 100) calibration, the rest train.
 _HELDOUT_END, _CALIB_END = 80, 100
 
 
-def repo_root() -> Path:
-    """The source checkout that holds ``data/`` and ``models/`` (moecore is installed editable)."""
-    return Path(__file__).resolve().parents[2]
-
-
 def default_corpus() -> Path:
-    return repo_root() / "data" / "corpus.jsonl.xz"
+    """The bundled corpus, shipped as package data (works from a wheel or a source tree)."""
+    return Path(str(importlib.resources.files("moecore") / "resources" / "corpus.jsonl.xz"))
 
 
 def split_of(doc_id: str) -> str:
@@ -47,7 +46,7 @@ def split_of(doc_id: str) -> str:
 def _documents(path: str) -> tuple[dict, ...]:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"corpus not found: {p} (build it with scripts/build_corpus.py)")
+        raise FileAccessError(f"corpus not found: {p} (build it with scripts/build_corpus.py)")
     with lzma.open(p, "rt", encoding="utf-8") as f:
         return tuple(json.loads(line) for line in f if line.strip())
 
@@ -55,7 +54,7 @@ def _documents(path: str) -> tuple[dict, ...]:
 def load_split(split: str, corpus: str | Path | None = None) -> list[str]:
     """Texts of one split, in corpus order."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        raise ConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
     docs = _documents(str(corpus or default_corpus()))
     return [d["text"] for d in docs if split_of(d["id"]) == split]
 
@@ -83,7 +82,7 @@ class TextFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"no such file: {self.path}")
+            raise FileAccessError(f"no such file: {self.path}")
         self.jsonl = ".jsonl" in self.path.name
         self._len: int | None = None
 
@@ -124,7 +123,7 @@ class TextFile:
     def __iter__(self) -> Iterator[str]:
         found = False
         try:
-            with self._open() as f:
+            with user_path(self.path), self._open() as f:
                 for text in (self._iter_jsonl(f) if self.jsonl else self._iter_txt(f)):
                     found = True
                     yield text

@@ -1,6 +1,8 @@
 """Exception types. Every failure the user can cause or fix raises a subclass of
-:class:`MoecoreError` (or a built-in ``OSError`` such as ``FileNotFoundError``), which the CLI
-prints as one line and exit status 2.  Anything else is a bug and keeps its traceback."""
+:class:`MoecoreError`, which the CLI prints as one line and exit status 2.  Anything else
+(a built-in ``ValueError``, ``OSError``, ...) is a bug and keeps its traceback: an ``OSError``
+on a path the user named is turned into :class:`FileAccessError` or :class:`CheckpointError`
+where that path is read or written (:func:`moecore.io_utils.user_path`)."""
 
 
 class MoecoreError(Exception):
@@ -19,9 +21,18 @@ class CheckpointError(MoecoreError, OSError):
     """A model directory is missing, incomplete or corrupt, or an output can't be written safely."""
 
 
+class FileAccessError(MoecoreError, OSError):
+    """A file or folder the user named cannot be read or written (missing, a folder where a file
+    is expected, permission denied, ...)."""
+
+
 class DataError(MoecoreError, ValueError):
     """A text file or token stream is unusable (bad JSONL value, no text, degenerate tokens)."""
 
 
 class TrainingError(MoecoreError, RuntimeError):
     """Training or recovery cannot go on (non-finite teacher outputs or loss, mismatched teacher)."""
+
+
+class MissingDependencyError(MoecoreError, ImportError):
+    """An optional dependency of the requested feature is not installed (names the pip extra)."""

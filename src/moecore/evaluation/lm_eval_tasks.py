@@ -15,6 +15,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import yaml
+
+from ..optional import require
+
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 OFFLINE_TASKS = ("moecore_heldout_ppl", "moecore_heldout_mc")
 
@@ -22,16 +26,12 @@ OFFLINE_TASKS = ("moecore_heldout_ppl", "moecore_heldout_mc")
 def task_manager(include_defaults: bool = True):
     """An lm-eval ``TaskManager`` that also indexes moecore's offline tasks (and lm-eval's own
     tasks unless ``include_defaults=False``, which skips indexing thousands of YAML files)."""
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults)
+    return require("lm_eval.tasks", "lm-eval evaluation").TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults)
 
 
 def _task_specs(names: list[str]) -> list:
     """Task names, with moecore's offline tasks given their data files as absolute paths
     (the YAML's relative ``data_files`` would otherwise resolve against the cwd)."""
-    import yaml
-
     specs: list = []
     for name in names:
         if name in OFFLINE_TASKS:
@@ -63,9 +63,8 @@ def run_lm_eval(model, tokenizer, tasks: str | list[str], *, limit: int | float 
     ``max_position_embeddings`` as lm-eval resolves it). Returns lm-eval's full result dict
     (``results``, ``configs``, ``n-samples``, and ``samples`` when ``log_samples``).
     """
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
+    simple_evaluate = require("lm_eval", "lm-eval evaluation").simple_evaluate
+    HFLM = require("lm_eval.models.huggingface", "lm-eval evaluation").HFLM
     names = parse_tasks(tasks)
     was_training = model.training
     model.eval()

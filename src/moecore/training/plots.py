@@ -4,14 +4,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..optional import require
+
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    require("matplotlib", "PNG plots").use("Agg", force=True)
+    return require("matplotlib.pyplot", "PNG plots")
 
 
 def _save(fig, path: Path) -> None:
