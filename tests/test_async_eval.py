@@ -10,6 +10,7 @@ from moecore.training import distill
 from moecore.training.async_eval import FAULT_ENV, summary_table
 from moecore.training.checkpoints import complete_checkpoints
 from moecore.training.common import read_jsonl
+from moecore.training.config import DistillConfig
 
 from ._tiny_models import save_tiny
 
@@ -19,9 +20,10 @@ def teacher_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("ae") / "teacher", seed=2)
 
 
-def _run(teacher_dir, out, **kw):
-    return distill(str(teacher_dir), None, out, compression=_cfg(), max_steps=6, save_steps=2, lr=1e-2,
-                   block_size=64, batch_size=2, logging_steps=2, eval_async=True, eval_max_tokens=1024, **kw)
+def _run(teacher_dir, out):
+    cfg = DistillConfig(max_steps=6, save_steps=2, lr=1e-2, block_size=64, batch_size=2, logging_steps=2,
+                        eval_async=True, eval_max_tokens=1024)
+    return distill(str(teacher_dir), None, out, cfg, compression=_cfg())
 
 
 def _cfg():

@@ -15,6 +15,7 @@ import moecore
 from moecore import CompressionConfig
 from moecore.training import distill, kd_loss
 from moecore.training.checkpoints import complete_checkpoints, is_complete
+from moecore.training.config import DistillConfig
 from moecore.training.distill import _blocks, eval_kd_loss
 
 from ._tiny_models import python_cmd, save_tiny, subprocess_env, tiny_mixtral
@@ -49,8 +50,8 @@ def test_kd_lowers_loss_training_only_factors(teacher_dir, tmp_path):
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     blocks = _blocks(tok, None, 64, 1)[:2]
     loss0 = eval_kd_loss(student, teacher, blocks, 2.0, 0.0)
-    res = distill(str(teacher_dir), student, tmp_path / "out", max_steps=12, lr=2e-2, alpha=0.0,
-                  block_size=64, batch_size=4, save_steps=100, logging_steps=1)
+    res = distill(str(teacher_dir), student, tmp_path / "out", DistillConfig(
+        max_steps=12, lr=2e-2, alpha=0.0, block_size=64, batch_size=4, save_steps=100, logging_steps=1))
     assert res.global_step == 12
     assert res.final_eval_loss < 0.8 * loss0, (loss0, res.final_eval_loss)
     state = json.loads((tmp_path / "out" / "checkpoint-12" / "trainer_state.json").read_text())

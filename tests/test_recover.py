@@ -13,6 +13,7 @@ from moecore import CompressionConfig
 from moecore.cli import main
 from moecore.data import load_split
 from moecore.training import recover
+from moecore.training.config import RecoveryConfig
 from moecore.training.originals import OriginalExpertsLoader
 
 from ._tiny_models import save_tiny
@@ -39,7 +40,8 @@ def test_recover_lowers_each_layer_error(teacher_dir):
     student = copy.deepcopy(teacher)
     moecore.compress(student, CompressionConfig(form="delta", rank=4))
     cores = {n: p.detach().clone() for n, p in student.named_parameters() if ".core_" in n}
-    rep = recover(teacher_dir, student, load_split("calib")[:20], steps=60, lr=1e-2, max_tokens=2048, seq_len=128)
+    rep = recover(teacher_dir, student, RecoveryConfig(steps=60, lr=1e-2, max_tokens=2048, seq_len=128),
+                  calibration=load_split("calib")[:20])
     assert [r["path"] for r in rep.layers] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     for r in rep.layers:
         assert r["rel_mse_after"] < 0.7 * r["rel_mse_before"], r
@@ -48,8 +50,8 @@ def test_recover_lowers_each_layer_error(teacher_dir):
     # the same fit with an in-memory teacher gives the same first-layer starting error
     other = copy.deepcopy(teacher)
     moecore.compress(other, CompressionConfig(form="delta", rank=4))
-    rep2 = recover(teacher, other, load_split("calib")[:20], tokenizer=_tok(teacher_dir), steps=0,
-                   max_tokens=2048, seq_len=128)
+    rep2 = recover(teacher, other, RecoveryConfig(steps=0, max_tokens=2048, seq_len=128),
+                   calibration=load_split("calib")[:20], tokenizer=_tok(teacher_dir))
     assert rep2.layers[0]["rel_mse_before"] == pytest.approx(rep.layers[0]["rel_mse_before"], rel=1e-5)
 
 

@@ -276,17 +276,18 @@ def test_nan_teacher_stops_recover_and_distill_before_writing(w, nan_teacher, tm
 
 def test_non_finite_loss_and_mismatched_teacher_stop_training(w, tmp_path):
     from moecore.training import distill
+    from moecore.training.config import DistillConfig
 
     student = copy_dir(w / "comp", tmp_path / "student")
     sd = load_file(str(student / "model.safetensors"))
     sd["model.layers.1.mlp.experts.delta_a_up"][0] = float("inf")
     save_file(sd, str(student / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(TrainingError, match="non-finite loss .* at step 1"):
-        distill(str(w / "base"), str(student), tmp_path / "run", max_steps=2, block_size=32, batch_size=2)
+        distill(str(w / "base"), str(student), tmp_path / "run", DistillConfig(max_steps=2, block_size=32, batch_size=2))
     assert not (tmp_path / "run" / "final").exists() and not list((tmp_path / "run").glob("checkpoint-*"))
     other = save_tiny(tmp_path / "other", hidden=32, layers=2, experts=8)
     with pytest.raises(TrainingError, match=r"\(experts, intermediate, hidden\) = \(8, 64, 32\), the student \(4"):
-        distill(str(other), str(w / "comp"), tmp_path / "run2", max_steps=2, block_size=32, batch_size=2)
+        distill(str(other), str(w / "comp"), tmp_path / "run2", DistillConfig(max_steps=2, block_size=32, batch_size=2))
     assert not (tmp_path / "run2" / "final").exists()
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import moecore
-from moecore.errors import ConfigError, UnsupportedModelError
+from moecore.errors import ConfigError, FileAccessError, UnsupportedModelError
 from moecore.stats import print_table, read_statistics_yaml, write_statistics_yaml
 
 from .test_hf_integration import CASES, FAMILIES, F, H, build
@@ -138,7 +138,7 @@ def test_non_moe_and_bad_configs_are_errors(tmp_path):
         moecore.plan(dense_cfg, moecore.CompressionConfig(rank=2))
     with pytest.raises(ConfigError, match="larger than min"):
         moecore.plan(FAMILIES["mixtral"](), moecore.CompressionConfig(rank=F + 1))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileAccessError, match="not found"):
         moecore.plan(tmp_path / "missing.json", moecore.CompressionConfig(rank=2))
     greedy = moecore.plan(FAMILIES["olmoe"](), moecore.CompressionConfig(target_ratio=0.5, allocation="greedy"))
     assert "uniform" in greedy["notes"]

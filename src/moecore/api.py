@@ -116,7 +116,7 @@ def compress_checkpoint(
     Returns a summary: output path, ranks, per-layer timings, whether it resumed.
     """
     from . import streaming as st
-    from .io_utils import converting_disk_full, disk_full, prepare_output
+    from .io_utils import converting_write_errors, disk_full, prepare_output
     from .modeling import TOKENIZER_FILES, check_model_dir, load_tokenizer
 
     src = check_model_dir(model_dir)
@@ -131,7 +131,7 @@ def compress_checkpoint(
     work, fp = st.partial_dir(out), st.fingerprint(src, config, seqs, dtype, device)
     state = st.read_state(work, fp, resume, overwrite)
     try:
-        with converting_disk_full(out):
+        with converting_write_errors(out):
             return _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress,
                            overwrite, max_shard_size)
     except (CheckpointError, UnsupportedModelError) as exc:

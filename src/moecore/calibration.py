@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .errors import UnsupportedModelError
 from .families import ExpertsLayout
 
 _F64 = torch.float64
@@ -92,7 +93,8 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[
         for i, layer in enumerate(originals):
             layers[i] = layer
     if any(len(c) != len(batches) for c in calls):
-        raise RuntimeError("moecore: the model did not call every decoder layer once per batch")
+        raise UnsupportedModelError("the model did not call every decoder layer once per batch (a forward that "
+                                    "skips or repeats layers cannot be calibrated layer by layer)")
     return hidden, calls
 
 

@@ -6,6 +6,9 @@ Stored parameter names are chosen to be safe from transformers' checkpoint key r
 (docs/ARCHITECTURE.md): ``core_{p}``, ``delta_a_{p}``/``delta_b_{p}`` or
 ``wrap_{u,v}_{in,out}_{p}``, ``bias_gate_up``/``bias_down``.
 
+Everything that depends on the form (factor names and shapes, counts, reconstruction,
+grouped-GEMM operands and forward) is the form object's (:mod:`moecore.forms`).
+
 The forward (maths in :mod:`moecore.grouped`) has no host synchronization: grouped GEMMs
 with offsets for the per-expert low-rank paths, gate and up in one grouped pass, the core
 once per token (delta) or once per pair (wrapper).  Its grouped-GEMM weights are built from
@@ -21,21 +24,22 @@ from torch import nn
 
 from . import grouped
 from .families import ExpertsLayout
+from .forms import FORMS, PROJECTIONS, Form, get_form
 from .maths import budget
-from .maths.decompose import reconstruct_delta, reconstruct_wrapper
 
-PROJECTIONS = ("gate", "up", "down")
+__all__ = ["CompressedExperts", "PROJECTIONS"]
 
 
 class CompressedExperts(nn.Module):
-    """Shared-core experts of one MoE layer, in ``delta`` or ``wrapper`` form.
+    """Shared-core experts of one MoE layer, in one of the registered forms (:mod:`moecore.forms`).
 
     Constructible from shapes alone (e.g. on the meta device for loading); fill it with
     :meth:`from_factors` / ``load_state_dict``.
 
     Args:
         num_experts, hidden_size, intermediate_size: E, H, F.
-        form: ``"delta"`` (W_i = C + A_i B_iᵀ) or ``"wrapper"`` (W_i = (I+U_o V_oᵀ) C (I+U_i V_iᵀ)).
+        form: a registered form name: ``"delta"`` (W_i = C + A_i B_iᵀ) or ``"wrapper"``
+            (W_i = (I+U_o V_oᵀ) C (I+U_i V_iᵀ)); ``ConfigError`` for an unknown one.
         ranks: ``{"gate": s, "up": s, "down": s}`` (the form's own rank per projection).
         layout: the family's :class:`ExpertsLayout` (activation, biases, fused layout).
         act_fn: activation module for ``layout.activation == "act_fn"`` (else unused; if
@@ -50,8 +54,7 @@ class CompressedExperts(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if form not in ("delta", "wrapper"):
-            raise ValueError(f"form must be 'delta' or 'wrapper', got {form!r}")
+        spec = get_form(form)
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.form = form
         self.ranks = {p: int(ranks[p]) for p in PROJECTIONS}
@@ -63,19 +66,19 @@ class CompressedExperts(nn.Module):
         e, h, f = num_experts, hidden_size, intermediate_size
         for p in PROJECTIONS:
             d_out, d_in = self.proj_shape(p)
-            r = self.ranks[p]
             self.register_parameter(f"core_{p}", nn.Parameter(torch.zeros(d_out, d_in, **kw)))
-            if form == "delta":
-                self.register_parameter(f"delta_a_{p}", nn.Parameter(torch.zeros(e, d_out, r, **kw)))
-                self.register_parameter(f"delta_b_{p}", nn.Parameter(torch.zeros(e, d_in, r, **kw)))
-            else:
-                for name, d in (("u_in", d_in), ("v_in", d_in), ("u_out", d_out), ("v_out", d_out)):
-                    self.register_parameter(f"wrap_{name}_{p}", nn.Parameter(torch.zeros(e, d, r, **kw)))
+            for name, shape in zip(spec.param_names(p), spec.factor_shapes(e, d_out, d_in, self.ranks[p])):
+                self.register_parameter(name, nn.Parameter(torch.zeros(shape, **kw)))
         if layout.has_bias:
             self.bias_gate_up = nn.Parameter(torch.zeros(e, 2 * f, **kw))
             self.bias_down = nn.Parameter(torch.zeros(e, h, **kw))
 
     # ------------------------------------------------------------------ shapes / stats
+    @property
+    def form_impl(self) -> Form:
+        """The :class:`~moecore.forms.Form` object of :attr:`form`."""
+        return FORMS[self.form]
+
     def proj_shape(self, p: str) -> tuple[int, int]:
         """``(d_out, d_in)`` of projection ``p``."""
         h, f = self.hidden_size, self.intermediate_size
@@ -88,7 +91,8 @@ class CompressedExperts(nn.Module):
     def active_macs_per_token(self, top_k: int) -> int:
         """Matrix multiply-adds per token: delta runs each core once per token plus ``k``
         low-rank paths; wrapper runs the core ``k`` times plus ``k`` wrappers."""
-        return budget.active_macs_per_token(self.form, self.projection_shapes(), {("", p): r for p, r in self.ranks.items()}, top_k)
+        return budget.active_macs_per_token(self.form_impl, self.projection_shapes(),
+                                            {("", p): r for p, r in self.ranks.items()}, top_k)
 
     def extra_repr(self) -> str:
         return f"form={self.form}, E={self.num_experts}, H={self.hidden_size}, F={self.intermediate_size}, ranks={self.ranks}, layout={self.layout.name}"
@@ -100,20 +104,20 @@ class CompressedExperts(nn.Module):
         biases: Mapping[str, torch.Tensor] | None = None, act_fn: nn.Module | None = None,
         dtype: torch.dtype | None = None, device: torch.device | str | None = None,
     ) -> "CompressedExperts":
-        """Build from computed factors: ``cores[p] (d_out, d_in)``; ``factors[p]`` is
-        ``(A, B)`` for delta or ``(U_in, V_in, U_out, V_out)`` for wrapper; ``biases`` has
+        """Build from computed factors: ``cores[p] (d_out, d_in)``; ``factors[p]`` in the
+        form's :attr:`~moecore.forms.Form.factor_names` order (``(A, B)`` for delta,
+        ``(U_in, V_in, U_out, V_out)`` for wrapper); ``biases`` has
         ``bias_gate_up (E, 2F)`` / ``bias_down (E, H)`` for biased layouts."""
         f, h = cores["gate"].shape
         e = factors["gate"][0].shape[0]
         ranks = {p: int(factors[p][0].shape[-1]) for p in PROJECTIONS}
         dtype = dtype or cores["gate"].dtype
         m = cls(e, h, f, form, ranks, layout, act_fn=act_fn, dtype=dtype, device=device)
-        names = ("delta_a", "delta_b") if form == "delta" else ("wrap_u_in", "wrap_v_in", "wrap_u_out", "wrap_v_out")
         with torch.no_grad():
             for p in PROJECTIONS:
                 getattr(m, f"core_{p}").copy_(cores[p])
-                for n, t in zip(names, factors[p]):
-                    getattr(m, f"{n}_{p}").copy_(t)
+                for n, t in zip(m.form_impl.param_names(p), factors[p]):
+                    getattr(m, n).copy_(t)
             if layout.has_bias:
                 m.bias_gate_up.copy_(biases["bias_gate_up"])
                 m.bias_down.copy_(biases["bias_down"])
@@ -122,12 +126,8 @@ class CompressedExperts(nn.Module):
     # ------------------------------------------------------------------ weights
     def expert_weights(self, p: str) -> torch.Tensor:
         """Dense ``(E, d_out, d_in)`` weights of projection ``p`` reconstructed from the factors."""
-        c = getattr(self, f"core_{p}")
-        if self.form == "delta":
-            return reconstruct_delta(c, getattr(self, f"delta_a_{p}"), getattr(self, f"delta_b_{p}"))
-        return reconstruct_wrapper(
-            c, *(getattr(self, f"wrap_{n}_{p}") for n in ("u_in", "v_in", "u_out", "v_out"))
-        )
+        form = self.form_impl
+        return form.reconstruct(getattr(self, f"core_{p}"), tuple(getattr(self, n) for n in form.param_names(p)))
 
     @torch.no_grad()
     def materialize(self) -> dict[str, torch.Tensor]:
@@ -161,10 +161,10 @@ class CompressedExperts(nn.Module):
         return super()._apply(fn, recurse)
 
     def _operands(self) -> dict[str, torch.Tensor]:
-        """The grouped-GEMM operands (:func:`moecore.grouped.fused_operands`): cached in
+        """The grouped-GEMM operands (the form's :meth:`~moecore.forms.Form.fused_operands`): cached in
         inference, built per call (differentiably) when a gradient is needed or under
         ``torch.compile``."""
-        build = lambda: grouped.fused_operands(self._tensor, self.form, self.ranks)  # noqa: E731
+        build = lambda: self.form_impl.fused_operands(self._tensor, self.ranks)  # noqa: E731
         if torch.compiler.is_compiling() or not self.cache_operands:
             return build()
         stored = [*self._parameters.values(), *self._buffers.values()]
@@ -188,5 +188,4 @@ class CompressedExperts(nn.Module):
         if self.layout.has_bias:
             bias_gu = self.layout.split_bias(self._tensor("bias_gate_up"))  # (E, F) each
             bias_down = self._tensor("bias_down")  # (E, H)
-        fwd = grouped.delta_forward if self.form == "delta" else grouped.wrapper_forward
-        return fwd(x, route, self._operands(), self._activation, bias_gu, bias_down)
+        return self.form_impl.forward(x, route, self._operands(), self._activation, bias_gu, bias_down)

@@ -1,78 +1,54 @@
 """``CompressionConfig``: the one typed, validated configuration of :func:`moecore.compress`.
 
 It is validated on creation (``ConfigError`` with a clear message) and saved next to the
-weights as ``moecore_config.json`` together with the moecore version.  Checks that need the
-real model shapes (rank larger than ``min(d_in, d_out)``, an unreachable ``target_ratio``)
-happen in :mod:`moecore.maths.budget` / :func:`moecore.compress`, naming the projection.
+weights as ``moecore_config.json`` together with the moecore version and its format version
+(:class:`~moecore.config_base.ConfigBase`; the ``moecore compress`` flags are derived from its
+fields).  Checks that need the real model shapes (rank larger than ``min(d_in, d_out)``, an
+unreachable ``target_ratio``) happen in :mod:`moecore.maths.budget` / :func:`moecore.compress`,
+naming the projection.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from .io_utils import atomic_write_text
+from .config_base import ConfigBase
 from .errors import ConfigError
+from .forms import DEFAULT_FORM, FORMS, quantizable_forms
 
 CONFIG_FILENAME = "moecore_config.json"
-
-_CHOICES = {
-    "form": ("delta", "wrapper"),
-    "core": ("auto", "mean", "frequency", "output"),
-    "calib_weighting": ("tokens", "routing"),
-    "init": ("auto", "svd", "whitened"),
-    "allocation": ("uniform", "greedy"),
-    "svd": ("auto", "exact", "randomized"),
-    "gram_dtype": ("auto", "float64", "float32"),
-    "propagate": ("compressed", "original"),
-}
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
 
 QUANT_BITS = (2, 3, 4, 8)
 QUANT_METHODS = ("hqq", "rtn")
 
 
 @dataclass
-class QuantConfig:
+class QuantConfig(ConfigBase):
     """Weight format of the stored core and factors (delta form; :mod:`moecore.quant`).
 
     Attributes:
-        core_bits: bits per core weight (2, 3, 4 or 8), or ``None`` to keep the core in float.
-        factor_bits: bits per factor weight (2, 3, 4 or 8), or ``None`` to keep the factors in
-            float (then ``moecore distill`` trains them against the frozen quantized core).
+        core_bits: bits per core weight (2, 3, 4 or 8), or ``None`` (on the command line: flag
+            not given) to keep the core in float.
+        factor_bits: bits per factor weight (2, 3, 4 or 8), or ``None`` (flag not given) to keep
+            the factors in float (then ``moecore distill`` trains them against the frozen
+            quantized core).
         group_size: weights per (scale, zero point) group, along each matrix's input side for
             the core and along each factor column.
         method: ``"hqq"`` (half-quadratic optimized scale/zero, the HQQ library) or ``"rtn"``
             (round-to-nearest min/max, same library and storage).
     """
 
-    core_bits: int | None = 4
-    factor_bits: int | None = 8
-    group_size: int = 64
-    method: str = "hqq"
+    core_bits: int | None = field(default=4, metadata={"choices": QUANT_BITS})
+    factor_bits: int | None = field(default=8, metadata={"choices": QUANT_BITS})
+    group_size: int = field(default=64, metadata={"min": 8, "max": 4096, "flag": "--quant-group"})
+    method: str = field(default="hqq", metadata={"choices": QUANT_METHODS, "flag": "--quant-method"})
+
+    KIND = "quant"
 
     def __post_init__(self) -> None:
-        for name in ("core_bits", "factor_bits"):
-            v = getattr(self, name)
-            if v is not None and (not _is_int(v) or v not in QUANT_BITS):
-                raise ConfigError(f"quant.{name} must be one of {', '.join(map(str, QUANT_BITS))} or None, got {v!r}")
+        self.check_fields()
         if self.core_bits is None and self.factor_bits is None:
             raise ConfigError("quant needs core_bits or factor_bits (or use quant=None for float storage)")
-        if not _is_int(self.group_size) or not 8 <= self.group_size <= 4096:
-            raise ConfigError(f"quant.group_size must be an integer in [8, 4096], got {self.group_size!r}")
-        if self.method not in QUANT_METHODS:
-            raise ConfigError(f"quant.method must be one of {', '.join(map(repr, QUANT_METHODS))}, got {self.method!r}")
 
     @classmethod
     def coerce(cls, value: Any) -> "QuantConfig | None":
@@ -81,14 +57,11 @@ class QuantConfig:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"quant must be a QuantConfig, a dict or None, got {type(value).__name__}")
-        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown quant key(s): {', '.join(unknown)}")
-        return cls(**value)
+        return cls.from_dict(value)
 
 
 @dataclass
-class CompressionConfig:
+class CompressionConfig(ConfigBase):
     """How to compress every MoE layer's experts.
 
     Attributes:
@@ -141,114 +114,46 @@ class CompressionConfig:
             per projection and float32 above (error bound in :mod:`moecore.maths.fit`).
         fit_memory_gb: working memory for fitting one projection; experts are processed in
             chunks that fit it.  ``expert_chunk`` fixes the chunk size instead.
+        expert_chunk: experts fitted together (default: as many as ``fit_memory_gb`` allows).
         quant: ``None`` (float storage) or a :class:`QuantConfig` (or its dict): quantized core
             and/or factors, the factors refit after the core is quantized (delta form only).
     """
 
-    form: str = "delta"
-    rank: int | None = None
+    form: str = field(default=DEFAULT_FORM, metadata={"choices": tuple(FORMS)})  # the registered forms
+    rank: int | None = field(default=None, metadata={"gt": 0})
     target_ratio: float | None = None
-    core: str = "auto"
-    init: str = "auto"
-    allocation: str = "uniform"
-    svd: str = "auto"
-    refine_steps: int = 10
-    calib_max_tokens: int = 32768
-    calib_seq_len: int = 512
-    seed: int = 0
-    whiten_damping: float = 0.01
-    calib_weighting: str = "routing"
-    propagate: str = "original"
-    calib_prior_tokens: float = 64.0
-    gram_dtype: str = "auto"
-    fit_memory_gb: float = 6.0
-    expert_chunk: int | None = None
+    core: str = field(default="auto", metadata={"choices": ("auto", "mean", "frequency", "output")})
+    init: str = field(default="auto", metadata={"choices": ("auto", "svd", "whitened")})
+    allocation: str = field(default="uniform", metadata={"choices": ("uniform", "greedy")})
+    svd: str = field(default="auto", metadata={"choices": ("auto", "exact", "randomized")})
+    refine_steps: int = field(default=10, metadata={"min": 0})
+    calib_max_tokens: int = field(default=32768, metadata={"gt": 0, "aliases": ("--calib-tokens",)})
+    calib_seq_len: int = field(default=512, metadata={"gt": 0})
+    seed: int = field(default=0, metadata={"min": 0})
+    whiten_damping: float = field(default=0.01, metadata={"min": 0})
+    calib_weighting: str = field(default="routing", metadata={"choices": ("tokens", "routing")})
+    propagate: str = field(default="original", metadata={"choices": ("compressed", "original")})
+    calib_prior_tokens: float = field(default=64.0, metadata={"min": 0})
+    gram_dtype: str = field(default="auto", metadata={"choices": ("auto", "float64", "float32")})
+    fit_memory_gb: float = field(default=6.0, metadata={"gt": 0})
+    expert_chunk: int | None = field(default=None, metadata={"gt": 0})
     quant: QuantConfig | None = None
 
+    FILENAME = CONFIG_FILENAME
+    KIND = "compression config"
+
     def __post_init__(self) -> None:
-        for name, choices in _CHOICES.items():
-            value = getattr(self, name)
-            if value not in choices:
-                raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        self.quant = QuantConfig.coerce(self.quant)
+        self.check_fields()
         if self.rank is not None and self.target_ratio is not None:
             raise ConfigError("give either rank or target_ratio, not both")
         if self.rank is None and self.target_ratio is None:
             self.target_ratio = 0.25
-        if self.rank is not None:
-            if not _is_int(self.rank):
-                raise ConfigError(f"rank must be an integer, got {self.rank!r}")
-            if self.rank <= 0:
-                raise ConfigError(f"rank must be > 0, got {self.rank}")
-        if self.target_ratio is not None:
-            if not _is_number(self.target_ratio):
-                raise ConfigError(f"target_ratio must be a number, got {self.target_ratio!r}")
-            self.target_ratio = float(self.target_ratio)
-            if not 0.0 < self.target_ratio < 1.0:
-                raise ConfigError(
-                    f"target_ratio must be in (0, 1) (a fraction of the original expert parameters), "
-                    f"got {self.target_ratio}"
-                )
-        for name in ("refine_steps", "seed"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")
-        for name in ("calib_max_tokens", "calib_seq_len"):
-            v = getattr(self, name)
-            if not _is_int(v) or v <= 0:
-                raise ConfigError(f"{name} must be an integer > 0, got {v!r}")
-        if not _is_number(self.whiten_damping) or self.whiten_damping < 0:
-            raise ConfigError(f"whiten_damping must be a number >= 0, got {self.whiten_damping!r}")
-        self.whiten_damping = float(self.whiten_damping)
-        for name in ("calib_prior_tokens", "fit_memory_gb"):
-            v = getattr(self, name)
-            if not _is_number(v) or v < 0 or (name == "fit_memory_gb" and v <= 0):
-                raise ConfigError(f"{name} must be a number {'> 0' if name == 'fit_memory_gb' else '>= 0'}, got {v!r}")
-            setattr(self, name, float(v))
-        if self.expert_chunk is not None and (not _is_int(self.expert_chunk) or self.expert_chunk <= 0):
-            raise ConfigError(f"expert_chunk must be a positive integer or None, got {self.expert_chunk!r}")
-        self.quant = QuantConfig.coerce(self.quant)
-        if self.quant is not None and self.form != "delta":
-            raise ConfigError("quant is supported for form='delta' only (the wrapper's factors multiply the core)")
-
-    # ------------------------------------------------------------------ serialisation
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of every field."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CompressionConfig":
-        """Build (and validate) a config from :meth:`to_dict` output.  Unknown keys are an
-        error (``moecore_version`` is accepted and ignored)."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"compression config must be a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in data.items() if k != "moecore_version"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown compression config key(s): {', '.join(unknown)}")
-        return cls(**data)
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``moecore_config.json`` (config + ``moecore_version``) atomically into
-        ``directory`` and return its path."""
-        from . import __version__
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        payload = {"moecore_version": __version__, **self.to_dict()}
-        atomic_write_text(d / CONFIG_FILENAME, json.dumps(payload, indent=2, sort_keys=True) + "\n")
-        return d / CONFIG_FILENAME
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> "CompressionConfig":
-        """Read ``moecore_config.json`` from ``directory`` (or the file itself)."""
-        p = Path(directory)
-        if p.is_dir():
-            p = p / CONFIG_FILENAME
-        if not p.is_file():
-            raise ConfigError(f"no {CONFIG_FILENAME} at {p}")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{p} is not valid JSON: {exc}") from exc
-        return cls.from_dict(data)
+        if self.target_ratio is not None and not 0.0 < self.target_ratio < 1.0:
+            raise ConfigError(
+                f"target_ratio must be in (0, 1) (a fraction of the original expert parameters), "
+                f"got {self.target_ratio}"
+            )
+        if self.quant is not None and not FORMS[self.form].quantizable:
+            raise ConfigError(f"quant is supported for form {' or '.join(map(repr, quantizable_forms()))} only, "
+                              f"got form {self.form!r}")

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from .calibration import RoutedInputs
-from .compressed_experts import PROJECTIONS, CompressedExperts
+from .compressed_experts import CompressedExperts
 from .config import CompressionConfig
 from .errors import ConfigError
 from .families import ExpertsLayout
+from .forms import PROJECTIONS, get_form
 from .maths import budget
-from .maths import decompose as dm
 from .maths import fit as mf
 
 _F64 = torch.float64
@@ -81,8 +81,8 @@ def solve_ranks(shapes: list[budget.ProjectionShape], cfg: CompressionConfig, ga
     if cfg.allocation == "greedy":
         if gains is None:
             raise ConfigError("allocation='greedy' needs the residual spectra of every layer (a first pass)")
-        return budget.solve_greedy(cfg.form, shapes, cfg.target_ratio, gains)
-    return budget.solve_uniform(cfg.form, shapes, cfg.target_ratio)
+        return budget.solve_greedy(get_form(cfg.form), shapes, cfg.target_ratio, gains)
+    return budget.solve_uniform(get_form(cfg.form), shapes, cfg.target_ratio)
 
 
 class _Projection:
@@ -146,32 +146,21 @@ def fit_experts(
     device = torch.device(device) if device is not None else ref.device
     whiten = inputs is not None and cfg.init in ("auto", "whitened")
     act = layout.activation_fn(getattr(module, "act_fn", None))
+    form = get_form(cfg.form)
     gen = torch.Generator(device=device).manual_seed(seed)
     cores, factors, report, raw_grams = {}, {}, {}, {}
     for p, proj, raw, L, lam in _projections(views, layout, act, cfg, inputs, device):
         raw_grams[p] = raw if whiten else None
-        S = proj.S
-        core = proj.core_start(raw)
         r = ranks[p]
         entry: dict[str, Any] = {"rank": r, "whitened": whiten}
-        if cfg.form == "delta":
-            e, d_out, d_in = proj.w.shape
-            big = e * (d_out + d_in) * r * 8 > F64_GRAM_LIMIT  # factor stacks over 1 GiB in float64
-            core, fac, hist = mf.fit_delta(proj.w, core, r, proj.L, S, steps=cfg.refine_steps, method=proj.method,
-                                           generator=gen, chunk=proj.chunk, device=device,
-                                           factor_dtype=torch.float32 if big else _F64,
-                                           best_on="cpu" if device.type != "cpu" else None)
+        # factor stacks over 1 GiB in float64 may be kept in float32 between refinement steps
+        res = form.fit(proj.w, proj.core_start(raw), r, proj.L, proj.S, steps=cfg.refine_steps, method=proj.method,
+                       generator=gen, chunk=proj.chunk, device=device, f64_factor_limit=F64_GRAM_LIMIT)
+        core, fac, hist = res.core, res.factors, res.history
 
-            def approx(sl, core=core, fac=fac):
-                return dm.reconstruct_delta(core, fac[0][sl], fac[1][sl])
-            entry.update(refine_iters=len(hist) - 1)
-        else:
-            fac, hist = mf.fit_wrapper(proj.w, core, r, proj.L, steps=cfg.refine_steps, chunk=proj.chunk, device=device)
-            core = core.to(device=device, dtype=_F64)
-
-            def approx(sl, core=core, fac=fac):
-                return dm.reconstruct_wrapper(core, *(f[sl] for f in fac))
-            entry.update(refine_iters=len(hist))
+        def approx(sl, core=core, fac=fac):
+            return form.reconstruct(core, tuple(f[sl] for f in fac))
+        entry.update(refine_iters=res.refine_iters)
         entry.update(refine_objective_start=hist[0], refine_objective_end=min(hist), svd=proj.method)
         werr, oerr = mf.errors(proj.w, approx, L if inputs is not None else None, lam, chunk=proj.chunk, device=device)
         entry.update(weight_rel_error=werr, output_rel_error=oerr)
@@ -206,11 +195,10 @@ def rank_gains(path: str, module: nn.Module, layout: ExpertsLayout, cfg: Compres
     views = layout.split(module)
     device = torch.device(device) if device is not None else views["gate"].device
     act = layout.activation_fn(getattr(module, "act_fn", None))
+    form = get_form(cfg.form)
     gains = {}
     for p, proj, raw, _, _ in _projections(views, layout, act, cfg, inputs, device):
         sv, total = mf.spectrum(proj.w, proj.core_start(raw), proj.L, chunk=proj.chunk, device=device)
-        unit = sv.pow(2).sum(0) / max(total, 1e-300)  # (k,)
-        if cfg.form == "wrapper":
-            unit = torch.nn.functional.pad(unit, (0, unit.numel() % 2)).view(-1, 2).sum(-1)
-        gains[(path, p)] = unit.tolist()
+        unit = sv.pow(2).sum(0) / max(total, 1e-300)  # (k,) per delta-style rank unit
+        gains[(path, p)] = form.rank_unit_gains(unit).tolist()
     return gains

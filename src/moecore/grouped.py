@@ -8,11 +8,15 @@
   ``torch.nn.functional.grouped_mm`` (via transformers' own dispatcher, which knows the
   device / dtype / compile rules) and transformers' registered per-group fallback op where
   the native kernel can't take the operands (float64, unaligned strides) and for CPU decode.
-- :func:`fused_operands`: the stored cores and factors rearranged once into grouped-GEMM
-  weights: gate and up concatenated along the rank axis (one grouped pass for both), ranks
-  zero-padded to 16-byte rows (the kernels' stride rule), every weight ``(G, N, K)`` like
-  ``nn.Linear`` (stored ``K``-major on CPU).  Zero padding adds exact zeros, so results are unchanged.
+- :func:`delta_operands` / :func:`wrapper_operands`: the stored cores and factors rearranged
+  once into grouped-GEMM weights: gate and up concatenated along the rank axis (one grouped
+  pass for both), ranks zero-padded to 16-byte rows (the kernels' stride rule), every weight
+  ``(G, N, K)`` like ``nn.Linear`` (stored ``K``-major on CPU).  Zero padding adds exact
+  zeros, so results are unchanged.
 - :func:`delta_forward` / :func:`wrapper_forward`: the two forms on those operands.
+
+Which form uses which is decided by the form objects (:mod:`moecore.forms`); nothing here
+branches on a form name.
 
 Invalid expert indices (negative or ``>= E``, e.g. expert-parallel sentinels) are clamped
 into ``[0, E)`` with weight 0 and masked out with ``torch.where``: every GEMM row is a real,
@@ -20,7 +24,7 @@ initialized computation (no uninitialized tail rows) at the cost of computing th
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -105,29 +109,33 @@ def _pad(t: torch.Tensor, r: int) -> torch.Tensor:
     return F.pad(t, (0, r - t.shape[-1]))
 
 
-def fused_operands(get: Callable[[str], torch.Tensor], form: str, ranks: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Grouped-GEMM weights, all ``(G, N, K)`` (``K``-major on CPU), built from the stored
-    tensors that ``get(name)`` returns.  Differentiable (``cat``/``pad``/``stack``): built per call in
-    training, gradients reach the stored parameters.
+def delta_operands(get: Callable[[str], torch.Tensor], ranks: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Delta-form grouped-GEMM weights, all ``(G, N, K)`` (``K``-major on CPU), built from the
+    stored tensors that ``get(name)`` returns.  Differentiable (``cat``/``pad``): built per
+    call in training, gradients reach the stored parameters.
 
-    delta (``s'`` = padded rank; ``g``/``u``/``d`` = gate/up/down):
-      ``core_gu (2F, H)``, ``gu_in (E, 2s', H)`` = [B_gᵀ; B_uᵀ], ``gu_out (2E, F, s')`` = [A_g; A_u],
-      ``core_down (H, F)``, ``down_in (E, s', F)`` = B_dᵀ, ``down_out (E, H, s')`` = A_d.
-    wrapper: ``gu_in_v (E, 2r', H)``, ``gu_in_u (2E, H, r')``, ``core_gu (2, F, H)``,
-      ``gu_out_v (2E, r', F)``, ``gu_out_u (2E, F, r')``, ``down_in_v (E, r', F)``,
-      ``down_in_u (E, F, r')``, ``core_down (H, F)``, ``down_out_v (E, r', H)``, ``down_out_u (E, H, r')``.
+    ``s'`` = padded rank; ``g``/``u``/``d`` = gate/up/down:
+    ``core_gu (2F, H)``, ``gu_in (E, 2s', H)`` = [B_gᵀ; B_uᵀ], ``gu_out (2E, F, s')`` = [A_g; A_u],
+    ``core_down (H, F)``, ``down_in (E, s', F)`` = B_dᵀ, ``down_out (E, H, s')`` = A_d.
     """
-    dt = get("core_gate").dtype
-    rg = padded_rank(max(ranks["gate"], ranks["up"]), dt)  # gate and up share one padded width
-    rd = padded_rank(ranks["down"], dt)
+    rg, rd = _padded_ranks(get, ranks)
     ops = {"core_down": get("core_down").contiguous()}
-    if form == "delta":
-        ops["core_gu"] = torch.cat([get("core_gate"), get("core_up")], 0)  # (2F, H)
-        ops["gu_in"] = torch.cat([_pad(get(f"delta_b_{p}"), rg).mT for p in ("gate", "up")], 1).contiguous()
-        ops["gu_out"] = torch.cat([_pad(get(f"delta_a_{p}"), rg) for p in ("gate", "up")], 0)  # (2E, F, s')
-        ops["down_in"] = _pad(get("delta_b_down"), rd).mT.contiguous()  # (E, s', F)
-        ops["down_out"] = _pad(get("delta_a_down"), rd).contiguous()  # (E, H, s')
-        return _cpu_layout(ops)
+    ops["core_gu"] = torch.cat([get("core_gate"), get("core_up")], 0)  # (2F, H)
+    ops["gu_in"] = torch.cat([_pad(get(f"delta_b_{p}"), rg).mT for p in ("gate", "up")], 1).contiguous()
+    ops["gu_out"] = torch.cat([_pad(get(f"delta_a_{p}"), rg) for p in ("gate", "up")], 0)  # (2E, F, s')
+    ops["down_in"] = _pad(get("delta_b_down"), rd).mT.contiguous()  # (E, s', F)
+    ops["down_out"] = _pad(get("delta_a_down"), rd).contiguous()  # (E, H, s')
+    return _cpu_layout(ops)
+
+
+def wrapper_operands(get: Callable[[str], torch.Tensor], ranks: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Wrapper-form grouped-GEMM weights (as :func:`delta_operands`; ``r'`` = padded rank):
+    ``gu_in_v (E, 2r', H)``, ``gu_in_u (2E, H, r')``, ``core_gu (2, F, H)``,
+    ``gu_out_v (2E, r', F)``, ``gu_out_u (2E, F, r')``, ``down_in_v (E, r', F)``,
+    ``down_in_u (E, F, r')``, ``core_down (H, F)``, ``down_out_v (E, r', H)``, ``down_out_u (E, H, r')``.
+    """
+    rg, rd = _padded_ranks(get, ranks)
+    ops = {"core_down": get("core_down").contiguous()}
     ops["core_gu"] = torch.stack([get("core_gate"), get("core_up")], 0)  # (2, F, H)
     ops["gu_in_v"] = torch.cat([_pad(get(f"wrap_v_in_{p}"), rg).mT for p in ("gate", "up")], 1).contiguous()
     ops["gu_in_u"] = torch.cat([_pad(get(f"wrap_u_in_{p}"), rg) for p in ("gate", "up")], 0)  # (2E, H, r')
@@ -136,18 +144,23 @@ def fused_operands(get: Callable[[str], torch.Tensor], form: str, ranks: dict[st
     for side, name in (("in", "down_in"), ("out", "down_out")):
         ops[f"{name}_v"] = _pad(get(f"wrap_v_{side}_down"), rd).mT.contiguous()  # (E, r', d_side)
         ops[f"{name}_u"] = _pad(get(f"wrap_u_{side}_down"), rd).contiguous()  # (E, d_side, r')
-    return _cpu_layout(ops, wrapper=True)
+    return _cpu_layout(ops, keep=("core_gu", "core_down"))
 
 
-def _cpu_layout(ops: dict[str, torch.Tensor], wrapper: bool = False) -> dict[str, torch.Tensor]:
+def _padded_ranks(get: Callable[[str], torch.Tensor], ranks: Mapping[str, int]) -> tuple[int, int]:
+    """Padded rank widths ``(gate and up (shared), down)`` for the stored dtype."""
+    dt = get("core_gate").dtype
+    return padded_rank(max(ranks["gate"], ranks["up"]), dt), padded_rank(ranks["down"], dt)
+
+
+def _cpu_layout(ops: dict[str, torch.Tensor], keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """On CPU, the same logical ``(…, N, K)`` operands stored ``K``-major (``(…, K, N)``
     contiguous): at decode sizes the CPU GEMM multiplies by a row-major ``(K, N)`` matrix up to
     ~1.9x faster (e.g. 16x4096 @ 4096x800).  The wrapper's cores (run per pair, large M) keep
     their layout, which A/B-measured faster there (RESULTS §6); CUDA keeps ``nn.Linear``'s
-    layout throughout, as transformers' own ``grouped_mm`` path does."""
+    layout throughout, as transformers' own ``grouped_mm`` path does.  ``keep``: operands left as they are."""
     if ops["core_down"].device.type != "cpu":
         return ops
-    keep = ("core_gu", "core_down") if wrapper else ()
     return {k: v if k in keep else v.mT.contiguous().mT for k, v in ops.items()}
 
 

@@ -26,6 +26,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import CheckpointError, UnsupportedModelError
+from .forms import DEFAULT_FORM, FORMS, PROJECTIONS
 
 QUANT_METHOD = "moecore"
 
@@ -34,14 +35,14 @@ class MoecoreQuantizationConfig(QuantizationConfigMixin):
     """The ``quantization_config`` of a moecore checkpoint.
 
     Args:
-        form: default form of every layer (``"delta"`` or ``"wrapper"``).
+        form: default form of every layer (a registered form, :data:`moecore.forms.FORMS`).
         layers: ``{module_path: {"gate": r, "up": r, "down": r[, "form": .., "layout": {..}, "report": {..}]}}``
             (``report``: the reconstruction errors measured by ``compress``).
         layout: default :class:`~moecore.families.ExpertsLayout` as a dict.
         moecore_version: version that wrote the checkpoint.
     """
 
-    def __init__(self, form: str = "delta", layers: dict | None = None, layout: dict | None = None,
+    def __init__(self, form: str = DEFAULT_FORM, layers: dict | None = None, layout: dict | None = None,
                  moecore_version: str | None = None, **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD
         self.form = form
@@ -55,13 +56,14 @@ class MoecoreQuantizationConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validate the structure (CheckpointError with the offending entry)."""
-        if self.form not in ("delta", "wrapper"):
-            raise CheckpointError(f"moecore quantization_config: form must be 'delta' or 'wrapper', got {self.form!r}")
+        if not isinstance(self.form, str) or self.form not in FORMS:
+            raise CheckpointError(f"moecore quantization_config: form must be one of "
+                                  f"{', '.join(map(repr, FORMS))}, got {self.form!r}")
         if not isinstance(self.layers, dict) or not self.layers:
             raise CheckpointError("moecore quantization_config lists no compressed layers")
         for path, spec in self.layers.items():
             if not isinstance(spec, dict) or not all(
-                    isinstance(spec.get(p), int) and spec[p] > 0 for p in ("gate", "up", "down")):
+                    isinstance(spec.get(p), int) and spec[p] > 0 for p in PROJECTIONS):
                 raise CheckpointError(f"moecore quantization_config: bad ranks for {path}: {spec!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +193,7 @@ def swap_in_compressed(model, qconfig: dict[str, Any], dtype: torch.dtype | None
         e, f, h = views["gate"].shape
         ref = views["gate"]
         new = build_experts(  # CompressedExperts, or its quantized-storage subclass (moecore.quant)
-            e, h, f, spec.get("form", qconfig.get("form", "delta")), {p: spec[p] for p in ("gate", "up", "down")},
+            e, h, f, spec.get("form", qconfig.get("form", DEFAULT_FORM)), {p: spec[p] for p in PROJECTIONS},
             layout, quant=spec.get("quant", qconfig.get("quant")), act_fn=getattr(old, "act_fn", None),
             dtype=dtype or ref.dtype, device=ref.device,
         )
@@ -236,7 +238,7 @@ def build_quantization_config(model) -> dict[str, Any]:
     layout = max(layouts, key=layouts.count)
     layers = {}
     for name, m in mods:
-        spec: dict[str, Any] = {p: int(m.ranks[p]) for p in ("gate", "up", "down")}
+        spec: dict[str, Any] = {p: int(m.ranks[p]) for p in PROJECTIONS}
         if m.report:  # reconstruction errors measured at compress time survive the round trip
             spec["report"] = _jsonable(m.report)
         if m.form != form:

@@ -12,7 +12,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -31,7 +31,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = False,
-                    config=None, max_shard_size: str | int = "5GB") -> Path:
+                    config=None, max_shard_size: str | int = "5GB", extra_configs: Iterable = ()) -> Path:
     """Save a compressed model so that ``AutoModelForCausalLM.from_pretrained(out_dir)`` (after
     ``import moecore``) rebuilds it bit-identically.
 
@@ -45,6 +45,8 @@ def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwr
         out_dir: target folder; an existing one is replaced only with ``overwrite=True``.
         tokenizer: saved alongside when given.
         config: the CompressionConfig to record (default ``model.moecore_config``).
+        extra_configs: more configs saved into the folder with it (e.g. the
+            :class:`~moecore.training.config.RecoveryConfig` that produced the model).
     Returns the output path.
     """
     from .hf_integration import mark_compressed
@@ -67,6 +69,8 @@ def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwr
             _write_json(tmp / "moecore_config.json", {"moecore_version": __version__, "form": qdict["form"],
                                                       "note": "compression config unknown (model not made by compress)"})
         write_statistics_yaml(stats, tmp / STATS_FILENAME)
+        for extra in extra_configs:
+            extra.save(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
@@ -84,23 +88,6 @@ def _check_saved_keys(folder: Path, model) -> None:
         missing = [k for k in model.state_dict() if k.startswith(name + ".") and k not in keys]
         if missing:
             raise CheckpointError(f"transformers renamed or dropped compressed tensors while saving: {missing[:3]}")
-
-
-def load_safetensors_dir(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of every ``*.safetensors`` file in ``folder`` (CheckpointError if corrupt)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no safetensors weights in {folder}")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            out.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"corrupt safetensors file {f.name}: {exc}") from exc
-    return out
 
 
 @torch.no_grad()

@@ -7,8 +7,10 @@
 - :func:`recover_interrupted`: the next run restores ``OUT`` from a ``.OUT.old-*`` left by a
   kill between the two renames, removes stale ``.OUT.tmp-*`` folders (skipping those whose
   process is alive) and says so on stderr.  ``.OUT.partial`` (resumable work) is not touched.
-- a full disk (``ENOSPC`` / ``EFBIG`` / quota, also as a safetensors or tokenizers error)
-  becomes one :class:`~moecore.errors.CheckpointError` naming the output.
+- a full disk (``ENOSPC`` / ``EFBIG`` / quota, also as a safetensors or tokenizers error), or
+  any other ``OSError`` on the output, becomes one :class:`~moecore.errors.CheckpointError`
+  naming the output (:func:`converting_write_errors`); :func:`user_path` does the same for a
+  path the user named (:class:`~moecore.errors.FileAccessError`).
 Folders and files follow the umask (``mkdtemp`` / ``mkstemp`` would make them private).
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import CheckpointError
+from .errors import CheckpointError, FileAccessError, MoecoreError
 
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "os error 28",
@@ -36,6 +38,25 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc).strip() or type(exc).__name__
+
+
+@contextlib.contextmanager
+def user_path(path: str | os.PathLike, action: str = "read") -> Iterator[None]:
+    """The boundary where a path the user named is read or written: an ``OSError`` raised in the
+    block (missing file, a folder where a file is expected, permission denied, ...) becomes one
+    :class:`~moecore.errors.FileAccessError` ``"cannot {action} {path}: {reason}"``.  Errors that
+    are already moecore errors pass unchanged."""
+    try:
+        yield
+    except MoecoreError:
+        raise
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        raise FileAccessError(f"cannot {action} {path}: {_reason(exc)}{where}") from exc
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -222,17 +243,33 @@ def disk_full(exc: BaseException) -> bool:
     return any(t in str(exc) for t in _DISK_FULL_TEXT)
 
 
+def _under(filename, out: Path) -> bool:
+    """True if ``filename`` (an ``OSError``'s) is ``out``, inside it, or one of its temporary /
+    work folders beside it (``.OUT.tmp-*``, ``.OUT.partial``, ...)."""
+    if not filename:
+        return False
+    f = Path(os.fsdecode(filename)).expanduser().absolute()
+    o = out.expanduser().absolute()
+    if f == o or f.is_relative_to(o):
+        return True
+    return f != o.parent and f.is_relative_to(o.parent) and f.relative_to(o.parent).parts[0].startswith(f".{o.name}.")
+
+
 @contextlib.contextmanager
-def converting_disk_full(out: str | os.PathLike) -> Iterator[None]:
-    """Turn a full-disk failure inside the block into one ``CheckpointError`` naming ``out``."""
+def converting_write_errors(out: str | os.PathLike) -> Iterator[None]:
+    """Turn a failure to write ``out`` inside the block into one ``CheckpointError`` naming it:
+    a full disk (however the writing library reports it), or an ``OSError`` on ``out`` itself,
+    a file inside it or its temporary folders beside it.  Other errors pass unchanged."""
     try:
         yield
-    except CheckpointError:
+    except MoecoreError:
         raise
     except Exception as exc:
         if disk_full(exc):
             raise CheckpointError(f"cannot write {out}: no space left on the device or file size limit "
                                   f"reached ({type(exc).__name__}); nothing was replaced") from exc
+        if isinstance(exc, OSError) and (_under(exc.filename, Path(out)) or _under(exc.filename2, Path(out))):
+            raise CheckpointError(f"cannot write {out}: {_reason(exc)} ({exc.filename})") from exc
         raise
 
 
@@ -242,7 +279,8 @@ def prepare_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | 
     inside / around one), interrupted earlier writes are repaired, and an existing ``out`` is
     only replaced with ``overwrite`` and only if it holds a model.  Returns ``out`` resolved."""
     o = check_output_path(out, inputs)
-    recover_interrupted(o)
+    with user_path(out, "write"):
+        recover_interrupted(o)
     if o.exists():
         if not overwrite:
             raise CheckpointError(f"output directory already exists: {out} (use overwrite=True / --overwrite)")
@@ -259,9 +297,10 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False,
     """Yield a fresh ``.OUT.tmp-*`` folder; when the block succeeds it becomes ``out``
     (:func:`publish_dir`).  On any failure it is removed and ``out`` is left as it was."""
     o = prepare_output(out, inputs, overwrite)
-    tmp = new_tmp_dir(o)
+    with user_path(out, "write"):
+        tmp = new_tmp_dir(o)
     try:
-        with converting_disk_full(out):
+        with converting_write_errors(out):
             yield tmp
             publish_dir(tmp, o, overwrite)
     finally:

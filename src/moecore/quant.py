@@ -39,10 +39,12 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .compressed_experts import PROJECTIONS, CompressedExperts
+from .compressed_experts import CompressedExperts
 from .config import QuantConfig
 from .errors import ConfigError
 from .families import ExpertsLayout
+from .forms import PROJECTIONS, get_form, quantizable_forms
+from .forms.delta import FORM as DELTA
 from .maths import decompose as dm
 
 SUFFIXES = ("_qcodes", "_qscale", "_qzero")
@@ -114,12 +116,12 @@ class QuantizedCompressedExperts(CompressedExperts):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, ranks: Mapping[str, int],
                  layout: ExpertsLayout, quant: QuantConfig, act_fn: nn.Module | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
-        super().__init__(num_experts, hidden_size, intermediate_size, "delta", ranks, layout, act_fn, dtype, device)
+        super().__init__(num_experts, hidden_size, intermediate_size, DELTA.name, ranks, layout, act_fn, dtype, device)
         self.quant = QuantConfig.coerce(quant)
         self._float_dtype = dtype or torch.get_default_dtype()
         self.quantized: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (bits, logical shape)
         for p in PROJECTIONS:
-            for name in (f"core_{p}", f"delta_a_{p}", f"delta_b_{p}"):
+            for name in (f"core_{p}", *DELTA.param_names(p)):
                 bits = self.quant.core_bits if name.startswith("core_") else self.quant.factor_bits
                 if bits is None:
                     continue
@@ -167,8 +169,8 @@ def build_experts(num_experts: int, hidden_size: int, intermediate_size: int, fo
     quant = QuantConfig.coerce(quant)
     if quant is None:
         return CompressedExperts(num_experts, hidden_size, intermediate_size, form, ranks, layout, **kw)
-    if form != "delta":
-        raise ConfigError("quantized storage needs form='delta'")
+    if not get_form(form).quantizable:
+        raise ConfigError(f"quantized storage needs form {' or '.join(map(repr, quantizable_forms()))}, got {form!r}")
     return QuantizedCompressedExperts(num_experts, hidden_size, intermediate_size, ranks, layout, quant, **kw)
 
 
@@ -185,8 +187,9 @@ def quantize_layer(module: CompressedExperts, weights: Mapping[str, torch.Tensor
     ``output_rel_error``) and keeps the float fit's as ``float_weight_rel_error`` / ...
     """
     quant = QuantConfig.coerce(quant)
-    if module.form != "delta":
-        raise ConfigError("quantize_layer needs a delta-form layer")
+    if not module.form_impl.quantizable:
+        raise ConfigError(f"quantize_layer needs a layer of form {' or '.join(map(repr, quantizable_forms()))}, "
+                          f"got {module.form!r}")
     ref = module.core_gate
     out = QuantizedCompressedExperts(module.num_experts, module.hidden_size, module.intermediate_size, module.ranks,
                                      module.layout, quant, act_fn=module.act_fn, dtype=ref.dtype, device=ref.device)
@@ -194,8 +197,9 @@ def quantize_layer(module: CompressedExperts, weights: Mapping[str, torch.Tensor
     report = {p: dict(v) for p, v in (module.report or {}).items()}
     for p in PROJECTIONS:
         w, gram = weights[p].to(torch.float64), grams.get(p)
+        a_name, b_name = DELTA.param_names(p)
         core = getattr(module, f"core_{p}").detach().to(torch.float64)
-        a, b = (getattr(module, f"delta_{s}_{p}").detach().to(torch.float64) for s in ("a", "b"))
+        a, b = (getattr(module, n).detach().to(torch.float64) for n in (a_name, b_name))
         if cb is not None:
             qc = quantize(core, cb, g, method, "core")
             out.set_quantized(f"core_{p}", qc)
@@ -210,9 +214,9 @@ def quantize_layer(module: CompressedExperts, weights: Mapping[str, torch.Tensor
                 b = (torch.linalg.pinv(a) @ (w - core)).mT  # (E, d_in, s)
             qb = quantize(b, fb, g, method, "factor")
             b = dequantize(qb, tuple(b.shape), fb, "factor", torch.float64)
-            out.set_quantized(f"delta_a_{p}", qa)
-            out.set_quantized(f"delta_b_{p}", qb)
-        for name, t in ((f"core_{p}", core), (f"delta_a_{p}", a), (f"delta_b_{p}", b)):
+            out.set_quantized(a_name, qa)
+            out.set_quantized(b_name, qb)
+        for name, t in ((f"core_{p}", core), (a_name, a), (b_name, b)):
             if name not in out.quantized:
                 getattr(out, name).copy_(t)
         approx = dm.reconstruct_delta(core, a, b)  # (E, d_out, d_in)
@@ -271,12 +275,13 @@ def quantize_factors(model: nn.Module, factor_bits: int) -> int:
         quant = dataclasses.replace(m.quant, factor_bits=factor_bits)
         g, method = quant.group_size, quant.method
         for p in PROJECTIONS:
-            a, b = (getattr(m, f"delta_{s}_{p}").detach().to(torch.float64) for s in ("a", "b"))
+            a_name, b_name = DELTA.param_names(p)
+            a, b = (getattr(m, n).detach().to(torch.float64) for n in (a_name, b_name))
             qa = quantize(a, factor_bits, g, method, "factor")
             a_hat = dequantize(qa, tuple(a.shape), factor_bits, "factor", torch.float64)  # (E, d_out, s)
             b = (torch.linalg.pinv(a_hat) @ a @ b.mT).mT  # (E, d_in, s)
             qb = quantize(b, factor_bits, g, method, "factor")
-            for name, q, shape in ((f"delta_a_{p}", qa, a.shape), (f"delta_b_{p}", qb, b.shape)):
+            for name, q, shape in ((a_name, qa, a.shape), (b_name, qb, b.shape)):
                 del m._parameters[name]
                 for s in SUFFIXES:
                     m.register_buffer(name + s, q[s[1:]])

@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 
-from .io_utils import atomic_write_text
-from .errors import ConfigError, UnsupportedModelError
-
-PROJECTIONS = ("gate", "up", "down")
+from .io_utils import atomic_write_text, user_path
+from .errors import ConfigError, FileAccessError, UnsupportedModelError
+from .forms import PROJECTIONS, get_form
 STATS_FILENAME = "compression_statistics.yaml"
 _QSUFFIXES = ("_qcodes", "_qscale", "_qzero")  # moecore.quant's stored parts of one quantized tensor
 _GB = 1e9
@@ -130,11 +129,12 @@ def _compressed_layer(name: str, mod, k: int) -> dict[str, Any]:
     elsize = torch.empty(0, dtype=fdtype).element_size()
     dims = {"gate": F * H, "up": F * H, "down": H * F}
     report = getattr(mod, "report", None) or {}
-    core = factors = bias = 0
+    form = get_form(mod.form)
+    core = factors = bias = macs = 0
     proj_rows = {}
     for p in PROJECTIONS:
         c = sum(v for n, v in tensors.items() if n.startswith("core_") and _proj_of(n) == p)
-        f = sum(v for n, v in tensors.items() if n.startswith(("delta_", "wrap_")) and _proj_of(n) == p)
+        f = sum(v for n, v in tensors.items() if n in form.param_names(p))
         row = {"rank": int(mod.ranks[p]), "params_original": E * dims[p], "params_compressed": c + f,
                "core_params": c, "factor_params": f,
                "bytes_compressed": _nbytes(t for n, t in stored.items()
@@ -144,16 +144,15 @@ def _compressed_layer(name: str, mod, k: int) -> dict[str, Any]:
             row.update({k2: _plain(v) for k2, v in errs.items() if k2 != "rank"})
         proj_rows[p] = row
         core, factors = core + c, factors + f
+        macs += form.active_macs_per_token(*mod.proj_shape(p), factor_params=f // E, top_k=k)
     bias = sum(v for n, v in tensors.items() if n.startswith("bias_"))
     other = sum(tensors.values()) - core - factors - bias
     if other:
         raise UnsupportedModelError(f"{name}: stored tensors outside the core/factor/bias naming contract")
     weights_orig = E * 3 * H * F
-    form = mod.form
     per_expert_factors = factors // E
-    macs = (k * (3 * H * F + per_expert_factors)) if form == "wrapper" else (3 * H * F + k * per_expert_factors)
     return {
-        "module": name, "form": form, "num_experts": E, "hidden_size": H, "intermediate_size": F, "top_k": k,
+        "module": name, "form": form.name, "num_experts": E, "hidden_size": H, "intermediate_size": F, "top_k": k,
         "params_original": weights_orig + bias, "params_compressed": core + factors + bias,
         "active_params_original": k * (3 * H * F) + k * bias // E,
         "active_params_compressed": core + k * per_expert_factors + k * bias // E,
@@ -290,7 +289,8 @@ def read_statistics_yaml(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        with user_path(path):
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict) or "total_params_original" not in data:
@@ -310,7 +310,7 @@ def _load_hf_config(hf_config):
         return AutoConfig.for_model(d.pop("model_type"), **d)
     path = Path(hf_config)
     if not path.exists():
-        raise FileNotFoundError(f"config not found: {path}")
+        raise FileAccessError(f"config not found: {path}")
     try:
         return AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as exc:
@@ -341,6 +341,8 @@ def plan(hf_config, cfg, dtype: torch.dtype | str | None = None) -> dict[str, An
     if dtype is None:
         dtype = getattr(_text_config(hf), "dtype", None) or getattr(hf, "dtype", None) or torch.float32
     if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ConfigError(f"unknown dtype {dtype!r} (e.g. float32, bfloat16, float16)")
         dtype = getattr(torch, dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf, dtype=dtype)

@@ -1,9 +1,11 @@
 """The ``moecore`` command line. Each sub-command lives in its own module exposing
 ``register(subparsers)``; this module only dispatches and turns errors into one line.
 
-Only errors the user can cause or fix are caught (:class:`~moecore.errors.MoecoreError` and
-``OSError``, e.g. a missing file or a full disk): they print ``moecore CMD: error: ...`` and
-exit 2.  Any other exception is a bug and keeps its traceback."""
+Exactly the errors the user can cause or fix are caught: :class:`~moecore.errors.MoecoreError`
+(a bad setting, a missing or corrupt input, an unwritable output or a full disk, ...) prints
+``moecore CMD: error: ...`` and exits 2.  Any other exception (also a bare ``ValueError`` or
+``OSError``) is a bug and keeps its traceback; ``MOECORE_DEBUG=1`` shows the traceback of a
+MoecoreError too."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moecore: interrupted", file=sys.stderr)
         return 130
-    except (MoecoreError, OSError) as exc:
+    except MoecoreError as exc:
         if os.environ.get("MOECORE_DEBUG"):
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -4,30 +4,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from moecore.config import CompressionConfig
+from moecore.stats import plan, print_table
+
+from ._config_args import add_config_args, config_from_args
+from .compress_cmd import BUDGET_FIELDS, DTYPES
+
 
 def register(sub) -> None:
-    from moecore.cli.compress_cmd import add_budget_args
-
     p = sub.add_parser("plan", help="statistics of a compression from config.json alone (no weights)")
     p.add_argument("configs", nargs="+", metavar="CONFIG.json", help="transformers config.json (or its folder)")
-    add_budget_args(p)
-    p.add_argument("--dtype", default=None, help="dtype for bytes (default: the config's)")
+    p.add_argument("--dtype", default=None, choices=DTYPES[1:], help="dtype for bytes (default: the config's)")
     p.add_argument("--per-layer", action="store_true", help="also print one row per layer and projection")
     p.add_argument("--json", action="store_true", help="print the plans as JSON")
+    add_config_args(p, CompressionConfig, only=BUDGET_FIELDS)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from moecore import CompressionConfig, plan
-    from moecore.stats import print_table
-
-    from moecore.cli.compress_cmd import quant_arg
-
-    cfg = CompressionConfig(form=args.form, rank=args.rank, target_ratio=args.target_ratio, allocation=args.allocation,
-                            quant=quant_arg(args))
+    cfg = config_from_args(CompressionConfig, args, only=BUDGET_FIELDS)
     plans = [(c, plan(c, cfg, dtype=args.dtype)) for c in args.configs]
     if args.json:
         print(json.dumps({c: p for c, p in plans}, indent=2, default=str))

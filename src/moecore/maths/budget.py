@@ -4,14 +4,53 @@ ranks out; used by ``compress`` and by the config-only ``plan``).
 A *projection* is one of gate/up/down of one MoE layer, described by
 :class:`ProjectionShape`.  Ranks are the form's own rank: ``s`` for delta, ``r`` (per side)
 for wrapper; the wrapper's rank unit costs twice the delta's.
+
+The per-form counts are the forms' own (:class:`FormCounts`, implemented by
+:class:`moecore.forms.Form`); every function here takes ``form`` as such an object or as
+the name of a registered form (:mod:`moecore.forms` registers its forms through
+:func:`register_form`; this module imports nothing outside ``moecore.errors``).
 """
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
+from typing import Hashable, Mapping, Protocol, Sequence
 
 from ..errors import ConfigError
+
+
+class FormCounts(Protocol):
+    """What the budget needs of a form (see :class:`moecore.forms.Form`)."""
+
+    name: str
+
+    def rank_unit_params(self, d_out: int, d_in: int) -> int:
+        """Factor parameters one rank unit adds to one expert of a ``(d_out, d_in)`` projection."""
+
+    def projection_params(self, num_experts: int, d_out: int, d_in: int, rank: int) -> int:
+        """Stored parameters of one projection (core + every expert's factors)."""
+
+    def active_macs_per_token(self, d_out: int, d_in: int, factor_params: int, top_k: int) -> int:
+        """Multiply-adds per token of one projection (``factor_params``: one expert's factor weights)."""
+
+
+FormLike = str | FormCounts
+_NAMED: dict[str, FormCounts] = {}  # filled by moecore.forms
+
+
+def register_form(form: FormCounts) -> None:
+    """Make ``form`` usable by name here (called by :mod:`moecore.forms` for each of its forms)."""
+    _NAMED[form.name] = form
+
+
+def form_counts(form: FormLike) -> FormCounts:
+    """``form`` itself, or the registered form of that name (``ConfigError`` for an unknown name)."""
+    if not isinstance(form, str):
+        return form
+    try:
+        return _NAMED[form]
+    except KeyError:
+        raise ConfigError(f"form must be one of {', '.join(map(repr, _NAMED))}, got {form!r}") from None
 
 
 @dataclass(frozen=True)
@@ -35,23 +74,19 @@ class ProjectionShape:
         return self.num_experts * self.d_out * self.d_in
 
 
-def rank_unit_params(form: str, p: ProjectionShape) -> int:
-    """Parameters added by one unit of rank: delta ``E(d_out+d_in)``, wrapper ``2E(d_out+d_in)``."""
-    per = p.num_experts * (p.d_out + p.d_in)
-    if form == "delta":
-        return per
-    if form == "wrapper":
-        return 2 * per
-    raise ConfigError(f"form must be 'delta' or 'wrapper', got {form!r}")
+def rank_unit_params(form: FormLike, p: ProjectionShape) -> int:
+    """Parameters added by one unit of rank to the whole projection (all ``E`` experts):
+    delta ``E(d_out+d_in)``, wrapper ``2E(d_out+d_in)``."""
+    return p.num_experts * form_counts(form).rank_unit_params(p.d_out, p.d_in)
 
 
-def projection_params(form: str, p: ProjectionShape, rank: int) -> int:
+def projection_params(form: FormLike, p: ProjectionShape, rank: int) -> int:
     """Compressed parameters of one projection: delta ``d_out·d_in + E·s·(d_out+d_in)``,
     wrapper ``d_out·d_in + E·2r·(d_out+d_in)``."""
-    return p.d_out * p.d_in + rank * rank_unit_params(form, p)
+    return form_counts(form).projection_params(p.num_experts, p.d_out, p.d_in, rank)
 
 
-def total_params(form: str, shapes: Sequence[ProjectionShape], ranks: Mapping[Hashable, int]) -> int:
+def total_params(form: FormLike, shapes: Sequence[ProjectionShape], ranks: Mapping[Hashable, int]) -> int:
     """Sum of :func:`projection_params` over ``shapes`` with ``ranks[key]``."""
     return sum(projection_params(form, p, ranks[p.key]) for p in shapes)
 
@@ -80,19 +115,19 @@ def _target(shapes: Sequence[ProjectionShape], target_ratio: float) -> int:
     return int(target_ratio * original_params(shapes))
 
 
-def _unreachable(form: str, shapes: Sequence[ProjectionShape], target_ratio: float) -> ConfigError:
+def _unreachable(form: FormLike, shapes: Sequence[ProjectionShape], target_ratio: float) -> ConfigError:
     orig = original_params(shapes)
     core_only = sum(p.d_out * p.d_in for p in shapes)
     rank1 = total_params(form, shapes, {p.key: 1 for p in shapes})
     worst = max(shapes, key=lambda p: projection_params(form, p, 1) / p.original_params)
     return ConfigError(
-        f"target_ratio {target_ratio} is unreachable for form {form!r}: the cores alone take "
+        f"target_ratio {target_ratio} is unreachable for form {form_counts(form).name!r}: the cores alone take "
         f"{core_only / orig:.4f} and rank 1 everywhere takes {rank1 / orig:.4f} of the original "
         f"expert parameters (tightest projection: {worst.key}); use a target_ratio >= {rank1 / orig:.4f}"
     )
 
 
-def solve_uniform(form: str, shapes: Sequence[ProjectionShape], target_ratio: float) -> dict[Hashable, int]:
+def solve_uniform(form: FormLike, shapes: Sequence[ProjectionShape], target_ratio: float) -> dict[Hashable, int]:
     """Largest single rank ``r`` (capped per projection at ``min(d_in, d_out)``) whose total
     compressed parameters stay ``<= target_ratio ·`` original.  ``ConfigError`` if rank 1
     already exceeds the target."""
@@ -114,7 +149,7 @@ def solve_uniform(form: str, shapes: Sequence[ProjectionShape], target_ratio: fl
 
 
 def solve_greedy(
-    form: str, shapes: Sequence[ProjectionShape], target_ratio: float, gains: Mapping[Hashable, Sequence[float]],
+    form: FormLike, shapes: Sequence[ProjectionShape], target_ratio: float, gains: Mapping[Hashable, Sequence[float]],
 ) -> dict[Hashable, int]:
     """Allocate rank by marginal error reduction per parameter.
 
@@ -154,16 +189,15 @@ def solve_greedy(
     return ranks
 
 
-def active_macs_per_token(form: str, shapes: Sequence[ProjectionShape], ranks: Mapping[Hashable, int], top_k: int) -> int:
+def active_macs_per_token(form: FormLike, shapes: Sequence[ProjectionShape], ranks: Mapping[Hashable, int],
+                          top_k: int) -> int:
     """Multiply-adds per token of the compressed experts' matrix products (elementwise ops
-    not counted).  Delta: each core once per token + ``k`` low-rank paths
-    ``s(d_out+d_in)``; wrapper: ``k`` core runs + ``k`` wrappers ``2r(d_out+d_in)``."""
-    total = 0
-    for p in shapes:
-        core = p.d_out * p.d_in
-        low = ranks[p.key] * (p.d_out + p.d_in)
-        total += core + top_k * low if form == "delta" else top_k * (core + 2 * low)
-    return total
+    not counted), the form's :meth:`~moecore.forms.Form.active_macs_per_token` summed over
+    ``shapes``.  Delta: each core once per token + ``k`` low-rank paths ``s(d_out+d_in)``;
+    wrapper: ``k`` core runs + ``k`` wrappers ``2r(d_out+d_in)``."""
+    f = form_counts(form)
+    return sum(f.active_macs_per_token(p.d_out, p.d_in, ranks[p.key] * f.rank_unit_params(p.d_out, p.d_in), top_k)
+               for p in shapes)
 
 
 def original_macs_per_token(shapes: Sequence[ProjectionShape], top_k: int) -> int:

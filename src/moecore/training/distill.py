@@ -8,6 +8,8 @@ Student resolution (the seed's auto-detection, made explicit):
 3. any other directory or an ``nn.Module``: used as given (a plain student trains its experts);
 4. with a ``CompressionConfig``, an uncompressed student (or a copy of the teacher when
    ``student=None``) is compressed on the fly with the bundled calibration split.
+
+The training settings are one :class:`~moecore.training.config.DistillConfig`.
 """
 from __future__ import annotations
 
@@ -18,15 +20,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from transformers import TrainerCallback, TrainingArguments
 
+from ..api import compress
+from ..config import CompressionConfig
+from ..data import load_split
 from ..errors import ConfigError, DataError
-from . import checkpoints as ckpt
-from ..io_utils import atomic_write_text, check_output_path, converting_disk_full
+from ..io_utils import atomic_write_text, check_output_path, converting_write_errors, user_path
 from ..modeling import load_model
+from . import checkpoints as ckpt
+from .async_eval import EvalWorker, summary_table
 from .common import BlockDataset, is_compressed_model, select_trainable, training_texts
+from .config import DISTILL_CONFIG, DistillConfig, RecoveryConfig
 from .guards import check_teacher
 from .kd import DistillTrainer, kd_loss
+from .plots import plot_training_curves
+from .recover import recover
 
 SUMMARY = "distill_summary.json"
 CURVES = "training_curves.png"
@@ -66,12 +76,19 @@ def _resolve_student(student, teacher_model, tok, compression, resume_ckpt):
     else:
         model, how = copy.deepcopy(teacher_model), "the teacher"
     if compression is not None and not is_compressed_model(model):
-        from ..api import compress
-        from ..data import load_split
-
         compress(model, compression, calibration=load_split("calib"), tokenizer=tok)
         how += f", compressed on the fly ({compression.form})"
     return model, how
+
+
+def _recover_first(teacher, teacher_model, student_model, tok, cfg: DistillConfig, main: bool) -> None:
+    """Layer-wise local recovery of the student before KD (``cfg.recover_steps`` per layer)."""
+    rep = recover(teacher if isinstance(teacher, (str, Path)) else teacher_model, student_model,
+                  RecoveryConfig(steps=cfg.recover_steps, seed=cfg.seed), tokenizer=tok, progress=main)
+    if main:
+        for row in rep.layers:
+            print(f"moecore recover: {row['path']}: relative MSE {row['rel_mse_before']:.4g} -> "
+                  f"{row['rel_mse_after']:.4g}", flush=True)
 
 
 def _blocks(tok, data, block_size: int, needed_tokens: int) -> torch.Tensor:
@@ -123,78 +140,92 @@ class _Monitor(TrainerCallback):
     def on_save(self, args, state, control, **kw):
         self._check()
         if args.should_save:
-            from .plots import plot_training_curves
-
             plot_training_curves(state.log_history, self.out / CURVES)
 
 
-def distill(teacher, student=None, output_dir: str | Path = "distilled", *, compression=None,
-            data: str | Path | None = None, max_steps: int = 100, lr: float = 1e-3, temperature: float = 1.0,
-            alpha: float = 0.1, block_size: int = 128, batch_size: int = 4, grad_accum: int = 1,
-            save_steps: int = 50, save_total_limit: int | None = None, logging_steps: int = 10,
-            warmup_steps: int = 0, scheduler: str = "cosine", resume: bool = False, train_core: bool = False,
-            train_router: bool = False, eval_async: bool = False, eval_max_tokens: int | None = 16384,
-            eval_tasks: list[str] | None = None, eval_limit: int | None = None, seed: int = 0,
-            eval_blocks: int = 2) -> DistillResult:
+def distill(teacher, student=None, output_dir: str | Path = "distilled", cfg: DistillConfig | None = None, *,
+            compression: CompressionConfig | None = None, data: str | Path | None = None,
+            resume: bool = False) -> DistillResult:
     """Distil ``teacher`` (a directory or model) into ``student`` with :class:`DistillTrainer`.
 
+    Args:
+        teacher: the original model directory (or an in-memory model).
+        student: a student directory or module, or ``None`` (a copy of the teacher, compressed
+            with ``compression``); see the module docstring for how it is resolved.
+        output_dir: the run folder.
+        cfg: the :class:`~moecore.training.config.DistillConfig` (default: its defaults).
+        compression: compresses an uncompressed student on the fly (bundled calibration split).
+        data: training text file (default: the bundled ``train`` split).
+        resume: continue from the last complete checkpoint in ``output_dir`` (from scratch,
+            with a note, if there is none).
+
     Checkpoints (compressed format, complete only after an atomic rename) are written every
-    ``save_steps`` steps and at the end to ``OUT/checkpoint-N``; the final student goes to
-    ``OUT/final``, the curves to ``OUT/training_curves.png``, a summary to
-    ``OUT/distill_summary.json``. ``resume=True`` continues from the last complete checkpoint
-    (from scratch, with a note, if there is none). ``eval_async`` starts the background
-    evaluator (:mod:`moecore.training.async_eval`). Works under ``accelerate launch``.
+    ``cfg.save_steps`` steps and at the end to ``OUT/checkpoint-N``; the final student goes to
+    ``OUT/final``, the curves to ``OUT/training_curves.png``, the config to
+    ``OUT/distill_config.json``, a summary to ``OUT/distill_summary.json``.
+    ``cfg.recover_steps`` runs layer-wise local recovery on the student first;
+    ``cfg.eval_async`` starts the background evaluator (:mod:`moecore.training.async_eval`).
+    Works under ``accelerate launch``.
     """
-    if min(max_steps, save_steps, batch_size, grad_accum, logging_steps) <= 0 or lr <= 0:
-        raise ConfigError("max_steps, save_steps, batch_size, grad_accum, logging_steps and lr must be positive")
-    if block_size < 2 or temperature <= 0 or alpha < 0 or warmup_steps < 0:
-        raise ConfigError(f"need block_size >= 2, temperature > 0, alpha >= 0, warmup_steps >= 0; got "
-                          f"{block_size}, {temperature}, {alpha}, {warmup_steps}")
+    cfg = DistillConfig() if cfg is None else cfg
+    if not isinstance(cfg, DistillConfig):
+        raise ConfigError(f"cfg must be a DistillConfig, got {type(cfg).__name__}")
+    if compression is not None and not isinstance(compression, CompressionConfig):
+        raise ConfigError(f"compression must be a CompressionConfig, got {type(compression).__name__}")
     out = Path(output_dir)
     # the run directory may never be, contain or lie inside an input (its checkpoints rotate)
     check_output_path(out, [t for t in (teacher, student, data) if isinstance(t, (str, Path))])
     last = ckpt.last_checkpoint(out) if resume else None
     if not resume and ckpt.complete_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue, or choose another -o")
+    saved_cfg = DistillConfig.load(out) if resume and (out / DISTILL_CONFIG).is_file() else None
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_steps, weight_decay=0.0, logging_steps=cfg.logging_steps, save_strategy="steps",
+        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, report_to="none", seed=cfg.seed,
+        data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        ddp_find_unused_parameters=False, remove_unused_columns=False)
     teacher_model, tok = _load_teacher(teacher)
     if tok is None:
         if student is None or isinstance(student, torch.nn.Module):
             raise ConfigError("pass a teacher directory (for its tokenizer) when the teacher is a module")
         tok = load_model(student)[1]
     student_model, how = _resolve_student(student, teacher_model, tok, compression, last)
-    names = select_trainable(student_model, train_core=train_core, train_router=train_router)
+    if cfg.recover_steps and last is None:
+        _recover_first(teacher, teacher_model, student_model, tok, cfg, args.should_save)
+        how += f", recovered layer-wise ({cfg.recover_steps} steps per layer)"
+    names = select_trainable(student_model, train_core=cfg.train_core, train_router=cfg.train_router)
     n_train = sum(p.numel() for p in student_model.parameters() if p.requires_grad)
 
-    args = TrainingArguments(
-        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum, learning_rate=lr, lr_scheduler_type=scheduler,
-        warmup_steps=warmup_steps, weight_decay=0.0, logging_steps=logging_steps, save_strategy="steps",
-        save_steps=save_steps, save_total_limit=save_total_limit, report_to="none", seed=seed, data_seed=seed,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, ddp_find_unused_parameters=False,
-        remove_unused_columns=False)
     world = max(args.world_size, 1)
-    needed = max_steps * batch_size * grad_accum * world * block_size
-    blocks = _blocks(tok, data, block_size, needed)
+    needed = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world * cfg.block_size
+    blocks = _blocks(tok, data, cfg.block_size, needed)
     check_teacher(teacher_model, student_model, blocks[:1],
                   name=f"teacher {teacher}" if isinstance(teacher, (str, Path)) else "the teacher")
     if args.should_save:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_staging(out)
+        with user_path(out, "write"):
+            out.mkdir(parents=True, exist_ok=True)
+        with converting_write_errors(out):
+            ckpt.clean_staging(out)
+            cfg.save(out)
         print(f"moecore distill: student {how}; {len(names)} trainable tensors ({n_train:,} params); "
-              f"{blocks.shape[0]} blocks of {block_size} tokens; {world} process(es)", flush=True)
+              f"{blocks.shape[0]} blocks of {cfg.block_size} tokens; {world} process(es)", flush=True)
         if resume and last is None:
             print(f"moecore distill: no complete checkpoint in {out}; starting from scratch", flush=True)
+        changed = cfg.changes(saved_cfg) if saved_cfg is not None else {}
+        if changed:
+            print("moecore distill: resuming with changed settings: "
+                  + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), flush=True)
 
     worker = None
-    if eval_async and args.should_save:
-        from .async_eval import EvalWorker
-
-        worker = EvalWorker(out, max_tokens=eval_max_tokens, tasks=eval_tasks, limit=eval_limit).start()
+    if cfg.eval_async and args.should_save:
+        worker = EvalWorker(out, max_tokens=cfg.eval_max_tokens, tasks=cfg.eval_tasks, limit=cfg.eval_limit).start()
     trainer = DistillTrainer(model=student_model, args=args, train_dataset=BlockDataset(blocks),
-                             processing_class=tok, teacher=teacher_model, temperature=temperature, alpha=alpha,
-                             callbacks=[_Monitor(out, worker)])
+                             processing_class=tok, teacher=teacher_model, temperature=cfg.temperature,
+                             alpha=cfg.alpha, callbacks=[_Monitor(out, worker)])
     try:
-        with converting_disk_full(out):
+        with converting_write_errors(out):
             trainer.train(resume_from_checkpoint=str(last) if last else None)
     except BaseException:
         if worker is not None:
@@ -203,37 +234,34 @@ def distill(teacher, student=None, output_dir: str | Path = "distilled", *, comp
 
     final = out / "final"
     staging = out / ".tmp-final"
-    trainer.save_model(str(staging))
+    with converting_write_errors(out):
+        trainer.save_model(str(staging))
     trainer._barrier()
     model = trainer.accelerator.unwrap_model(trainer.model)
     sums = checksums(model, names)
     total = sum(sums.values())
     rank_sums = [total]
     if world > 1:
-        from accelerate.utils import gather_object
-
         rank_sums = gather_object([total])
     if not args.should_save:
         return DistillResult(str(out), str(final), trainer.state.global_step, str(last) if last else None,
                              n_train, None, None, sums, rank_sums)
-    ckpt.publish(staging, final)
-    from .plots import plot_training_curves
-
-    plot_training_curves(trainer.state.log_history, out / CURVES)
+    with converting_write_errors(out):
+        ckpt.publish(staging, final)
+        plot_training_curves(trainer.state.log_history, out / CURVES)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    final_loss = eval_kd_loss(model, teacher_model, blocks[:eval_blocks], temperature, alpha)
+    final_loss = eval_kd_loss(model, teacher_model, blocks[:cfg.eval_blocks], cfg.temperature, cfg.alpha)
     res = DistillResult(str(out), str(final), trainer.state.global_step, str(last) if last else None, n_train,
                         losses[-1] if losses else None, final_loss, sums, rank_sums)
     if worker is not None:
         fin = worker.finish()
         res.eval_rows, res.eval_error = fin["rows"], fin["error"]
-        from .async_eval import summary_table
-
         print(summary_table(res.eval_rows, res.eval_error), flush=True)
     summary = asdict(res)
-    summary.update(temperature=temperature, alpha=alpha, lr=lr, block_size=block_size, batch_size=batch_size,
-                   world_size=world, student=how)
-    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2, default=_json_default))
+    summary.update(temperature=cfg.temperature, alpha=cfg.alpha, lr=cfg.lr, block_size=cfg.block_size,
+                   batch_size=cfg.batch_size, world_size=world, student=how, config=cfg.to_dict())
+    with converting_write_errors(out):
+        atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2, default=_json_default))
     return res
 
 

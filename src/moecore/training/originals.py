@@ -17,8 +17,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.core_model_loading import revert_weight_conversion
 
 from ..errors import CheckpointError
+from ..modeling import check_model_dir
 
 
 class OriginalExpertsLoader:
@@ -29,10 +33,12 @@ class OriginalExpertsLoader:
     """
 
     def __init__(self, model_dir: str | Path):
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        self.dir = Path(model_dir)
-        cfg = AutoConfig.from_pretrained(self.dir)
+        self.dir = check_model_dir(model_dir)
+        try:
+            cfg = AutoConfig.from_pretrained(self.dir)
+        except (OSError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"cannot read the model config in {self.dir}: {first}") from exc
         if getattr(cfg, "quantization_config", None):
             raise CheckpointError(f"{self.dir} is a quantized/compressed checkpoint; pass the original model")
         with torch.device("meta"):
@@ -47,16 +53,11 @@ class OriginalExpertsLoader:
         single = self.dir / "model.safetensors"
         if not single.is_file():
             raise CheckpointError(f"no safetensors weights in {self.dir}")
-        from safetensors import safe_open
-
         with safe_open(str(single), "pt") as f:
             return {k: single for k in f.keys()}
 
     def experts(self, path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         """The original experts module at ``path`` (e.g. ``model.layers.3.mlp.experts``) on CPU."""
-        from safetensors import safe_open
-        from transformers.core_model_loading import revert_weight_conversion
-
         meta = self.skeleton.get_submodule(path)
         named = [(n, t) for n, t in meta.named_parameters()]
         offsets, total, index_sd = {}, 0, {}

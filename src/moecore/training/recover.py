@@ -16,13 +16,18 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm
 
+from ..data import calibration_sequences, load_split
 from ..errors import ConfigError, DataError, TrainingError
+from ..modeling import load_tokenizer
 from .common import CORE_MARKER, FACTOR_MARKERS, experts_paths, is_compressed_model
+from .config import RecoveryConfig
 from .guards import check_finite, check_teacher
+from .originals import OriginalExpertsLoader
 
 
 class _Stop(Exception):
@@ -43,8 +48,6 @@ class RecoveryReport:
 def _calibration_ids(tokenizer, texts, max_tokens: int, seq_len: int) -> torch.Tensor:
     """``(N, seq_len)`` full calibration sequences, at most ``max_tokens`` in all, spread evenly
     over the whole text (:func:`moecore.data.calibration_sequences`; a ``TextFile`` is streamed)."""
-    from ..data import calibration_sequences
-
     seqs = [s for s in calibration_sequences(texts, tokenizer, max_tokens, seq_len) if s.numel() == seq_len]
     if not seqs:
         raise DataError(f"calibration text too short for one sequence of {seq_len} tokens")
@@ -90,39 +93,33 @@ def _rel_mse(module, x, idx, w, y, chunk: int = 4096) -> float:
     return err / max(float(y.pow(2).sum()), 1e-30)
 
 
-def recover(teacher, student, calibration_texts: list[str] | None = None, tokenizer=None, *, steps: int = 200,
-            lr: float = 1e-3, batch_tokens: int = 1024, max_tokens: int = 32768, seq_len: int = 256,
-            forward_batch: int = 8, train_core: bool = False, seed: int = 0, progress: bool = True) -> RecoveryReport:
+def recover(teacher, student, cfg: RecoveryConfig | None = None, *, calibration: Iterable[str] | None = None,
+            tokenizer=None, progress: bool = True) -> RecoveryReport:
     """Fit every compressed experts block of ``student`` (in place) to the original block.
 
     Args:
         teacher: the ORIGINAL model directory (expert weights read layer by layer with
             ``safe_open``) or an in-memory original model (its experts modules are used).
         student: the compressed model (a plain model works too: all its expert weights train).
-        calibration_texts: defaults to the bundled ``calib`` split (never the held-out one).
+        cfg: the :class:`~moecore.training.config.RecoveryConfig` (default: its defaults).
+        calibration: texts or a :class:`~moecore.data.TextFile`; default: the bundled
+            ``calib`` split (never the held-out one).
         tokenizer: required unless ``teacher`` is a directory holding one.
-        steps / lr / batch_tokens: Adam steps per layer, learning rate, tokens per step.
-        max_tokens / seq_len: calibration budget and sequence length.
-        train_core: also fit the shared cores.
+        progress: show a progress bar.
     Returns a :class:`RecoveryReport` (relative output MSE per layer before / after).
     """
-    from ..data import load_split
-
-    if steps < 0 or lr <= 0 or batch_tokens <= 0:
-        raise ConfigError("need steps >= 0, lr > 0, batch_tokens > 0")
+    cfg = RecoveryConfig() if cfg is None else cfg
+    if not isinstance(cfg, RecoveryConfig):
+        raise ConfigError(f"cfg must be a RecoveryConfig, got {type(cfg).__name__}")
     loader = None
     if isinstance(teacher, (str, Path)):
-        from .originals import OriginalExpertsLoader
-
         loader = OriginalExpertsLoader(teacher)
         if tokenizer is None:
-            from ..modeling import load_tokenizer
-
             tokenizer = load_tokenizer(teacher, loader.skeleton.config)
     if tokenizer is None:
         raise ConfigError("recover needs a tokenizer when the teacher is a module")
-    texts = calibration_texts if calibration_texts is not None else load_split("calib")
-    seqs = _calibration_ids(tokenizer, texts, max_tokens, seq_len)
+    texts = calibration if calibration is not None else load_split("calib")
+    seqs = _calibration_ids(tokenizer, texts, cfg.max_tokens, cfg.seq_len)
     compressed = is_compressed_model(student)
     paths = experts_paths(student)
     if not paths:
@@ -131,19 +128,19 @@ def recover(teacher, student, calibration_texts: list[str] | None = None, tokeni
     # same vocabulary and MoE shapes; a module teacher also gets a finite-logits probe (a directory
     # teacher is never loaded whole: its experts are checked layer by layer below)
     check_teacher(loader.skeleton if loader is not None else teacher, student, seqs[:1], name=tname)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
     was_training = student.training
     student.eval()
     flags = {n: p.requires_grad for n, p in student.named_parameters()}
     for p in student.parameters():
         p.requires_grad_(False)
-    report = RecoveryReport(tokens=int(seqs.numel()), steps=steps)
+    report = RecoveryReport(tokens=int(seqs.numel()), steps=cfg.steps)
     try:
         for path in tqdm(paths, desc="moecore: recovering", unit="layer", disable=not progress):
             t0 = time.time()
             module = student.get_submodule(path)
             dev = next(module.parameters()).device
-            x, idx, w = _capture(student, module, seqs, forward_batch)
+            x, idx, w = _capture(student, module, seqs, cfg.forward_batch)
             orig = loader.experts(path) if loader is not None else teacher.get_submodule(path)
             orig = orig.to(device=dev, dtype=x.dtype)
             for pname, p in orig.named_parameters():
@@ -156,7 +153,7 @@ def recover(teacher, student, calibration_texts: list[str] | None = None, tokeni
             # fit on 4 of every 5 calibration sequences, judge on the 5th (held back from the fit; the
             # sequences are spread over the whole calibration text, so both parts cover every source):
             # small calibration sets overfit, and a layer is only kept if it improved on tokens it never saw
-            held = (torch.arange(x.shape[0], device=x.device) // seq_len) % 5 == 4  # (N,)
+            held = (torch.arange(x.shape[0], device=x.device) // cfg.seq_len) % 5 == 4  # (N,)
             if int(held.sum()) < 16 or bool(held.all()):
                 held = torch.zeros_like(held)
             fit_rows = (~held).nonzero().squeeze(1)  # (n_fit,)
@@ -166,16 +163,16 @@ def recover(teacher, student, calibration_texts: list[str] | None = None, tokeni
             before, val_before = _rel_mse(module, x, idx, w, y), _rel_mse(module, *val)
             if not (math.isfinite(before) and math.isfinite(val_before)):
                 raise TrainingError(f"the student's {path} gives a non-finite output error ({before}); stopping")
-            params = _trainable(module, train_core, compressed)
+            params = _trainable(module, cfg.train_core, compressed)
             after, val_after = before, val_before
-            if steps and params:
+            if cfg.steps and params:
                 start = [p.detach().clone() for p in params]
                 for p in params:
                     p.requires_grad_(True)
-                opt = torch.optim.Adam(params, lr=lr)
+                opt = torch.optim.Adam(params, lr=cfg.lr)
                 scale = y.pow(2).mean().clamp_min(1e-30)
-                for _ in range(steps):
-                    sel = torch.randint(0, n_fit, (min(batch_tokens, n_fit),), generator=gen).to(dev)
+                for _ in range(cfg.steps):
+                    sel = torch.randint(0, n_fit, (min(cfg.batch_tokens, n_fit),), generator=gen).to(dev)
                     loss = (module(x[sel], idx[sel], w[sel]) - y[sel]).pow(2).mean() / scale
                     if not bool(torch.isfinite(loss)):
                         raise TrainingError(f"non-finite relative MSE ({float(loss)}) while fitting {path}; "
