@@ -18,11 +18,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from . import streaming as st
 from .config import CompressionConfig
 from .data import calibration_sequences
-from .engine import Engine, InMemoryStore
+from .engine import Engine, InMemoryStore, experts_by_layer
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .hf_integration import mark_compressed
+from .io_utils import converting_write_errors, disk_full, prepare_output, publish_dir, user_path
+from .modeling import TOKENIZER_FILES, check_model_dir, load_tokenizer
 
 
 def _calibration_ids(texts: Sequence[str], tokenizer: Any, cfg: CompressionConfig) -> list[torch.Tensor]:
@@ -115,10 +118,6 @@ def compress_checkpoint(
             ``model.safetensors.index.json``.
     Returns a summary: output path, ranks, per-layer timings, whether it resumed.
     """
-    from . import streaming as st
-    from .io_utils import converting_write_errors, disk_full, prepare_output
-    from .modeling import TOKENIZER_FILES, check_model_dir, load_tokenizer
-
     src = check_model_dir(model_dir)
     out = prepare_output(out_dir, [src, calibration_path], overwrite)
     have_calib = calibration is not None
@@ -129,7 +128,8 @@ def compress_checkpoint(
     tok = load_tokenizer(src, hf_cfg) if (have_calib or has_tok) else None
     seqs = _calibration_ids(calibration, tok, config) if have_calib else None
     work, fp = st.partial_dir(out), st.fingerprint(src, config, seqs, dtype, device)
-    state = st.read_state(work, fp, resume, overwrite)
+    with user_path(out, "write"):
+        state = st.read_state(work, fp, resume, overwrite)
     try:
         with converting_write_errors(out):
             return _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress,
@@ -148,10 +148,6 @@ def compress_checkpoint(
 def _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress, overwrite,
             max_shard_size):
     """The streaming run proper (see :func:`compress_checkpoint`)."""
-    from . import streaming as st
-    from .engine import experts_by_layer
-    from .io_utils import publish_dir
-
     stack_path = experts_by_layer(model)[0]
     reader = st.CheckpointReader(src, model, dtype, stack_path.rpartition(".")[2])
     reader.load(reader.by_layer.get(None, []), "", device, exclude=stack_path)  # embeddings, norm, head

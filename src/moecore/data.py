@@ -148,8 +148,12 @@ def read_text_file(path: str | Path) -> list[str]:
     return list(TextFile(path))
 
 
-def token_stream(tokenizer: Any, texts: Iterable[str]) -> torch.Tensor:
-    """Tokenize texts and join them with EOS into one (N,) int64 stream."""
+def token_stream(tokenizer: Any, texts: Iterable[str], min_tokens: int | None = None) -> torch.Tensor:
+    """Tokenize texts and join them with EOS into one (N,) int64 stream (the one tokenize-and-join
+    routine: calibration, evaluation and training all read text through it).
+
+    ``min_tokens``: stop reading texts once the stream holds at least this many tokens (the
+    last text is kept whole; slice the result for an exact length)."""
     ids: list[int] = []
     eos = tokenizer.eos_token_id
     for t in texts:
@@ -158,6 +162,8 @@ def token_stream(tokenizer: Any, texts: Iterable[str]) -> torch.Tensor:
         ids.extend(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
+        if min_tokens is not None and len(ids) >= min_tokens:
+            break
     if not ids:
         raise DataError("no text to tokenize")
     return torch.tensor(ids, dtype=torch.long)

@@ -21,6 +21,8 @@ layer's spectrum before any rank is fixed, so it costs one extra pass over the l
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import time
 from typing import Any, Protocol
@@ -35,6 +37,7 @@ from .config import CompressionConfig
 from .errors import ConfigError, UnsupportedModelError
 from .families import ExpertsLayout, find_experts
 from .fitting import fit_experts, projection_shapes, rank_gains, solve_ranks
+from .stats import top_k_of
 from .surgery import decoder_layers, replace_module
 
 
@@ -79,7 +82,6 @@ def bound_host_heap() -> None:
     freed layer's tensors go back to the OS at once.  glibc's default (a threshold that grows
     up to 32 MiB) keeps such blocks in the heap, and peak resident memory then creeps up
     with the number of layers through fragmentation alone.  A no-op outside glibc."""
-    import ctypes
 
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
@@ -91,8 +93,6 @@ def release_memory(device: torch.device) -> None:
     """Give the freed memory of a finished layer back: Python garbage, glibc's heap (which
     otherwise keeps freed blocks and lets resident memory creep up layer after layer) and
     the CUDA cache."""
-    import ctypes
-    import gc
 
     gc.collect()
     try:
@@ -128,7 +128,6 @@ def experts_by_layer(model: nn.Module) -> tuple[str, nn.ModuleList, dict[int, li
 
 def check_top_k(model: nn.Module, by_layer: dict, stack: nn.ModuleList) -> None:
     """``num_experts_per_tok`` must not exceed the number of experts of any layer."""
-    from .stats import top_k_of
 
     k = top_k_of(model.config)
     for i, mods in by_layer.items():
@@ -211,7 +210,7 @@ class Engine:
         if hidden is None:
             return {}, None
         mods = self.by_layer.get(i, [])
-        hooks = {rel: ExpertsInputHook() for rel, _ in mods}
+        hooks = {rel: ExpertsInputHook(layout=layout) for rel, layout in mods}
         stop = not keep_outputs and len(mods) == 1  # nothing after the experts is needed
 
         def make(h):

@@ -16,7 +16,11 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
+from . import hf_integration
 from .errors import CheckpointError
 
 # Parameter-name markers of moecore's stored tensors (docs/ARCHITECTURE.md).
@@ -44,7 +48,6 @@ def check_model_dir(path: str | os.PathLike) -> Path:
 def check_safetensors(folder: str | os.PathLike) -> list[Path]:
     """Open every ``*.safetensors`` file in ``folder`` (header + size check); ``CheckpointError``
     naming the file if one is missing, truncated or corrupt."""
-    from safetensors import SafetensorError, safe_open
 
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
@@ -62,7 +65,6 @@ def load_tokenizer(path: str | os.PathLike, config=None):
     """``AutoTokenizer`` of ``path``, checked against the model ``config``: it must exist, have
     more than one token, an EOS token, and no more tokens than the model's vocabulary (nor
     fewer than half of it).  ``CheckpointError`` naming the directory otherwise."""
-    from transformers import AutoTokenizer
 
     p = Path(path)
     if not any((p / f).is_file() for f in TOKENIZER_FILES):
@@ -110,14 +112,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
     same way as plain ones.  Raises ``CheckpointError`` for a missing directory, corrupt or
     truncated safetensors, missing tensors, uncovered compressed tensors or a bad tokenizer.
     """
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
 
-    from . import hf_integration  # noqa: F401  (registers the quantizer)
 
     p = check_model_dir(path)
     check_safetensors(p)
-    from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers' multi-line LOAD REPORT: we raise one line instead

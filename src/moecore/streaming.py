@@ -25,12 +25,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import convert_and_load_state_dict_in_model
+from transformers.modeling_utils import LoadStateDictConfig
+from transformers.utils import logging as hf_logging
+from transformers.utils.hub import convert_file_size_to_int
 
 from .config import CompressionConfig
 from .engine import Engine
 from .errors import CheckpointError, UnsupportedModelError
-from .io_utils import _umask
+from .families import is_compressed
+from .hf_integration import MoecoreQuantizationConfig, build_quantization_config, swap_in_compressed
+from .io_utils import _say, _umask, atomic_write_text
+from .stats import STATS_FILENAME, statistics, write_statistics_yaml
+from .version import __version__
 
 STATE = "moecore_resume.json"
 INDEX = "model.safetensors.index.json"
@@ -44,7 +57,6 @@ def partial_dir(out: Path) -> Path:
 # ---------------------------------------------------------------------------- reading
 def _weight_files(model_dir: Path) -> dict[str, Path]:
     """Checkpoint key -> shard file, from ``model.safetensors.index.json`` or the single file."""
-    from safetensors import SafetensorError, safe_open
 
     idx = model_dir / INDEX
     if idx.is_file():
@@ -72,8 +84,6 @@ class CheckpointReader:
     checkpoint keys at a time, through transformers' own conversion of checkpoint keys."""
 
     def __init__(self, model_dir: Path, skeleton: nn.Module, dtype: torch.dtype, stack_leaf: str):
-        from transformers.conversion_mapping import get_model_conversion_mapping
-
         self.dir, self.skeleton, self.dtype = model_dir, skeleton, dtype
         self.files = _weight_files(model_dir)
         self.mapping = get_model_conversion_mapping(skeleton, None, None)
@@ -87,10 +97,6 @@ class CheckpointReader:
         """Read checkpoint ``keys`` into the skeleton; every parameter under ``prefix`` (but not
         under ``exclude``) must be covered (``CheckpointError`` naming the first missing one),
         and those parameters move to ``device``."""
-        from safetensors import SafetensorError, safe_open
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
-        from transformers.utils import logging as hf_logging
 
         handles, state = [], {}
         try:
@@ -152,8 +158,6 @@ def move_except(root: nn.Module, device, exclude: str | None) -> None:
 def open_skeleton(model_dir: Path, dtype: torch.dtype | str | None):
     """``(config, skeleton, dtype)``: the model built from ``config.json`` with meta
     parameters (buffers are real: rotary tables and the like are computed as usual)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         cfg = AutoConfig.from_pretrained(model_dir)
@@ -180,7 +184,6 @@ def open_skeleton(model_dir: Path, dtype: torch.dtype | str | None):
 # ---------------------------------------------------------------------------- writing / state
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors file written to a temporary name, fsynced and renamed: whole or absent."""
-    from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
@@ -191,8 +194,6 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from .io_utils import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -204,7 +205,6 @@ def fingerprint(model_dir: Path, cfg: CompressionConfig, seqs, dtype, device) ->
     """sha256 over what decides the output: config.json, the weight files (names, sizes,
     headers), the compression config, the calibration token ids, dtype, device type and the
     moecore version."""
-    from . import __version__
 
     h = hashlib.sha256()
     h.update((model_dir / "config.json").read_bytes())
@@ -239,10 +239,8 @@ class StreamingStore:
     def done(self, index: int, layer: nn.Module, hidden) -> None:
         prefix = f"{self.stack_path}.{index}."
         _save({prefix + k: v for k, v in layer.state_dict().items()}, self.work / shard_name(index, self.num_shards))
-        from .compressed_experts import CompressedExperts
-        from .hf_integration import build_quantization_config
 
-        if any(isinstance(m, CompressedExperts) for m in layer.modules()):
+        if is_compressed(layer, recurse=True):
             # through JSON now, so a resumed run (which reads the state back) sees the same values in the same order
             q = json.loads(json.dumps(build_quantization_config(layer), sort_keys=True))
             self.state.setdefault("layers", {}).update({prefix + k: v for k, v in q["layers"].items()})
@@ -269,7 +267,6 @@ def read_state(work: Path, fp: str, resume: bool, overwrite: bool) -> dict[str, 
     An interrupted run's folder is continued only with ``resume`` and only if its fingerprint
     matches; without ``resume`` it is an error (or, with ``overwrite``, discarded), so an
     hour of finished layers is never dropped silently."""
-    from .io_utils import _say
 
     if work.exists():
         try:
@@ -299,15 +296,12 @@ def read_state(work: Path, fp: str, resume: bool, overwrite: bool) -> dict[str, 
 
 def load_activations(work: Path, state: dict[str, Any]) -> list[torch.Tensor]:
     """The calibration activations the last finished layer produced (the next layer's inputs)."""
-    from safetensors.torch import load_file
 
     t = load_file(str(work / state["activations"]))
     return [t[f"batch.{b}"] for b in range(len(t))]
 
 
 def _index(work: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
     weight_map, total = {}, 0
     for f in sorted(work.glob("model-*.safetensors")):
         with safe_open(str(f), framework="pt") as fh:
@@ -328,7 +322,6 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "fl
 def _consolidate(work: Path) -> None:
     """Merge the per-layer shards into one ``model.safetensors`` (a small model, like
     ``save_pretrained`` below its shard size)."""
-    from safetensors.torch import load_file
 
     shards = sorted(work.glob("model-*.safetensors"))
     tensors: dict[str, torch.Tensor] = {}
@@ -346,13 +339,8 @@ def finish(work: Path, src: Path, model: nn.Module, hf_cfg, stack_path: str, sta
     ``model.safetensors`` as ``save_pretrained`` writes it), statistics, the compression
     config, the tokenizer; then drop the resume files.  Everything is derived from the stored
     state, so a resumed run writes the same bytes as an uninterrupted one."""
-    from transformers.utils.hub import convert_file_size_to_int
 
-    from transformers import AutoModelForCausalLM
 
-    from . import __version__
-    from .hf_integration import MoecoreQuantizationConfig, swap_in_compressed
-    from .stats import STATS_FILENAME, statistics, write_statistics_yaml
 
     n_layers = len(model.get_submodule(stack_path))
     rest, seen = {}, set()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import ConfigError
 from ..optional import require
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
@@ -48,8 +49,6 @@ def parse_tasks(tasks: str | list[str]) -> list[str]:
     """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]``; raises ValueError when empty."""
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not names:
-        from ..errors import ConfigError
-
         raise ConfigError("no lm-eval task given")
     return names
 

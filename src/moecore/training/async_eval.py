@@ -17,8 +17,17 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ..data import load_split, token_stream
+from ..evaluation.lm_eval_tasks import run_lm_eval, summarize
+from ..evaluation.perplexity import perplexity
+from ..modeling import load_model
 from .checkpoints import complete_checkpoints, step_of
 from .common import append_jsonl, read_jsonl
+from .plots import plot_eval_curve
 
 RESULTS = "eval_results.jsonl"
 CURVE = "eval_curve.png"
@@ -29,25 +38,13 @@ FAULT_ENV = "MOECORE_EVAL_WORKER_FAULT"
 
 def heldout_stream(tokenizer, max_tokens: int | None):
     """The held-out token stream (texts joined with EOS), tokenized only up to ``max_tokens``."""
-    import torch
-
-    from ..data import load_split
-
-    ids: list[int] = []
-    for text in load_split("heldout"):
-        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
-        if max_tokens and len(ids) >= max_tokens:
-            break
-    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+    ids = token_stream(tokenizer, load_split("heldout"), min_tokens=max_tokens)
+    return ids[:max_tokens] if max_tokens else ids
 
 
 def evaluate_checkpoint(path: Path, *, max_tokens: int | None, tasks: list[str] | None = None,
                         limit: int | None = None, stream=None) -> dict:
     """One ``eval_results.jsonl`` row for a checkpoint directory."""
-    from ..evaluation.perplexity import perplexity
-    from ..modeling import load_model
-
     t0 = time.time()
     model, tok = load_model(path)
     if stream is None:
@@ -55,8 +52,6 @@ def evaluate_checkpoint(path: Path, *, max_tokens: int | None, tasks: list[str] 
     res = perplexity(model, tok, stream=stream, progress=False)
     row = {"step": step_of(path), "checkpoint": path.name, "split": "heldout", **res.as_dict()}
     if tasks:
-        from ..evaluation.lm_eval_tasks import run_lm_eval, summarize
-
         row["lm_eval"] = summarize(run_lm_eval(model, tok, tasks, limit=limit))
     row["eval_seconds"] = round(time.time() - t0, 3)
     return row
@@ -65,8 +60,6 @@ def evaluate_checkpoint(path: Path, *, max_tokens: int | None, tasks: list[str] 
 def watch(output_dir: str | Path, *, max_tokens: int | None = 16384, tasks: list[str] | None = None,
           limit: int | None = None, poll: float = 0.5) -> int:
     """The worker loop; returns the number of checkpoints evaluated by this call."""
-    from .plots import plot_eval_curve
-
     out = Path(output_dir)
     results = out / RESULTS
     done = {r.get("checkpoint") for r in read_jsonl(results)}
@@ -150,9 +143,6 @@ class EvalWorker:
 
 def summary_table(rows: list[dict], error: str | None = None) -> str:
     """A rich-rendered table of the evaluation rows (step, perplexity, tokens, seconds)."""
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="checkpoint evaluation (held-out)")
     for col in ("step", "perplexity", "nll", "tokens", "seconds"):
         table.add_column(col, justify="right")

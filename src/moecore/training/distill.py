@@ -25,13 +25,14 @@ from transformers import TrainerCallback, TrainingArguments
 
 from ..api import compress
 from ..config import CompressionConfig
-from ..data import load_split
+from ..data import load_split, token_stream
 from ..errors import ConfigError, DataError
 from ..io_utils import atomic_write_text, check_output_path, converting_write_errors, user_path
 from ..modeling import load_model
 from . import checkpoints as ckpt
 from .async_eval import EvalWorker, summary_table
-from .common import BlockDataset, is_compressed_model, select_trainable, training_texts
+from ..families import is_compressed
+from .common import BlockDataset, select_trainable, training_texts
 from .config import DISTILL_CONFIG, DistillConfig, RecoveryConfig
 from .guards import check_teacher
 from .kd import DistillTrainer, kd_loss
@@ -75,7 +76,7 @@ def _resolve_student(student, teacher_model, tok, compression, resume_ckpt):
         raise ConfigError("no student: pass a student directory or a CompressionConfig (--form/--rank/--target-ratio)")
     else:
         model, how = copy.deepcopy(teacher_model), "the teacher"
-    if compression is not None and not is_compressed_model(model):
+    if compression is not None and not is_compressed(model, recurse=True):
         compress(model, compression, calibration=load_split("calib"), tokenizer=tok)
         how += f", compressed on the fly ({compression.form})"
     return model, how
@@ -93,16 +94,11 @@ def _recover_first(teacher, teacher_model, student_model, tok, cfg: DistillConfi
 
 def _blocks(tok, data, block_size: int, needed_tokens: int) -> torch.Tensor:
     """Packed blocks from ``data`` (or the train split), tokenized only as far as needed."""
-    ids: list[int] = []
-    for text in training_texts(data):
-        ids.extend(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
-        ids.append(tok.eos_token_id)
-        if len(ids) >= needed_tokens + block_size:
-            break
-    n = len(ids) // block_size
+    ids = token_stream(tok, training_texts(data), min_tokens=needed_tokens + block_size)
+    n = ids.numel() // block_size
     if n == 0:
-        raise DataError(f"not enough text for one block of {block_size} tokens ({len(ids)} tokens)")
-    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+        raise DataError(f"not enough text for one block of {block_size} tokens ({ids.numel()} tokens)")
+    return ids[: n * block_size].view(n, block_size)
 
 
 def checksums(model, names: list[str]) -> dict[str, float]:

@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
+from transformers.trainer_callback import ExportableState
 
-from . import checkpoints as ckpt
 from ..errors import ConfigError, TrainingError
+from ..families import is_compressed
+from ..io import save_compressed
 from ..io_utils import atomic_write_text
-from .common import is_compressed_model
+from . import checkpoints as ckpt
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -105,9 +107,7 @@ class DistillTrainer(Trainer):
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if is_compressed_model(model):
-            from ..io import save_compressed
-
+        if is_compressed(model, recurse=True):
             save_compressed(model, output_dir, tokenizer=self.processing_class)
         else:
             model.save_pretrained(output_dir, state_dict=state_dict, save_original_format=False)
@@ -134,8 +134,6 @@ class DistillTrainer(Trainer):
             self._save_scaler(str(tmp))
             self._save_rng_state(str(tmp))
         if self.args.should_save:
-            from transformers.trainer_callback import ExportableState
-
             for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
                 name, state = cb.__class__.__name__, cb.state()
                 if isinstance(self.state.stateful_callbacks.get(name), list):
