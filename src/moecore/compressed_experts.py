@@ -54,7 +54,7 @@ class CompressedExperts(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        spec = get_form(form)
+        form_impl = get_form(form)
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.form = form
         self.ranks = {p: int(ranks[p]) for p in PROJECTIONS}
@@ -67,7 +67,7 @@ class CompressedExperts(nn.Module):
         for p in PROJECTIONS:
             d_out, d_in = self.proj_shape(p)
             self.register_parameter(f"core_{p}", nn.Parameter(torch.zeros(d_out, d_in, **kw)))
-            for name, shape in zip(spec.param_names(p), spec.factor_shapes(e, d_out, d_in, self.ranks[p])):
+            for name, shape in zip(form_impl.param_names(p), form_impl.factor_shapes(e, d_out, d_in, self.ranks[p])):
                 self.register_parameter(name, nn.Parameter(torch.zeros(shape, **kw)))
         if layout.has_bias:
             self.bias_gate_up = nn.Parameter(torch.zeros(e, 2 * f, **kw))

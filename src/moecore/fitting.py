@@ -25,6 +25,7 @@ from .families import ExpertsLayout
 from .forms import PROJECTIONS, get_form
 from .maths import budget
 from .maths import fit as mf
+from .quant import quantize_layer
 
 _F64 = torch.float64
 GIB = 1 << 30
@@ -172,8 +173,6 @@ def fit_experts(
                                          dtype=ref.dtype, device=ref.device)
     new.report = report
     if cfg.quant is not None:  # quantized core, factors refit to its rounding error, then quantized
-        from .quant import quantize_layer
-
         new = quantize_layer(new, {p: views[p].detach() for p in PROJECTIONS}, raw_grams, cfg.quant, cfg.whiten_damping)
     new.train(module.training)
     return new

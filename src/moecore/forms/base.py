@@ -1,0 +1,129 @@
+"""The contract every form of the compressed experts fulfils (:class:`Form`).
+
+A *form* is one way of writing the experts ``W_i (d_out, d_in)`` of one projection (gate,
+up or down) from the shared core ``C (d_out, d_in)`` and per-expert low-rank factors.  It
+owns everything that depends on that choice:
+
+- the stored factor names and shapes (``{factor_name}_{p}``, each ``(E, d, rank)``);
+- the counts: parameters per rank unit and the multiply-adds per token (:meth:`Form.active_macs_per_token`,
+  the one place that formula is written);
+- the fit (delegating to the pure maths in :mod:`moecore.maths`), the dense reconstruction,
+  and the grouped-GEMM operands and forward (delegating to :mod:`moecore.grouped`).
+
+Forms are stateless singletons, looked up by name in :mod:`moecore.forms`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..grouped import Activation, Routing
+
+Tensor = torch.Tensor
+
+#: the projections of one experts module, in their stored order (every form compresses all three)
+PROJECTIONS = ("gate", "up", "down")
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Form.fit` returns: ``core (d_out, d_in)`` and ``factors`` (in
+    :attr:`Form.factor_names` order, each ``(E, d, rank)``), float64 on the fitting device;
+    ``history`` the objective (start first); ``refine_iters`` the refinement steps run."""
+
+    core: Tensor
+    factors: tuple[Tensor, ...]
+    history: list[float]
+    refine_iters: int
+
+
+class Form(ABC):
+    """One form of the compressed experts (see the module docstring).
+
+    Class attributes:
+        name: the form's name in configs and checkpoints (``CompressionConfig.form``).
+        factor_names: stored factor name stems, in storage order; projection ``p``'s factors
+            are stored as ``{stem}_{p}`` (see :meth:`param_names`).
+        quantizable: whether :mod:`moecore.quant` can store this form (its core and ``(A, B)``
+            factor pairs quantized).
+        svd_units_per_rank: residual singular values one rank unit of this form is counted
+            as removing in the greedy allocation (:meth:`rank_unit_gains`).
+    """
+
+    name: str = ""
+    factor_names: tuple[str, ...] = ()
+    quantizable: bool = False
+    svd_units_per_rank: int = 1
+
+    def __repr__(self) -> str:
+        return f"<moecore form {self.name!r}>"
+
+    # ------------------------------------------------------------------ names and shapes
+    def param_names(self, p: str) -> tuple[str, ...]:
+        """Stored factor parameter names of projection ``p``, e.g. ``("delta_a_gate", "delta_b_gate")``."""
+        return tuple(f"{stem}_{p}" for stem in self.factor_names)
+
+    @abstractmethod
+    def factor_shapes(self, num_experts: int, d_out: int, d_in: int, rank: int) -> tuple[tuple[int, ...], ...]:
+        """Shapes of one projection's factors, in :attr:`factor_names` order."""
+
+    # ------------------------------------------------------------------ counts
+    @abstractmethod
+    def rank_unit_params(self, d_out: int, d_in: int) -> int:
+        """Factor parameters one unit of rank adds to ONE expert of a ``(d_out, d_in)`` projection."""
+
+    def projection_params(self, num_experts: int, d_out: int, d_in: int, rank: int) -> int:
+        """Stored parameters of one projection: the core ``d_out·d_in`` plus every expert's factors."""
+        return d_out * d_in + rank * num_experts * self.rank_unit_params(d_out, d_in)
+
+    @abstractmethod
+    def core_runs_per_token(self, top_k: int) -> int:
+        """How many times the forward multiplies one token by the core (once, or once per routed pair)."""
+
+    def active_macs_per_token(self, d_out: int, d_in: int, factor_params: int, top_k: int) -> int:
+        """Matrix multiply-adds per token of one ``(d_out, d_in)`` projection (elementwise ops
+        not counted): the core runs plus ``top_k`` low-rank paths, each one multiply-add per
+        factor weight of its expert (``factor_params`` = one expert's factor weights of this
+        projection, ``rank · rank_unit_params``)."""
+        return self.core_runs_per_token(top_k) * d_out * d_in + top_k * factor_params
+
+    def rank_unit_gains(self, svd_gains: Tensor) -> Tensor:
+        """Greedy allocation: ``(k,)`` energies removed by successive delta-style rank units
+        (squared residual singular values) -> ``(ceil(k / n),)`` energies per rank unit of this
+        form, ``n = svd_units_per_rank`` consecutive values summed."""
+        n = self.svd_units_per_rank
+        if n == 1:
+            return svd_gains
+        return F.pad(svd_gains, (0, (-svd_gains.numel()) % n)).view(-1, n).sum(-1)
+
+    # ------------------------------------------------------------------ maths
+    @abstractmethod
+    def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, S: Tensor | None, *, steps: int,
+            method: str, generator: torch.Generator | None, chunk: int, device: torch.device,
+            f64_factor_limit: int) -> FitResult:
+        """Fit core and factors of one projection, ``chunk`` experts at a time (the maths in
+        :mod:`moecore.maths.fit`).
+
+        ``weights (E, d_out, d_in)`` (any dtype/device), ``core (d_out, d_in)`` the start,
+        ``L (E, d_in, d_in)`` whitening factors or ``None``, ``S = Σ Ĝ_i (d_in, d_in)``,
+        ``steps`` refinement steps, ``method`` the SVD method, ``f64_factor_limit``: factor
+        stacks larger than this many float64 bytes may be kept in float32 between steps."""
+
+    @abstractmethod
+    def reconstruct(self, core: Tensor, factors: tuple[Tensor, ...]) -> Tensor:
+        """Dense experts ``(E, d_out, d_in)`` from ``core (d_out, d_in)`` and ``factors``."""
+
+    @abstractmethod
+    def fused_operands(self, get: Callable[[str], Tensor], ranks: Mapping[str, int]) -> dict[str, Tensor]:
+        """Grouped-GEMM operands of the forward from the stored tensors ``get(name)``
+        (differentiable; see :mod:`moecore.grouped`)."""
+
+    @abstractmethod
+    def forward(self, x: Tensor, route: Routing, ops: dict[str, Tensor], act: Activation,
+                bias_gu: tuple[Tensor, Tensor] | None = None, bias_down: Tensor | None = None) -> Tensor:
+        """Experts forward ``x (T, H) -> (T, H)`` on :meth:`fused_operands`; ``bias_gu`` =
+        gate/up biases ``(E, F)`` each, ``bias_down (E, H)``."""
