@@ -127,6 +127,13 @@ def test_plan_prints_the_worked_example(capsys):
     (["eval", "{w}/base", "--seq-len", "0"], "eval", "--seq-len must be > 0"),
     (["eval", "{w}/base", "--text", "{w}/bad.jsonl"], "eval", "bad.jsonl:2: \"text\" is a int, not a string"),
     (["compress", "{w}/base", "-o", "{w}/o14", "--calib", "{w}/bad.jsonl"], "compress", "bad.jsonl:2:"),
+    (["compress", "{w}/base", "-o", "{w}/calib.txt/sub", "--rank", "2"], "compress", "calib.txt is not a folder"),
+    (["compress", "{w}/base", "-o", "{w}/o15", "--rank", "2", "--device", "gpu0"], "compress", "not a device"),
+    (["compress", "{w}/base", "-o", "{w}/o15", "--expert-chunk", "0"], "compress", "expert_chunk must be > 0"),
+    (["compress", "{w}/base", "-o", "{w}/o15", "--core-bits", "5"], "compress", "core_bits must be one of"),
+    (["plan", str(MIXTRAL), "--rank", "8", "--quant-method", "rtn"], "plan", "quant needs core_bits or factor_bits"),
+    (["distill", "--teacher", "{w}/base", "-o", "{w}/o16", "--max-steps", "0"], "distill", "max_steps must be > 0"),
+    (["recover", "--teacher", "{w}/base", "--student", "{w}/missing", "-o", "{w}/o17"], "recover", "not found"),
 ])
 def test_bad_inputs_exit_2_with_one_line(work, capsys, argv, command, match):
     rc, _, err = run_cli(capsys, *(a.format(w=work) for a in argv))
@@ -160,3 +167,19 @@ def test_real_process_error_is_one_line(work):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["moecore compress: error: target_ratio must be in (0, 1) (a fraction "
                                              "of the original expert parameters), got 1.5"]
+
+
+@pytest.mark.parametrize("exc", ["ValueError('a bug')", "OSError(5, 'a bug')", "KeyError('a bug')"])
+def test_a_bug_in_a_command_shows_its_traceback(work, exc):
+    """Only MoecoreError is a one-line user error: any other exception raised inside a command,
+    even a ValueError or an OSError, is a bug and keeps its traceback (real process, exit 1)."""
+    code = ("import sys; import moecore.cli.stats_cmd as c\n"
+            f"def run(args): raise {exc}\n"
+            "c.run = run\nfrom moecore.cli import main\nsys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("MOECORE_DEBUG", None)
+    r = subprocess.run([sys.executable, "-c", code, "stats", str(work / "base")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback (most recent call last)" in r.stderr and "a bug" in r.stderr
+    assert "moecore stats: error:" not in r.stderr

@@ -88,6 +88,9 @@ def test_resume_after_sigkill(teacher_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "distill_summary.json").read_text())
     assert summary["global_step"] == 30
+    assert DistillConfig.load(out) == DistillConfig(max_steps=30, save_steps=4, logging_steps=1, block_size=64,
+                                                    batch_size=4, lr=1e-2)
+    assert summary["config"] == DistillConfig.load(out).to_dict()
     assert summary["resumed_from"] == str(out / f"checkpoint-{killed_at}")
     state = json.loads((out / "checkpoint-30" / "trainer_state.json").read_text())
     steps = [h["step"] for h in state["log_history"] if "loss" in h]

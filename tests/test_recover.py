@@ -73,5 +73,7 @@ def test_recover_cli_saves_loadable_model(teacher_dir, tmp_path, capsys):
     assert all(r["rel_mse_after"] <= r["rel_mse_before"] for r in report["layers"])
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model.model.layers[1].mlp.experts).__name__ == "CompressedExperts"
+    # the recovery settings are saved beside the recovered weights
+    assert RecoveryConfig.load(out) == RecoveryConfig(steps=20, max_tokens=1024, seq_len=128)
     assert main(["recover", "--teacher", str(teacher_dir), "--student", str(teacher_dir), "-o",
                  str(tmp_path / "x")]) == 2

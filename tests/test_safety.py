@@ -91,6 +91,19 @@ def test_recover_and_distill_refuse_outputs_over_inputs(w, capsys):
     assert (w / "x" / "c.txt").read_text() == "calibration inside the output"
 
 
+def test_output_under_a_regular_file_is_one_line(w, tmp_path, capsys):
+    (tmp_path / "afile").write_text("a regular file where a folder is needed")
+    out = tmp_path / "afile" / "out"
+    for argv in (["recover", "--teacher", w / "base", "--student", w / "comp", "-o", out, "--steps", "1"],
+                 ["distill", "--teacher", w / "base", "--student", w / "comp", "-o", out, "--max-steps", "1",
+                  "--block-size", "32", "--batch-size", "1"],
+                 ["export", w / "comp", "-o", out]):
+        assert main([str(a) for a in argv]) == 2
+        line = one_error_line(capsys.readouterr().err, argv[0])
+        assert f"cannot write {out}" in line and ("not a folder" in line or "Not a directory" in line), line
+    assert (tmp_path / "afile").read_text().startswith("a regular file")
+
+
 # ------------------------------------------------------------------ 7. recoverable replace
 def test_sigkill_mid_write_keeps_the_old_output_and_next_run_cleans_up(w, tmp_path):
     """Kill a real `moecore export --overwrite` while it writes; the old OUT is intact, the

@@ -55,6 +55,8 @@ def user_path(path: str | os.PathLike, action: str = "read") -> Iterator[None]:
     except MoecoreError:
         raise
     except OSError as exc:
+        if isinstance(exc, FileExistsError) and exc.filename:  # e.g. mkdir where a file is
+            raise FileAccessError(f"cannot {action} {path}: {exc.filename} is not a folder") from exc
         where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
         raise FileAccessError(f"cannot {action} {path}: {_reason(exc)}{where}") from exc
 
