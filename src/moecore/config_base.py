@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from .errors import ConfigError
 from .io_utils import atomic_write_text, user_path
+from .version import __version__
 
 FORMAT_KEY = "format_version"
 VERSION_KEY = "moecore_version"
@@ -161,8 +162,6 @@ class ConfigBase:
         if not is_int(version) or version < 1:
             raise ConfigError(f"{cls.KIND} has an invalid {FORMAT_KEY}: {version!r}")
         if version > cls.FORMAT_VERSION:
-            from . import __version__
-
             raise ConfigError(f"{cls.KIND} is in format version {version}, newer than this moecore "
                               f"({__version__}) reads (up to {cls.FORMAT_VERSION}): upgrade moecore")
         data = cls.upgrade(data, version)
@@ -174,8 +173,6 @@ class ConfigBase:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``FILENAME`` (this config + ``moecore_version``) atomically into ``directory``
         and return its path."""
-        from . import __version__
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         payload = {VERSION_KEY: __version__, **self.to_dict()}

@@ -138,15 +138,6 @@ class TextFile:
             self._len = sum(1 for _ in self)
         return self._len
 
-    def num_chars(self) -> int:
-        """Total characters of all documents (one streamed pass)."""
-        return sum(len(t) for t in self)
-
-
-def read_text_file(path: str | Path) -> list[str]:
-    """All documents of a user file as a list (use :class:`TextFile` to stream instead)."""
-    return list(TextFile(path))
-
 
 def token_stream(tokenizer: Any, texts: Iterable[str], min_tokens: int | None = None) -> torch.Tensor:
     """Tokenize texts and join them with EOS into one (N,) int64 stream (the one tokenize-and-join

@@ -13,13 +13,14 @@ import importlib
 import os
 import sys
 
+from moecore.errors import MoecoreError
+from moecore.version import __version__
+
 # sub-command modules, in the order `moecore --help` lists them
 COMMAND_MODULES = ["compress_cmd", "stats_cmd", "plan_cmd", "export_cmd", "eval_cmd", "distill_cmd", "recover_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moecore import __version__
-
     parser = argparse.ArgumentParser(prog="moecore", description="Compress Mixture-of-Experts LLMs.")
     parser.add_argument("--version", action="version", version=f"moecore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -30,8 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``moecore`` console script; returns the exit status."""
-    from moecore.errors import MoecoreError
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:

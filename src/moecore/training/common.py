@@ -3,42 +3,18 @@ trainable-parameter selection, packed training blocks, JSONL logs.  Models are l
 :func:`moecore.modeling.load_model`, the package's one loader."""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import ConfigError
 
 # Parameter-name markers of the compressed experts (docs/ARCHITECTURE.md).
 FACTOR_MARKERS = ("delta_a_", "delta_b_", "wrap_")
 CORE_MARKER = "core_"
 ROUTER_NAMES = ("gate", "router")
-
-
-def register_moecore() -> None:
-    """Import ``moecore.hf_integration`` (when present) so ``from_pretrained`` knows the
-    ``moecore`` quantization method."""
-    try:
-        importlib.import_module("moecore.hf_integration")
-    except ModuleNotFoundError as exc:
-        if exc.name != "moecore.hf_integration":
-            raise
-
-
-def read_config(path: str | Path) -> dict:
-    p = Path(path) / "config.json"
-    if not p.is_file():
-        raise CheckpointError(f"not a model directory (no config.json): {path}")
-    return json.loads(p.read_text(encoding="utf-8"))
-
-
-def is_compressed_dir(path: str | Path) -> bool:
-    """True when ``path/config.json`` says ``quantization_config.quant_method == "moecore"``."""
-    qc = read_config(path).get("quantization_config") or {}
-    return qc.get("quant_method") == "moecore"
 
 
 def is_compressed_model(model) -> bool:
@@ -81,19 +57,6 @@ def select_trainable(model, *, train_core: bool = False, train_router: bool = Fa
     if not names:
         raise ConfigError("nothing to train: the student has no compressed factors or experts")
     return names
-
-
-def pack_blocks(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
-    """Tokenize, join with EOS, and cut into ``(N, block_size)`` blocks (remainder dropped)."""
-    from ..data import token_stream
-
-    if block_size < 2:
-        raise ConfigError(f"block size must be >= 2, got {block_size}")
-    ids = token_stream(tokenizer, texts)
-    n = len(ids) // block_size
-    if n == 0:
-        raise DataError(f"not enough text for one block of {block_size} tokens ({len(ids)} tokens)")
-    return ids[: n * block_size].view(n, block_size)
 
 
 class BlockDataset(torch.utils.data.Dataset):
