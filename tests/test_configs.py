@@ -1,19 +1,24 @@
 """The typed configs of every verb (issue 11): validation, format versions, JSON files, and the
-command-line flags derived from the dataclass fields.  No model is loaded here."""
+command-line flags derived from the dataclass fields (no model, except one tiny checkpoint
+whose moecore_config.json comes from a newer moecore)."""
 from __future__ import annotations
 
 import dataclasses
 import json
 
 import pytest
+from transformers import AutoModelForCausalLM
 
+import moecore
 from moecore import __version__
 from moecore.cli import build_parser
 from moecore.cli._config_args import config_from_args
 from moecore.cli.compress_cmd import BUDGET_FIELDS
 from moecore.config import CompressionConfig, QuantConfig
-from moecore.errors import ConfigError
+from moecore.errors import ConfigError, MoecoreError
 from moecore.training.config import DistillConfig, RecoveryConfig
+
+from ._tiny_models import tiny_mixtral
 
 CONFIGS = [CompressionConfig, DistillConfig, RecoveryConfig]
 
@@ -120,3 +125,15 @@ def test_flags_build_the_config():
     assert config_from_args(RecoveryConfig, args) == RecoveryConfig(steps=5, train_core=True)
     with pytest.raises(ConfigError, match="core_bits must be one of"):
         config_from_args(CompressionConfig, p.parse_args(["compress", "M", "-o", "O", "--core-bits", "5"]))
+
+
+def test_a_checkpoint_from_a_newer_moecore_says_to_upgrade(tmp_path):
+    """moecore_config.json is read back when a compressed checkpoint loads: a newer format is refused."""
+    model, tok = tiny_mixtral(seed=0)
+    moecore.compress(model, CompressionConfig(rank=2, refine_steps=0), progress=False)
+    out = moecore.save_compressed(model, tmp_path / "c", tokenizer=tok)
+    assert AutoModelForCausalLM.from_pretrained(out).moecore_config == CompressionConfig(rank=2, refine_steps=0)
+    f = out / "moecore_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "format_version": 9}))
+    with pytest.raises(MoecoreError, match="format version 9, newer than this moecore .* upgrade moecore"):
+        AutoModelForCausalLM.from_pretrained(out)
