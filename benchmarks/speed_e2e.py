@@ -32,6 +32,7 @@ import moecore
 from moecore.compressed_experts import PROJECTIONS
 from moecore.families import find_experts
 from moecore.maths import budget
+from moecore.surgery import replace_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import DTYPES, RESULTS, random_compressed  # noqa: E402
@@ -65,8 +66,7 @@ def compress_randomly(model, args, dtype, gen) -> int:
         e, h, f = mod.num_experts, mod.hidden_dim, mod.intermediate_dim
         shapes = [budget.ProjectionShape(p, e, *((h, f) if p == "down" else (f, h))) for p in PROJECTIONS]
         s = budget.solve_uniform("delta", shapes, args.target_ratio)["gate"]
-        parent, name = path.rsplit(".", 1)
-        setattr(model.get_submodule(parent), name, random_compressed(mod, "delta", s, gen, dtype))
+        replace_module(model, path, random_compressed(mod, "delta", s, gen, dtype))
     return s
 
 

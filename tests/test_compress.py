@@ -71,7 +71,7 @@ def ids(n=2, t=24, seed=1):
 
 
 def compressed_modules(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, CompressedExperts)]
+    return [(n, m) for n, m, _ in find_experts(model, "compressed", required=False)]
 
 
 def expert_params(model):

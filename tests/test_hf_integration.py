@@ -21,6 +21,7 @@ from transformers import (
 import moecore
 from moecore.compressed_experts import CompressedExperts
 from moecore.errors import CheckpointError, UnsupportedModelError
+from moecore.families import find_experts
 from moecore.hf_integration import MoecoreHfQuantizer, MoecoreQuantizationConfig
 from moecore.modeling import load_model
 from moecore.stats import STATS_FILENAME, read_statistics_yaml
@@ -91,7 +92,8 @@ def test_save_load_is_bit_identical(saved, family, form):
     model, ref, d = saved[(family, form)]
     loaded = AutoModelForCausalLM.from_pretrained(d)
     assert isinstance(loaded.hf_quantizer, MoecoreHfQuantizer)
-    comp = {n: m for n, m in loaded.named_modules() if isinstance(m, CompressedExperts)}
+    comp = {n: m for n, m, _ in find_experts(loaded, "compressed")}
+    assert all(isinstance(m, CompressedExperts) for m in comp.values())
     assert len(comp) == 2  # deepseek_v3: 3 layers, the first dense
     assert all(m.form == form and m.ranks == {"gate": 4, "up": 4, "down": 4} for m in comp.values())
     assert torch.equal(logits(loaded), ref)
@@ -111,7 +113,7 @@ def test_checkpoint_contents(saved, family, form):
     model, _, d = saved[(family, form)]
     qc = json.loads((d / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "moecore" and qc["form"] == form and qc["moecore_version"] == moecore.__version__
-    paths = [n for n, m in model.named_modules() if isinstance(m, CompressedExperts)]
+    paths = [n for n, _, _ in find_experts(model, "compressed")]
     assert sorted(qc["layers"]) == sorted(paths)
     tensors = stored(d)
     # stored keys are exactly the model's unique tensors: nothing renamed by transformers' regexes

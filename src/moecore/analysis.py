@@ -1,20 +1,15 @@
 """Structure of a (bundled or user) MoE model: parameter counts, expert similarity,
-router load and residual spectra. Used by model cards and benchmarks; reads fused
-experts modules (``gate_up_proj`` (E, 2F, H) and ``down_proj`` (E, H, F))."""
+router load and residual spectra. Used by model cards and benchmarks; reads the original
+experts modules found by :func:`moecore.families.find_experts`, per projection in
+``(E, d_out, d_in)`` convention whatever the family's layout."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .families import find_experts
 
-def fused_experts(model) -> dict[str, torch.nn.Module]:
-    """Name -> experts module, for every module holding 3-D ``gate_up_proj`` and ``down_proj``."""
-    out = {}
-    for name, mod in model.named_modules():
-        gu, dn = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
-        if isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3:
-            out[name] = mod
-    return out
+_PROJECTIONS = ("gate", "up", "down")
 
 
 def param_counts(model, stored_dtype: torch.dtype | None = None) -> dict[str, int]:
@@ -22,7 +17,7 @@ def param_counts(model, stored_dtype: torch.dtype | None = None) -> dict[str, in
     model was loaded in another dtype than it is stored in (e.g. bf16 checkpoint run in fp32)."""
     def nbytes_of(p):
         return p.numel() * (torch.empty(0, dtype=stored_dtype).element_size() if stored_dtype else p.element_size())
-    expert_names = tuple(n + "." for n in fused_experts(model))
+    expert_names = tuple(path + "." for path, _, _ in find_experts(model, "all", required=False))
     named = list(model.named_parameters())
     total = sum(p.numel() for _, p in named)
     nbytes = sum(nbytes_of(p) for _, p in named)
@@ -31,17 +26,17 @@ def param_counts(model, stored_dtype: torch.dtype | None = None) -> dict[str, in
     return {"params_total": total, "params_experts": expert, "bytes_total": nbytes, "bytes_experts": expert_bytes}
 
 
-def _expert_matrix(mod) -> torch.Tensor:
+def _expert_matrix(views: dict[str, torch.Tensor]) -> torch.Tensor:
     """(E, D): each expert's weights flattened (gate, up and down together)."""
-    e = mod.gate_up_proj.shape[0]
-    return torch.cat([mod.gate_up_proj.reshape(e, -1), mod.down_proj.reshape(e, -1)], 1).float()
+    e = views["gate"].shape[0]
+    return torch.cat([views[p].reshape(e, -1) for p in _PROJECTIONS], 1).float()
 
 
 def expert_cosine(model) -> list[float]:
     """Mean pairwise cosine similarity of the experts, per MoE layer."""
     out = []
-    for mod in fused_experts(model).values():
-        w = F.normalize(_expert_matrix(mod), dim=1)  # (E, D)
+    for _, mod, layout in find_experts(model):
+        w = F.normalize(_expert_matrix(layout.split(mod)), dim=1)  # (E, D)
         sim = w @ w.T
         e = sim.shape[0]
         out.append(((sim.sum() - sim.diagonal().sum()) / (e * (e - 1))).item())
@@ -54,13 +49,12 @@ def residual_profile(model, rank_fraction: float = 0.25) -> list[dict]:
     averaged over experts). A random matrix captures about ``rank_fraction``-ish; shared
     low-rank structure captures much more."""
     out = []
-    for mod in fused_experts(model).values():
-        w = _expert_matrix(mod)
+    for _, mod, layout in find_experts(model):
+        views = layout.split(mod)
+        w = _expert_matrix(views)
         rel = ((w - w.mean(0)).norm() / w.norm()).item()
-        gu = mod.gate_up_proj.float()  # (E, 2F, H)
-        f = gu.shape[1] // 2
         energies = []
-        for mats in (gu[:, :f], gu[:, f:], mod.down_proj.float()):  # (E, d_out, d_in)
+        for mats in (views[p].float() for p in _PROJECTIONS):  # (E, d_out, d_in)
             res = mats - mats.mean(0, keepdim=True)
             s = torch.linalg.svdvals(res) ** 2  # (E, min(d_out, d_in))
             r = max(1, int(round(rank_fraction * s.shape[1])))

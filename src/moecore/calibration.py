@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
-from .families import ExpertsLayout
+from .families import FUSED, ExpertsLayout
 
 _F64 = torch.float64
 
@@ -106,19 +106,22 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict], 
 
 
 class ExpertsInputHook:
-    """Forward pre-hook on an experts module that keeps what reaches it (on the host)."""
+    """Forward pre-hook on an experts module that keeps what reaches it (on the host), as
+    ``(x (N, H), top_k_index (N, k), top_k_weights (N, k))`` whatever the layout's call
+    convention (:meth:`~moecore.families.ExpertsLayout.routed_call`; Llama-4's dense,
+    router-prescaled call keeps only the rows of routed tokens, with weight 1)."""
 
-    def __init__(self, store_device="cpu"):
+    def __init__(self, store_device="cpu", layout: ExpertsLayout = FUSED):
         self.store_device = store_device
+        self.layout = layout
         self.got: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         names = ("hidden_states", "top_k_index", "top_k_weights")
         vals = list(args) + [kwargs.get(n) for n in names[len(args):]]
-        x, idx, wts = vals[0], vals[1], vals[2]
-        x = x.detach().reshape(-1, x.shape[-1])
-        self.got.append((x.to(self.store_device), idx.detach().reshape(x.shape[0], -1).to(self.store_device),
-                         wts.detach().reshape(x.shape[0], -1).to(self.store_device)))
+        x, idx, wts = self.layout.routed_call(*(v.detach() if v is not None else None for v in vals[:3]),
+                                              module.num_experts, skip_unrouted=True)
+        self.got.append((x.to(self.store_device), idx.to(self.store_device), wts.to(self.store_device)))
 
     def inputs(self, num_experts: int, weighting: str) -> "RoutedInputs":
         """Everything collected so far as one :class:`RoutedInputs`."""

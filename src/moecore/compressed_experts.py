@@ -179,10 +179,13 @@ class CompressedExperts(nn.Module):
                 cached = self.__dict__["_operand_cache"] = (key, build())
         return cached[1]
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``(T, H), (T, k), (T, k) -> (T, H)``; same contract as transformers' experts.
-        Expert indices outside ``[0, E)`` (sentinels) contribute nothing."""
-        x = hidden_states
+        Expert indices outside ``[0, E)`` (sentinels) contribute nothing.  Layouts called
+        densely (Llama-4, :attr:`~moecore.families.ExpertsLayout.call`) take ``(E·T, H)`` alone."""
+        x, top_k_index, top_k_weights = self.layout.routed_call(hidden_states, top_k_index, top_k_weights,
+                                                                self.num_experts)
         route = grouped.Routing(top_k_index, top_k_weights, self.num_experts, x.dtype)
         bias_gu = bias_down = None
         if self.layout.has_bias:

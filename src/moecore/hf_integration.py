@@ -26,7 +26,11 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import CheckpointError, UnsupportedModelError
+from .families import ExpertsLayout, find_experts, layout_of
 from .forms import DEFAULT_FORM, FORMS, PROJECTIONS
+from .quant import build_experts
+from .surgery import replace_module
+from .version import __version__
 
 QUANT_METHOD = "moecore"
 
@@ -89,19 +93,22 @@ class MoecoreHfQuantizer(HfQuantizer):
         return None
 
     def _process_model_before_weight_loading(self, model, dtype=None, **kwargs: Any):
-        swap_in_compressed(model, self.quantization_config.to_dict(), dtype=dtype)
+        for path in swap_in_compressed(model, self.quantization_config.to_dict(), dtype=dtype):
+            # transformers then runs the family's _init_weights on every module, and some read the
+            # fused tensors through the MoE block (Qwen3-Omni: block.experts.gate_up_proj); a block
+            # with no tensors of its own has nothing to initialize (its children still are visited)
+            block = model.get_submodule(path.rpartition(".")[0])
+            if next(block.parameters(recurse=False), None) is None and next(block.buffers(recurse=False), None) is None:
+                block._is_hf_initialized = True
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
-        from .compressed_experts import CompressedExperts
-
-        for name, module in model.named_modules():
-            if isinstance(module, CompressedExperts):
-                for pname, p in [*module.named_parameters(), *module.named_buffers()]:  # buffers: moecore.quant
-                    # loaded tensors carry transformers' `_is_hf_initialized` flag; a missing one
-                    # would otherwise be left uninitialised with only a warning
-                    if p.device.type == "meta" or not getattr(p, "_is_hf_initialized", False):
-                        raise CheckpointError(f"checkpoint has no tensor for {name}.{pname}")
+        for name, module, _ in find_experts(model, "compressed", required=False):
+            for pname, p in [*module.named_parameters(), *module.named_buffers()]:  # buffers: moecore.quant
+                # loaded tensors carry transformers' `_is_hf_initialized` flag; a missing one
+                # would otherwise be left uninitialised with only a warning
+                if p.device.type == "meta" or not getattr(p, "_is_hf_initialized", False):
+                    raise CheckpointError(f"checkpoint has no tensor for {name}.{pname}")
         _attach_compression_config(model)
         return model
 
@@ -170,11 +177,8 @@ def swap_in_compressed(model, qconfig: dict[str, Any], dtype: torch.dtype | None
 
     Shapes (E, H, F) are read off the module being replaced; a path that is missing or not an
     experts module, or a recorded layout that differs from the detected one, raises
-    ``CheckpointError`` naming it.
+    ``CheckpointError`` naming it.  Every swap goes through :func:`moecore.surgery.replace_module`.
     """
-    from .families import ExpertsLayout, layout_of
-    from .quant import build_experts
-
     default_layout = qconfig.get("layout") or {}
     out = {}
     for path, spec in qconfig["layers"].items():
@@ -198,9 +202,7 @@ def swap_in_compressed(model, qconfig: dict[str, Any], dtype: torch.dtype | None
             dtype=dtype or ref.dtype, device=ref.device,
         )
         new.report = dict(spec.get("report") or {})
-        parent_name, _, leaf = path.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, new)
+        replace_module(model, path, new)
         out[path] = new
     return out
 
@@ -226,12 +228,7 @@ def _resolve_path(model, path: str) -> str:
 def build_quantization_config(model) -> dict[str, Any]:
     """The ``quantization_config`` dict of a compressed model (ranks/form/layout of every
     ``CompressedExperts``).  Raises ``UnsupportedModelError`` if nothing is compressed."""
-    from . import __version__
-    from .compressed_experts import CompressedExperts
-
-    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, CompressedExperts)]
-    if not mods:
-        raise UnsupportedModelError(f"{type(model).__name__} has no moecore-compressed experts; run moecore.compress first")
+    mods = [(n, m) for n, m, _ in find_experts(model, "compressed")]  # UnsupportedModelError if none
     forms = [m.form for _, m in mods]
     form = max(set(forms), key=forms.count)
     layouts = [m.layout.to_dict() for _, m in mods]

@@ -17,13 +17,12 @@ from typing import Any, Iterable
 import torch
 
 from .errors import CheckpointError, UnsupportedModelError
+from .families import find_experts
 from .io_utils import atomic_output_dir, model_source
 
 
 def _compressed_modules(model) -> dict[str, torch.nn.Module]:
-    from .compressed_experts import CompressedExperts
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, CompressedExperts)}
+    return {n: m for n, m, _ in find_experts(model, "compressed", required=False)}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

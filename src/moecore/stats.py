@@ -27,6 +27,7 @@ import torch
 
 from .io_utils import atomic_write_text, user_path
 from .errors import ConfigError, FileAccessError, UnsupportedModelError
+from .families import find_experts, is_compressed
 from .forms import PROJECTIONS, get_form
 STATS_FILENAME = "compression_statistics.yaml"
 _QSUFFIXES = ("_qcodes", "_qscale", "_qzero")  # moecore.quant's stored parts of one quantized tensor
@@ -46,28 +47,6 @@ def top_k_of(config) -> int:
         if isinstance(v, int) and v > 0:
             return v
     raise UnsupportedModelError(f"cannot find the number of experts per token in the {type(cfg).__name__}")
-
-
-def _is_compressed(module) -> bool:
-    from .compressed_experts import CompressedExperts
-
-    return isinstance(module, CompressedExperts)
-
-
-def experts_modules(model) -> dict[str, torch.nn.Module]:
-    """Module path -> experts module (compressed or original fused) of every MoE layer."""
-    from .families import find_experts
-
-    out = {name: m for name, m in model.named_modules() if _is_compressed(m)}
-    try:
-        found = find_experts(model)
-    except UnsupportedModelError:
-        if not out:
-            raise
-        found = []  # everything is compressed already
-    for name, module, _layout in found:
-        out.setdefault(name, module)
-    return dict(sorted(out.items(), key=lambda kv: _natural_key(kv[0])))
 
 
 def _natural_key(name: str):
@@ -216,11 +195,10 @@ def statistics(model) -> dict[str, Any]:
     """
     from . import __version__
 
-    mods = experts_modules(model)
-    if not mods:
-        raise UnsupportedModelError(f"{type(model).__name__} is not a Mixture-of-Experts model: no experts modules")
+    # compressed and original experts; UnsupportedModelError for a model without any
+    mods = {n: m for n, m, _ in sorted(find_experts(model, "all"), key=lambda f: _natural_key(f.path))}
     k = top_k_of(model.config)
-    layers = [(_compressed_layer if _is_compressed(m) else _original_layer)(n, m, k) for n, m in mods.items()]
+    layers = [(_compressed_layer if is_compressed(m) else _original_layer)(n, m, k) for n, m in mods.items()]
     ex = {key: sum(r[key] for r in layers) for key in (
         "params_original", "params_compressed", "active_params_original", "active_params_compressed",
         "macs_original", "macs_compressed", "bytes_original", "bytes_compressed")}
@@ -332,7 +310,6 @@ def plan(hf_config, cfg, dtype: torch.dtype | str | None = None) -> dict[str, An
 
     from .fitting import projection_shapes, solve_ranks
     from .config import CompressionConfig
-    from .families import find_experts
     from .hf_integration import swap_in_compressed
 
     if not isinstance(cfg, CompressionConfig):

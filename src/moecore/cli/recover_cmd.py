@@ -8,11 +8,11 @@ import json
 
 from moecore.data import TextFile
 from moecore.errors import ConfigError
+from moecore.families import is_compressed
 from moecore.io import save_compressed
 from moecore.io_utils import prepare_output
 from moecore.modeling import load_model
 from moecore.training import recover
-from moecore.training.common import is_compressed_model
 from moecore.training.config import RecoveryConfig
 
 from ._config_args import add_config_args, config_from_args
@@ -35,7 +35,7 @@ def run(args) -> int:
     prepare_output(args.output, [args.teacher, args.student, args.calib], args.overwrite)
     calib = TextFile(args.calib) if args.calib else None
     model, tok = load_model(args.student)
-    if not is_compressed_model(model):
+    if not is_compressed(model, recurse=True):
         raise ConfigError(f"{args.student} is not a moecore-compressed model (run moecore compress first)")
     rep = recover(args.teacher, model, cfg, calibration=calib, tokenizer=tok)
     save_compressed(model, args.output, tokenizer=tok, overwrite=args.overwrite, extra_configs=[cfg])

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..families import find_experts, is_compressed
 
 # Parameter-name markers of the compressed experts (docs/ARCHITECTURE.md).
 FACTOR_MARKERS = ("delta_a_", "delta_b_", "wrap_")
@@ -17,28 +18,13 @@ CORE_MARKER = "core_"
 ROUTER_NAMES = ("gate", "router")
 
 
-def is_compressed_model(model) -> bool:
-    """True when the model holds moecore compressed experts (factor or core parameters)."""
-    return any(any(m in n for m in FACTOR_MARKERS) or f".{CORE_MARKER}" in n for n, _ in model.named_parameters())
-
-
-def experts_paths(model) -> list[str]:
-    """Module paths of the MoE experts modules (``...mlp.experts``), in model order."""
-    out = []
-    for name, mod in model.named_modules():
-        if name.endswith(".experts") and not isinstance(mod, torch.nn.ModuleList):
-            if type(mod).__name__ == "CompressedExperts" or any(True for _ in mod.parameters(recurse=False)):
-                out.append(name)
-    return out
-
-
 def select_trainable(model, *, train_core: bool = False, train_router: bool = False,
                      train_experts_if_plain: bool = True) -> list[str]:
     """Freeze everything, then unfreeze the compressed factors (``delta_a_*``, ``delta_b_*``,
     ``wrap_*``), optionally the cores (``core_*``) and the routers. A plain (uncompressed)
     student trains its experts' weights instead. Returns the trainable parameter names."""
-    paths = experts_paths(model)
-    compressed = is_compressed_model(model)
+    paths = [path for path, _, _ in find_experts(model, "all", required=False)]
+    compressed = is_compressed(model, recurse=True)
     names = []
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]

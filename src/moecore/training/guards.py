@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import TrainingError
-from .common import experts_paths
+from ..families import FoundExperts, find_experts
 
 
 def _vocab(model) -> int | None:
@@ -19,15 +19,13 @@ def _vocab(model) -> int | None:
     return getattr(cfg, "vocab_size", None)
 
 
-def experts_shape(path: str, module: torch.nn.Module) -> tuple[int, int, int]:
-    """``(num_experts, intermediate_size, hidden_size)`` of an experts module, compressed or
-    not (works on the meta device)."""
-    from ..compressed_experts import CompressedExperts
-    from ..families import layout_of
-
-    if isinstance(module, CompressedExperts):
-        return module.num_experts, module.intermediate_size, module.hidden_size
-    e, f, h = layout_of(path, module).split(module)["gate"].shape
+def experts_shape(found: FoundExperts) -> tuple[int, int, int]:
+    """``(num_experts, intermediate_size, hidden_size)`` of an experts module found by
+    :func:`~moecore.families.find_experts`, compressed or not (works on the meta device)."""
+    if found.compressed:
+        m = found.module
+        return m.num_experts, m.intermediate_size, m.hidden_size
+    e, f, h = found.layout.split(found.module)["gate"].shape
     return int(e), int(f), int(h)
 
 
@@ -38,12 +36,12 @@ def check_teacher(teacher, student, probe: torch.Tensor | None = None, name: str
     tv, sv = _vocab(teacher), _vocab(student)
     if tv != sv:
         raise TrainingError(f"{name} has a vocabulary of {tv} tokens, the student {sv}: not the same model family")
-    tp, sp = experts_paths(teacher), experts_paths(student)
+    tf, sf = find_experts(teacher, "all", required=False), find_experts(student, "all", required=False)
+    tp, sp = [f.path for f in tf], [f.path for f in sf]
     if tp != sp:
         raise TrainingError(f"{name} has MoE layers {tp[:2]}..., the student {sp[:2]}...: not the same architecture")
-    for path in tp:
-        ts = experts_shape(path, teacher.get_submodule(path))
-        ss = experts_shape(path, student.get_submodule(path))
+    for path, t, s in zip(tp, tf, sf):
+        ts, ss = experts_shape(t), experts_shape(s)
         if ts != ss:
             raise TrainingError(f"{name}'s {path} has (experts, intermediate, hidden) = {ts}, the student {ss}")
     if probe is not None and next(teacher.parameters()).device.type != "meta":

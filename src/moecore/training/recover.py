@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from ..data import calibration_sequences, load_split
 from ..errors import ConfigError, DataError, TrainingError
 from ..modeling import load_tokenizer
-from .common import CORE_MARKER, FACTOR_MARKERS, experts_paths, is_compressed_model
+from ..families import find_experts, is_compressed
+from .common import CORE_MARKER, FACTOR_MARKERS
 from .config import RecoveryConfig
 from .guards import check_finite, check_teacher
 from .originals import OriginalExpertsLoader
@@ -120,8 +121,8 @@ def recover(teacher, student, cfg: RecoveryConfig | None = None, *, calibration:
         raise ConfigError("recover needs a tokenizer when the teacher is a module")
     texts = calibration if calibration is not None else load_split("calib")
     seqs = _calibration_ids(tokenizer, texts, cfg.max_tokens, cfg.seq_len)
-    compressed = is_compressed_model(student)
-    paths = experts_paths(student)
+    compressed = is_compressed(student, recurse=True)
+    paths = [path for path, _, _ in find_experts(student, "all", required=False)]
     if not paths:
         raise ConfigError("the student has no MoE experts modules")
     tname = f"teacher {teacher}" if loader is not None else "the teacher"
