@@ -95,7 +95,7 @@ CASES: dict[str, Case] = {
     "dots3_note": Case(config=_DSA),
     "ernie4_5_vl_moe": Case(model_type="ernie4_5_vl_moe_text", model_class="Ernie4_5_VLMoeTextModel",
                             config=dict(moe_intermediate_size=[F, F], moe_num_experts=E, moe_k=2,
-                                        mlp_layer_types=["sparse", "sparse"], layer_types=["linear_attention", "full_attention"],
+                                        mlp_layer_types=["sparse", "sparse"],
                                         rope_parameters=dict(_MROPE, mrope_section=[1, 1, 2]))),
     "gemma4": Case(config=dict(enable_moe_block=True, num_experts=E, top_k_experts=2, vocab_size_per_layer_input=V,
                                hidden_size_per_layer_input=8)),
@@ -103,8 +103,8 @@ CASES: dict[str, Case] = {
     "glm4v_moe": Case(config=dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                    "partial_rotary_factor": 0.5, "mrope_section": [1, 0, 1]})),
     "glm5_next": Case(config=dict(_DSA, qk_rope_head_dim=0, head_dim=0, linear_head_dim=8, linear_num_heads=4,
-                                  mlp_layer_types=["sparse", "sparse"], layer_types=["linear_attention", "full_attention"],
-                                  index_kpool=2)),
+                                  mlp_layer_types=["sparse", "sparse"], index_kpool=2,
+                                  layer_types=["linear_attention", "full_attention"])),
     "glm_moe_dsa": Case(config=_DSA),
     "granitemoehybrid": Case(config=dict(layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16,
                                          mamba_d_state=8, mamba_chunk_size=16, shared_intermediate_size=F)),
@@ -147,6 +147,7 @@ CASES: dict[str, Case] = {
     "unlimited_ocr": Case(model_type="unlimited_ocr_text", model_class="UnlimitedOcrTextModel"),
     "zaya": Case(config=dict(num_experts_per_tok=1, router_hidden_size=8)),
 }
+
 
 def families() -> dict[str, list[str]]:
     """Modeling module -> its model types, for every modeling file that defines an experts class."""
@@ -255,8 +256,8 @@ def test_family(family, tmp_path):
     originals = {path: {k: v.detach().clone() for k, v in m.named_parameters()} for path, m, _ in found}
     rank = min(min(v.shape[1:]) for _, m, lay in found for v in lay.split(m).values() if v.dim() == 3)
     for form in ("delta", "wrapper"):
-        compressed = moecore.compress(copy.deepcopy(model), moecore.CompressionConfig(form=form, rank=rank, refine_steps=0),
-                                      progress=False)
+        cfg = moecore.CompressionConfig(form=form, rank=rank, refine_steps=0)
+        compressed = moecore.compress(copy.deepcopy(model), cfg, progress=False)
         mods = find_experts(compressed, "compressed")
         assert [f.path for f in mods] == list(originals)
         for path, m, _ in mods:
@@ -269,7 +270,8 @@ def test_family(family, tmp_path):
                 assert v.shape == w.shape and float((v - w).norm() / w.norm()) < tol, (path, k)
         out = outputs(compressed, ids)
         scale = max(1.0, float(ref.abs().max())) * (1e-4 if form == "delta" else 5e-4)
-        assert float((out - ref).abs().max()) < scale, f"{family} {form}: outputs differ by {float((out - ref).abs().max())} (scale {scale})"
+        diff = float((out - ref).abs().max())
+        assert diff < scale, f"{family} {form}: outputs differ by {diff:.3g} (tolerance {scale:.3g})"
         saved = moecore.save_compressed(compressed, tmp_path / form)
         loaded = loader.from_pretrained(saved).eval()
         assert [f.path for f in find_experts(loaded, "compressed")] == list(originals)

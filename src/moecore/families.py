@@ -242,8 +242,8 @@ ACTIVATIONS: dict[str, tuple[bool, Callable[[ExpertsLayout, Callable | None], Ca
     "act_fn_clamped": (True, lambda lay, act: lambda gate, up: _clamp(act(gate), lay.limit, low=False)
                        * _clamp(up, lay.limit)),
     # HY-V4: silu(clamp(gate)) * clamp(up), whatever act_fn is
-    "clamped_silu": (False, lambda lay, act: lambda gate, up: torch.nn.functional.silu(_clamp(gate, lay.limit, low=False))
-                     * _clamp(up, lay.limit)),
+    "clamped_silu": (False, lambda lay, act: lambda gate, up: torch.nn.functional.silu(
+        _clamp(gate, lay.limit, low=False)) * _clamp(up, lay.limit)),
     # GPT-OSS: (clamp(up) + 1) * g·σ(α g) with g = clamp(gate)
     "clamped_swiglu": (False, _clamped_swiglu),
 }
