@@ -2,7 +2,6 @@
 
 ``import moecore`` registers :class:`MoecoreQuantizationConfig` and :class:`MoecoreHfQuantizer`
 under ``quant_method = "moecore"``.  A compressed checkpoint's ``config.json`` carries::
-
     "quantization_config": {"quant_method": "moecore", "form": "delta",
                             "layout": {...ExpertsLayout...}, "moecore_version": "...",
                             "layers": {"model.layers.0.mlp.experts": {"gate": 8, "up": 8, "down": 8}, ...}}
@@ -14,7 +13,10 @@ ranks, and the stored tensors load into it as they are: no original weights are 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,10 +24,11 @@ from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
 )
-from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.base import HfQuantizer, _assign_is_quantized
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .errors import CheckpointError, UnsupportedModelError
+from .config import CONFIG_FILENAME, CompressionConfig
+from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .families import ExpertsLayout, find_experts, layout_of
 from .forms import DEFAULT_FORM, FORMS, PROJECTIONS
 from .quant import build_experts
@@ -72,8 +75,6 @@ class MoecoreQuantizationConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (what ``config.json`` stores)."""
-        import copy
-
         return copy.deepcopy(self.__dict__)
 
 
@@ -81,7 +82,6 @@ class MoecoreHfQuantizer(HfQuantizer):
     """Loads moecore checkpoints: swaps experts modules for ``CompressedExperts`` on the meta
     model before the weights load.  Trainable (the factors are ordinary parameters),
     serializable, no calibration needed."""
-
     requires_calibration = False
     quantization_config: MoecoreQuantizationConfig
 
@@ -133,12 +133,6 @@ def _attach_compression_config(model) -> None:
     from a local folder), so that a re-save (e.g. after distillation) keeps it.  A malformed
     file is a ``CheckpointError`` (the record of how the model was made must not be lost
     silently); the placeholder written for models not made by ``compress`` is skipped."""
-    import json
-    from pathlib import Path
-
-    from .config import CONFIG_FILENAME, CompressionConfig
-    from .errors import ConfigError
-
     folder = Path(str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")))
     f = folder / CONFIG_FILENAME
     if not f.is_file():
@@ -159,8 +153,6 @@ def mark_compressed(model) -> MoecoreQuantizationConfig:
     ``CompressedExperts``) and ``model.hf_quantizer``, so a plain ``model.save_pretrained(dir)``
     writes a folder that ``from_pretrained(dir)`` rebuilds bit-identically.  Called by
     :func:`moecore.compress` and :func:`moecore.save_compressed`.  Returns the config."""
-    from transformers.quantizers.base import _assign_is_quantized
-
     qc = MoecoreQuantizationConfig.from_dict(build_quantization_config(model))
     model.config.quantization_config = qc
     model.hf_quantizer = MoecoreHfQuantizer(qc, pre_quantized=True)

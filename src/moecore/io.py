@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from safetensors import safe_open
 
 from .errors import CheckpointError, UnsupportedModelError
 from .families import find_experts
+from .hf_integration import mark_compressed
 from .io_utils import atomic_output_dir, model_source
+from .stats import STATS_FILENAME, statistics, write_statistics_yaml
+from .version import __version__
 
 
 def _compressed_modules(model) -> dict[str, torch.nn.Module]:
@@ -48,9 +52,6 @@ def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwr
             :class:`~moecore.training.config.RecoveryConfig` that produced the model).
     Returns the output path.
     """
-    from .hf_integration import mark_compressed
-    from .stats import STATS_FILENAME, statistics, write_statistics_yaml
-
     if not _compressed_modules(model):
         raise UnsupportedModelError("model has no moecore-compressed experts; run moecore.compress first")
     qdict = mark_compressed(model).to_dict()
@@ -63,8 +64,6 @@ def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwr
         if cfg is not None:
             cfg.save(tmp)
         else:
-            from . import __version__
-
             _write_json(tmp / "moecore_config.json", {"moecore_version": __version__, "form": qdict["form"],
                                                       "note": "compression config unknown (model not made by compress)"})
         write_statistics_yaml(stats, tmp / STATS_FILENAME)
@@ -77,8 +76,6 @@ def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwr
 
 def _check_saved_keys(folder: Path, model) -> None:
     """The stored keys must be exactly the model's (unique) state-dict keys."""
-    from safetensors import safe_open
-
     keys: set[str] = set()
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as fh:

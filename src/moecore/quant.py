@@ -37,6 +37,7 @@ import math
 from typing import Mapping
 
 import torch
+from hqq.core.quantize import Quantizer
 from torch import nn
 
 from .compressed_experts import CompressedExperts
@@ -53,8 +54,6 @@ _F16 = torch.float16
 
 
 def _packing(bits: int) -> str:
-    from hqq.core.quantize import Quantizer
-
     return Quantizer.bit_to_packing[bits]
 
 
@@ -75,8 +74,6 @@ def _stored_view(t: torch.Tensor, kind: str) -> torch.Tensor:
 def quantize(t: torch.Tensor, bits: int, group: int, method: str = "hqq", kind: str = "core") -> dict[str, torch.Tensor]:
     """Quantize ``t`` with HQQ into ``{"qcodes", "qscale", "qzero"}`` (see the module docstring).
     ``kind="factor"`` groups down the columns of ``t (E, d, s)``."""
-    from hqq.core.quantize import Quantizer
-
     flat = _stored_view(t.detach(), kind).to(torch.float32).contiguous().reshape(-1)
     (codes_shape, _, rows) = packed_layout(flat.numel(), bits, group)
     flat = torch.nn.functional.pad(flat, (0, rows * group - flat.numel()))
@@ -91,8 +88,6 @@ def dequantize(q: Mapping[str, torch.Tensor], shape: tuple[int, ...], bits: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of :func:`quantize`: ``(codes − zero)·scale`` via HQQ's unpacking, as ``dtype``
     in the logical ``shape``."""
-    from hqq.core.quantize import Quantizer
-
     scale, zero = q["qscale"].view(_F16).float(), q["qzero"].view(_F16).float()  # (rows, 1)
     codes = Quantizer.unpack[_packing(bits)](q["qcodes"], dtype=torch.float32)[: scale.shape[0]]  # (rows, group)
     flat = ((codes - zero) * scale).reshape(-1)

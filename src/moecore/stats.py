@@ -24,11 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from .io_utils import atomic_write_text, user_path
+from .config import CompressionConfig
 from .errors import ConfigError, FileAccessError, UnsupportedModelError
 from .families import find_experts, is_compressed
+from .fitting import projection_shapes, solve_ranks
 from .forms import PROJECTIONS, get_form
+from .hf_integration import swap_in_compressed
+from .io_utils import atomic_write_text, user_path
+from .version import __version__
+
 STATS_FILENAME = "compression_statistics.yaml"
 _QSUFFIXES = ("_qcodes", "_qscale", "_qzero")  # moecore.quant's stored parts of one quantized tensor
 _GB = 1e9
@@ -193,8 +202,6 @@ def statistics(model) -> dict[str, Any]:
     and one row per MoE layer with per-projection ranks, params and reconstruction errors.
     Raises ``UnsupportedModelError`` if the model has no MoE experts modules.
     """
-    from . import __version__
-
     # compressed and original experts; UnsupportedModelError for a model without any
     mods = {n: m for n, m, _ in sorted(find_experts(model, "all"), key=lambda f: _natural_key(f.path))}
     k = top_k_of(model.config)
@@ -253,8 +260,6 @@ def statistics(model) -> dict[str, Any]:
 
 def write_statistics_yaml(stats: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``stats`` as YAML to ``path`` atomically (temp file in the same folder, then rename)."""
-    import yaml
-
     path = Path(path)
     text = "# moecore compression statistics: counted from real stored tensors\n"
     text += yaml.safe_dump(stats, sort_keys=False, default_flow_style=False, width=120)
@@ -264,8 +269,6 @@ def write_statistics_yaml(stats: dict[str, Any], path: str | os.PathLike) -> Pat
 
 def read_statistics_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a ``compression_statistics.yaml`` (ConfigError if it is not a statistics mapping)."""
-    import yaml
-
     try:
         with user_path(path):
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -277,8 +280,6 @@ def read_statistics_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _load_hf_config(hf_config):
-    from transformers import AutoConfig, PretrainedConfig
-
     if isinstance(hf_config, PretrainedConfig):
         return hf_config
     if isinstance(hf_config, dict):
@@ -306,12 +307,6 @@ def plan(hf_config, cfg, dtype: torch.dtype | str | None = None) -> dict[str, An
     :func:`statistics` counts them.  ``allocation="greedy"`` needs weights, so plan uses
     uniform ranks for it and says so in ``notes``.  ``dtype`` defaults to the config's.
     """
-    from transformers import AutoModelForCausalLM
-
-    from .fitting import projection_shapes, solve_ranks
-    from .config import CompressionConfig
-    from .hf_integration import swap_in_compressed
-
     if not isinstance(cfg, CompressionConfig):
         raise ConfigError(f"cfg must be a CompressionConfig, got {type(cfg).__name__}")
     hf = _load_hf_config(hf_config)
@@ -346,9 +341,6 @@ def _fmt_int(n: int) -> str:
 def print_table(stats: dict[str, Any], console=None, per_layer: bool = True) -> None:
     """Print ``stats`` (from :func:`statistics` / :func:`plan` / the YAML) as rich tables:
     a summary (experts and whole model, original vs compressed) and one row per layer."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     title = f"moecore statistics ({stats.get('model_type')}, form {stats.get('form')}, top-{stats.get('top_k')})"
     t = Table(title=title)

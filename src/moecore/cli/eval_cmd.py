@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import json
 
+from moecore.data import TextFile, load_split
+from moecore.errors import ConfigError
+from moecore.evaluation import PPL_PROTOCOL, perplexity
+from moecore.evaluation.lm_eval_tasks import format_table, parse_tasks, run_lm_eval, summarize
+from moecore.modeling import load_model
+
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="held-out perplexity (and lm-eval tasks) of a model directory")
@@ -24,8 +30,6 @@ def register(sub) -> None:
 
 
 def _check_positive(args) -> None:
-    from moecore.errors import ConfigError
-
     for name in ("seq_len", "stride", "max_tokens", "limit", "batch_size", "max_length"):
         v = getattr(args, name, None)
         if v is not None and v <= 0:
@@ -33,10 +37,6 @@ def _check_positive(args) -> None:
 
 
 def run(args) -> int:
-    from moecore.data import TextFile, load_split
-    from moecore.evaluation import PPL_PROTOCOL, perplexity
-    from moecore.modeling import load_model
-
     _check_positive(args)
     if args.tasks:
         return run_tasks(args)
@@ -57,9 +57,6 @@ def run(args) -> int:
 
 def run_tasks(args) -> int:
     """``--tasks``: lm-eval's ``simple_evaluate`` on the loaded model (original, compressed or dense)."""
-    from moecore.evaluation.lm_eval_tasks import format_table, parse_tasks, run_lm_eval, summarize
-    from moecore.modeling import load_model
-
     names = parse_tasks(args.tasks)
     model, tok = load_model(args.model_dir)
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)

@@ -1,6 +1,13 @@
 """``moecore export DIR -o OUT``: a dense, standard transformers checkpoint (no moecore needed)."""
 from __future__ import annotations
 
+from pathlib import Path
+
+from moecore.cli.compress_cmd import status, torch_dtype
+from moecore.io import export_dense
+from moecore.io_utils import prepare_output
+from moecore.modeling import load_model
+
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="write a compressed model as a standard dense transformers checkpoint")
@@ -12,12 +19,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from moecore.cli.compress_cmd import status, torch_dtype
-    from moecore.io import export_dense
-    from moecore.io_utils import prepare_output
-    from moecore.modeling import load_model
 
     out = Path(args.output)
     prepare_output(out, [args.model_dir], args.overwrite)

@@ -4,6 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moecore.errors import CheckpointError
+from moecore.modeling import load_model
+from moecore.stats import STATS_FILENAME, print_table, read_statistics_yaml, statistics
+
 
 def register(sub) -> None:
     p = sub.add_parser("stats", help="print compression statistics of a model directory")
@@ -16,9 +20,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from moecore.errors import CheckpointError
-    from moecore.stats import STATS_FILENAME, print_table, read_statistics_yaml, statistics
-
     d = Path(args.model_dir)
     if not d.is_dir():
         raise CheckpointError(f"model directory not found: {d}")
@@ -26,8 +27,6 @@ def run(args) -> int:
     if f.is_file() and not args.recompute:
         stats = read_statistics_yaml(f)
     else:
-        from moecore.modeling import load_model
-
         model, _ = load_model(d, dtype="auto", need_tokenizer=False)
         stats = statistics(model)
     if args.json:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..data import TextFile, load_split
 from ..errors import ConfigError
 from ..families import find_experts, is_compressed
 
@@ -62,8 +63,6 @@ class BlockDataset(torch.utils.data.Dataset):
 def training_texts(data: str | Path | None):
     """Texts of a user file (streamed: a :class:`moecore.data.TextFile`), or the bundled
     ``train`` split. The held-out split is never read here."""
-    from ..data import TextFile, load_split
-
     return TextFile(data) if data else load_split("train")
 
 

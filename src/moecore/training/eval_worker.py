@@ -6,6 +6,10 @@ import argparse
 import os
 import sys
 
+import torch
+
+from .async_eval import watch
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="moecore async checkpoint evaluator (worker process)")
@@ -15,11 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--poll", type=float, default=0.5)
     a = ap.parse_args(argv)
-    import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     tasks = [t for t in a.tasks.split(",") if t] if a.tasks else None
-    from .async_eval import watch
 
     n = watch(a.output_dir, max_tokens=a.max_tokens, tasks=tasks, limit=a.limit, poll=a.poll)
     print(f"[eval-worker] done: {n} checkpoint(s) evaluated", flush=True)
