@@ -26,15 +26,17 @@ import pytest
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES, model_type_to_module_name
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
 import moecore
 from moecore.calibration import ExpertsInputHook
+from moecore.data import load_split
 from moecore.errors import UnsupportedModelError
 from moecore.families import ExpertsModule, find_experts, is_compressed
 from moecore.surgery import replace_module
+from moecore.training import RecoveryConfig, recover
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "FAMILIES.md"
@@ -320,6 +322,31 @@ def test_llama4_dense_prescaled_call_and_calibration():
     inputs = hook.inputs(E, "routing")
     assert int(inputs.counts.sum()) == 2 * 7 * model.config.num_experts_per_tok  # routed (token, expert) pairs
     assert bool((inputs.weight == 1).all())  # the router score is in the rows already
+
+
+
+def test_llama4_layerwise_recovery(tmp_path):
+    """Layer-wise recovery compares original and compressed Llama-4 experts on the same routed
+    rows: the original's per-expert evaluation equals its own dense call, and every layer's
+    error on the rows it was fitted on goes down (read from a saved teacher directory)."""
+    tok = AutoTokenizer.from_pretrained(ROOT / "data" / "tokenizer")
+    model = build("llama4", Case(config={"vocab_size": len(tok)}))[0]
+    redraw_experts(model)
+    path, orig, layout = find_experts(model)[0]
+    x = torch.randn(E * 6, H, generator=torch.Generator().manual_seed(4))
+    x[1::2] = 0  # half the (expert, token) rows unrouted
+    xr, idx, w = layout.routed_call(x, None, None, E, skip_unrouted=True)
+    with torch.no_grad():
+        dense = orig(x)  # (E*6, H)
+        routed = layout.routed_forward(orig, xr, idx, w)
+    assert torch.allclose(routed, torch.where(idx >= 0, dense, 0.0), atol=1e-6)
+    model.save_pretrained(tmp_path / "teacher")
+    student = moecore.compress(copy.deepcopy(model), moecore.CompressionConfig(rank=2, refine_steps=0), progress=False)
+    rep = recover(tmp_path / "teacher", student, RecoveryConfig(steps=40, lr=1e-2, max_tokens=1024, seq_len=32),
+                  calibration=load_split("calib")[:10], tokenizer=tok, progress=False)
+    assert [r["path"] for r in rep.layers] == [p for p, _, _ in find_experts(student, "compressed")]
+    for r in rep.layers:
+        assert r["rel_mse_after"] < r["rel_mse_before"]
 
 
 def test_write_families_md():

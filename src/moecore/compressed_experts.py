@@ -186,6 +186,12 @@ class CompressedExperts(nn.Module):
         densely (Llama-4, :attr:`~moecore.families.ExpertsLayout.call`) take ``(E·T, H)`` alone."""
         x, top_k_index, top_k_weights = self.layout.routed_call(hidden_states, top_k_index, top_k_weights,
                                                                 self.num_experts)
+        return self.routed(x, top_k_index, top_k_weights)
+
+    def routed(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """``(N, H), (N, k), (N, k) -> (N, H)``: the forward on routed pairs, whatever the
+        layout's call convention (what :meth:`forward` runs after
+        :meth:`~moecore.families.ExpertsLayout.routed_call`)."""
         route = grouped.Routing(top_k_index, top_k_weights, self.num_experts, x.dtype)
         bias_gu = bias_down = None
         if self.layout.has_bias:

@@ -200,6 +200,29 @@ class ExpertsLayout:
             return x, idx, torch.ones(n, 1, dtype=x.dtype, device=x.device)
         raise UnsupportedModelError(f"unknown experts call convention {self.call!r}")
 
+    def routed_forward(self, module: nn.Module, x: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Output of ``module`` (original or compressed) on routed pairs ``x (N, H)``,
+        ``top_k_index (N, k)``, ``top_k_weights (N, k)`` -> ``(N, H)``, whatever :attr:`call` is
+        (layer-wise recovery compares the two modules on the same routed rows).  An original
+        module called densely (Llama-4) is evaluated expert by expert from its weights."""
+        if is_compressed(module):
+            return module.routed(x, top_k_index, top_k_weights)
+        if self.call == "routed":
+            return module(x, top_k_index, top_k_weights)
+        if self.has_bias:
+            raise UnsupportedModelError(f"layout {self.name!r}: a dense call with biases is not supported")
+        w = self.split(module)  # (E, d_out, d_in) views
+        act = self.activation_fn(getattr(module, "act_fn", None))
+        out = torch.zeros_like(x)  # (N, H)
+        for e in range(w["gate"].shape[0]):
+            tok, slot = (top_k_index == e).nonzero(as_tuple=True)  # (n_e,), (n_e,)
+            if tok.numel():
+                xe = x[tok]  # (n_e, H)
+                h = act(xe @ w["gate"][e].T, xe @ w["up"][e].T)  # (n_e, F)
+                out.index_add_(0, tok, (h @ w["down"][e].T) * top_k_weights[tok, slot, None].to(x.dtype))
+        return out
+
 
 FUSED = ExpertsLayout()
 GPT_OSS = ExpertsLayout(

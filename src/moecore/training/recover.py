@@ -21,10 +21,11 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from ..calibration import ExpertsInputHook
 from ..data import calibration_sequences, load_split
 from ..errors import ConfigError, DataError, TrainingError
-from ..modeling import load_tokenizer
 from ..families import find_experts, is_compressed
+from ..modeling import load_tokenizer
 from .common import CORE_MARKER, FACTOR_MARKERS
 from .config import RecoveryConfig
 from .guards import check_finite, check_teacher
@@ -56,14 +57,14 @@ def _calibration_ids(tokenizer, texts, max_tokens: int, seq_len: int) -> torch.T
 
 
 @torch.no_grad()
-def _capture(model, module, seqs: torch.Tensor, batch: int):
-    """Inputs (hidden (T,H), top_k_index (T,k), top_k_weights (T,k)) reaching ``module``."""
-    got: list[tuple] = []
+def _capture(model, module, layout, seqs: torch.Tensor, batch: int):
+    """Routed pairs reaching ``module``: ``(x (N, H), top_k_index (N, k), top_k_weights (N, k))``
+    (:class:`~moecore.calibration.ExpertsInputHook`, whatever the layout's call convention);
+    the forward stops at the module."""
+    keep = ExpertsInputHook(store_device=next(module.parameters()).device, layout=layout)
 
     def hook(mod, args, kwargs):
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        vals = list(args) + [kwargs[n] for n in names[len(args):]]
-        got.append(tuple(v.detach().clone() for v in vals[:3]))
+        keep(mod, args, kwargs)
         raise _Stop
 
     h = module.register_forward_pre_hook(hook, with_kwargs=True)
@@ -76,7 +77,7 @@ def _capture(model, module, seqs: torch.Tensor, batch: int):
                 pass
     finally:
         h.remove()
-    return tuple(torch.cat([g[j] for g in got]) for j in range(3))
+    return tuple(torch.cat([g[j] for g in keep.got]) for j in range(3))
 
 
 def _trainable(module, train_core: bool, compressed: bool) -> list[torch.nn.Parameter]:
@@ -88,9 +89,9 @@ def _trainable(module, train_core: bool, compressed: bool) -> list[torch.nn.Para
 
 
 @torch.no_grad()
-def _rel_mse(module, x, idx, w, y, chunk: int = 4096) -> float:
-    err = sum(float((module(x[i:i + chunk], idx[i:i + chunk], w[i:i + chunk]) - y[i:i + chunk]).pow(2).sum())
-              for i in range(0, x.shape[0], chunk))
+def _rel_mse(module, layout, x, idx, w, y, chunk: int = 4096) -> float:
+    err = sum(float((layout.routed_forward(module, x[i:i + chunk], idx[i:i + chunk], w[i:i + chunk])
+                     - y[i:i + chunk]).pow(2).sum()) for i in range(0, x.shape[0], chunk))
     return err / max(float(y.pow(2).sum()), 1e-30)
 
 
@@ -122,7 +123,8 @@ def recover(teacher, student, cfg: RecoveryConfig | None = None, *, calibration:
     texts = calibration if calibration is not None else load_split("calib")
     seqs = _calibration_ids(tokenizer, texts, cfg.max_tokens, cfg.seq_len)
     compressed = is_compressed(student, recurse=True)
-    paths = [path for path, _, _ in find_experts(student, "all", required=False)]
+    layouts = {path: layout for path, _, layout in find_experts(student, "all", required=False)}
+    paths = list(layouts)
     if not paths:
         raise ConfigError("the student has no MoE experts modules")
     tname = f"teacher {teacher}" if loader is not None else "the teacher"
@@ -141,13 +143,15 @@ def recover(teacher, student, cfg: RecoveryConfig | None = None, *, calibration:
             t0 = time.time()
             module = student.get_submodule(path)
             dev = next(module.parameters()).device
-            x, idx, w = _capture(student, module, seqs, cfg.forward_batch)
+            layout = layouts[path]
+            x, idx, w = _capture(student, module, layout, seqs, cfg.forward_batch)
             orig = loader.experts(path) if loader is not None else teacher.get_submodule(path)
             orig = orig.to(device=dev, dtype=x.dtype)
             for pname, p in orig.named_parameters():
                 check_finite(p.detach(), f"{tname}: weights {path}.{pname}")
             with torch.no_grad():
-                y = torch.cat([orig(x[i:i + 4096], idx[i:i + 4096], w[i:i + 4096]) for i in range(0, x.shape[0], 4096)])
+                y = torch.cat([layout.routed_forward(orig, x[i:i + 4096], idx[i:i + 4096], w[i:i + 4096])
+                               for i in range(0, x.shape[0], 4096)])
             del orig
             check_finite(x, f"the student's inputs to {path}")
             check_finite(y, f"{tname}: outputs of {path}")
@@ -161,7 +165,7 @@ def recover(teacher, student, cfg: RecoveryConfig | None = None, *, calibration:
             val = (x[held], idx[held], w[held], y[held]) if bool(held.any()) else (x, idx, w, y)
             x, idx, w, y = x[fit_rows], idx[fit_rows], w[fit_rows], y[fit_rows]
             n_fit = x.shape[0]
-            before, val_before = _rel_mse(module, x, idx, w, y), _rel_mse(module, *val)
+            before, val_before = _rel_mse(module, layout, x, idx, w, y), _rel_mse(module, layout, *val)
             if not (math.isfinite(before) and math.isfinite(val_before)):
                 raise TrainingError(f"the student's {path} gives a non-finite output error ({before}); stopping")
             params = _trainable(module, cfg.train_core, compressed)
@@ -174,7 +178,7 @@ def recover(teacher, student, cfg: RecoveryConfig | None = None, *, calibration:
                 scale = y.pow(2).mean().clamp_min(1e-30)
                 for _ in range(cfg.steps):
                     sel = torch.randint(0, n_fit, (min(cfg.batch_tokens, n_fit),), generator=gen).to(dev)
-                    loss = (module(x[sel], idx[sel], w[sel]) - y[sel]).pow(2).mean() / scale
+                    loss = (layout.routed_forward(module, x[sel], idx[sel], w[sel]) - y[sel]).pow(2).mean() / scale
                     if not bool(torch.isfinite(loss)):
                         raise TrainingError(f"non-finite relative MSE ({float(loss)}) while fitting {path}; "
                                             "stopping, nothing written")
@@ -183,7 +187,7 @@ def recover(teacher, student, cfg: RecoveryConfig | None = None, *, calibration:
                     opt.step()
                 for p in params:
                     p.requires_grad_(False)
-                after, val_after = _rel_mse(module, x, idx, w, y), _rel_mse(module, *val)
+                after, val_after = _rel_mse(module, layout, x, idx, w, y), _rel_mse(module, layout, *val)
                 if val_after > val_before:  # never make a layer worse on unseen tokens: restore the start
                     with torch.no_grad():
                         for p, s0 in zip(params, start):
