@@ -12,6 +12,7 @@ import dataclasses
 import pytest
 import torch
 
+from moecore import grouped
 from moecore.compressed_experts import PROJECTIONS, CompressedExperts
 from moecore.families import FUSED, GPT_OSS
 from moecore.grouped import Routing, grouped_linear
@@ -140,6 +141,32 @@ def test_unaligned_shapes_take_the_fallback_and_match():
         m(torch.randn(2, H), *routing(2, "random"))
     names = {e.name for e in prof.events()}
     assert "transformers::grouped_mm_fallback" in names and "aten::_grouped_mm" not in names
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_cpu_large_cores_used_as_stored(monkeypatch):
+    """CPU, delta form: cores of at least ``CPU_LINEAR_CORE_BYTES`` are the stored tensors
+    themselves (no copy), multiplied as ``(W xᵀ)ᵀ`` up to ``CPU_WXT_MAX_ROWS`` rows and
+    ``x Wᵀ`` above; same maths, contiguous output, and the same under ``torch.compile``."""
+    monkeypatch.setattr(grouped, "CPU_LINEAR_CORE_BYTES", 0)
+    m = make("delta", "gpt_oss")
+    for t, case in [(1, "random"), (7, "sentinel"), (grouped.CPU_WXT_MAX_ROWS, "random"),
+                    (grouped.CPU_WXT_MAX_ROWS + 1, "sentinel"), (64, "one")]:
+        idx, w = routing(t, case, seed=t)
+        x = torch.randn(t, H, generator=torch.Generator().manual_seed(100 + t))
+        with torch.no_grad():
+            out = m(x, idx, w)
+        assert out.is_contiguous() and rel_err(out, reference(m, x, idx, w)) < 2e-6, (t, case)
+    ops = m.__dict__["_operand_cache"][1]
+    assert "core_gu" not in ops and all(ops[f"core_{p}"].data_ptr() == getattr(m, f"core_{p}").data_ptr()
+                                        for p in PROJECTIONS)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    for t in (1, 7, 64):
+        idx, w = routing(t, "sentinel", seed=t)
+        x = torch.randn(t, H)
+        with torch.no_grad():
+            assert torch.equal(compiled(x, idx, w), m(x, idx, w)), t
 
 
 def test_grouped_linear_and_routing_offsets():
