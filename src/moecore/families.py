@@ -191,7 +191,8 @@ class ExpertsLayout:
         if self.call == "routed":
             if top_k_index is None or top_k_weights is None:
                 raise TypeError(f"experts of layout {self.name!r} need hidden_states, top_k_index, top_k_weights")
-            return x, top_k_index.reshape(x.shape[0], -1), top_k_weights.reshape(x.shape[0], -1)
+            k = top_k_index.shape[-1]  # (not -1: ambiguous for zero tokens)
+            return x, top_k_index.reshape(x.shape[0], k), top_k_weights.reshape(x.shape[0], k)
         if self.call == "dense_prescaled":
             n = x.shape[0]
             idx = torch.arange(num_experts, device=x.device).repeat_interleave(n // num_experts)[:, None]  # (N, 1)
