@@ -254,12 +254,12 @@ def test_save_is_atomic_and_refuses_to_clobber(saved, tmp_path, monkeypatch):
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     with pytest.raises(CheckpointError, match="already exists"):
         moecore.save_compressed(model, out)
-    import moecore.stats as st
+    import moecore.io as mio
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(st, "write_statistics_yaml", boom)
+    monkeypatch.setattr(mio, "write_statistics_yaml", boom)  # the name save_compressed calls
     with pytest.raises(RuntimeError, match="disk full"):
         moecore.save_compressed(model, out, overwrite=True)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # old checkpoint untouched
