@@ -1,25 +1,46 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
-# torch is pinned here (not in pyproject) because 2.13.0 is the CPU wheel this machine has
-# on disk; an unpinned `torch` would pull a multi-GB CUDA build.
+# Both install from the committed lock (requirements/lock.txt: the exact version of every
+# package in .venv), never from the bare ranges of pyproject.toml, so a new upstream release
+# cannot change what CI runs. `make lock` moves the lock deliberately (pip-tools), and
+# `make test-latest` runs the suite on the newest versions the ranges allow, in .venv-latest.
+# torch is pinned by requirements/lock.in to 2.13.0, the CPU wheel this machine has on disk;
+# an unpinned `torch` would pull a multi-GB CUDA build.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.moecore-installed
-TORCH  ?= torch==2.13.0
+LOCK   := requirements/lock.txt
+TOOLS  := .venv-tools
+LATEST := .venv-latest
+PIP_TOOLS ?= pip-tools==7.7.0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: venv test demo corpus models clean bench
+.PHONY: venv test demo corpus models clean bench lock test-latest check-results
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[all,test]'
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+# Regenerate the lock from pyproject.toml's ranges (plus requirements/lock.in), then run
+# `make test` before committing it: moving the lock is a deliberate change.
+lock:
+	test -x $(TOOLS)/bin/pip-compile || ($(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/pip install -q '$(PIP_TOOLS)')
+	$(TOOLS)/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --extra all --extra test -o $(LOCK) pyproject.toml requirements/lock.in
+
+# The suite on the newest versions the ranges allow (kept out of CI): finds upstream drift
+# before users do. Record the outcome in benchmarks/RESULTS.md.
+test-latest:
+	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade -c requirements/lock.in -e '.[all,test]'
+	$(LATEST)/bin/pip freeze | grep -iE '^(torch|transformers|accelerate|safetensors|lm.eval|hqq|datasets|tokenizers)=' 
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider tests
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -82,6 +82,9 @@ CASES: dict[str, Case] = {
     "bailing_hybrid": Case(config=dict(_MLA, layer_types=["linear_attention", "full_attention"], num_experts_per_token=2,
                                        num_expert_group=1, linear_head_dim=8, linear_num_heads=4)),
     "beam": Case(config=dict(mlp_layer_types=["sparse", "sparse"])),
+    "ergo": Case(config=dict(first_dense_intermediate_size=F, shared_intermediate_size=F, num_dense_blocks=1,
+                             mlp_layer_types=None),
+                 unsupported="experts without a gate projection"),
     "dbrx": Case(config=dict(d_model=H, n_heads=4, n_layers=2, max_seq_len=64,
                              attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
                              ffn_config={"ffn_hidden_size": F, "moe_num_experts": E, "moe_top_k": 2}),
@@ -116,6 +119,7 @@ CASES: dict[str, Case] = {
                                  unpadded_vocab_size=V)),
     "inkling2_loop": Case(config=dict(swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, d_rel=4,
                                       unpadded_vocab_size=V)),
+    "kolibri1_1": Case(config=dict(head_dim=16, index_num_heads=2)),  # NVFP4 key/value rounding needs a multiple of 16
     "jamba": Case(config=dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
                               mamba_dt_rank=8, mamba_d_state=4, use_mamba_kernels=False)),
     "jetmoe": Case(unsupported="mixture-of-attention"),

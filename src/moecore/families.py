@@ -262,7 +262,7 @@ ACTIVATIONS: dict[str, tuple[bool, Callable[[ExpertsLayout, Callable | None], Ca
     # DeepSeek-V4: act_fn(clamp(gate)) * clamp(up)
     "clamped_act_fn": (True, lambda lay, act: lambda gate, up: act(_clamp(gate, lay.limit, low=False))
                        * _clamp(up, lay.limit)),
-    # Step-3.7: clamp(act_fn(gate)) * clamp(up)
+    # Step-3.7, Bailing-hybrid: clamp(act_fn(gate)) * clamp(up)
     "act_fn_clamped": (True, lambda lay, act: lambda gate, up: _clamp(act(gate), lay.limit, low=False)
                        * _clamp(up, lay.limit)),
     # HY-V4: silu(clamp(gate)) * clamp(up), whatever act_fn is
@@ -313,7 +313,7 @@ KNOWN_LAYOUTS: dict[str, KnownLayout] = {
     "MiniMaxM3VLExperts": KnownLayout(_gated("clamped_swiglu"), (("alpha", "swiglu_alpha"),) + _SWIGLU_LIMIT),
     "Llama4TextExperts": KnownLayout(LLAMA4),
     "DeepseekV4Experts": KnownLayout(_gated("clamped_act_fn"), _LIMIT),
-    "Step3p7Experts": KnownLayout(_gated("act_fn_clamped"), _LIMIT),
+    **{cls: KnownLayout(_gated("act_fn_clamped"), _LIMIT) for cls in ("Step3p7Experts", "BailingHybridExperts")},
     **{cls: KnownLayout(_gated("clamped_silu"), _SWIGLU_LIMIT)
        for cls in ("HYV4Experts", "HYV4VLExperts", "Glm5NextTextExperts")},
     "BeamExperts": KnownLayout(_gated("act_fn_fp32")),
