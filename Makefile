@@ -13,6 +13,9 @@ LOCK   := requirements/lock.txt
 TOOLS  := .venv-tools
 LATEST := .venv-latest
 PIP_TOOLS ?= pip-tools==7.7.0
+# One pytest worker per core (pytest-xdist); test_families' tests share one worker (xdist_group)
+# because the last of them writes docs/FAMILIES.md from the others' results.
+PYTEST := -m pytest -q -p no:cacheprovider -n $(shell nproc) --dist loadgroup --durations=15
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
@@ -40,10 +43,10 @@ test-latest:
 	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q --upgrade -c requirements/lock.in -e '.[all,test]'
 	$(LATEST)/bin/pip freeze | grep -iE '^(torch|transformers|accelerate|safetensors|lm.eval|hqq|datasets|tokenizers)=' 
-	MOECORE_UNLOCKED=1 $(LATEST)/bin/python -m pytest -q -p no:cacheprovider tests
+	MOECORE_UNLOCKED=1 $(LATEST)/bin/python $(PYTEST) tests
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) $(PYTEST) tests
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

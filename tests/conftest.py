@@ -10,6 +10,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core (pytest-xdist): one torch thread each, so
+    # the workers don't oversubscribe the cores
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

@@ -11,10 +11,11 @@ from transformers import AutoModelForCausalLM
 
 import moecore
 from moecore import __version__
-from moecore.cli import build_parser
+from moecore.cli import build_parser, main
 from moecore.cli._config_args import config_from_args
 from moecore.cli.compress_cmd import BUDGET_FIELDS
 from moecore.config import CompressionConfig, QuantConfig
+from moecore.config_base import field_types, unwrap_optional
 from moecore.errors import ConfigError, MoecoreError
 from moecore.training.config import DistillConfig, RecoveryConfig
 
@@ -68,6 +69,26 @@ def test_roundtrip_save_load_and_format_version(cls, tmp_path):
 def test_bad_values_are_config_errors(cls, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         cls(**kwargs)
+
+
+FLOAT_FIELDS = [(cls, name) for cls in CONFIGS + [QuantConfig]
+                for name, tp in field_types(cls).items() if unwrap_optional(tp)[0] is float]
+
+
+@pytest.mark.parametrize("cls,name", FLOAT_FIELDS, ids=[f"{c.__name__}.{n}" for c, n in FLOAT_FIELDS])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused(cls, name, bad):
+    """NaN passes every ``v < min`` comparison; no float field of any config takes it, nor inf."""
+    with pytest.raises(ConfigError, match=rf"^{name} must be a finite number, got {bad!r}"):
+        cls(**{name: bad})
+
+
+def test_non_finite_flag_is_one_line_error(capsys, tmp_path, root):
+    assert main(["compress", str(root / "models" / "tiny-mixtral"), "-o", str(tmp_path / "o"),
+                 "--whiten-damping", "nan"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["moecore compress: error: whiten_damping must be a finite number, got nan"]
+    assert not (tmp_path / "o").exists()
 
 
 def test_values_are_normalised():

@@ -41,6 +41,8 @@ from moecore.training import RecoveryConfig, recover
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "FAMILIES.md"
 MODELS_DIR = Path(transformers.__file__).parent / "models"
+# one xdist worker runs this whole file: test_write_families_md reads the other tests' RESULTS
+pytestmark = pytest.mark.xdist_group("families")
 H, F, E, V = 32, 16, 4, 128  # hidden, expert intermediate, experts, vocabulary
 MAX_PARAMS = 2_000_000  # a tiny config that still builds a bigger model is a bug in CASES
 TINY: dict[str, Any] = dict(

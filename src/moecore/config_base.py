@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import types
@@ -102,6 +103,8 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
     elif base is float:
         if not is_number(value):
             raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every `v < min` check: refuse it here
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
         return float(value)
     elif base is str:
         if not isinstance(value, str):
