@@ -1,10 +1,16 @@
 """The corpus splits and the tokenizer."""
+import os
+import subprocess
+import sys
+
 from transformers import AutoTokenizer
 
 import torch
 
+from moecore.evaluation.perplexity import perplexity
 from moecore.data import SPLITS, load_split, split_ids, split_of, spread_sequences, token_stream
 
+from ._tiny_models import tiny_mixtral, tokenizer
 from .conftest import ROOT
 
 
@@ -59,3 +65,21 @@ def test_calibration_budget_draws_every_source_of_the_calib_split():
     kjv = sum(text.count(w) for w in (" LORD", " thee", " unto"))
     py = sum(text.count(w) for w in ("Python", "module", "()"))
     assert kjv > 100 and py > 150  # head truncation (the old behaviour) gives 460 and 24
+
+
+def test_progress_bars_honour_tqdm_disable(capsys):
+    """A bar asked for (progress=True) still obeys the user's TQDM_DISABLE (read by tqdm when
+    it is imported, so in a fresh process); progress=False is off."""
+    model, tok = tiny_mixtral()[0], tokenizer()
+    stream = torch.arange(600) % 100
+    perplexity(model, tok, stream=stream, seq_len=64, stride=32, progress=True)
+    assert "perplexity" in capsys.readouterr().err  # the bar is shown by default
+    perplexity(model, tok, stream=stream, seq_len=64, stride=32, progress=False)
+    assert capsys.readouterr().err == ""
+    code = ("from moecore.progress import progress_bar\n"
+            "for _ in progress_bar(range(3), desc='visible-bar', enabled=True): pass\n")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "visible-bar" in shown.stderr
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TQDM_DISABLE": "1"})
+    assert off.stderr == ""

@@ -190,3 +190,19 @@ def test_more_experts_per_token_than_experts_is_refused():
     model = AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(ConfigError, match="num_experts_per_tok > number of experts"):
         moecore.compress(model, moecore.CompressionConfig(rank=2), progress=False)
+
+
+@pytest.mark.parametrize("weight_map,match", [
+    (["model.safetensors"], "weight_map must map tensor names to shard file names"),
+    ({"x": 3}, "weight_map must map tensor names to shard file names"),
+    ({"x": "../outside.safetensors"}, r"names the shard '\.\./outside\.safetensors' for x, outside the model folder"),
+    ({"x": "/etc/passwd"}, r"names the shard '/etc/passwd' for x, outside the model folder"),
+])
+def test_malformed_index_is_one_checkpoint_error(tmp_path, weight_map, match):
+    """An index whose weight_map is not a name -> shard map, or names a shard outside the
+    model folder, is refused before anything is read or written."""
+    src = _tiny_checkpoint(tmp_path / "src", layers=2)
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=match):
+        compress_checkpoint(src, tmp_path / "o", moecore.CompressionConfig(rank=4, refine_steps=0), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .calibration import ExpertsInputHook, _Stop, capture_layer_inputs, run_layer
 from .compressed_experts import PROJECTIONS
@@ -189,8 +189,8 @@ class Engine:
         gains = None
         if self.cfg.rank is None and self.cfg.allocation == "greedy":
             gains = {}
-            for i in tqdm(range(len(self.stack)), desc="moecore: spectra (greedy)", unit="layer",
-                          disable=not self.progress):
+            for i in progress_bar(range(len(self.stack)), desc="moecore: spectra (greedy)", unit="layer",
+                                  enabled=self.progress):
                 layer = self.stack[i]
                 self.store.load(i, layer)
                 inputs, outs = self._calibrate(i, layer, hidden, keep_outputs=True)
@@ -248,8 +248,8 @@ class Engine:
     def run(self, ranks: dict, hidden: list[torch.Tensor] | None, start: int = 0) -> None:
         """Compress layers ``start ...`` (``hidden``: the inputs of layer ``start``)."""
         original = self.cfg.propagate == "original"
-        bar = tqdm(range(start, len(self.stack)), desc="moecore: compressing", unit="layer", disable=not self.progress,
-                   initial=start, total=len(self.stack))
+        bar = progress_bar(range(start, len(self.stack)), desc="moecore: compressing", unit="layer",
+                           enabled=self.progress, initial=start, total=len(self.stack))
         for i in bar:
             t0 = time.perf_counter()
             layer = self.stack[i]

@@ -62,9 +62,17 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     if idx.is_file():
         try:
             wm = json.loads(idx.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{idx} is not a valid safetensors index: {exc}") from exc
-        files = {k: model_dir / f for k, f in wm.items()}
+        if not isinstance(wm, dict) or not all(isinstance(f, str) for f in wm.values()):
+            raise CheckpointError(f"{idx} is not a valid safetensors index: its weight_map must map "
+                                  "tensor names to shard file names")
+        files = {}
+        for k, f in wm.items():
+            # checked by name, not by resolving: a hub cache's shards are links into its blobs/
+            if Path(f).is_absolute() or ".." in Path(f).parts or not f.strip():
+                raise CheckpointError(f"{idx} names the shard {f!r} for {k}, outside the model folder")
+            files[k] = model_dir / f
         for f in sorted(set(files.values())):
             if not f.is_file():
                 raise CheckpointError(f"{idx} names {f.name}, which is missing")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..data import check_token_stream, token_stream  # token_stream re-exported as moecore.evaluation.token_stream
 from ..errors import ConfigError, DataError
@@ -77,7 +77,7 @@ def perplexity(model, tokenizer, texts: list[str] | None = None, *, stream: torc
     device = next(model.parameters()).device
     wins = list(_windows(len(ids), seq_len, stride))
     nll_sum, count = 0.0, 0
-    bar = tqdm(total=len(wins), desc="perplexity", unit="win", disable=not progress, leave=False)
+    bar = progress_bar(total=len(wins), desc="perplexity", unit="win", enabled=progress, leave=False)
     i = 0
     while i < len(wins):
         # batch windows of identical length (all but the last are full)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..calibration import ExpertsInputHook
 from ..data import calibration_sequences, load_split
@@ -139,7 +139,7 @@ def recover(teacher, student, cfg: RecoveryConfig | None = None, *, calibration:
         p.requires_grad_(False)
     report = RecoveryReport(tokens=int(seqs.numel()), steps=cfg.steps)
     try:
-        for path in tqdm(paths, desc="moecore: recovering", unit="layer", disable=not progress):
+        for path in progress_bar(paths, desc="moecore: recovering", unit="layer", enabled=progress):
             t0 = time.time()
             module = student.get_submodule(path)
             dev = next(module.parameters()).device
