@@ -3,6 +3,7 @@ inputs -> exit code 2 with a one-line ``moecore X: error: ...`` and no traceback
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -183,3 +184,24 @@ def test_a_bug_in_a_command_shows_its_traceback(work, exc):
     assert r.returncode == 1, r.stderr[-2000:]
     assert "Traceback (most recent call last)" in r.stderr and "a bug" in r.stderr
     assert "moecore stats: error:" not in r.stderr
+
+
+def test_a_rank_that_does_not_compress_is_refused_with_the_break_even(capsys):
+    """tiny-mixtral at rank 200 would store 142.7% of its expert parameters: refused, naming the
+    largest rank that is still smaller; --allow-larger overrides."""
+    bundled = ROOT / "models" / "tiny-mixtral"
+    rc, _, err = run_cli(capsys, "plan", bundled, "--rank", "200")
+    assert rc == 2
+    m = re.fullmatch(r"moecore plan: error: rank 200 stores (\d+\.\d)% of the original expert parameters .*"
+                     r"not smaller than the original; ranks up to (\d+) are smaller \(break-even rank (\d+)\); "
+                     r"pass allow_larger=True \(--allow-larger\) to compress anyway", err.strip())
+    assert m, err
+    assert m.group(1) == "142.7" and int(m.group(3)) == int(m.group(2)) + 1
+    below, at = int(m.group(2)), int(m.group(3))
+    ratio = {}
+    for r in (below, at):
+        rc, out, _ = run_cli(capsys, "plan", bundled, "--rank", r, "--allow-larger", "--json")
+        assert rc == 0
+        m = json.loads(out)[str(bundled)]["model"]
+        ratio[r] = (m["params_compressed"] - m["non_expert_params"]) / (m["params_original"] - m["non_expert_params"])
+    assert ratio[below] < 1.0 <= ratio[at]

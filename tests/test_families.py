@@ -264,7 +264,7 @@ def test_family(family, tmp_path):
     originals = {path: {k: v.detach().clone() for k, v in m.named_parameters()} for path, m, _ in found}
     rank = min(min(v.shape[1:]) for _, m, lay in found for v in lay.split(m).values() if v.dim() == 3)
     for form in ("delta", "wrapper"):
-        cfg = moecore.CompressionConfig(form=form, rank=rank, refine_steps=0)
+        cfg = moecore.CompressionConfig(form=form, rank=rank, refine_steps=0, allow_larger=True)
         compressed = moecore.compress(copy.deepcopy(model), cfg, progress=False)
         mods = find_experts(compressed, "compressed")
         assert [f.path for f in mods] == list(originals)
@@ -315,7 +315,7 @@ def test_llama4_dense_prescaled_call_and_calibration():
     redraw_experts(model)
     path, orig, layout = find_experts(model)[0]
     assert layout.call == "dense_prescaled" and layout.transposed and not layout.has_bias
-    new = moecore.compress(copy.deepcopy(model), moecore.CompressionConfig(rank=F, refine_steps=0),
+    new = moecore.compress(copy.deepcopy(model), moecore.CompressionConfig(rank=F, refine_steps=0, allow_larger=True),
                            progress=False).get_submodule(path)
     x = torch.randn(E * 5, H, generator=torch.Generator().manual_seed(2))
     x[::3] = 0  # rows of experts a token is not routed to

@@ -117,6 +117,8 @@ class CompressionConfig(ConfigBase):
         expert_chunk: experts fitted together (default: as many as ``fit_memory_gb`` allows).
         quant: ``None`` (float storage) or a :class:`QuantConfig` (or its dict): quantized core
             and/or factors, the factors refit after the core is quantized (delta form only).
+        allow_larger: compress even when ``rank`` makes the experts store at least as many
+            parameters as the original (refused by default, naming the break-even rank).
     """
 
     form: str = field(default=DEFAULT_FORM, metadata={"choices": tuple(FORMS)})  # the registered forms
@@ -138,6 +140,7 @@ class CompressionConfig(ConfigBase):
     fit_memory_gb: float = field(default=6.0, metadata={"gt": 0})
     expert_chunk: int | None = field(default=None, metadata={"gt": 0})
     quant: QuantConfig | None = None
+    allow_larger: bool = False
 
     FILENAME = CONFIG_FILENAME
     KIND = "compression config"

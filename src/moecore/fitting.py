@@ -74,10 +74,13 @@ def projection_shapes(path: str, module: nn.Module, layout: ExpertsLayout) -> li
 def solve_ranks(shapes: list[budget.ProjectionShape], cfg: CompressionConfig, gains: dict | None = None) -> dict:
     """Ranks ``{(path, proj): rank}`` from ``cfg.rank`` or ``cfg.target_ratio`` (+ ``allocation``;
     greedy needs ``gains`` from :func:`rank_gains`).  ``ConfigError`` names the projection
-    for a rank above ``min(d_in, d_out)``."""
+    for a rank above ``min(d_in, d_out)``, and refuses a float ``rank`` that stores no fewer
+    parameters than the original unless ``cfg.allow_larger``."""
     if cfg.rank is not None:
         for s in shapes:
             budget.check_rank(s, cfg.rank)
+        if not cfg.allow_larger and cfg.quant is None:  # quantized codes: compare bytes instead (stats)
+            budget.check_smaller(get_form(cfg.form), shapes, cfg.rank)
         return {s.key: cfg.rank for s in shapes}
     if cfg.allocation == "greedy":
         if gains is None:

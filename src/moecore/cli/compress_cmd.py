@@ -19,7 +19,7 @@ from ._config_args import add_config_args, config_from_args
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # the CompressionConfig fields that ``plan`` and ``distill`` (compressing on the fly) take as flags
-BUDGET_FIELDS = ("form", "rank", "target_ratio", "allocation", "quant")
+BUDGET_FIELDS = ("form", "rank", "target_ratio", "allocation", "quant", "allow_larger")
 
 
 def torch_dtype(name: str | None):

@@ -107,6 +107,28 @@ def check_rank(p: ProjectionShape, rank: int) -> None:
         )
 
 
+def check_smaller(form: FormLike, shapes: Sequence[ProjectionShape], rank: int) -> None:
+    """Raise ``ConfigError`` if one ``rank`` everywhere stores at least as many expert
+    parameters as the original, naming the break-even rank (the largest that is smaller)."""
+    orig = original_params(shapes)
+    total = total_params(form, shapes, {p.key: min(rank, p.max_rank) for p in shapes})
+    if total < orig:
+        return
+    lo, hi = 0, rank  # largest uniform rank whose total is below the original (0: none is)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if total_params(form, shapes, {p.key: min(mid, p.max_rank) for p in shapes}) < orig:
+            lo = mid
+        else:
+            hi = mid - 1
+    below = (f"ranks up to {lo} are smaller (break-even rank {lo + 1})" if lo else
+             "no rank of this form is smaller")
+    raise ConfigError(
+        f"rank {rank} stores {total / orig:.1%} of the original expert parameters ({total:,} against "
+        f"{orig:,}): not smaller than the original; {below}; pass allow_larger=True (--allow-larger) "
+        "to compress anyway")
+
+
 def _target(shapes: Sequence[ProjectionShape], target_ratio: float) -> int:
     if not 0.0 < target_ratio < 1.0:
         raise ConfigError(f"target_ratio must be in (0, 1), got {target_ratio}")
