@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig
 import moecore
 from moecore.api import compress_checkpoint
 from moecore.data import load_split
-from moecore.errors import CheckpointError, UnsupportedModelError
+from moecore.errors import CheckpointError, ConfigError, UnsupportedModelError
 
 from ._tiny_models import ROOT, python_cmd, subprocess_env, tokenizer
 
@@ -206,3 +206,14 @@ def test_malformed_index_is_one_checkpoint_error(tmp_path, weight_map, match):
     with pytest.raises(CheckpointError, match=match):
         compress_checkpoint(src, tmp_path / "o", moecore.CompressionConfig(rank=4, refine_steps=0), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_failed_run_with_no_finished_layer_leaves_no_work_folder(tmp_path):
+    """A run refused after its work folder was made (a rank above min(d_in, d_out)) removes it,
+    so the corrected rerun starts without --resume or --overwrite."""
+    src = _tiny_checkpoint(tmp_path / "src", layers=2)
+    with pytest.raises(ConfigError, match="larger than min"):
+        compress_checkpoint(src, tmp_path / "xo", moecore.CompressionConfig(rank=10_000), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    compress_checkpoint(src, tmp_path / "xo", moecore.CompressionConfig(rank=4, refine_steps=0), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "xo"]

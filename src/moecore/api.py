@@ -24,7 +24,7 @@ from .data import calibration_sequences
 from .engine import Engine, InMemoryStore, experts_by_layer
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .hf_integration import mark_compressed
-from .io_utils import converting_write_errors, disk_full, prepare_output, publish_dir, user_path
+from .io_utils import converting_write_errors, disk_full, prepare_output, publish_dir, say, user_path
 from .modeling import TOKENIZER_FILES, check_model_dir, load_tokenizer
 
 
@@ -134,15 +134,17 @@ def compress_checkpoint(
         with converting_write_errors(out):
             return _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress,
                            overwrite, max_shard_size)
-    except (CheckpointError, UnsupportedModelError) as exc:
-        if not disk_full(exc.__cause__ or exc):  # a bad input: nothing to resume, leave nothing behind
+    except Exception as exc:
+        full = disk_full(exc.__cause__ or exc)
+        bad_input = isinstance(exc, (CheckpointError, UnsupportedModelError, ConfigError)) and not full
+        if state["done"] == 0 or bad_input:  # nothing worth resuming: leave nothing behind
             shutil.rmtree(work, ignore_errors=True)
             raise
-        if state["done"] == 0:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        raise CheckpointError(f"{exc}; the {state['done']} finished layer(s) are kept in {work}: free space and "
-                              f"rerun with --resume (or delete that folder)") from exc
+        if full:
+            raise CheckpointError(f"{exc}; the {state['done']} finished layer(s) are kept in {work}: free space "
+                                  f"and rerun with --resume (or delete that folder)") from exc
+        say(f"the {state['done']} finished layer(s) are kept in {work}: rerun with --resume to continue")
+        raise
 
 
 def _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress, overwrite,

@@ -121,7 +121,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
+    """Print ``moecore: msg`` on stderr (status lines of long work, never on stdout)."""
     print(f"moecore: {msg}", file=sys.stderr, flush=True)
 
 
@@ -150,7 +151,7 @@ def recover_interrupted(out: str | os.PathLike) -> list[str]:
             shutil.rmtree(p, ignore_errors=True)
             msgs.append(f"removed {p.name}, an incomplete output left by an interrupted run (pid {m.group(2)})")
     for msg in msgs:
-        _say(msg)
+        say(msg)
     return msgs
 
 

@@ -41,7 +41,7 @@ from .engine import Engine
 from .errors import CheckpointError, UnsupportedModelError
 from .families import is_compressed
 from .hf_integration import MoecoreQuantizationConfig, build_quantization_config, swap_in_compressed
-from .io_utils import _say, _umask, atomic_write_text
+from .io_utils import say, _umask, atomic_write_text
 from .stats import STATS_FILENAME, statistics, write_statistics_yaml
 from .version import __version__
 
@@ -283,7 +283,7 @@ def read_state(work: Path, fp: str, resume: bool, overwrite: bool) -> dict[str, 
             old = None
         done = old.get("done", 0) if isinstance(old, dict) else 0
         if resume and isinstance(old, dict) and old.get("fingerprint") == fp:
-            _say(f"resuming in {work}: {done} layer(s) already done")
+            say(f"resuming in {work}: {done} layer(s) already done")
             return old
         if resume and not overwrite:
             raise CheckpointError(f"cannot resume from {work}: it belongs to a different job (model, config, "
@@ -291,10 +291,10 @@ def read_state(work: Path, fp: str, resume: bool, overwrite: bool) -> dict[str, 
         if not overwrite:
             raise CheckpointError(f"{work} holds an unfinished compression ({done} layer(s) done): pass --resume to "
                                   f"continue it or --overwrite to start over")
-        _say(f"discarding the unfinished compression in {work} ({done} layer(s) done)")
+        say(f"discarding the unfinished compression in {work} ({done} layer(s) done)")
         shutil.rmtree(work)
     elif resume:
-        _say(f"nothing to resume in {work}; starting from the first layer")
+        say(f"nothing to resume in {work}; starting from the first layer")
     work.parent.mkdir(parents=True, exist_ok=True)
     os.mkdir(work)  # 0o777 & ~umask
     state = {"fingerprint": fp, "done": 0, "activations": None}
