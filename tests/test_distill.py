@@ -103,3 +103,17 @@ def test_resume_after_sigkill(teacher_dir, tmp_path):
     params = dict(model.named_parameters())
     for name, value in summary["checksums"].items():
         assert params[name].double().sum().item() == pytest.approx(value, rel=1e-6, abs=1e-6)
+    # resuming the finished run does nothing and says so: final/ is written once
+    stamp = {p.name: p.stat().st_mtime_ns for p in (out / "final").iterdir()}
+    r = subprocess.run(python_cmd(*args, "--resume"), env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{out} already finished at step 30" in r.stdout and "nothing to do" in r.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "final").iterdir()} == stamp
+    assert json.loads((out / "distill_summary.json").read_text())["global_step"] == 30
+    # asking it for more steps says how to continue instead of training past max_steps
+    more = [a if a != "30" else "40" for a in args]
+    r = subprocess.run(python_cmd(*more, "--resume"), env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "is a finished run (30 steps, final/ written)" in r.stderr.strip().splitlines()[-1]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "final").iterdir()} == stamp

@@ -59,6 +59,24 @@ class DistillResult:
     eval_error: str | None = None
 
 
+def _finished(out: Path, cfg: DistillConfig) -> DistillResult | None:
+    """The result of a run in ``out`` that already finished (``final/`` and its summary are
+    written last), or ``None``.  A finished run is never trained further or rewritten: asking
+    for more steps than it ran is a ``ConfigError`` saying how to continue from it."""
+    summary = out / SUMMARY
+    if not (out / "final" / "config.json").is_file() or not summary.is_file():
+        return None
+    try:
+        data = json.loads(summary.read_text(encoding="utf-8"))
+        res = DistillResult(**{f: data[f] for f in DistillResult.__dataclass_fields__ if f in data})
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise ConfigError(f"{summary} is unreadable ({exc}); move {out} aside to start over") from exc
+    if cfg.max_steps > res.global_step:
+        raise ConfigError(f"{out} is a finished run ({res.global_step} steps, final/ written); to train further, "
+                          f"start a new run from it: --student {out / 'final'} -o ANOTHER_DIR")
+    return res
+
+
 def _load_teacher(teacher):
     if isinstance(teacher, torch.nn.Module):
         return teacher, None
@@ -171,6 +189,11 @@ def distill(teacher, student=None, output_dir: str | Path = "distilled", cfg: Di
     out = Path(output_dir)
     # the run directory may never be, contain or lie inside an input (its checkpoints rotate)
     check_output_path(out, [t for t in (teacher, student, data) if isinstance(t, (str, Path))])
+    done = _finished(out, cfg) if resume else None
+    if done is not None:
+        print(f"moecore distill: {out} already finished at step {done.global_step} ({out / 'final'}); "
+              "nothing to do", flush=True)
+        return done
     last = ckpt.last_checkpoint(out) if resume else None
     if not resume and ckpt.complete_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue, or choose another -o")
