@@ -99,6 +99,18 @@ def test_plan_prints_the_worked_example(capsys):
     assert rc == 0 and "7,449,083,904" in stdout and "54.0%" in stdout
 
 
+def test_plan_and_stats_whole_model_multiply_adds(capsys, monkeypatch):
+    """The whole-model multiply-adds of one token (issue 18: they once counted every stored
+    expert weight as well): Qwen3-30B-A3B 3.04B -> 1.89B at the default 25%, tiny-mixtral 4.2M."""
+    monkeypatch.setenv("COLUMNS", "200")
+    rc, stdout, _ = run_cli(capsys, "plan", MIXTRAL, QWEN3)
+    assert rc == 0 and "3,041,656,832" in stdout and "1,894,154,240" in stdout and "62.3%" in stdout
+    assert "12,748,587,008" in stdout and "8,519,942,144" in stdout  # Mixtral-8x7B
+    assert "model MACs" in stdout  # the summary's whole-model column
+    rc, stdout, _ = run_cli(capsys, "stats", ROOT / "models" / "tiny-mixtral")
+    assert rc == 0 and "model: multiply-adds / token" in stdout and "4,202,496" in stdout
+
+
 @pytest.mark.parametrize("argv,command,match", [
     (["compress", "{w}/missing", "-o", "{w}/o1"], "compress", "not found"),
     (["compress", "{w}/base", "-o", "{w}/o2", "--rank", "0"], "compress", "rank must be > 0"),

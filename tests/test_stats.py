@@ -1,5 +1,6 @@
-"""Statistics counted from real tensors, the worked example of one Mixtral-8x7B layer, and ``plan`` == the
-counts of what ``compress`` produces."""
+"""Statistics counted from real tensors, the worked example of one Mixtral-8x7B layer, ``plan`` == the
+counts of what ``compress`` produces, and the whole-model multiply-adds == what ``FlopCounterMode``
+measures on a one-token forward."""
 from __future__ import annotations
 
 import io
@@ -8,17 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import moecore
 from moecore.errors import ConfigError, FileAccessError, UnsupportedModelError
-from moecore.stats import print_table, read_statistics_yaml, write_statistics_yaml
+from moecore.families import find_experts
+from moecore.forms import PROJECTIONS, get_form
+from moecore.grouped import padded_rank
+from moecore.stats import print_table, read_statistics_yaml, top_k_of, write_statistics_yaml
 
 from .test_hf_integration import CASES, FAMILIES, F, H, build
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXTRAL = ROOT / "examples" / "configs" / "mixtral-8x7b.json"
 QWEN3 = ROOT / "examples" / "configs" / "qwen3-30b-a3b.json"
+DEEPSEEK_V3 = ROOT / "examples" / "configs" / "deepseek-v3.json"
 COUNTS = ("params_original", "params_compressed", "active_params_original", "active_params_compressed",
           "macs_original", "macs_compressed", "bytes_original", "bytes_compressed")
 
@@ -59,6 +65,23 @@ def test_plan_qwen3_30b_a3b_published_sizes():
     assert p["total_params_compressed"] == 48 * per_layer
     # one core per token + k low-rank paths
     assert p["active_macs_compressed"] == 48 * (3 * 2048 * 768 + 8 * 3 * s * (2048 + 768))
+    # whole model: every weight a token passes through but the input embedding and the (1-D) norms
+    norms = 48 * (2 * 2048 + 2 * 128) + 2048  # two RMSNorms + q/k norms per layer, final norm
+    assert p["model"]["macs_original"] == 3_353_032_704 - 151_936 * 2048 - norms == 3_041_656_832  # ~3.0B
+    assert p["model"]["macs_compressed"] == 3_041_656_832 - p["active_macs_original"] + p["active_macs_compressed"]
+    assert 1.85e9 < p["model"]["macs_compressed"] < 1.95e9  # ~1.9B
+
+
+def test_plan_deepseek_v3_published_sizes():
+    """DeepSeek-V3: 671B parameters, 37B active (36.6B + the 0.9B input embedding); 3 dense
+    layers, then 58 MoE layers of 256 routed experts (top-8) and one shared expert."""
+    p = moecore.plan(DEEPSEEK_V3, moecore.CompressionConfig())
+    m = p["model"]
+    assert m["params_original"] == 671_026_419_200
+    assert m["active_params_original"] == 37_552_297_472
+    assert p["num_moe_layers"] == 58 and p["total_params_original"] == 58 * 256 * 3 * 7168 * 2048
+    assert m["macs_original"] == m["non_expert_macs"] + 58 * 8 * 3 * 7168 * 2048 == 36_624_596_992
+    assert m["macs_compressed"] == m["non_expert_macs"] + p["active_macs_compressed"]
 
 
 @pytest.mark.parametrize("family,form", CASES)
@@ -156,3 +179,103 @@ def test_plan_equals_compress_on_bundled_models(name):
     planned = moecore.plan(d / "config.json", cfg)
     assert planned["experts"] == got["experts"] and planned["model"] == got["model"]
     assert 0.2 < got["total_compression_ratio"] <= 0.25
+
+
+# --------------------------------------------------------------------------- measured multiply-adds
+def _grouped_flops(x, w, offs=None, *_args, out_val=None, **_kw) -> int:
+    """FLOPs of a grouped GEMM ``x (S, K)`` by ``w (G, K, N)`` with cumulative row offsets
+    ``offs (G,)``: each row up to ``offs[-1]`` goes through one group's ``(K, N)`` matrix."""
+    assert x.dim() == 2 and w.dim() == 3, "only the 2-D x 3-D grouped GEMM of the experts forwards"
+    rows = int(offs[-1]) if offs is not None else x.shape[0]
+    return 2 * rows * x.shape[1] * w.shape[2]
+
+
+_grouped_flops._get_raw = True  # FlopCounterMode passes the tensors (offs' values are needed)
+GROUPED_OPS = (torch.ops.aten._grouped_mm, torch.ops.transformers.grouped_mm_fallback)
+MATMUL_OPS = {torch.ops.aten.mm, torch.ops.aten.addmm, *GROUPED_OPS}
+ATTENTION_OPS = {torch.ops.aten.bmm, torch.ops.aten.baddbmm}
+
+
+def measured_macs(model) -> tuple[int, int]:
+    """``(weight multiply-adds, context-attention multiply-adds)`` of a one-token forward (no
+    cache: the context is that one token) as ``FlopCounterMode`` measures them, FLOPs / 2.
+
+    Weight multiply-adds: the 2-D GEMMs (``mm``/``addmm``: every ``nn.Linear``, router, LM
+    head, delta core) and the experts' grouped GEMMs, for which FlopCounterMode has no
+    formula, so one is given here (``aten._grouped_mm`` and transformers'
+    ``grouped_mm_fallback`` op, whose inner ``mm`` calls the mode does not see).
+    Context attention (QKᵀ and AV, excluded from the statistics): the ``bmm``/``baddbmm`` of
+    sdpa's decomposed math path (e.g. DeepSeek's MLA, whose query and value head sizes differ);
+    where sdpa runs its fused CPU kernel no FLOPs are recorded for it at all.  A ``bmm``
+    outside an attention module, or any other counted op, fails the test instead of being
+    silently added or dropped.  Embedding look-ups, element-wise ops and norms have no FLOP
+    formula."""
+    model.config._attn_implementation = "sdpa"
+    counter = FlopCounterMode(display=False, custom_mapping=dict.fromkeys(GROUPED_OPS, _grouped_flops))
+    with torch.no_grad(), counter as fc:
+        model(torch.tensor([[3]]), use_cache=False)
+    counts = fc.get_flop_counts()
+    total = counts["Global"]
+    unexpected = set(total) - MATMUL_OPS - ATTENTION_OPS
+    assert not unexpected, f"unexpected FLOP-counted ops {unexpected}"
+    context = sum(f for op, f in total.items() if op in ATTENTION_OPS)
+    in_attention = sum(f for mod, c in counts.items() if mod.rsplit(".", 1)[-1] == "self_attn"
+                       for op, f in c.items() if op in ATTENTION_OPS)
+    assert context == in_attention, "a bmm outside the attention modules"
+    weights = sum(f for op, f in total.items() if op in MATMUL_OPS)
+    assert weights % 2 == 0 and context % 2 == 0
+    return weights // 2, context // 2
+
+
+def _padding_macs(model) -> int:
+    """Multiply-adds of the zero columns the grouped forward pads each rank with
+    (:func:`moecore.grouped.padded_rank`): ``k·(padded - rank)·rank_unit_params`` per projection."""
+    k, total = top_k_of(model.config), 0
+    for _path, mod, _layout in find_experts(model, "compressed"):
+        form = get_form(mod.form)
+        for p in PROJECTIONS:
+            stored = max(mod.ranks["gate"], mod.ranks["up"]) if p != "down" else mod.ranks[p]  # gate/up: one width
+            pad = padded_rank(stored, mod.core_gate.dtype)
+            total += k * (pad - mod.ranks[p]) * form.rank_unit_params(*mod.proj_shape(p))
+    return total
+
+
+def _bundled(name: str):
+    d = ROOT / "models" / name
+    if not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
+        pytest.skip(f"bundled model {name} not built yet")
+    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("source", ["tiny-mixtral", "tiny-qwen3moe", "deepseek_v3"])
+def test_model_macs_equal_flop_counter_on_one_token(source):
+    """statistics' whole-model multiply-adds == FlopCounterMode's FLOPs / 2 of a one-token
+    forward, exactly, for the original model and its delta and wrapper compressions (DeepSeek:
+    a dense first layer, MLA attention, a shared expert, a grouped router), attention over the
+    context excluded.  Rank 8 is a whole number of 16-byte float32 rows: no padding."""
+    load = (lambda: _bundled(source)) if source.startswith("tiny-") else (lambda: build(source))
+    original = load()
+    st = moecore.statistics(original)["model"]
+    # context attention of one token: QKᵀ and AV, heads·(qk + v head size) per layer (MLA's
+    # sdpa runs decomposed, so FlopCounterMode sees it; the bundled models' fused kernel it does not)
+    context = 3 * 4 * (16 + 8) if source == "deepseek_v3" else 0
+    assert measured_macs(original) == (st["macs_original"], context)
+    assert st["macs_original"] == st["macs_compressed"] < st["active_params_original"]
+    for form in ("delta", "wrapper"):
+        model = moecore.compress(load(), moecore.CompressionConfig(form=form, rank=8, refine_steps=0), progress=False)
+        assert _padding_macs(model) == 0
+        got = moecore.statistics(model)["model"]
+        assert got["macs_original"] == st["macs_original"] and got["non_expert_macs"] == st["non_expert_macs"]
+        assert measured_macs(model) == (got["macs_compressed"], context), form
+
+
+@pytest.mark.parametrize("form", ["delta", "wrapper"])
+def test_padded_ranks_are_the_only_uncounted_work(form):
+    """At rank 3 the float32 forward pads every rank to 4 (16-byte rows): it computes exactly
+    the counted multiply-adds plus ``k·(4 - 3)·rank_unit_params`` per projection and layer."""
+    model = moecore.compress(build("deepseek_v3"), moecore.CompressionConfig(form=form, rank=3, refine_steps=0),
+                             progress=False)
+    extra = _padding_macs(model)
+    k, unit = 2, get_form(form).rank_unit_params(H, F)  # (d_out + d_in) per rank unit: same for the 3 projections
+    assert extra == 2 * 3 * k * (4 - 3) * unit  # 2 MoE layers, 3 projections
+    assert measured_macs(model)[0] == moecore.statistics(model)["model"]["macs_compressed"] + extra

@@ -8,7 +8,8 @@ from . import hf_integration as _hf_integration  # noqa: F401  (registers the qu
 from .api import compress, compress_checkpoint
 from .config import CompressionConfig
 from .io import export_dense, save_compressed
-from .stats import plan, statistics
+from .planning import plan
+from .stats import statistics
 from .version import __version__
 
 __all__ = ["__version__", "compress", "compress_checkpoint", "CompressionConfig", "statistics", "save_compressed", "export_dense", "plan"]

@@ -1,8 +1,7 @@
 """Honest statistics: every count is the ``numel`` of a real tensor.
 
-``statistics(model)`` reads a compressed (or original) model; ``plan(hf_config, cfg)``
-builds the model on the meta device, swaps in meta ``CompressedExperts`` with the ranks
-the budget solver gives, and then runs the very same counting code, so plan and compress
+``statistics(model)`` reads a compressed (or original) model; :func:`moecore.planning.plan`
+builds a model on the meta device and runs this very counting code, so plan and compress
 agree by construction.  The "original" figures of a compressed experts module come from the
 shapes (E, H, F) it records: what the fused tensors it replaced held.
 
@@ -11,8 +10,20 @@ Conventions (also written into the statistics as ``notes``):
   experts only, as in the seed; ``model`` holds the whole-model figures;
 - active params = unique weights one token touches (all non-expert weights, embeddings
   included, as model cards count them, plus the cores and k experts' factors);
-- multiply-adds per token count weight matmuls only (attention scores over the context and
-  embedding look-ups excluded); wrapper form runs the core k times, delta form once;
+- multiply-adds per token (``macs_*``) = the weight multiply-adds of one decode step of one
+  token: every matmul weight the token passes through, once.  Counted: every >=2-D weight
+  outside the experts modules that is not an embedding table, i.e. the attention and MLP
+  linears, routers, shared experts, dense layers and the LM head (a tied head counts: it is
+  multiplied); plus each experts module's active cost, the original ``k·3·H·F`` or the form's
+  :meth:`~moecore.forms.Form.active_macs_per_token` (delta: each core once per token plus
+  ``k`` low-rank paths; wrapper: the core ``k`` times plus ``k`` wrappers) at the stored
+  ranks.  Not counted: embedding look-ups (no matmul), attention over the context (QKᵀ and
+  AV, which grow with its length), element-wise ops, norms, activations and biases.  The
+  compressed forward pads each rank to whole 16-byte rows (:func:`moecore.grouped.padded_rank`:
+  4 float32 or 8 bf16 values); those zero columns cost ``k·(padded - rank)·rank_unit_params``
+  more multiply-adds per projection, which the count leaves out (none when the rank is a
+  multiple of the padding).  ``tests/test_stats.py`` checks the total against
+  ``torch.utils.flop_counter.FlopCounterMode`` on a one-token forward;
 - GB = 1e9 bytes, at each tensor's stored dtype.
 """
 from __future__ import annotations
@@ -27,14 +38,10 @@ import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from .config import CompressionConfig
-from .errors import ConfigError, FileAccessError, UnsupportedModelError
+from .errors import ConfigError, UnsupportedModelError
 from .families import find_experts, is_compressed
-from .fitting import projection_shapes, solve_ranks
 from .forms import PROJECTIONS, get_form
-from .hf_integration import swap_in_compressed
 from .io_utils import atomic_write_text, user_path
 from .version import __version__
 
@@ -44,13 +51,14 @@ _GB = 1e9
 
 
 # ----------------------------------------------------------------------------- helpers
-def _text_config(config):
+def text_config(config):
+    """The text model's config of ``config`` (itself unless it is a multimodal wrapper)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def top_k_of(config) -> int:
     """Experts per token (``num_experts_per_tok`` / ``moe_topk`` / ``top_k``) from a config."""
-    cfg = _text_config(config)
+    cfg = text_config(config)
     for name in ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"):
         v = getattr(cfg, name, None)
         if isinstance(v, int) and v > 0:
@@ -176,12 +184,14 @@ def _plain(v):
     return v
 
 
-def _matmul_params(model, skip_prefixes: tuple[str, ...]) -> int:
-    """Multiply-adds per token of the non-expert weight matmuls: every >=2-D weight that is not
-    an embedding table (a tied ``lm_head`` counts, as it is multiplied)."""
+def _dense_macs(model, experts: tuple[str, ...]) -> int:
+    """Multiply-adds per token of the weight matmuls outside the experts modules named in
+    ``experts``: every >=2-D weight that is not an embedding table (a tied ``lm_head`` counts,
+    as it is multiplied).  The experts modules' own tensors are left to their layer rows."""
+    prefixes = tuple(n + "." for n in experts)
     total = 0
     for name, mod in model.named_modules():
-        if name.startswith(skip_prefixes) or isinstance(mod, torch.nn.Embedding):
+        if name in experts or name.startswith(prefixes) or isinstance(mod, torch.nn.Embedding):
             continue
         for _pn, p in mod.named_parameters(recurse=False):
             if p.dim() >= 2:
@@ -197,7 +207,9 @@ def _ratio(a: int, b: int) -> float:
 def statistics(model) -> dict[str, Any]:
     """Parameter, active-parameter, multiply-add and byte counts of ``model`` (compressed or not).
 
-    Every figure comes from real tensors of the model (works on the meta device too).
+    Every figure comes from real tensors of the model (works on the meta device too); what
+    each counts is in the module docstring (multiply-adds: the weight matmuls of one decode
+    step of one token, ``model["non_expert_macs"]`` of them outside the experts modules).
     Returns a plain dict: the seed's keys (experts only), ``experts`` and ``model`` blocks
     and one row per MoE layer with per-projection ranks, params and reconstruction errors.
     Raises ``UnsupportedModelError`` if the model has no MoE experts modules.
@@ -213,7 +225,7 @@ def statistics(model) -> dict[str, Any]:
     stored = _stored(model)
     rest = {n: t for n, t in stored.items() if not n.startswith(prefixes)}
     rest_params, rest_bytes = sum(t.numel() for t in rest.values()), _nbytes(rest.values())
-    rest_macs = _matmul_params(model, prefixes)
+    rest_macs = _dense_macs(model, tuple(mods))
     forms = sorted({r["form"] for r in layers})
     whole = {
         "params_original": rest_params + ex["params_original"],
@@ -222,7 +234,7 @@ def statistics(model) -> dict[str, Any]:
         "active_params_compressed": rest_params + ex["active_params_compressed"],
         "macs_original": rest_macs + ex["macs_original"], "macs_compressed": rest_macs + ex["macs_compressed"],
         "bytes_original": rest_bytes + ex["bytes_original"], "bytes_compressed": rest_bytes + ex["bytes_compressed"],
-        "non_expert_params": rest_params,
+        "non_expert_params": rest_params, "non_expert_macs": rest_macs,
     }
     for block in (ex, whole):
         block["compression_ratio"] = _ratio(block["params_compressed"], block["params_original"])
@@ -231,7 +243,7 @@ def statistics(model) -> dict[str, Any]:
         block["bytes_ratio"] = _ratio(block["bytes_compressed"], block["bytes_original"])
     return {
         "moecore_version": __version__,
-        "model_type": getattr(_text_config(model.config), "model_type", None),
+        "model_type": getattr(text_config(model.config), "model_type", None),
         "form": forms[0] if len(forms) == 1 else forms,
         "top_k": k,
         "num_moe_layers": len(layers),
@@ -254,7 +266,9 @@ def statistics(model) -> dict[str, Any]:
         "model": whole,
         "layers": layers,
         "notes": ("seed keys are experts only; active params include all non-expert weights; "
-                  "multiply-adds count weight matmuls per token (no attention scores); GB = 1e9 bytes"),
+                  "multiply-adds = weight matmuls of one decode-step token (LM head, non-expert linears, "
+                  "routers, shared experts, active experts at the stored ranks; no embedding look-up, "
+                  "attention over the context, element-wise ops or norms); GB = 1e9 bytes"),
     }
 
 
@@ -279,67 +293,12 @@ def read_statistics_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _load_hf_config(hf_config):
-    if isinstance(hf_config, PretrainedConfig):
-        return hf_config
-    if isinstance(hf_config, dict):
-        d = dict(hf_config)
-        if "model_type" not in d:
-            raise ConfigError("config dict has no model_type")
-        return AutoConfig.for_model(d.pop("model_type"), **d)
-    path = Path(hf_config)
-    if not path.exists():
-        raise FileAccessError(f"config not found: {path}")
-    try:
-        return AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot read a transformers config from {path}: {first}") from exc
-
-
-def plan(hf_config, cfg, dtype: torch.dtype | str | None = None) -> dict[str, Any]:
-    """The statistics of ``compress(model, cfg)`` from a config alone (no weights).
-
-    ``hf_config`` is a ``PretrainedConfig``, a config dict, or a path to ``config.json`` (or its
-    folder).  The model is built on the meta device (real tensor shapes, no memory), its
-    experts are swapped for meta ``CompressedExperts`` with the ranks the budget solver
-    gives (the same :func:`moecore.fitting.solve_ranks` that ``compress`` uses), and
-    :func:`statistics` counts them.  ``allocation="greedy"`` needs weights, so plan uses
-    uniform ranks for it and says so in ``notes``.  ``dtype`` defaults to the config's.
-    """
-    if not isinstance(cfg, CompressionConfig):
-        raise ConfigError(f"cfg must be a CompressionConfig, got {type(cfg).__name__}")
-    hf = _load_hf_config(hf_config)
-    if dtype is None:
-        dtype = getattr(_text_config(hf), "dtype", None) or getattr(hf, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ConfigError(f"unknown dtype {dtype!r} (e.g. float32, bfloat16, float16)")
-        dtype = getattr(torch, dtype)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf, dtype=dtype)
-    found = find_experts(model)
-    experts = [(path, layout) for path, _, layout in found]
-    note = ""
-    if cfg.rank is None and cfg.allocation == "greedy":
-        cfg = dataclasses.replace(cfg, allocation="uniform")
-        note = "; greedy allocation needs weights: plan shows uniform ranks"
-    ranks = solve_ranks([s for path, m, layout in found for s in projection_shapes(path, m, layout)], cfg)
-    layers = {path: {p: int(ranks[(path, p)]) for p in PROJECTIONS} for path, _ in experts}
-    quant = dataclasses.asdict(cfg.quant) if cfg.quant is not None else None
-    swap_in_compressed(model, {"form": cfg.form, "layers": layers, "quant": quant})
-    out = statistics(model)
-    out["notes"] += "; planned from the config alone (meta device)" + note
-    out["compression_config"] = cfg.to_dict()
-    return out
-
-
 def _fmt_int(n: int) -> str:
     return f"{n:,}"
 
 
 def print_table(stats: dict[str, Any], console=None, per_layer: bool = True) -> None:
-    """Print ``stats`` (from :func:`statistics` / :func:`plan` / the YAML) as rich tables:
+    """Print ``stats`` (from :func:`statistics` / :func:`moecore.planning.plan` / the YAML) as rich tables:
     a summary (experts and whole model, original vs compressed) and one row per layer."""
     console = console or Console()
     title = f"moecore statistics ({stats.get('model_type')}, form {stats.get('form')}, top-{stats.get('top_k')})"

@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.table import Table
 
 from moecore.config import CompressionConfig
-from moecore.stats import plan, print_table
+from moecore.planning import plan
+from moecore.stats import print_table
 
 from ._config_args import add_config_args, config_from_args
 from .compress_cmd import BUDGET_FIELDS, DTYPES
@@ -34,13 +35,13 @@ def run(args) -> int:
         print_table(p, per_layer=args.per_layer)
     if len(plans) > 1:
         t = Table(title=f"plan summary ({cfg.form})")
-        for col in ("config", "ranks", "expert params", "of original", "active MACs", "expert GB"):
+        for col in ("config", "ranks", "expert params", "of original", "expert MACs", "model MACs", "expert GB"):
             t.add_column(col, no_wrap=True)
         for c, p in plans:
             ranks = sorted({pr["rank"] for L in p["layers"] for pr in L["projections"].values()})
             name = Path(c).stem if Path(c).suffix == ".json" and Path(c).stem != "config" else Path(c).resolve().parent.name
             t.add_row(name, ",".join(map(str, ranks)), f"{p['total_params_compressed']:,}",
                       f"{100 * p['total_compression_ratio']:.1f}%", f"{100 * p['active_macs_ratio']:.1f}%",
-                      f"{p['total_memory_compressed_gb']:.2f}")
+                      f"{100 * p['model']['macs_ratio']:.1f}%", f"{p['total_memory_compressed_gb']:.2f}")
         Console().print(t)
     return 0
