@@ -1,11 +1,19 @@
-"""``CompressionConfig``: the one typed, validated configuration of :func:`moecore.compress`.
+"""The typed, validated configurations of every verb: ``CompressionConfig`` (with its
+``QuantConfig``) of :func:`moecore.compress`, ``DistillConfig`` of
+:func:`moecore.training.distill` and ``RecoveryConfig`` of :func:`moecore.training.recover`.
 
-It is validated on creation (``ConfigError`` with a clear message) and saved next to the
-weights as ``moecore_config.json`` together with the moecore version and its format version
-(:class:`~moecore.config_base.ConfigBase`; the ``moecore compress`` flags are derived from its
-fields).  Checks that need the real model shapes (rank larger than ``min(d_in, d_out)``, an
-unreachable ``target_ratio``) happen in :mod:`moecore.maths.budget` / :func:`moecore.compress`,
-naming the projection.
+Each is validated on creation (``ConfigError`` with a clear message), saved next to its
+output as JSON together with the moecore version and its format version
+(:class:`~moecore.config_base.ConfigBase`: ``moecore_config.json`` beside the weights,
+``distill_config.json`` in the run folder, ``recovery_config.json`` in the recovered
+checkpoint), and defines the flags of its command (``moecore compress``, ``plan``,
+``distill``, ``recover``).  Checks that need the real model shapes (rank larger than
+``min(d_in, d_out)``, an unreachable ``target_ratio``) happen in :mod:`moecore.maths.budget` /
+:func:`moecore.compress`, naming the projection.
+
+This module imports no torch (the command line's ``--help`` reads these classes): the form
+names are :data:`moecore.forms.FORM_NAMES`, and the form objects are loaded only to validate a
+config that asks for quantized storage.
 """
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ from typing import Any
 
 from .config_base import ConfigBase
 from .errors import ConfigError
-from .forms import DEFAULT_FORM, FORMS, quantizable_forms
+from .forms import DEFAULT_FORM, FORM_NAMES, get_form, quantizable_forms
 
 CONFIG_FILENAME = "moecore_config.json"
 
@@ -121,7 +129,7 @@ class CompressionConfig(ConfigBase):
             parameters as the original (refused by default, naming the break-even rank).
     """
 
-    form: str = field(default=DEFAULT_FORM, metadata={"choices": tuple(FORMS)})  # the registered forms
+    form: str = field(default=DEFAULT_FORM, metadata={"choices": FORM_NAMES})  # the registered forms
     rank: int | None = field(default=None, metadata={"gt": 0})
     target_ratio: float | None = None
     core: str = field(default="auto", metadata={"choices": ("auto", "mean", "frequency", "output")})
@@ -157,6 +165,105 @@ class CompressionConfig(ConfigBase):
                 f"target_ratio must be in (0, 1) (a fraction of the original expert parameters), "
                 f"got {self.target_ratio}"
             )
-        if self.quant is not None and not FORMS[self.form].quantizable:
+        if self.quant is not None and not get_form(self.form).quantizable:  # loads the forms (torch)
             raise ConfigError(f"quant is supported for form {' or '.join(map(repr, quantizable_forms()))} only, "
                               f"got form {self.form!r}")
+
+
+# ------------------------------------------------------------------ training (moecore.training)
+DISTILL_CONFIG = "distill_config.json"
+RECOVERY_CONFIG = "recovery_config.json"
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+              "inverse_sqrt")
+
+
+@dataclass
+class RecoveryConfig(ConfigBase):
+    """How layer-wise local recovery fits each compressed experts block to the original block.
+
+    Attributes:
+        steps: Adam steps per layer (0: only measure the errors).
+        lr: Adam learning rate.
+        batch_tokens: calibration tokens per Adam step.
+        max_tokens: calibration tokens in all (every 5th sequence is held back to judge each
+            layer, which is only kept if it improved on those).
+        seq_len: calibration sequence length.
+        forward_batch: sequences per forward pass while capturing a layer's inputs.
+        train_core: also fit the shared cores (default: only the factors).
+        seed: seed of the token sampling.
+    """
+
+    steps: int = field(default=200, metadata={"min": 0})
+    lr: float = field(default=1e-3, metadata={"gt": 0})
+    batch_tokens: int = field(default=1024, metadata={"gt": 0})
+    max_tokens: int = field(default=32768, metadata={"gt": 0})
+    seq_len: int = field(default=256, metadata={"gt": 0})
+    forward_batch: int = field(default=8, metadata={"gt": 0})
+    train_core: bool = False
+    seed: int = field(default=0, metadata={"min": 0})
+
+    FILENAME = RECOVERY_CONFIG
+    KIND = "recovery config"
+
+    def __post_init__(self) -> None:
+        self.check_fields()
+
+
+@dataclass
+class DistillConfig(ConfigBase):
+    """How logit distillation trains a compressed student (loss T²·KL(teacher‖student) + α·CE).
+
+    Attributes:
+        max_steps: optimizer steps in all (a resumed run continues up to this step).
+        lr: peak learning rate (AdamW, no weight decay).
+        temperature: KD temperature T (the loss uses T² · KL).
+        alpha: weight of the cross-entropy term on the text itself.
+        block_size: tokens per packed training block.
+        batch_size: blocks per step and process.
+        grad_accum: gradient accumulation steps.
+        warmup_steps: learning-rate warm-up steps.
+        scheduler: learning-rate schedule after the warm-up (transformers' names).
+        save_steps: write a checkpoint every this many steps (and at the end).
+        save_total_limit: keep only the last this many checkpoints (default: all).
+        logging_steps: log the losses every this many steps.
+        train_core: also train the shared cores (default: only the factors).
+        train_router: also train the routers.
+        recover_steps: first run layer-wise local recovery with this many Adam steps per layer
+            (0: none; skipped when resuming from a checkpoint).
+        eval_async: evaluate each checkpoint in a background process while training runs.
+        eval_max_tokens: held-out tokens per background evaluation (``None``: all).
+        eval_tasks: also run these lm-eval tasks on each checkpoint (comma-separated).
+        eval_limit: documents per lm-eval task.
+        eval_blocks: training blocks the final KD loss is measured on.
+        seed: seed of the data order and of the Trainer.
+    """
+
+    max_steps: int = field(default=200, metadata={"gt": 0})
+    lr: float = field(default=1e-3, metadata={"gt": 0})
+    temperature: float = field(default=1.0, metadata={"gt": 0})
+    alpha: float = field(default=0.1, metadata={"min": 0})
+    block_size: int = field(default=128, metadata={"min": 2})
+    batch_size: int = field(default=8, metadata={"gt": 0})
+    grad_accum: int = field(default=1, metadata={"gt": 0})
+    warmup_steps: int = field(default=0, metadata={"min": 0})
+    scheduler: str = field(default="cosine", metadata={"choices": SCHEDULERS})
+    save_steps: int = field(default=50, metadata={"gt": 0})
+    save_total_limit: int | None = field(default=None, metadata={"gt": 0})
+    logging_steps: int = field(default=10, metadata={"gt": 0})
+    train_core: bool = False
+    train_router: bool = False
+    recover_steps: int = field(default=0, metadata={"min": 0})
+    eval_async: bool = False
+    eval_max_tokens: int | None = field(default=16384, metadata={"gt": 0})
+    eval_tasks: list[str] | None = None
+    eval_limit: int | None = field(default=None, metadata={"gt": 0})
+    eval_blocks: int = field(default=2, metadata={"gt": 0})
+    seed: int = field(default=0, metadata={"min": 0})
+
+    FILENAME = DISTILL_CONFIG
+    KIND = "distill config"
+
+    def __post_init__(self) -> None:
+        self.check_fields()
+        if self.eval_tasks is not None and not self.eval_tasks:
+            raise ConfigError("eval_tasks is empty: name at least one lm-eval task, or leave it unset")

@@ -1,7 +1,10 @@
 """moecore as a transformers quantization method.
 
-``import moecore`` registers :class:`MoecoreQuantizationConfig` and :class:`MoecoreHfQuantizer`
-under ``quant_method = "moecore"``.  A compressed checkpoint's ``config.json`` carries::
+Importing this module registers :class:`MoecoreQuantizationConfig` and
+:class:`MoecoreHfQuantizer` under ``quant_method = "moecore"``; after ``import moecore``,
+:mod:`moecore.hf_hook` imports it as soon as transformers loads its quantizers.
+
+A compressed checkpoint's ``config.json`` carries::
     "quantization_config": {"quant_method": "moecore", "form": "delta",
                             "layout": {...ExpertsLayout...}, "moecore_version": "...",
                             "layers": {"model.layers.0.mlp.experts": {"gate": 8, "up": 8, "down": 8}, ...}}

@@ -49,7 +49,7 @@ def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwr
         tokenizer: saved alongside when given.
         config: the CompressionConfig to record (default ``model.moecore_config``).
         extra_configs: more configs saved into the folder with it (e.g. the
-            :class:`~moecore.training.config.RecoveryConfig` that produced the model).
+            :class:`~moecore.config.RecoveryConfig` that produced the model).
     Returns the output path.
     """
     if not _compressed_modules(model):

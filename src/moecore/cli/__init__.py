@@ -1,5 +1,8 @@
-"""The ``moecore`` command line. Each sub-command lives in its own module exposing
-``register(subparsers)``; this module only dispatches and turns errors into one line.
+"""The ``moecore`` command line. The arguments of every sub-command are declared, torch-free,
+in :mod:`moecore.cli.commands`; each sub-command runs in its own module (``compress_cmd``,
+``stats_cmd``, ...) exposing ``run(args)``, imported only after the command line has parsed,
+so ``--help`` and a mistyped flag answer without importing torch or transformers.  This module
+only dispatches and turns errors into one line.
 
 Exactly the errors the user can cause or fix are caught: :class:`~moecore.errors.MoecoreError`
 (a bad setting, a missing or corrupt input, an unwritable output or a full disk, ...) prints
@@ -16,17 +19,23 @@ import sys
 from moecore.errors import MoecoreError
 from moecore.version import __version__
 
-# sub-command modules, in the order `moecore --help` lists them
-COMMAND_MODULES = ["compress_cmd", "stats_cmd", "plan_cmd", "export_cmd", "eval_cmd", "distill_cmd", "recover_cmd"]
+from .commands import add_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``moecore`` argument parser; each sub-command's namespace names the module that runs
+    it (``args.module``, a module of this package with ``run(args)``)."""
     parser = argparse.ArgumentParser(prog="moecore", description="Compress Mixture-of-Experts LLMs.")
     parser.add_argument("--version", action="version", version=f"moecore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"moecore.cli.{name}").register(sub)
+    add_commands(sub)
     return parser
+
+
+def command_runner(args: argparse.Namespace):
+    """The ``run`` function of the module that runs ``args.command`` (imported now: torch and
+    the rest load here, after the command line has parsed)."""
+    return importlib.import_module(f"moecore.cli.{args.module}").run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        return int(command_runner(args)(args) or 0)
     except KeyboardInterrupt:
         print("moecore: interrupted", file=sys.stderr)
         return 130

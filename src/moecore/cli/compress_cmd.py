@@ -1,7 +1,8 @@
 """``moecore compress MODEL -o OUT``: compress a model directory's experts and save it.
 
-The compression flags are derived from :class:`~moecore.config.CompressionConfig`'s fields
-(:mod:`moecore.cli._config_args`); only the inputs, outputs and run options are listed here."""
+Its arguments are declared in :mod:`moecore.cli.commands` (the compression flags derived from
+:class:`~moecore.config.CompressionConfig`'s fields); this module runs the command, and holds
+the ``--dtype`` / ``--device`` helpers the other commands share."""
 from __future__ import annotations
 
 import sys
@@ -15,11 +16,8 @@ from moecore.data import TextFile
 from moecore.errors import ConfigError
 from moecore.stats import STATS_FILENAME, print_table, read_statistics_yaml
 
-from ._config_args import add_config_args, config_from_args
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-# the CompressionConfig fields that ``plan`` and ``distill`` (compressing on the fly) take as flags
-BUDGET_FIELDS = ("form", "rank", "target_ratio", "allocation", "quant", "allow_larger")
+from ._config_args import config_from_args
+from .commands import BUDGET_FIELDS, DTYPES  # noqa: F401  (BUDGET_FIELDS: re-exported)
 
 
 def torch_dtype(name: str | None):
@@ -48,22 +46,6 @@ def resolve_device(name: str) -> torch.device:
 def status(msg: str) -> None:
     """One progress line on stderr."""
     print(f"moecore: {msg}", file=sys.stderr, flush=True)
-
-
-def register(sub) -> None:
-    p = sub.add_parser("compress", help="compress a model's experts (shared core + low-rank factors) and save it")
-    p.add_argument("model", help="model directory (config.json + safetensors)")
-    p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--calib", help="calibration text file (.txt / .jsonl / .jsonl.xz): activation-aware init")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load and store the model in")
-    p.add_argument("--device", default="auto", help="where layers are calibrated and fitted: auto (cuda if "
-                   "available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run of the same job from its first unfinished layer")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--quiet", action="store_true", help="no statistics table")
-    add_config_args(p, CompressionConfig)
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -11,24 +11,6 @@ from moecore.evaluation.lm_eval_tasks import format_table, parse_tasks, run_lm_e
 from moecore.modeling import load_model
 
 
-def register(sub) -> None:
-    p = sub.add_parser("eval", help="held-out perplexity (and lm-eval tasks) of a model directory")
-    p.add_argument("model_dir")
-    p.add_argument("--split", default="heldout", choices=["heldout", "calib"], help="bundled-corpus split")
-    p.add_argument("--text", help="evaluate this text file (.txt / .jsonl) instead of the bundled split")
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--stride", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=None, help="truncate the token stream (quick checks)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--tasks", help="comma-separated lm-eval tasks instead of perplexity, e.g. "
-                   "moecore_heldout_ppl,moecore_heldout_mc (offline) or any standard lm-eval task name")
-    p.add_argument("--limit", type=float, default=None, help="lm-eval: documents per task (or a fraction < 1)")
-    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
-    p.add_argument("--max-length", type=int, default=None, help="lm-eval: context window of the model")
-    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
-    p.set_defaults(func=run)
-
-
 def _check_positive(args) -> None:
     for name in ("seq_len", "stride", "max_tokens", "limit", "batch_size", "max_length"):
         v = getattr(args, name, None)

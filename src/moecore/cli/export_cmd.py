@@ -9,17 +9,7 @@ from moecore.io_utils import prepare_output
 from moecore.modeling import load_model
 
 
-def register(sub) -> None:
-    p = sub.add_parser("export", help="write a compressed model as a standard dense transformers checkpoint")
-    p.add_argument("model_dir", help="moecore-compressed model directory")
-    p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.set_defaults(func=run)
-
-
 def run(args) -> int:
-
     out = Path(args.output)
     prepare_output(out, [args.model_dir], args.overwrite)
     status(f"loading {args.model_dir}")

@@ -11,18 +11,8 @@ from moecore.config import CompressionConfig
 from moecore.planning import plan
 from moecore.stats import print_table
 
-from ._config_args import add_config_args, config_from_args
-from .compress_cmd import BUDGET_FIELDS, DTYPES
-
-
-def register(sub) -> None:
-    p = sub.add_parser("plan", help="statistics of a compression from config.json alone (no weights)")
-    p.add_argument("configs", nargs="+", metavar="CONFIG.json", help="transformers config.json (or its folder)")
-    p.add_argument("--dtype", default=None, choices=DTYPES[1:], help="dtype for bytes (default: the config's)")
-    p.add_argument("--per-layer", action="store_true", help="also print one row per layer and projection")
-    p.add_argument("--json", action="store_true", help="print the plans as JSON")
-    add_config_args(p, CompressionConfig, only=BUDGET_FIELDS)
-    p.set_defaults(func=run)
+from ._config_args import config_from_args
+from .commands import BUDGET_FIELDS
 
 
 def run(args) -> int:

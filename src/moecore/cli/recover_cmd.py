@@ -1,6 +1,7 @@
 """``moecore recover --teacher ORIG --student STUDENT -o OUT``: layer-wise local recovery.
 
-The recovery flags are derived from :class:`~moecore.training.config.RecoveryConfig`'s fields;
+The recovery flags (:mod:`moecore.cli.commands`) are derived from
+:class:`~moecore.config.RecoveryConfig`'s fields;
 the config is saved as ``recovery_config.json`` in the output checkpoint."""
 from __future__ import annotations
 
@@ -12,22 +13,10 @@ from moecore.families import is_compressed
 from moecore.io import save_compressed
 from moecore.io_utils import prepare_output
 from moecore.modeling import load_model
+from moecore.config import RecoveryConfig
 from moecore.training import recover
-from moecore.training.config import RecoveryConfig
 
-from ._config_args import add_config_args, config_from_args
-
-
-def register(sub) -> None:
-    p = sub.add_parser("recover", help="fit each compressed experts block to the original block's outputs")
-    p.add_argument("--teacher", required=True, help="original model directory (read one layer at a time)")
-    p.add_argument("--student", required=True, help="compressed student directory")
-    p.add_argument("-o", "--output", required=True, help="where to save the recovered student")
-    p.add_argument("--calib", help="calibration text (.txt / .jsonl); default: the bundled calib split")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
-    add_config_args(p, RecoveryConfig)
-    p.set_defaults(func=run)
+from ._config_args import config_from_args
 
 
 def run(args) -> int:

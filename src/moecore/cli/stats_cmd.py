@@ -9,16 +9,6 @@ from moecore.modeling import load_model
 from moecore.stats import STATS_FILENAME, print_table, read_statistics_yaml, statistics
 
 
-def register(sub) -> None:
-    p = sub.add_parser("stats", help="print compression statistics of a model directory")
-    p.add_argument("model_dir")
-    p.add_argument("--recompute", action="store_true",
-                   help="load the model and count its tensors instead of reading compression_statistics.yaml")
-    p.add_argument("--per-layer", action="store_true", help="also print one row per layer and projection")
-    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    p.set_defaults(func=run)
-
-
 def run(args) -> int:
     d = Path(args.model_dir)
     if not d.is_dir():

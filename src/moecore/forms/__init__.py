@@ -1,53 +1,83 @@
 """The forms of the compressed experts, by name: ``get_form("delta")``, ``FORMS``.
 
-Every module of this package other than :mod:`.base` defines one :class:`~.base.Form` as
-its module-level ``FORM`` and is registered here on import (sorted by module name), so
+Every module of this package other than :mod:`.base` defines one :class:`~.base.Form`, named
+as the module, as its module-level ``FORM`` and is registered here (sorted by module name), so
 adding a form means adding one file.  The registry also makes the forms known by name to
 :mod:`moecore.maths.budget` (which, being pure maths, does not import this package).
+
+Importing this package is cheap (no torch): :data:`DEFAULT_FORM` and :data:`FORM_NAMES` (the
+form modules found on disk, not imported) are what :class:`~moecore.config.CompressionConfig`
+and the command line need.  The form modules are imported and registered on first use of
+anything else: ``FORMS``, ``PROJECTIONS``, ``Form``, ``FitResult`` (PEP 562 module
+``__getattr__``; ``from moecore.forms import FORMS`` loads them), :func:`get_form`,
+:func:`quantizable_forms`.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
+import threading
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ..maths import budget
-from .base import PROJECTIONS, FitResult, Form
+
+if TYPE_CHECKING:  # loaded on first use (see __getattr__)
+    from .base import PROJECTIONS, FitResult, Form
 
 #: the form of :class:`moecore.CompressionConfig` and of a checkpoint that names none
 DEFAULT_FORM = "delta"
 
+#: names of every form (the modules of this package but ``base``), sorted; found without importing them
+FORM_NAMES: tuple[str, ...] = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)
+                                           if m.name != "base" and not m.name.startswith("_")))
 
-def _discover() -> dict[str, Form]:
-    """``{name: Form}`` of every form module of this package."""
-    found: dict[str, Form] = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name == "base" or info.name.startswith("_"):
-            continue
-        form = getattr(importlib.import_module(f"{__name__}.{info.name}"), "FORM", None)
-        if not isinstance(form, Form) or not form.name or form.name in found:
-            raise TypeError(f"{__name__}.{info.name} must define FORM, a Form with a new name")
-        found[form.name] = form
-    return found
+_LAZY = ("FORMS", "PROJECTIONS", "FitResult", "Form")
+_lock = threading.RLock()
 
 
-#: every registered form, by name
-FORMS: dict[str, Form] = _discover()
-for _form in FORMS.values():
-    budget.register_form(_form)
+def _load() -> dict[str, Form]:
+    """Import :mod:`.base` and every form module, register each form with
+    :mod:`moecore.maths.budget`, and bind the lazy names; returns ``FORMS`` (once)."""
+    with _lock:
+        if "FORMS" in globals():
+            return globals()["FORMS"]
+        base = importlib.import_module(f"{__name__}.base")
+        budget = importlib.import_module("moecore.maths.budget")
+        found: dict[str, Form] = {}
+        for name in FORM_NAMES:
+            form = getattr(importlib.import_module(f"{__name__}.{name}"), "FORM", None)
+            if not isinstance(form, base.Form) or form.name != name:
+                # named as its module, so that FORM_NAMES lists the forms without importing them
+                raise TypeError(f"{__name__}.{name} must define FORM, a Form named {name!r}")
+            found[name] = form
+        for form in found.values():
+            budget.register_form(form)
+        globals().update(PROJECTIONS=base.PROJECTIONS, FitResult=base.FitResult, Form=base.Form)
+        globals()["FORMS"] = found  # last: its presence means everything is loaded
+        return found
+
+
+def __getattr__(name: str) -> Any:
+    """``FORMS`` (every registered form, by name), ``PROJECTIONS``, ``Form``, ``FitResult``:
+    the form modules are imported and registered on the first access."""
+    if name in _LAZY:
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_form(name: str) -> Form:
     """The registered form called ``name``; ``ConfigError`` naming the known forms otherwise."""
+    forms = _load()
     try:
-        return FORMS[name]
+        return forms[name]
     except (KeyError, TypeError):  # TypeError: an unhashable name
-        raise ConfigError(f"form must be one of {', '.join(map(repr, FORMS))}, got {name!r}") from None
+        raise ConfigError(f"form must be one of {', '.join(map(repr, forms))}, got {name!r}") from None
 
 
 def quantizable_forms() -> tuple[str, ...]:
     """Names of the forms :mod:`moecore.quant` can store (:attr:`Form.quantizable`)."""
-    return tuple(name for name, form in FORMS.items() if form.quantizable)
+    return tuple(name for name, form in _load().items() if form.quantizable)
 
 
-__all__ = ["DEFAULT_FORM", "FORMS", "PROJECTIONS", "FitResult", "Form", "get_form", "quantizable_forms"]
+__all__ = ["DEFAULT_FORM", "FORMS", "FORM_NAMES", "PROJECTIONS", "FitResult", "Form", "get_form", "quantizable_forms"]

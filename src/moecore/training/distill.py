@@ -9,7 +9,7 @@ Student resolution (the seed's auto-detection, made explicit):
 4. with a ``CompressionConfig``, an uncompressed student (or a copy of the teacher when
    ``student=None``) is compressed on the fly with the bundled calibration split.
 
-The training settings are one :class:`~moecore.training.config.DistillConfig`.
+The training settings are one :class:`~moecore.config.DistillConfig`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from accelerate.utils import gather_object
 from transformers import TrainerCallback, TrainingArguments
 
 from ..api import compress
-from ..config import CompressionConfig
+from ..config import DISTILL_CONFIG, CompressionConfig, DistillConfig, RecoveryConfig
 from ..data import load_split, token_stream
 from ..errors import ConfigError, DataError
 from ..io_utils import atomic_write_text, check_output_path, converting_write_errors, user_path
@@ -33,7 +33,6 @@ from . import checkpoints as ckpt
 from .async_eval import EvalWorker, summary_table
 from ..families import is_compressed
 from .common import BlockDataset, select_trainable, training_texts
-from .config import DISTILL_CONFIG, DistillConfig, RecoveryConfig
 from .guards import check_teacher
 from .kd import DistillTrainer, kd_loss
 from .plots import plot_training_curves
@@ -167,7 +166,7 @@ def distill(teacher, student=None, output_dir: str | Path = "distilled", cfg: Di
         student: a student directory or module, or ``None`` (a copy of the teacher, compressed
             with ``compression``); see the module docstring for how it is resolved.
         output_dir: the run folder.
-        cfg: the :class:`~moecore.training.config.DistillConfig` (default: its defaults).
+        cfg: the :class:`~moecore.config.DistillConfig` (default: its defaults).
         compression: compresses an uncompressed student on the fly (bundled calibration split).
         data: training text file (default: the bundled ``train`` split).
         resume: continue from the last complete checkpoint in ``output_dir`` (from scratch,

@@ -22,12 +22,12 @@ import torch
 from ..progress import progress_bar
 
 from ..calibration import ExpertsInputHook
+from ..config import RecoveryConfig
 from ..data import calibration_sequences, load_split
 from ..errors import ConfigError, DataError, TrainingError
 from ..families import find_experts, is_compressed
 from ..modeling import load_tokenizer
 from .common import CORE_MARKER, FACTOR_MARKERS
-from .config import RecoveryConfig
 from .guards import check_finite, check_teacher
 from .originals import OriginalExpertsLoader
 
@@ -103,7 +103,7 @@ def recover(teacher, student, cfg: RecoveryConfig | None = None, *, calibration:
         teacher: the ORIGINAL model directory (expert weights read layer by layer with
             ``safe_open``) or an in-memory original model (its experts modules are used).
         student: the compressed model (a plain model works too: all its expert weights train).
-        cfg: the :class:`~moecore.training.config.RecoveryConfig` (default: its defaults).
+        cfg: the :class:`~moecore.config.RecoveryConfig` (default: its defaults).
         calibration: texts or a :class:`~moecore.data.TextFile`; default: the bundled
             ``calib`` split (never the held-out one).
         tokenizer: required unless ``teacher`` is a directory holding one.

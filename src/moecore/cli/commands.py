@@ -1,0 +1,127 @@
+"""The arguments of every ``moecore`` sub-command, torch-free: ``moecore --help``,
+``moecore CMD --help`` and a mistyped flag are answered from this module, the config
+dataclasses (:mod:`moecore.config`) and :mod:`argparse` alone.
+
+Each ``add_*`` function adds one sub-command and names the module that runs it
+(``set_defaults(module=...)``): ``moecore.cli.<module>.run(args)``, imported by
+:func:`moecore.cli.main` only once the command line has parsed.  The compression, distillation
+and recovery flags are derived from the config dataclasses' fields
+(:mod:`moecore.cli._config_args`); only inputs, outputs and run options are listed here.
+"""
+from __future__ import annotations
+
+import argparse
+
+from moecore.config import CompressionConfig, DistillConfig, RecoveryConfig
+
+from ._config_args import add_config_args
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# the CompressionConfig fields that ``plan`` and ``distill`` (compressing on the fly) take as flags
+BUDGET_FIELDS = ("form", "rank", "target_ratio", "allocation", "quant", "allow_larger")
+
+
+def add_compress(sub) -> None:
+    """``moecore compress MODEL -o OUT`` (run by :mod:`moecore.cli.compress_cmd`)."""
+    p = sub.add_parser("compress", help="compress a model's experts (shared core + low-rank factors) and save it")
+    p.add_argument("model", help="model directory (config.json + safetensors)")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--calib", help="calibration text file (.txt / .jsonl / .jsonl.xz): activation-aware init")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load and store the model in")
+    p.add_argument("--device", default="auto", help="where layers are calibrated and fitted: auto (cuda if "
+                   "available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same job from its first unfinished layer")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no statistics table")
+    add_config_args(p, CompressionConfig)
+    p.set_defaults(module="compress_cmd")
+
+
+def add_stats(sub) -> None:
+    """``moecore stats DIR`` (run by :mod:`moecore.cli.stats_cmd`)."""
+    p = sub.add_parser("stats", help="print compression statistics of a model directory")
+    p.add_argument("model_dir")
+    p.add_argument("--recompute", action="store_true",
+                   help="load the model and count its tensors instead of reading compression_statistics.yaml")
+    p.add_argument("--per-layer", action="store_true", help="also print one row per layer and projection")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.set_defaults(module="stats_cmd")
+
+
+def add_plan(sub) -> None:
+    """``moecore plan CONFIG.json ...`` (run by :mod:`moecore.cli.plan_cmd`)."""
+    p = sub.add_parser("plan", help="statistics of a compression from config.json alone (no weights)")
+    p.add_argument("configs", nargs="+", metavar="CONFIG.json", help="transformers config.json (or its folder)")
+    p.add_argument("--dtype", default=None, choices=DTYPES[1:], help="dtype for bytes (default: the config's)")
+    p.add_argument("--per-layer", action="store_true", help="also print one row per layer and projection")
+    p.add_argument("--json", action="store_true", help="print the plans as JSON")
+    add_config_args(p, CompressionConfig, only=BUDGET_FIELDS)
+    p.set_defaults(module="plan_cmd")
+
+
+def add_export(sub) -> None:
+    """``moecore export DIR -o OUT`` (run by :mod:`moecore.cli.export_cmd`)."""
+    p = sub.add_parser("export", help="write a compressed model as a standard dense transformers checkpoint")
+    p.add_argument("model_dir", help="moecore-compressed model directory")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(module="export_cmd")
+
+
+def add_eval(sub) -> None:
+    """``moecore eval MODEL_DIR`` (run by :mod:`moecore.cli.eval_cmd`)."""
+    p = sub.add_parser("eval", help="held-out perplexity (and lm-eval tasks) of a model directory")
+    p.add_argument("model_dir")
+    p.add_argument("--split", default="heldout", choices=["heldout", "calib"], help="bundled-corpus split")
+    p.add_argument("--text", help="evaluate this text file (.txt / .jsonl) instead of the bundled split")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--stride", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None, help="truncate the token stream (quick checks)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks instead of perplexity, e.g. "
+                   "moecore_heldout_ppl,moecore_heldout_mc (offline) or any standard lm-eval task name")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: documents per task (or a fraction < 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    p.add_argument("--max-length", type=int, default=None, help="lm-eval: context window of the model")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    p.set_defaults(module="eval_cmd")
+
+
+def add_distill(sub) -> None:
+    """``moecore distill --teacher ORIG [--student STUDENT] -o OUT`` (run by :mod:`moecore.cli.distill_cmd`)."""
+    p = sub.add_parser("distill", help="recover a compressed student by logit distillation from the original")
+    p.add_argument("--teacher", required=True, help="original model directory")
+    p.add_argument("--student", help="compressed (or plain) student directory; default: compress the teacher "
+                   "on the fly with --form/--rank/--target-ratio")
+    p.add_argument("-o", "--output", required=True, help="output directory (checkpoints, final/, curves)")
+    p.add_argument("--data", help="training text (.txt / .jsonl); default: the bundled train split")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in -o")
+    add_config_args(p, DistillConfig)
+    add_config_args(p, CompressionConfig, only=BUDGET_FIELDS,
+                    title="compression of a plain student (or of the teacher without --student)")
+    p.set_defaults(module="distill_cmd")
+
+
+def add_recover(sub) -> None:
+    """``moecore recover --teacher ORIG --student STUDENT -o OUT`` (run by :mod:`moecore.cli.recover_cmd`)."""
+    p = sub.add_parser("recover", help="fit each compressed experts block to the original block's outputs")
+    p.add_argument("--teacher", required=True, help="original model directory (read one layer at a time)")
+    p.add_argument("--student", required=True, help="compressed student directory")
+    p.add_argument("-o", "--output", required=True, help="where to save the recovered student")
+    p.add_argument("--calib", help="calibration text (.txt / .jsonl); default: the bundled calib split")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
+    add_config_args(p, RecoveryConfig)
+    p.set_defaults(module="recover_cmd")
+
+
+#: the sub-commands, in the order ``moecore --help`` lists them
+COMMANDS = [add_compress, add_stats, add_plan, add_export, add_eval, add_distill, add_recover]
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add every sub-command to ``sub`` (the top-level parser's sub-parsers)."""
+    for add in COMMANDS:
+        add(sub)
