@@ -72,3 +72,16 @@ def test_multiple_choice_task_and_cli_for_all_model_kinds(tmp_path, capsys):
     assert results["dense"] == pytest.approx(results["comp"], rel=1e-4)
     assert results["orig"] != pytest.approx(results["comp"], rel=1e-6)
     assert main(["eval", str(orig), "--tasks", " , "]) == 2
+
+
+def test_eval_bad_task_and_seq_len_are_one_line_errors(capsys, root):
+    """An unknown task is refused before the model loads; a window longer than the model's
+    positions is refused instead of evaluating garbage positions."""
+    bundled = str(root / "models" / "tiny-mixtral")
+    assert main(["eval", bundled, "--tasks", "nonexistent_task,moecore_heldout_ppl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moecore eval: error: unknown lm-eval task(s): nonexistent_task (")
+    assert main(["eval", bundled, "--seq-len", "4096", "--max-tokens", "8192"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1:]  # after transformers' loading bar
+    assert err == ["moecore eval: error: seq_len 4096 is longer than the model's 1024 positions "
+                   "(max_position_embeddings)"]

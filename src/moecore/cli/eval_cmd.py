@@ -7,7 +7,7 @@ import json
 from moecore.data import TextFile, load_split
 from moecore.errors import ConfigError
 from moecore.evaluation import PPL_PROTOCOL, perplexity
-from moecore.evaluation.lm_eval_tasks import format_table, parse_tasks, run_lm_eval, summarize
+from moecore.evaluation.lm_eval_tasks import check_tasks, format_table, run_lm_eval, summarize
 from moecore.modeling import load_model
 
 
@@ -39,7 +39,7 @@ def run(args) -> int:
 
 def run_tasks(args) -> int:
     """``--tasks``: lm-eval's ``simple_evaluate`` on the loaded model (original, compressed or dense)."""
-    names = parse_tasks(args.tasks)
+    names = check_tasks(args.tasks)  # before the (slow) model load
     model, tok = load_model(args.model_dir)
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
     res = run_lm_eval(model, tok, names, limit=limit, batch_size=args.batch_size,

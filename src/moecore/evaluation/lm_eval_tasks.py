@@ -53,6 +53,18 @@ def parse_tasks(tasks: str | list[str]) -> list[str]:
     return names
 
 
+def check_tasks(tasks: str | list[str]) -> list[str]:
+    """The task names, each checked against lm-eval's index (plus moecore's offline tasks)
+    before any model is loaded; an unknown name is one ``ConfigError``."""
+    names = parse_tasks(tasks)
+    known = set(task_manager(not set(names) <= set(OFFLINE_TASKS)).all_tasks)
+    unknown = [n for n in names if n not in known and n not in OFFLINE_TASKS]
+    if unknown:
+        raise ConfigError(f"unknown lm-eval task(s): {', '.join(unknown)} (moecore's offline tasks: "
+                          f"{', '.join(sorted(OFFLINE_TASKS))}; lm-eval's: `lm_eval --tasks list`)")
+    return names
+
+
 def run_lm_eval(model, tokenizer, tasks: str | list[str], *, limit: int | float | None = None,
                 batch_size: int = 8, max_length: int | None = None, num_fewshot: int | None = None,
                 log_samples: bool = False, seed: int = 0) -> dict:

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from ..progress import progress_bar
 
 from ..data import check_token_stream, token_stream  # token_stream re-exported as moecore.evaluation.token_stream
 from ..errors import ConfigError, DataError
+from ..progress import progress_bar
 
 # The protocol every recorded perplexity in this project uses.
 PPL_PROTOCOL = {"seq_len": 256, "stride": 128, "split": "heldout", "dtype": "float32"}
@@ -72,6 +72,10 @@ def perplexity(model, tokenizer, texts: list[str] | None = None, *, stream: torc
         ids = ids[:max_tokens]
     if len(ids) < 2:
         raise DataError("need at least two tokens to compute perplexity")
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and seq_len > positions:
+        raise ConfigError(f"seq_len {seq_len} is longer than the model's {positions} positions "
+                          "(max_position_embeddings)")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
