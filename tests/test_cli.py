@@ -217,3 +217,12 @@ def test_a_rank_that_does_not_compress_is_refused_with_the_break_even(capsys):
         m = json.loads(out)[str(bundled)]["model"]
         ratio[r] = (m["params_compressed"] - m["non_expert_params"]) / (m["params_original"] - m["non_expert_params"])
     assert ratio[below] < 1.0 <= ratio[at]
+
+
+def test_plan_refuses_absurd_configs_at_once(capsys, tmp_path):
+    """A config with 200,000 layers is refused before anything is built (it took minutes and GBs)."""
+    conf = json.loads(MIXTRAL.read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**conf, "num_hidden_layers": 200_000}))
+    rc, _, err = run_cli(capsys, "plan", tmp_path / "config.json")
+    assert rc == 2
+    assert err.strip() == "moecore plan: error: the config has 200,000 decoder layers; plan builds at most 4,096"

@@ -22,7 +22,28 @@ from .hf_integration import swap_in_compressed
 from .stats import statistics, text_config
 
 
+#: bounds on what ``plan`` builds on the meta device (real models: <= 200 layers, <= 1,024
+#: experts); beyond them a config is corrupt or a typo, and building it takes minutes and GBs
+MAX_PLAN_LAYERS, MAX_PLAN_EXPERTS = 4096, 1 << 16
+
+
+def _check_bounds(hf: PretrainedConfig) -> PretrainedConfig:
+    text = text_config(hf)
+    layers = getattr(text, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > MAX_PLAN_LAYERS:
+        raise ConfigError(f"the config has {layers:,} decoder layers; plan builds at most {MAX_PLAN_LAYERS:,}")
+    for name in ("num_experts", "num_local_experts", "n_routed_experts"):
+        n = getattr(text, name, None)
+        if isinstance(n, int) and n > MAX_PLAN_EXPERTS:
+            raise ConfigError(f"the config has {n:,} experts ({name}); plan builds at most {MAX_PLAN_EXPERTS:,}")
+    return hf
+
+
 def _load_hf_config(hf_config):
+    return _check_bounds(_read_hf_config(hf_config))
+
+
+def _read_hf_config(hf_config):
     if isinstance(hf_config, PretrainedConfig):
         return hf_config
     if isinstance(hf_config, dict):
