@@ -118,6 +118,8 @@ def test_plan_and_stats_whole_model_multiply_adds(capsys, monkeypatch):
     (["compress", "{w}/base", "-o", "{w}/o4", "--rank", "10000"], "compress", "larger than min(d_in, d_out)"),
     (["compress", "{w}/base", "-o", "{w}/o5", "--calib", "{w}/empty.txt"], "compress", "holds no text"),
     (["compress", "{w}/base", "-o", "{w}/o6", "--calib", "{w}/nofile.txt"], "compress", "no such file"),
+    (["compress", "{w}/base", "-o", "{w}/o6", "--calib", "{w}/llama"], "compress", "llama is a directory, not a text"),
+    (["compress", "{w}/base", "-o", "{w}/o6", "--calib", "/dev/zero"], "compress", "/dev/zero is not a regular file"),
     (["compress", "{w}/llama", "-o", "{w}/o7", "--rank", "2"], "compress", "not a Mixture-of-Experts"),
     (["compress", "{w}/base", "-o", "{w}/base", "--rank", "2", "--overwrite"], "compress", "is the input"),
     (["compress", "{w}/base", "-o", "{w}/base/../base/", "--rank", "2", "--overwrite"], "compress", "is the input"),

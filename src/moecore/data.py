@@ -81,8 +81,13 @@ class TextFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.is_file():
+        if not self.path.exists():
             raise FileAccessError(f"no such file: {self.path}")
+        if self.path.is_dir():
+            raise FileAccessError(f"{self.path} is a directory, not a text file")
+        if not self.path.is_file():  # a FIFO, a socket, /dev/zero: no end, or not re-readable
+            raise FileAccessError(f"{self.path} is not a regular file (a pipe or a device?): save the text "
+                                  "to a file first")
         self.jsonl = ".jsonl" in self.path.name
         self._len: int | None = None
 
