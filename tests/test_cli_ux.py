@@ -3,6 +3,7 @@ default shown, ``plan --json | head`` without a traceback, plan's names and memo
 and lm-eval's git call without "fatal: not a git repository" on stderr."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -67,3 +68,21 @@ def test_lm_eval_git_call_prints_nothing_outside_a_repository(tmp_path, monkeypa
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     _quiet_git_hash()
     assert "fatal" not in capfd.readouterr().err
+
+
+def test_plan_names_folders_estimates_memory_and_warns_about_quantized_sources(tmp_path, capsys):
+    config = json.loads(MIXTRAL.read_text())
+    for name in ("alpha", "beta"):
+        (tmp_path / "cfgs" / name).mkdir(parents=True)
+        (tmp_path / "cfgs" / name / "config.json").write_text(json.dumps(config))
+    fp8 = {**config, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}}
+    (tmp_path / "cfgs" / "beta" / "config.json").write_text(json.dumps(fp8))
+    assert main(["plan", str(tmp_path / "cfgs" / "alpha"), str(tmp_path / "cfgs" / "beta" / "config.json"),
+                 "--rank", "64"]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"^alpha: output [\d.]+ GB on disk \(bfloat16\); compress peak .*GPU [\d.]+ GiB", out, re.M)
+    assert re.search(r"^beta: output", out, re.M) and "cfgs" not in out
+    assert "warning" in err and "stored quantized (fp8)" in err and "bfloat16" in err
+    main(["plan", str(tmp_path / "cfgs" / "alpha"), "--rank", "64", "--dtype", "float32", "--json"])
+    est = json.loads(capsys.readouterr().out)[str(tmp_path / "cfgs" / "alpha")]["memory_estimate"]
+    assert est["dtype"] == "float32" and est["gpu_gib"] > 1 and est["host_gib_cpu_only"] > est["gpu_gib"]

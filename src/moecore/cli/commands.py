@@ -75,7 +75,8 @@ def add_plan(sub) -> None:
     """``moecore plan CONFIG.json ...`` (run by :mod:`moecore.cli.plan_cmd`)."""
     p = sub.add_parser("plan", help="statistics of a compression from config.json alone (no weights)")
     p.add_argument("configs", nargs="+", metavar="CONFIG.json", help="transformers config.json (or its folder)")
-    p.add_argument("--dtype", default=None, choices=DTYPES[1:], help="dtype for bytes (default: the config's)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES[1:], help="dtype of the output whose size on "
+                   "disk and memory are estimated (default: bfloat16)")
     p.add_argument("--per-layer", action="store_true", help="also print one row per layer and projection")
     p.add_argument("--json", action="store_true", help="print the plans as JSON")
     add_config_args(p, CompressionConfig, only=BUDGET_FIELDS)
