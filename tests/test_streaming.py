@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -217,3 +218,48 @@ def test_a_failed_run_with_no_finished_layer_leaves_no_work_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     compress_checkpoint(src, tmp_path / "xo", moecore.CompressionConfig(rank=4, refine_steps=0), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "xo"]
+
+
+def _interrupt_when(proc, work: Path, layers: int, sig: int) -> str:
+    """Send ``sig`` to ``proc`` once ``work`` holds at least ``layers`` finished layers; its stderr."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if json.loads((work / "moecore_resume.json").read_text()).get("done", 0) >= layers:
+                break
+        except (OSError, ValueError):
+            pass
+        assert proc.poll() is None, "the run finished before it could be interrupted"
+        time.sleep(0.02)
+    os.kill(proc.pid, sig)
+    return proc.communicate(timeout=120)[1]
+
+
+def test_interrupt_says_what_is_kept_and_a_refused_resume_names_the_difference(tmp_path):
+    """A real SIGINT, then a real SIGTERM: each prints "N of M layers kept in WORK; rerun the
+    same command with --resume" (exit 130 / 143); a resume with another rank names the
+    compression config's field that differs; the last resume finishes and prints next steps."""
+    src = _tiny_checkpoint(tmp_path / "src", layers=6)
+    calib = _calib_file(tmp_path / "calib.txt")
+    common = [str(src), "--calib", str(calib), "--rank", "8", "--refine-steps", "2", "--calib-tokens", "1024",
+              "-o", str(tmp_path / "out")]
+    env, work = subprocess_env(1), tmp_path / ".out.partial"
+    proc = subprocess.Popen(_cli(*common), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = _interrupt_when(proc, work, 2, signal.SIGINT)
+    assert proc.returncode == 130, err
+    done = json.loads((work / "moecore_resume.json").read_text())["done"]
+    assert f"moecore: interrupted: {done} of 6 layers kept in {work}; rerun the same command with --resume" in err
+    assert "Traceback" not in err
+    other = [a if a != "8" else "4" for a in common]
+    bad = subprocess.run(_cli(*other, "--resume"), env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "different job" in bad.stderr
+    assert "the compression config (rank: 8 there, 4 here) differs" in bad.stderr
+    proc = subprocess.Popen(_cli(*common, "--resume"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    err = _interrupt_when(proc, work, done + 1, signal.SIGTERM)
+    assert proc.returncode == 143, err
+    assert re.search(r"moecore: interrupted: [1-6] of 6 layers kept in .*; rerun the same command with --resume", err)
+    last = subprocess.run(_cli(*common, "--resume"), env=env, capture_output=True, text=True)
+    assert last.returncode == 0, last.stderr
+    assert f"next: moecore eval {tmp_path / 'out'}" in last.stdout
+    assert "AutoModelForCausalLM.from_pretrained(" in last.stdout

@@ -46,8 +46,8 @@ class QuantConfig(ConfigBase):
             (round-to-nearest min/max, same library and storage).
     """
 
-    core_bits: int | None = field(default=4, metadata={"choices": QUANT_BITS})
-    factor_bits: int | None = field(default=8, metadata={"choices": QUANT_BITS})
+    core_bits: int | None = field(default=4, metadata={"choices": QUANT_BITS, "unset": "core not quantized"})
+    factor_bits: int | None = field(default=8, metadata={"choices": QUANT_BITS, "unset": "factors not quantized"})
     group_size: int = field(default=64, metadata={"min": 8, "max": 4096, "flag": "--quant-group"})
     method: str = field(default="hqq", metadata={"choices": QUANT_METHODS, "flag": "--quant-method"})
 
@@ -74,7 +74,8 @@ class CompressionConfig(ConfigBase):
 
     Attributes:
         form: ``"delta"`` (W_i ≈ C + A_i B_iᵀ, core applied once per token) or ``"wrapper"``
-            (the seed's W_i ≈ (I + U_out V_outᵀ) C (I + U_in V_inᵀ)).
+            (the original wrapper form: W_i ≈ (I + U_out V_outᵀ) C (I + U_in V_inᵀ), the core
+            applied once per routed expert).
         rank: the form's own rank for every projection (delta: s, wrapper: r per side).
             Exactly one of ``rank`` / ``target_ratio``; if neither is given,
             ``target_ratio = 0.25``.
@@ -120,9 +121,12 @@ class CompressionConfig(ConfigBase):
         gram_dtype: storage of the per-expert Grams / whitening factors between steps (they
             are always accumulated and used in float64): ``"auto"`` keeps float64 up to 1 GiB
             per projection and float32 above (error bound in :mod:`moecore.maths.fit`).
-        fit_memory_gb: working memory for fitting one projection; experts are processed in
-            chunks that fit it.  ``expert_chunk`` fixes the chunk size instead.
-        expert_chunk: experts fitted together (default: as many as ``fit_memory_gb`` allows).
+        fit_memory_gb: working memory in GiB for fitting one projection, on the compute device
+            (``--device``: GPU memory with cuda, host RAM with cpu); experts are fitted in chunks
+            that fit it.  ``expert_chunk`` fixes the chunk size instead.  Not a cap on the
+            whole process: the layer's weights, Grams and activations come on top (``moecore
+            plan`` estimates the peak).
+        expert_chunk: experts fitted together in one chunk (fewer: less memory, more passes).
         quant: ``None`` (float storage) or a :class:`QuantConfig` (or its dict): quantized core
             and/or factors, the factors refit after the core is quantized (delta form only).
         allow_larger: compress even when ``rank`` makes the experts store at least as many
@@ -130,8 +134,8 @@ class CompressionConfig(ConfigBase):
     """
 
     form: str = field(default=DEFAULT_FORM, metadata={"choices": FORM_NAMES})  # the registered forms
-    rank: int | None = field(default=None, metadata={"gt": 0})
-    target_ratio: float | None = None
+    rank: int | None = field(default=None, metadata={"gt": 0, "unset": "none: --target-ratio decides"})
+    target_ratio: float | None = field(default=None, metadata={"unset": "0.25 unless --rank is given"})
     core: str = field(default="auto", metadata={"choices": ("auto", "mean", "frequency", "output")})
     init: str = field(default="auto", metadata={"choices": ("auto", "svd", "whitened")})
     allocation: str = field(default="uniform", metadata={"choices": ("uniform", "greedy")})
@@ -146,7 +150,7 @@ class CompressionConfig(ConfigBase):
     calib_prior_tokens: float = field(default=64.0, metadata={"min": 0})
     gram_dtype: str = field(default="auto", metadata={"choices": ("auto", "float64", "float32")})
     fit_memory_gb: float = field(default=6.0, metadata={"gt": 0})
-    expert_chunk: int | None = field(default=None, metadata={"gt": 0})
+    expert_chunk: int | None = field(default=None, metadata={"gt": 0, "unset": "as many as --fit-memory-gb allows"})
     quant: QuantConfig | None = None
     allow_larger: bool = False
 
@@ -248,15 +252,15 @@ class DistillConfig(ConfigBase):
     warmup_steps: int = field(default=0, metadata={"min": 0})
     scheduler: str = field(default="cosine", metadata={"choices": SCHEDULERS})
     save_steps: int = field(default=50, metadata={"gt": 0})
-    save_total_limit: int | None = field(default=None, metadata={"gt": 0})
+    save_total_limit: int | None = field(default=None, metadata={"gt": 0, "unset": "keep all"})
     logging_steps: int = field(default=10, metadata={"gt": 0})
     train_core: bool = False
     train_router: bool = False
     recover_steps: int = field(default=0, metadata={"min": 0})
     eval_async: bool = False
     eval_max_tokens: int | None = field(default=16384, metadata={"gt": 0})
-    eval_tasks: list[str] | None = None
-    eval_limit: int | None = field(default=None, metadata={"gt": 0})
+    eval_tasks: list[str] | None = field(default=None, metadata={"unset": "none: held-out perplexity only"})
+    eval_limit: int | None = field(default=None, metadata={"gt": 0, "unset": "every document"})
     eval_blocks: int = field(default=2, metadata={"gt": 0})
     seed: int = field(default=0, metadata={"min": 0})
 

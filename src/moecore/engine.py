@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import resource
 import time
 from typing import Any, Protocol
 
@@ -110,6 +111,43 @@ def resident_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak memory of this process so far, in GiB: ``host`` (peak resident set size,
+    ``getrusage``) and, on a CUDA device, ``gpu`` (``torch.cuda.max_memory_allocated``)."""
+    out = {"host": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30}  # Linux: KiB
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return out
+
+
+def layer_error(layer: nn.Module) -> tuple[str, float] | None:
+    """The largest relative error over one compressed layer's projections, from the fit reports:
+    ``("out", e)`` in output space (with calibration) or ``("weight", e)`` without."""
+    errs: dict[str, list[float]] = {"out": [], "weight": []}
+    for m in layer.modules():
+        for entry in (getattr(m, "report", None) or {}).values():
+            if isinstance(entry, dict):
+                for key, name in (("output_rel_error", "out"), ("weight_rel_error", "weight")):
+                    if isinstance(entry.get(key), (int, float)):
+                        errs[name].append(float(entry[key]))
+    for name in ("out", "weight"):
+        if errs[name]:
+            return name, max(errs[name])
+    return None
+
+
+def progress_postfix(layer: nn.Module, device: torch.device, fit_s: float) -> dict[str, str]:
+    """What the progress bar shows after a layer: fit time, the layer's worst relative error
+    (``out_err``: output space, ``w_err``: weight space) and peak host / GPU memory."""
+    post = {"fit": f"{fit_s:.1f}s"}
+    err = layer_error(layer)
+    if err is not None:
+        post["out_err" if err[0] == "out" else "w_err"] = f"{err[1]:.3f}"
+    for where, gib in peak_memory(device).items():
+        post[f"peak_{where}"] = f"{gib:.1f}GiB"
+    return post
 
 
 def experts_by_layer(model: nn.Module) -> tuple[str, nn.ModuleList, dict[int, list[tuple[str, ExpertsLayout]]]]:
@@ -266,6 +304,8 @@ class Engine:
                 replace_module(layer, rel, new)
             inputs = None
             t3 = time.perf_counter()
+            if self.progress:
+                bar.set_postfix(progress_postfix(layer, self.device, t3 - t2), refresh=False)
             if hidden is not None:
                 hidden = outs if outs is not None else self._propagate(i, layer, hidden)
             t4 = time.perf_counter()
@@ -274,4 +314,4 @@ class Engine:
             t5 = time.perf_counter()
             self.timings.append({"layer": i, "load_s": t1 - t0, "calibrate_s": t2 - t1, "fit_s": t3 - t2,
                                  "propagate_s": t4 - t3, "write_s": t5 - t4, "resident_bytes": resident_bytes()})
-            bar.set_postfix(fit=f"{t3 - t2:.1f}s")
+            bar.refresh()

@@ -3,6 +3,26 @@
 The model is built on the meta device, its experts are swapped for meta
 ``CompressedExperts`` with the ranks the budget solver gives, and :func:`moecore.stats.statistics`
 counts them: plan and compress share one counting code, so they agree by construction.
+
+It also estimates what ``moecore compress`` will need (:func:`memory_estimate`, in
+``plan["memory_estimate"]``): the output's size on disk at the chosen dtype, and the peak host
+and GPU memory of the layer engine on the largest decoder layer.  With b bytes per weight at
+the dtype, E experts of that layer, d its hidden size, F its expert width, k experts per
+token, T = ``calib_max_tokens``:
+
+* on the compute device (GPU memory with ``--device cuda``; host RAM on CPU):
+  the non-layer weights (embeddings, norms, head) + the layer's original weights + its
+  compressed weights + one Gram stack E·max(d, F)²·g (g = 8 bytes up to 1 GiB, else 4; twice
+  with ``core="output"`` or quantized storage; a stack above 4 GiB lives in host memory
+  instead) + the fit's working set min(``fit_memory_gb``, E·8·(3·d·F + 2·max(d, F)²)) + the
+  experts' routed inputs T·k·d·4;
+* in host memory besides: the calibration activations 2·T·d·b (the layer's inputs and
+  outputs), the layer read from disk and written back (original + compressed weights), and
+  about 1 GiB for Python, torch and transformers.
+
+It is an estimate for planning, not a bound (for scale: 12.5 GiB was measured for a
+Qwen3-30B-A3B layer on CPU at 4,096 calibration tokens, benchmarks/RESULTS.md §7; the formula
+gives about 13 GiB there).
 """
 from __future__ import annotations
 
@@ -20,6 +40,50 @@ from .fitting import projection_shapes, solve_ranks
 from .forms import PROJECTIONS
 from .hf_integration import swap_in_compressed
 from .stats import statistics, text_config
+from .surgery import decoder_layers
+
+GIB = 1 << 30
+DEVICE_GRAM_LIMIT = 4 * GIB  # as moecore.fitting: larger Gram stacks are kept in host memory
+RUNTIME_BYTES = 1 * GIB  # Python, torch and transformers themselves
+
+
+def source_quantization(hf) -> str | None:
+    """The ``quant_method`` of a config whose checkpoint is stored quantized (FP8, MXFP4, ...)."""
+    qc = getattr(hf, "quantization_config", None) or getattr(text_config(hf), "quantization_config", None)
+    if not qc:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(method or "quantized")
+
+
+def _nbytes(params, dtype: torch.dtype) -> int:
+    size = torch.empty(0, dtype=dtype).element_size()
+    return sum(p.numel() * (size if p.is_floating_point() else p.element_size()) for p in params)
+
+
+def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stats: list[dict], rest_bytes: int, cfg: CompressionConfig,
+                    dtype: torch.dtype, top_k: int) -> dict[str, Any]:
+    """Peak memory of ``moecore compress`` on its largest layer (formula in the module docstring).
+    ``layer_bytes_by_index``: each original decoder layer's bytes at ``dtype``; ``layer_stats``: the plan's per-layer rows;
+    ``rest_bytes``: the non-layer weights."""
+    b = torch.empty(0, dtype=dtype).element_size()
+    row = max(layer_stats, key=lambda r: r["bytes_original"])
+    index = int(row["module"][len(stack_path) + 1:].split(".")[0])  # model.layers.I.mlp.experts -> I
+    layer_bytes = layer_bytes_by_index[index]
+    compressed = layer_bytes - row["bytes_original"] + row["bytes_compressed"]
+    e, d, f, t = row["num_experts"], row["hidden_size"], row["intermediate_size"], cfg.calib_max_tokens
+    dmax = max(d, f)
+    g = 8 if (cfg.gram_dtype == "float64" or (cfg.gram_dtype == "auto" and e * dmax * dmax * 8 <= GIB)) else 4
+    grams = e * dmax * dmax * g * (2 if cfg.core == "output" or cfg.quant is not None else 1)
+    per_expert = 8 * (3 * d * f + 2 * dmax * dmax)
+    chunk = cfg.expert_chunk or max(1, min(e, int(cfg.fit_memory_gb * GIB) // per_expert))
+    fit = min(chunk, e) * per_expert
+    device = rest_bytes + layer_bytes + compressed + fit + t * top_k * d * 4
+    host = 2 * t * d * b + layer_bytes + compressed + RUNTIME_BYTES
+    spill = grams > DEVICE_GRAM_LIMIT
+    return {"layer": f"{stack_path}.{index}", "gpu_gib": (device + (0 if spill else grams)) / GIB,
+            "host_gib_with_gpu": (host + (grams if spill else 0)) / GIB, "host_gib_cpu_only": (host + device + grams) / GIB,
+            "output_gb": None, "dtype": str(dtype).replace("torch.", "")}
 
 
 #: bounds on what ``plan`` builds on the meta device (real models: <= 200 layers, <= 1,024
@@ -83,6 +147,10 @@ def plan(hf_config, cfg, dtype: torch.dtype | str | None = None) -> dict[str, An
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf, dtype=dtype)
     found = find_experts(model)
+    stack_path, stack = decoder_layers(model, found[0][0])
+    seen = {id(p) for p in stack.parameters()}
+    layer_bytes = [_nbytes(layer.parameters(), dtype) for layer in stack]  # before the swap below
+    rest_bytes = _nbytes([p for p in {id(p): p for p in model.parameters()}.values() if id(p) not in seen], dtype)
     experts = [(path, layout) for path, _, layout in found]
     note = ""
     if cfg.rank is None and cfg.allocation == "greedy":
@@ -94,5 +162,13 @@ def plan(hf_config, cfg, dtype: torch.dtype | str | None = None) -> dict[str, An
     swap_in_compressed(model, {"form": cfg.form, "layers": layers, "quant": quant})
     out = statistics(model)
     out["notes"] += "; planned from the config alone (meta device)" + note
+    mem = memory_estimate(stack_path, layer_bytes, out["layers"], rest_bytes, cfg, dtype, out["top_k"])
+    mem["output_gb"] = out["model"]["bytes_compressed"] / 1e9
+    out["memory_estimate"] = mem
+    quantized = source_quantization(hf)
+    if quantized:
+        out["source_quantization"] = quantized
+        out["notes"] += (f"; the checkpoint is stored quantized ({quantized}): the original sizes are those of "
+                         f"its {mem['dtype']} (dequantized) weights, not of its files")
     out["compression_config"] = cfg.to_dict()
     return out

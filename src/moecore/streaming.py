@@ -41,17 +41,12 @@ from .engine import Engine
 from .errors import CheckpointError, UnsupportedModelError
 from .families import is_compressed
 from .hf_integration import MoecoreQuantizationConfig, build_quantization_config, swap_in_compressed
-from .io_utils import say, _umask, atomic_write_text
+from .io_utils import _umask, atomic_write_text
+from .resume import STATE, Fingerprint, partial_dir, read_state, write_state  # noqa: F401  (used by api)
 from .stats import STATS_FILENAME, statistics, write_statistics_yaml
 from .version import __version__
 
-STATE = "moecore_resume.json"
 INDEX = "model.safetensors.index.json"
-
-
-def partial_dir(out: Path) -> Path:
-    """The resumable work folder of output ``out``: ``.OUT.partial`` beside it."""
-    return out.parent / f".{out.name}.partial"
 
 
 # ---------------------------------------------------------------------------- reading
@@ -209,24 +204,38 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def fingerprint(model_dir: Path, cfg: CompressionConfig, seqs, dtype, device) -> str:
+def fingerprint(model_dir: Path, cfg: CompressionConfig, seqs, dtype, device) -> Fingerprint:
     """sha256 over what decides the output: config.json, the weight files (names, sizes,
     headers), the compression config, the calibration token ids, dtype, device type and the
-    moecore version."""
+    moecore version; the :class:`~moecore.resume.Fingerprint` also carries each component
+    (a digest, or the value itself), so a refused resume can name what differs."""
 
     h = hashlib.sha256()
-    h.update((model_dir / "config.json").read_bytes())
+    parts: dict[str, Any] = {}
+
+    def part(name: str, *chunks: bytes) -> None:
+        one = hashlib.sha256()
+        for c in chunks:
+            h.update(c)
+            one.update(c)
+        parts[name] = one.hexdigest()[:16]
+
+    part("model_config", (model_dir / "config.json").read_bytes())
+    weights = []
     for f in sorted(set(_weight_files(model_dir).values())):
-        h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
+        weights += [f.name.encode(), str(f.stat().st_size).encode()]
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(n, 1 << 24)))
-    h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
-    for s in seqs or []:
-        h.update(s.numpy().tobytes())
-    h.update(f"{dtype}|{torch.device(device).type}|{__version__}".encode())
-    return h.hexdigest()
+            weights.append(fh.read(min(n, 1 << 24)))
+    part("weights", *weights)
+    cfg_dict = json.loads(json.dumps(cfg.to_dict(), sort_keys=True, default=str))
+    part("compression_config", json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    parts["compression_config"] = cfg_dict
+    part("calibration", *[s.numpy().tobytes() for s in seqs or []])
+    dev = torch.device(device).type
+    h.update(f"{dtype}|{dev}|{__version__}".encode())
+    parts.update(dtype=str(dtype), device=dev, version=__version__)
+    return Fingerprint(h.hexdigest(), parts)
 
 
 class StreamingStore:
@@ -237,6 +246,9 @@ class StreamingStore:
                  state: dict[str, Any]):
         self.reader, self.work, self.stack_path, self.device, self.state = reader, work, stack_path, device, state
         self.num_shards = num_layers + 1
+        if state.get("num_layers") != num_layers:  # for the line an interrupted run prints
+            state["num_layers"] = num_layers
+            write_state(work, state)
 
     def load(self, index: int, layer: nn.Module) -> None:
         self.reader.load(self.reader.by_layer.get(index, []), f"{self.stack_path}.{index}", self.device)
@@ -263,43 +275,6 @@ class StreamingStore:
         if old and old != acts:
             (self.work / old).unlink(missing_ok=True)
         layer.to("meta")
-
-
-def write_state(work: Path, state: dict[str, Any]) -> None:
-    _write_json(work / STATE, state)
-
-
-def read_state(work: Path, fp: str, resume: bool, overwrite: bool) -> dict[str, Any]:
-    """The resume state of ``work`` (continuing an interrupted run) or a fresh one.
-
-    An interrupted run's folder is continued only with ``resume`` and only if its fingerprint
-    matches; without ``resume`` it is an error (or, with ``overwrite``, discarded), so an
-    hour of finished layers is never dropped silently."""
-
-    if work.exists():
-        try:
-            old = json.loads((work / STATE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            old = None
-        done = old.get("done", 0) if isinstance(old, dict) else 0
-        if resume and isinstance(old, dict) and old.get("fingerprint") == fp:
-            say(f"resuming in {work}: {done} layer(s) already done")
-            return old
-        if resume and not overwrite:
-            raise CheckpointError(f"cannot resume from {work}: it belongs to a different job (model, config, "
-                                  f"calibration, dtype, device or moecore version differ); remove it or pass --overwrite")
-        if not overwrite:
-            raise CheckpointError(f"{work} holds an unfinished compression ({done} layer(s) done): pass --resume to "
-                                  f"continue it or --overwrite to start over")
-        say(f"discarding the unfinished compression in {work} ({done} layer(s) done)")
-        shutil.rmtree(work)
-    elif resume:
-        say(f"nothing to resume in {work}; starting from the first layer")
-    work.parent.mkdir(parents=True, exist_ok=True)
-    os.mkdir(work)  # 0o777 & ~umask
-    state = {"fingerprint": fp, "done": 0, "activations": None}
-    write_state(work, state)
-    return state
 
 
 def load_activations(work: Path, state: dict[str, Any]) -> list[torch.Tensor]:

@@ -8,7 +8,12 @@ Exactly the errors the user can cause or fix are caught: :class:`~moecore.errors
 (a bad setting, a missing or corrupt input, an unwritable output or a full disk, ...) prints
 ``moecore CMD: error: ...`` and exits 2.  Any other exception (also a bare ``ValueError`` or
 ``OSError``) is a bug and keeps its traceback; ``MOECORE_DEBUG=1`` shows the traceback of a
-MoecoreError too."""
+MoecoreError too.
+
+A reader that stops early (``moecore plan --json | head``) closes the pipe: the command ends
+quietly with the status a shell gives a SIGPIPE (141), not with a ``BrokenPipeError``
+traceback.  Ctrl-C (SIGINT) and, during a command that installs a handler for it, SIGTERM end
+with one line saying what was kept (``moecore compress``: the finished layers and ``--resume``)."""
 from __future__ import annotations
 
 import argparse
@@ -43,9 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        return int(command_runner(args)(args) or 0)
-    except KeyboardInterrupt:
-        print("moecore: interrupted", file=sys.stderr)
+        rc = int(command_runner(args)(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        return _broken_pipe()
+    except KeyboardInterrupt as exc:
+        print(f"moecore: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 130
     except MoecoreError as exc:
         if os.environ.get("MOECORE_DEBUG"):
@@ -53,6 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"moecore {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _broken_pipe() -> int:
+    """stdout's reader went away: point stdout at /dev/null so that the interpreter's final
+    flush does not raise again, and exit like a process killed by SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 :func:`add_config_args` adds one flag per field: ``--field-name`` (or the field's ``flag``
 metadata, plus its ``aliases``), typed from the annotation (``int``, ``float``, ``str``,
 ``bool`` as an on/off switch, ``list[str]`` as a comma-separated value), with the help text of
-the field's ``help`` metadata or docstring entry and the dataclass default.  Flags the user
+the field's ``help`` metadata or docstring entry and its default: every flag's help ends with
+``(default: ...)`` (``off`` / ``on`` for a switch; a field's ``unset`` metadata says what a
+``None`` default means, else ``none``).  Flags the user
 does not give stay unset, so :func:`config_from_args` passes only the given ones and every
 default lives in the dataclass.  Values are validated by the dataclass itself: a bad value is
 a :class:`~moecore.errors.ConfigError`, one line from the CLI.
@@ -43,14 +45,30 @@ def _summary(text: str, min_chars: int = 100) -> str:
     return text
 
 
+def _plain(text: str) -> str:
+    """reST markup of a docstring removed for ``--help``."""
+    for mark in ("``", ":mod:", ":class:", ":func:", "`"):
+        text = text.replace(mark, "")
+    return text
+
+
+def default_text(f: dataclasses.Field, base: Any, nested_optional: bool) -> str:
+    """``"(default: ...)"`` for the flag of field ``f``."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if base is bool:
+        return f"(default: {'on' if default else 'off'})"
+    if default is None or nested_optional:
+        return f"(default: {f.metadata.get('unset', 'none')})"
+    return f"(default: {default})"
+
+
 def _comma_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def _title(cls: type) -> str:
     """The first line of the class docstring, reST markup removed."""
-    first = (cls.__doc__ or cls.__name__).strip().splitlines()[0].rstrip(".")
-    return first.replace("``", "").replace(":mod:", "").replace(":class:", "").replace("`", "")
+    return _plain((cls.__doc__ or cls.__name__).strip().splitlines()[0].rstrip("."))
 
 
 def _add_flag(group, f: dataclasses.Field, tp: Any, doc: str, dest: str, nested: bool) -> None:
@@ -58,7 +76,7 @@ def _add_flag(group, f: dataclasses.Field, tp: Any, doc: str, dest: str, nested:
     base, optional = unwrap_optional(tp)
     flags = [meta.get("flag") or "--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
     default = f.default if f.default is not dataclasses.MISSING else None
-    text = meta.get("help") or _summary(doc)
+    text = _plain(meta.get("help") or _summary(doc))
     kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS}
     if base is bool:
         kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
@@ -66,29 +84,31 @@ def _add_flag(group, f: dataclasses.Field, tp: Any, doc: str, dest: str, nested:
         kw.update(type=_comma_list, metavar="A,B,...")
     else:
         kw["type"] = base
-        kw["metavar"] = f.name.upper()
+        kw["metavar"] = flags[0].lstrip("-").replace("-", "_").upper()  # --quant-group QUANT_GROUP
         if "choices" in meta:  # validated by the dataclass (one-line ConfigError), shown here
             kw["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
-    if default is not None and default is not False and not (nested and optional):
-        text += f" (default: {default})"
+    text += " " + default_text(f, base, nested and optional)
     group.add_argument(*flags, help=text.replace("%", "%%"), **kw)
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, *, only: Iterable[str] | None = None,
-                    title: str | None = None) -> None:
+                    title: str | None = None, group=None) -> None:
     """Add a flag for every field of the dataclass ``cls`` (or those named in ``only``) to
     ``parser``, in an argument group (``title``, default: the first line of ``cls``'s
-    docstring).  Build the config back with :func:`config_from_args` and the same ``only``."""
-    _add(parser, cls, only, title, prefix="")
+    docstring; or ``group``, an existing one, which also takes a nested config's flags).
+    Build the config back with :func:`config_from_args` and the same ``only`` (or none:
+    unset flags are skipped)."""
+    _add(parser, cls, only, title, prefix="", group=group)
 
 
-def _add(parser, cls, only, title, prefix: str) -> None:
-    group = parser.add_argument_group(title or _title(cls))
+def _add(parser, cls, only, title, prefix: str, group=None) -> None:
+    shared = group
+    group = group or parser.add_argument_group(title or _title(cls))
     docs, types_ = field_docs(cls), field_types(cls)
     for f in _fields(cls, only):
         base, _ = unwrap_optional(types_[f.name])
         if dataclasses.is_dataclass(base):
-            _add(parser, base, None, None, prefix=f"{prefix}{f.name}.")
+            _add(parser, base, None, None, prefix=f"{prefix}{f.name}.", group=shared)
         else:
             _add_flag(group, f, types_[f.name], docs.get(f.name, ""), prefix + f.name, nested=bool(prefix))
 

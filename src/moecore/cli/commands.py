@@ -11,6 +11,7 @@ and recovery flags are derived from the config dataclasses' fields
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from moecore.config import CompressionConfig, DistillConfig, RecoveryConfig
 
@@ -21,20 +22,41 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 BUDGET_FIELDS = ("form", "rank", "target_ratio", "allocation", "quant", "allow_larger")
 
 
+#: the flags of ``moecore compress --help``'s "essential options" group taken from CompressionConfig
+ESSENTIAL_FIELDS = ("form", "rank", "target_ratio")
+GLOSSARY = ("Terms used here (expert, core, factor, rank, calibration, whitening, Gram, routing weight, ...) "
+            "are explained in docs/GLOSSARY.md of the moecore source.")
+ESSENTIAL, ADVANCED = "essential options", "advanced options (the defaults suit most models)"
+
+
 def add_compress(sub) -> None:
-    """``moecore compress MODEL -o OUT`` (run by :mod:`moecore.cli.compress_cmd`)."""
-    p = sub.add_parser("compress", help="compress a model's experts (shared core + low-rank factors) and save it")
-    p.add_argument("model", help="model directory (config.json + safetensors)")
-    p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--calib", help="calibration text file (.txt / .jsonl / .jsonl.xz): activation-aware init")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load and store the model in")
-    p.add_argument("--device", default="auto", help="where layers are calibrated and fitted: auto (cuda if "
-                   "available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run of the same job from its first unfinished layer")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--quiet", action="store_true", help="no statistics table")
-    add_config_args(p, CompressionConfig)
+    """``moecore compress MODEL -o OUT`` (run by :mod:`moecore.cli.compress_cmd`); its help has
+    two groups, essential and advanced options, and every option shows its default."""
+    p = sub.add_parser("compress", help="compress a model's experts (shared core + low-rank factors) and save it",
+                       add_help=False, epilog=GLOSSARY,
+                       description="Compress every Mixture-of-Experts layer of a model folder, one decoder layer "
+                       "at a time, and save the result as a checkpoint that from_pretrained loads after "
+                       "import moecore.")
+    ess, adv = p.add_argument_group(ESSENTIAL), p.add_argument_group(ADVANCED)
+    ess.add_argument("model", help="model folder: config.json + safetensors (required)")
+    ess.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder; it appears only when "
+                     "complete (required)")
+    ess.add_argument("--calib", metavar="FILE", help="calibration text (.txt / .jsonl / .jsonl.xz): the fit then "
+                     "minimises the error on the activations this text produces instead of the plain weight error "
+                     "(default: none: weight-space fit)")
+    add_config_args(p, CompressionConfig, only=ESSENTIAL_FIELDS, group=ess)
+    ess.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load and store the model in "
+                     "(default: auto: the checkpoint's)")
+    ess.add_argument("--device", default="auto", help="where layers are calibrated and fitted: auto (cuda if "
+                     "available), cpu, cuda, cuda:1, ... (default: auto)")
+    ess.add_argument("--resume", action="store_true", help="continue an interrupted run of the same job from its "
+                     "first unfinished layer (default: off)")
+    ess.add_argument("--overwrite", action="store_true", help="replace an existing output folder, or discard an "
+                     "interrupted run's work folder (default: off)")
+    ess.add_argument("-h", "--help", action="help", help="show this help and exit")
+    adv.add_argument("--quiet", action="store_true", help="no statistics table at the end (default: off)")
+    add_config_args(p, CompressionConfig, group=adv,
+                    only=[f.name for f in dataclasses.fields(CompressionConfig) if f.name not in ESSENTIAL_FIELDS])
     p.set_defaults(module="compress_cmd")
 
 
@@ -53,7 +75,8 @@ def add_plan(sub) -> None:
     """``moecore plan CONFIG.json ...`` (run by :mod:`moecore.cli.plan_cmd`)."""
     p = sub.add_parser("plan", help="statistics of a compression from config.json alone (no weights)")
     p.add_argument("configs", nargs="+", metavar="CONFIG.json", help="transformers config.json (or its folder)")
-    p.add_argument("--dtype", default=None, choices=DTYPES[1:], help="dtype for bytes (default: the config's)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES[1:], help="dtype of the output whose size on "
+                   "disk and memory are estimated (default: bfloat16)")
     p.add_argument("--per-layer", action="store_true", help="also print one row per layer and projection")
     p.add_argument("--json", action="store_true", help="print the plans as JSON")
     add_config_args(p, CompressionConfig, only=BUDGET_FIELDS)

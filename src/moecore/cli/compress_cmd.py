@@ -5,6 +5,9 @@ Its arguments are declared in :mod:`moecore.cli.commands` (the compression flags
 the ``--dtype`` / ``--device`` helpers the other commands share."""
 from __future__ import annotations
 
+import contextlib
+import json
+import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from moecore.api import compress_checkpoint
 from moecore.config import CompressionConfig
 from moecore.data import TextFile
 from moecore.errors import ConfigError
+from moecore.resume import resume_hint
 from moecore.stats import STATS_FILENAME, print_table, read_statistics_yaml
 
 from ._config_args import config_from_args
@@ -48,6 +52,34 @@ def status(msg: str) -> None:
     print(f"moecore: {msg}", file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block SIGTERM (``kill PID``, a batch scheduler's stop) raises
+    ``KeyboardInterrupt`` like Ctrl-C does, so the run stops between two Python steps and says
+    what it kept.  Yields a list that holds the signal number once one arrived."""
+    got: list[int] = []
+
+    def handler(signum, frame):
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield got
+        return
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def next_steps(out: str) -> str:
+    """The one line a finished compression ends with: how to evaluate and load the result."""
+    return (f"next: moecore eval {out}   |   in Python: import moecore; from transformers import "
+            f"AutoModelForCausalLM; model = AutoModelForCausalLM.from_pretrained({json.dumps(str(out))})")
+
+
 def run(args) -> int:
     """Stream the checkpoint through the layer engine (one decoder layer in memory at a time)."""
     cfg = config_from_args(CompressionConfig, args)  # validates rank / ratio before any heavy work
@@ -56,8 +88,14 @@ def run(args) -> int:
     status(f"compressing {args.model} layer by layer on {device} ({cfg.form}, "
            + (f"rank {cfg.rank}" if cfg.rank else f"target ratio {cfg.target_ratio}")
            + (f", calibration from {args.calib}" if calib else "") + ")")
-    res = compress_checkpoint(args.model, args.output, cfg, calib, device=device, dtype=torch_dtype(args.dtype),
-                              resume=args.resume, overwrite=args.overwrite, calibration_path=args.calib)
+    with sigterm_as_interrupt() as got:
+        try:
+            res = compress_checkpoint(args.model, args.output, cfg, calib, device=device,
+                                      dtype=torch_dtype(args.dtype), resume=args.resume, overwrite=args.overwrite,
+                                      calibration_path=args.calib)
+        except KeyboardInterrupt:
+            status(resume_hint(args.output))
+            return 128 + (got[0] if got else signal.SIGINT)
     t = res["timings"]
     if t:
         tot = {k: sum(r[k] for r in t) for k in ("load_s", "calibrate_s", "fit_s", "propagate_s", "write_s")}
@@ -66,4 +104,5 @@ def run(args) -> int:
     if not args.quiet:
         print_table(read_statistics_yaml(Path(res["output"]) / STATS_FILENAME), per_layer=False)
     print(f"saved compressed model to {args.output}")
+    print(next_steps(args.output))
     return 0

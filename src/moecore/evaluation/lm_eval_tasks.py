@@ -13,6 +13,8 @@ index, which needs the datasets to be downloadable or cached.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -43,6 +45,17 @@ def _task_specs(names: list[str]) -> list:
         else:
             specs.append(name)
     return specs
+
+
+def _quiet_git_hash() -> str | None:
+    """lm-eval's ``get_git_commit_hash`` without its side effect: lm-eval runs ``git describe``
+    in the current folder to record its own version, and outside a git checkout git prints
+    ``fatal: not a git repository`` on stderr.  Same result, git's stderr discarded."""
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL,  # noqa: S607
+                                       cwd=os.getcwd()).strip().decode()
+    except (subprocess.CalledProcessError, FileNotFoundError, OSError):
+        return None
 
 
 def parse_tasks(tasks: str | list[str]) -> list[str]:
@@ -81,6 +94,10 @@ def run_lm_eval(model, tokenizer, tasks: str | list[str], *, limit: int | float 
     model.eval()
     kwargs = {"max_length": max_length} if max_length else {}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
+    evaluator = require("lm_eval.evaluator", "lm-eval evaluation")
+    git_hash = getattr(evaluator, "get_git_commit_hash", None)
+    if git_hash is not None:
+        evaluator.get_git_commit_hash = _quiet_git_hash  # no "fatal: not a git repository" on stderr
     try:
         out = simple_evaluate(model=lm, tasks=_task_specs(names), task_manager=task_manager(not set(names) <= set(OFFLINE_TASKS)),
                               limit=limit, num_fewshot=num_fewshot, log_samples=log_samples,
@@ -88,6 +105,8 @@ def run_lm_eval(model, tokenizer, tasks: str | list[str], *, limit: int | float 
                               torch_random_seed=seed, fewshot_random_seed=seed)
     finally:
         model.train(was_training)
+        if git_hash is not None:
+            evaluator.get_git_commit_hash = git_hash
     if out is None:  # non-zero ranks under distributed evaluation
         return {}
     return out

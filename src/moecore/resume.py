@@ -1,0 +1,129 @@
+"""The resumable work folder of a streamed compression (``.OUT.partial`` beside ``OUT``).
+
+The folder holds the finished layers' shards, the calibration activations of the last
+finished layer and a state file (``moecore_resume.json``).  The state records a
+:class:`Fingerprint` of the job: one digest over everything that decides the output (the
+check older moecore versions made) and, since this version, each component on its own
+(``fingerprint_parts``: the model's ``config.json``, its weight files, the compression
+config, the calibration tokens, dtype, device type, moecore version), so a refused
+``--resume`` names what differs.  :func:`resume_hint` is the line an interrupted run prints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+from .io_utils import atomic_write_text, say
+
+STATE = "moecore_resume.json"
+
+#: the fingerprint's components, in the order a refusal names them, with their names in words
+PART_NAMES = {"model_config": "the model's config.json", "weights": "the model's weight files",
+              "compression_config": "the compression config", "calibration": "the calibration tokens",
+              "dtype": "the dtype", "device": "the device type", "version": "the moecore version"}
+
+
+class Fingerprint(str):
+    """The job's combined digest (a ``str``, as stored by every moecore version) carrying its
+    components in :attr:`parts` (``{name: digest or value}``, names of :data:`PART_NAMES`)."""
+
+    parts: dict[str, Any]
+
+    def __new__(cls, digest: str, parts: dict[str, Any] | None = None) -> "Fingerprint":
+        obj = super().__new__(cls, digest)
+        obj.parts = dict(parts or {})
+        return obj
+
+
+def partial_dir(out: Path) -> Path:
+    """The resumable work folder of output ``out``: ``.OUT.partial`` beside it."""
+    return out.parent / f".{out.name}.partial"
+
+
+def write_state(work: Path, state: dict[str, Any]) -> None:
+    atomic_write_text(work / STATE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:12] + "..."
+
+
+def differences(old: dict[str, Any], fp: Fingerprint) -> list[str]:
+    """What differs between a stored state's fingerprint components and ``fp``'s, in words
+    (``"the compression config (rank: 8 there, 4 here)"``); empty when the stored state has no
+    components (written by an older moecore) or they all agree."""
+    stored = old.get("fingerprint_parts")
+    if not isinstance(stored, dict) or not getattr(fp, "parts", None):
+        return []
+    out = []
+    for key, name in PART_NAMES.items():
+        a, b = stored.get(key), fp.parts.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):  # the compression config: name its fields
+            fields = [f"{k}: {_show(a.get(k))} there, {_show(b.get(k))} here"
+                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            out.append(f"{name} ({'; '.join(fields)})")
+        elif key in ("dtype", "device", "version"):
+            out.append(f"{name} ({_show(a)} there, {_show(b)} here)")
+        else:
+            out.append(name)
+    return out
+
+
+def read_state(work: Path, fp: str, resume: bool, overwrite: bool) -> dict[str, Any]:
+    """The resume state of ``work`` (continuing an interrupted run) or a fresh one.
+
+    An interrupted run's folder is continued only with ``resume`` and only if its fingerprint
+    matches; without ``resume`` it is an error (or, with ``overwrite``, discarded), so an
+    hour of finished layers is never dropped silently.  A refusal names the components of the
+    fingerprint that differ (when the folder's state records them)."""
+
+    if work.exists():
+        try:
+            old = json.loads((work / STATE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            old = None
+        done = old.get("done", 0) if isinstance(old, dict) else 0
+        if resume and isinstance(old, dict) and old.get("fingerprint") == fp:
+            say(f"resuming in {work}: {done} layer(s) already done")
+            return old
+        if resume and not overwrite:
+            diff = differences(old, fp) if isinstance(old, dict) else []
+            what = ("; ".join(diff) + (" differs" if len(diff) == 1 else " differ")) if diff else \
+                "model, config, calibration, dtype, device or moecore version differ"
+            raise CheckpointError(f"cannot resume from {work}: it belongs to a different job ({what}); "
+                                  f"rerun with the same arguments, or remove it or pass --overwrite")
+        if not overwrite:
+            raise CheckpointError(f"{work} holds an unfinished compression ({done} layer(s) done): pass --resume to "
+                                  f"continue it or --overwrite to start over")
+        say(f"discarding the unfinished compression in {work} ({done} layer(s) done)")
+        shutil.rmtree(work)
+    elif resume:
+        say(f"nothing to resume in {work}; starting from the first layer")
+    work.parent.mkdir(parents=True, exist_ok=True)
+    os.mkdir(work)  # 0o777 & ~umask
+    state: dict[str, Any] = {"fingerprint": str(fp), "done": 0, "activations": None}
+    if getattr(fp, "parts", None):
+        state["fingerprint_parts"] = fp.parts
+    write_state(work, state)
+    return state
+
+
+def resume_hint(out: str | os.PathLike) -> str:
+    """The line an interrupted ``moecore compress -o OUT`` prints: how many layers its work
+    folder keeps and how to continue (``"3 of 48 layers kept in .OUT.partial; rerun the same
+    command with --resume"``)."""
+    work = partial_dir(Path(out).expanduser().resolve())
+    try:
+        state = json.loads((work / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "interrupted before the first layer: nothing was kept"
+    done = state.get("done", 0) if isinstance(state, dict) else 0
+    total = state.get("num_layers", "?") if isinstance(state, dict) else "?"
+    return f"interrupted: {done} of {total} layers kept in {work}; rerun the same command with --resume"
