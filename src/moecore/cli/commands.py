@@ -26,7 +26,10 @@ def add_compress(sub) -> None:
     p = sub.add_parser("compress", help="compress a model's experts (shared core + low-rank factors) and save it")
     p.add_argument("model", help="model directory (config.json + safetensors)")
     p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--calib", help="calibration text file (.txt / .jsonl / .jsonl.xz): activation-aware init")
+    p.add_argument("--calib", help="calibration text file (.txt / .jsonl / .jsonl.xz) for the activation-aware init; "
+                   "default: the bundled English corpus's calibration split (use text like your use)")
+    p.add_argument("--no-calib", action="store_true",
+                   help="no calibration: the data-free init (plain truncated SVD; measurably worse)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load and store the model in")
     p.add_argument("--device", default="auto", help="where layers are calibrated and fitted: auto (cuda if "
                    "available), cpu, cuda, cuda:1, ...")
