@@ -25,7 +25,7 @@ from .data import calibration_sequences
 from .engine import Engine, InMemoryStore, experts_by_layer
 from .errors import CheckpointError, ConfigError, DataFreeWarning, UnsupportedModelError
 from .hf_integration import mark_compressed
-from .io_utils import converting_write_errors, disk_full, prepare_output, publish_dir, say, user_path
+from .io_utils import converting_write_errors, disk_full, model_source, prepare_output, publish_dir, say, user_path
 from .modeling import TOKENIZER_FILES, check_model_dir, load_tokenizer
 
 
@@ -106,6 +106,8 @@ def compress(
     finally:
         model.train(was_training)
     model.moecore_config = config
+    if getattr(model, "moecore_source", None) is None:  # for the model card of save_compressed
+        model.moecore_source = model_source(model)
     mark_compressed(model)  # a plain model.save_pretrained(dir) now round-trips like save_compressed
     return model
 
@@ -185,7 +187,7 @@ def _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, devi
     if start and hidden is not None:
         hidden = st.load_activations(work, state)
     engine.run(ranks, hidden, start)
-    st.finish(work, src, model, hf_cfg, stack_path, state, config, tok, max_shard_size)
+    st.finish(work, src, model, hf_cfg, stack_path, state, config, tok, max_shard_size, name=out.name)
     publish_dir(work, out, overwrite)
     return {"output": str(out), "resumed_at_layer": start, "timings": engine.timings,
             "ranks": state["ranks"], "dtype": str(dtype), "device": str(device)}
