@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import moecore
 from moecore.cli import main
+from moecore.hf_integration import LOAD_NOTICE_KEY
 
 from ._tiny_models import save_tiny, tokenizer
 
@@ -69,7 +71,11 @@ def test_compress_stats_export_end_to_end(work, capsys):
     cfg = moecore.CompressionConfig.load(out)
     assert cfg.form == "delta" and cfg.target_ratio == 0.5
     assert {"model.safetensors", "config.json", "moecore_config.json", "compression_statistics.yaml",
-            "tokenizer.json"} <= {p.name for p in out.iterdir()}
+            "tokenizer.json", "README.md"} <= {p.name for p in out.iterdir()}
+    card = (out / "README.md").read_text()  # the model card: how to load it, what it was compressed from
+    assert "import moecore" in card and f"base_model: {work / 'base'}" in card and "| experts: params |" in card
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:  # the load guards (test_hf_integration)
+        assert LOAD_NOTICE_KEY in fh.keys() and "model.layers.0.mlp.experts.down_proj" in fh.keys()
     model = AutoModelForCausalLM.from_pretrained(out)
     st = moecore.statistics(model)
     assert 0.4 < st["total_compression_ratio"] <= 0.5

@@ -69,7 +69,8 @@ def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwr
         model.save_pretrained(tmp, save_original_format=False, max_shard_size=max_shard_size)
         _check_saved_keys(tmp, model)
         add_tensors(tmp, load_guards(model))
-        source = getattr(model, "moecore_source", None) or model_source(model)
+        # compress() and from_pretrained of a compressed folder record the source; else where it was loaded from
+        source = model.moecore_source if hasattr(model, "moecore_source") else model_source(model)
         write_model_card(tmp, stats, name=Path(out_dir).name, source=source, quality=quality,
                          config=cfg.to_dict() if cfg is not None else None)
         if cfg is not None:
