@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import moecore
 from moecore.cli import main
+from moecore.hf_integration import LOAD_NOTICE_KEY
 
 from ._tiny_models import save_tiny, tokenizer
 
@@ -69,7 +71,11 @@ def test_compress_stats_export_end_to_end(work, capsys):
     cfg = moecore.CompressionConfig.load(out)
     assert cfg.form == "delta" and cfg.target_ratio == 0.5
     assert {"model.safetensors", "config.json", "moecore_config.json", "compression_statistics.yaml",
-            "tokenizer.json"} <= {p.name for p in out.iterdir()}
+            "tokenizer.json", "README.md"} <= {p.name for p in out.iterdir()}
+    card = (out / "README.md").read_text()  # the model card: how to load it, what it was compressed from
+    assert "import moecore" in card and f"base_model: {work / 'base'}" in card and "| experts: params |" in card
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:  # the load guards (test_hf_integration)
+        assert LOAD_NOTICE_KEY in fh.keys() and "model.layers.0.mlp.experts.down_proj" in fh.keys()
     model = AutoModelForCausalLM.from_pretrained(out)
     st = moecore.statistics(model)
     assert 0.4 < st["total_compression_ratio"] <= 0.5
@@ -146,18 +152,35 @@ def test_plan_and_stats_whole_model_multiply_adds(capsys, monkeypatch):
     (["compress", "{w}/base", "-o", "{w}/o15", "--rank", "2", "--device", "gpu0"], "compress", "not a device"),
     (["compress", "{w}/base", "-o", "{w}/o15", "--expert-chunk", "0"], "compress", "expert_chunk must be > 0"),
     (["compress", "{w}/base", "-o", "{w}/o15", "--core-bits", "5"], "compress", "core_bits must be one of"),
+    (["compress", "{w}/base", "-o", "{w}/o18", "--calib", "{w}/calib.txt", "--no-calib"], "compress",
+     "--calib and --no-calib exclude each other"),
     (["plan", str(MIXTRAL), "--rank", "8", "--quant-method", "rtn"], "plan", "quant needs core_bits or factor_bits"),
     (["distill", "--teacher", "{w}/base", "-o", "{w}/o16", "--max-steps", "0"], "distill", "max_steps must be > 0"),
     (["recover", "--teacher", "{w}/base", "--student", "{w}/missing", "-o", "{w}/o17"], "recover", "not found"),
 ])
 def test_bad_inputs_exit_2_with_one_line(work, capsys, argv, command, match):
+    if argv[0] == "compress" and "--calib" not in argv:
+        argv = [*argv, "--no-calib"]  # calibration is not the point here (and would only slow it down)
     rc, _, err = run_cli(capsys, *(a.format(w=work) for a in argv))
     assert_one_line_error(rc, err, command, match)
 
 
+def test_compress_calibrates_on_the_bundled_corpus_by_default(work, capsys):
+    """Without --calib: the bundled calibration split, said in one stderr line; --no-calib: data-free."""
+    out = work / "default-calib"
+    rc, _, err = run_cli(capsys, "compress", work / "base", "-o", out, "--rank", "2", "--calib-tokens", "512",
+                         "--refine-steps", "1", "--quiet")
+    said = [ln for ln in err.splitlines() if "bundled" in ln]
+    assert rc == 0 and len(said) == 1 and "--calib FILE" in said[0] and "--no-calib" in said[0], err
+    assert "routed_tokens" in (out / "config.json").read_text()  # the activation-aware init ran
+    rc, _, err = run_cli(capsys, "compress", work / "base", "-o", work / "no-calib", "--rank", "2", "--no-calib",
+                         "--refine-steps", "1", "--quiet")
+    assert rc == 0 and "bundled" not in err and "routed_tokens" not in (work / "no-calib" / "config.json").read_text()
+
+
 def test_corrupt_checkpoint_and_existing_output(work, capsys):
     good = work / "c2"
-    assert run_cli(capsys, "compress", work / "base", "-o", good, "--rank", "2", "--quiet")[0] == 0
+    assert run_cli(capsys, "compress", "--no-calib", work / "base", "-o", good, "--rank", "2", "--quiet")[0] == 0
     assert run_cli(capsys, "export", good, "-o", work / "base")[0] == 2  # exists, no --overwrite
     bad = work / "corrupt"
     bad.mkdir()
@@ -169,7 +192,7 @@ def test_corrupt_checkpoint_and_existing_output(work, capsys):
         rc, _, err = run_cli(capsys, *cmd)
         assert_one_line_error(rc, err, cmd[0], "corrupt safetensors file")
     # --overwrite replaces an existing compressed output
-    rc, _, _ = run_cli(capsys, "compress", work / "base", "-o", good, "--rank", "3", "--overwrite", "--quiet")
+    rc, _, _ = run_cli(capsys, "compress", "--no-calib", work / "base", "-o", good, "--rank", "3", "--overwrite", "--quiet")
     assert rc == 0 and moecore.CompressionConfig.load(good).rank == 3
 
 

@@ -22,7 +22,7 @@ import moecore
 from moecore.compressed_experts import CompressedExperts
 from moecore.errors import CheckpointError, UnsupportedModelError
 from moecore.families import find_experts
-from moecore.hf_integration import MoecoreHfQuantizer, MoecoreQuantizationConfig
+from moecore.hf_integration import LOAD_NOTICE_KEY, MoecoreHfQuantizer, MoecoreQuantizationConfig, load_guards
 from moecore.modeling import load_model
 from moecore.stats import STATS_FILENAME, read_statistics_yaml
 
@@ -116,10 +116,13 @@ def test_checkpoint_contents(saved, family, form):
     paths = [n for n, _, _ in find_experts(model, "compressed")]
     assert sorted(qc["layers"]) == sorted(paths)
     tensors = stored(d)
-    # stored keys are exactly the model's unique tensors: nothing renamed by transformers' regexes
+    # stored keys are exactly the model's unique tensors (nothing renamed by transformers' regexes)
+    # plus the load guards, which no reader counts
     keys = set(model.state_dict())
     unique = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers() if n in keys}
-    assert set(tensors) == unique
+    guards = load_guards(model)
+    assert set(tensors) == unique | set(guards) and LOAD_NOTICE_KEY in guards
+    assert all(torch.equal(tensors.pop(k), v) for k, v in guards.items())
     for k in tensors:
         if ".experts." in k:
             leaf = k.split(".experts.")[1]
@@ -273,6 +276,26 @@ def test_save_is_atomic_and_refuses_to_clobber(saved, tmp_path, monkeypatch):
         moecore.save_compressed(model, tmp_path / "notamodel", overwrite=True)
     with pytest.raises(UnsupportedModelError, match="compress"):
         moecore.save_compressed(build("mixtral"), tmp_path / "plain")
+
+
+def test_loading_without_moecore_fails_naming_import_moecore(saved, tmp_path):
+    """In a fresh interpreter that never imports moecore, transformers refuses a compressed
+    checkpoint (its load report names ``import moecore``) instead of running random experts;
+    a compressed model saved again (as recover and distill do) keeps its guards and its card."""
+    model, ref, d = saved[("qwen3_moe", "delta")]
+    again = moecore.save_compressed(AutoModelForCausalLM.from_pretrained(d), tmp_path / "again", max_shard_size="20KB")
+    assert (again / "model.safetensors.index.json").is_file()  # sharded: the guards are one more shard
+    loaded, info = AutoModelForCausalLM.from_pretrained(again, output_loading_info=True)
+    assert not any(info.values()) and torch.equal(logits(loaded), ref)
+    card = (again / "README.md").read_text()
+    assert "import moecore" in card and "pip install moecore" in card and "moecore_quality: null" in card
+    code = ("import sys, transformers\nfrom transformers import AutoModelForCausalLM\n"
+            "assert 'moecore' not in sys.modules\nAutoModelForCausalLM.from_pretrained(sys.argv[1])\n")
+    for folder in (d, again):
+        r = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        assert r.returncode != 0 and "ignore_mismatched_sizes" in r.stderr, r.stderr[-2000:]
+        assert "`import moecore` before from_pretrained" in r.stderr, r.stderr[-2000:]
 
 
 def test_safetensors_headers_are_valid(saved):

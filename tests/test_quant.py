@@ -190,7 +190,7 @@ def test_cli_compress_and_plan_with_quantized_storage(tmp_path, capsys):
 
     src = save_tiny(tmp_path / "tiny", seed=2, hidden=64, layers=1, experts=4)
     out = tmp_path / "q"
-    assert main(["compress", str(src), "-o", str(out), "--rank", "8", "--core-bits", "4", "--factor-bits", "8",
+    assert main(["compress", "--no-calib", str(src), "-o", str(out), "--rank", "8", "--core-bits", "4", "--factor-bits", "8",
                  "--quant-group", "32", "--quiet"]) == 0
     stats = moecore.stats.read_statistics_yaml(out / moecore.stats.STATS_FILENAME)
     assert stats["layers"][0]["quant"] == {"core_bits": 4, "factor_bits": 8, "group_size": 32, "method": "hqq"}

@@ -63,7 +63,7 @@ def _tok(path):
 
 def test_recover_cli_saves_loadable_model(teacher_dir, tmp_path, capsys):
     comp = tmp_path / "comp"
-    assert main(["compress", str(teacher_dir), "-o", str(comp), "--rank", "4", "--quiet"]) == 0
+    assert main(["compress", "--no-calib", str(teacher_dir), "-o", str(comp), "--rank", "4", "--quiet"]) == 0
     out = tmp_path / "rec"
     assert main(["recover", "--teacher", str(teacher_dir), "--student", str(comp), "-o", str(out),
                  "--steps", "20", "--max-tokens", "1024", "--seq-len", "128", "--json"]) == 0

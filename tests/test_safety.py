@@ -57,7 +57,7 @@ def w(tmp_path_factory):
     """A tiny Mixtral ``base``, its compressed ``comp`` and a calibration file."""
     root = tmp_path_factory.mktemp("safety")
     save_tiny(root / "base", hidden=32, layers=2, experts=4)
-    assert main(["compress", str(root / "base"), "-o", str(root / "comp"), "--rank", "2", "--quiet"]) == 0
+    assert main(["compress", "--no-calib", str(root / "base"), "-o", str(root / "comp"), "--rank", "2", "--quiet"]) == 0
     (root / "calib.txt").write_text("\n\n".join(load_split("calib")[:3]))
     return root
 
@@ -143,7 +143,7 @@ def test_interrupted_two_rename_replace_is_restored_and_live_writers_are_skipped
     expected = {k.replace(moved.name, "out"): v for k, v in tree_hash(moved).items()}
     live = tmp_path / f".out.tmp-{os.getpid()}-deadbeef"  # a writer that is still running
     live.mkdir()
-    assert main(["compress", str(w / "base"), "-o", str(out), "--rank", "2"]) == 2
+    assert main(["compress", "--no-calib", str(w / "base"), "-o", str(out), "--rank", "2"]) == 2
     err = capsys.readouterr().err
     assert f"restored {out} from {moved.name}" in err and "already exists" in one_error_line(err, "compress")
     assert tree_hash(out) == expected and leftovers(out) == [live.name]
@@ -181,14 +181,14 @@ def test_outputs_follow_the_umask(w, tmp_path):
 # ------------------------------------------------------------------ 8. full disk
 def test_full_disk_is_one_line_and_keeps_the_previous_output(w, tmp_path):
     out = tmp_path / "out"
-    assert main(["compress", str(w / "base"), "-o", str(out), "--rank", "3", "--quiet"]) == 0
+    assert main(["compress", "--no-calib", str(w / "base"), "-o", str(out), "--rank", "3", "--quiet"]) == 0
     old, src = tree_hash(out), tree_hash(w / "base")
 
     def limit():  # a real file-size limit: writes past 200 kB fail with EFBIG
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
-    r = subprocess.run(python_cmd("compress", str(w / "base"), "-o", str(out), "--rank", "2", "--overwrite"),
+    r = subprocess.run(python_cmd("compress", "--no-calib", str(w / "base"), "-o", str(out), "--rank", "2", "--overwrite"),
                        env=subprocess_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit)
     assert r.returncode == 2
     line = one_error_line(r.stderr, "compress")
@@ -197,7 +197,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_output(w, tmp_path):
     left = leftovers(out)  # streaming keeps the layers it finished, and says how to go on
     assert left == [] or (left == [".out.partial"] and "--resume" in line), (left, line)
     if left:  # with space again, --resume completes the job and leaves nothing behind
-        assert main(["compress", str(w / "base"), "-o", str(out), "--rank", "2", "--overwrite", "--resume",
+        assert main(["compress", "--no-calib", str(w / "base"), "-o", str(out), "--rank", "2", "--overwrite", "--resume",
                      "--quiet"]) == 0
         assert not leftovers(out) and tree_hash(out) != old
 
@@ -220,7 +220,7 @@ def test_truncated_safetensors_and_dense_weights_under_moe_config(w, tmp_path, c
     dense.save_pretrained(tmp_path / "dense")
     (mixed / "model.safetensors").write_bytes((tmp_path / "dense" / "model.safetensors").read_bytes())
     src = tree_hash(mixed)
-    assert main(["compress", str(mixed), "-o", str(tmp_path / "o"), "--rank", "2"]) == 2
+    assert main(["compress", "--no-calib", str(mixed), "-o", str(tmp_path / "o"), "--rank", "2"]) == 2
     line = one_error_line(capsys.readouterr().err, "compress")
     assert ("lacks" in line or "no tensor for" in line) and "mlp." in line, line  # streamed: the first missing one
     assert not (tmp_path / "o").exists() and tree_hash(mixed) == src

@@ -36,3 +36,9 @@ class TrainingError(MoecoreError, RuntimeError):
 
 class MissingDependencyError(MoecoreError, ImportError):
     """An optional dependency of the requested feature is not installed (names the pip extra)."""
+
+
+class DataFreeWarning(UserWarning):
+    """``moecore.compress`` / ``compress_checkpoint`` ran without calibration text while the
+    config asked for the activation-aware init (``init="auto"``): the data-free init was used.
+    Pass calibration text, or ``CompressionConfig(init="svd")`` to choose the data-free init."""

@@ -13,12 +13,22 @@ A compressed checkpoint's ``config.json`` carries::
 model on the meta device, :meth:`MoecoreHfQuantizer._process_model_before_weight_loading`
 swaps every listed experts module for an empty :class:`CompressedExperts` of the recorded
 ranks, and the stored tensors load into it as they are: no original weights are needed.
+
+Load guards.  Without ``import moecore`` transformers only warns about the unknown
+``quant_method`` and would run the model with randomly initialised experts.  So moecore's
+writers add :func:`load_guards` to the stored tensors: a short ``uint8`` tensor under each
+compressed layer's original fused key (``...experts.down_proj``), whose shape cannot match the
+original ``(E, H, F)`` tensor, so transformers' loading report raises ("ignore_mismatched_sizes"),
+and a tensor named :data:`LOAD_NOTICE_KEY`, which the same report lists, saying to ``import
+moecore``.  With moecore imported, the quantizer adds their keys to the model's
+``_keys_to_ignore_on_load_unexpected``: they load nowhere and nothing else reads them.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +44,33 @@ from .config import CONFIG_FILENAME, CompressionConfig
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .families import ExpertsLayout, find_experts, layout_of
 from .forms import DEFAULT_FORM, FORMS, PROJECTIONS
+from .model_card import base_model_of
 from .quant import build_experts
 from .surgery import replace_module
 from .version import __version__
 
 QUANT_METHOD = "moecore"
+#: the stored tensor whose name transformers' load report shows when moecore is not imported
+LOAD_NOTICE_KEY = ("moecore: a moecore-compressed checkpoint; pip install moecore, then `import moecore` "
+                   "before from_pretrained")
+
+
+def load_guards(model) -> dict[str, torch.Tensor]:
+    """The tensors that make plain transformers refuse a compressed checkpoint (module
+    docstring): :data:`LOAD_NOTICE_KEY`, and for each compressed experts module a ``uint8``
+    tensor holding that notice's bytes under the module's original ``down`` key."""
+    notice = torch.tensor(list(LOAD_NOTICE_KEY.encode()), dtype=torch.uint8)
+    guards = {LOAD_NOTICE_KEY: notice[:7].clone()}  # b"moecore"
+    for name, m, _ in find_experts(model, "compressed"):
+        guards[f"{name}.{m.layout.down_attr}"] = notice.clone()
+    return guards
+
+
+def _ignore_guards(model, paths: dict[str, Any]) -> None:
+    """Let the guards of :func:`load_guards` load nowhere, without a report line."""
+    patterns = {re.escape(LOAD_NOTICE_KEY)} | {rf"(^|\.){re.escape(f'{p}.{m.layout.down_attr}')}$"
+                                                for p, m in paths.items()}
+    model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
 
 
 class MoecoreQuantizationConfig(QuantizationConfigMixin):
@@ -96,7 +128,9 @@ class MoecoreHfQuantizer(HfQuantizer):
         return None
 
     def _process_model_before_weight_loading(self, model, dtype=None, **kwargs: Any):
-        for path in swap_in_compressed(model, self.quantization_config.to_dict(), dtype=dtype):
+        swapped = swap_in_compressed(model, self.quantization_config.to_dict(), dtype=dtype)
+        _ignore_guards(model, swapped)
+        for path in swapped:
             # transformers then runs the family's _init_weights on every module, and some read the
             # fused tensors through the MoE block (Qwen3-Omni: block.experts.gate_up_proj); a block
             # with no tensors of its own has nothing to initialize (its children still are visited)
@@ -137,6 +171,7 @@ def _attach_compression_config(model) -> None:
     file is a ``CheckpointError`` (the record of how the model was made must not be lost
     silently); the placeholder written for models not made by ``compress`` is skipped."""
     folder = Path(str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")))
+    model.moecore_source = base_model_of(folder)  # what it was compressed from (its model card), for re-saves
     f = folder / CONFIG_FILENAME
     if not f.is_file():
         return

@@ -16,11 +16,13 @@ from typing import Any, Iterable
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 
 from .errors import CheckpointError, UnsupportedModelError
 from .families import find_experts
-from .hf_integration import mark_compressed
+from .hf_integration import load_guards, mark_compressed
 from .io_utils import atomic_output_dir, model_source
+from .model_card import write_model_card
 from .stats import STATS_FILENAME, statistics, write_statistics_yaml
 from .version import __version__
 
@@ -34,14 +36,18 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = False,
-                    config=None, max_shard_size: str | int = "5GB", extra_configs: Iterable = ()) -> Path:
+                    config=None, max_shard_size: str | int = "5GB", extra_configs: Iterable = (),
+                    quality: dict[str, Any] | None = None) -> Path:
     """Save a compressed model so that ``AutoModelForCausalLM.from_pretrained(out_dir)`` (after
     ``import moecore``) rebuilds it bit-identically.
 
     Writes ``model.safetensors`` (or shards) with the module's own parameter names,
     ``config.json`` with moecore's ``quantization_config``, ``moecore_config.json`` (the
     :class:`~moecore.config.CompressionConfig` + version; ``config`` or
-    ``model.moecore_config``), ``compression_statistics.yaml`` and the tokenizer if given.
+    ``model.moecore_config``), ``compression_statistics.yaml``, the model card ``README.md``
+    (how to load it, the source model, statistics, ``quality``) and the tokenizer if given.
+    The stored tensors include :func:`~moecore.hf_integration.load_guards`, so transformers
+    refuses the folder, naming ``import moecore``, when moecore is not imported.
 
     Args:
         model: a model returned by :func:`moecore.compress` or loaded from a moecore checkpoint.
@@ -50,6 +56,7 @@ def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwr
         config: the CompressionConfig to record (default ``model.moecore_config``).
         extra_configs: more configs saved into the folder with it (e.g. the
             :class:`~moecore.config.RecoveryConfig` that produced the model).
+        quality: measured quality for the model card (e.g. ``{"heldout_ppl": 44.1}``).
     Returns the output path.
     """
     if not _compressed_modules(model):
@@ -61,6 +68,11 @@ def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwr
         # save_original_format=False: keys are the modules' own names, no conversion regexes
         model.save_pretrained(tmp, save_original_format=False, max_shard_size=max_shard_size)
         _check_saved_keys(tmp, model)
+        add_tensors(tmp, load_guards(model))
+        # compress() and from_pretrained of a compressed folder record the source; else where it was loaded from
+        source = model.moecore_source if hasattr(model, "moecore_source") else model_source(model)
+        write_model_card(tmp, stats, name=Path(out_dir).name, source=source, quality=quality,
+                         config=cfg.to_dict() if cfg is not None else None)
         if cfg is not None:
             cfg.save(tmp)
         else:
@@ -72,6 +84,42 @@ def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwr
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def add_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Add a few small ``tensors`` to the checkpoint ``save_pretrained`` wrote into ``folder``:
+    to its one ``model.safetensors`` (rewritten: header extended, data copied in chunks, theirs
+    appended), or, when sharded, as one more shard named in the index."""
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.is_file():
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        name = "model-moecore-guards.safetensors"
+        (folder / name).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
+        index["weight_map"].update({k: name for k in tensors})
+        index.setdefault("metadata", {})["total_size"] = (int(index.get("metadata", {}).get("total_size", 0))
+                                                          + sum(t.numel() * t.element_size() for t in tensors.values()))
+        _write_json(index_file, index)
+        return
+    path = folder / "model.safetensors"
+    extra = safetensors_bytes(tensors)
+    n_extra = int.from_bytes(extra[:8], "little")
+    new = json.loads(extra[8:8 + n_extra])
+    with open(path, "rb") as src:
+        n = int.from_bytes(src.read(8), "little")
+        header = json.loads(src.read(n))
+        size = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        for k, v in new.items():
+            if k != "__metadata__":
+                header[k] = {**v, "data_offsets": [o + size for o in v["data_offsets"]]}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as dst:
+            dst.write(len(blob).to_bytes(8, "little") + blob)
+            while chunk := src.read(min(1 << 24, size - (dst.tell() - 8 - len(blob)))):
+                dst.write(chunk)
+            dst.write(extra[8 + n_extra:])
+    os.replace(tmp, path)
 
 
 def _check_saved_keys(folder: Path, model) -> None:

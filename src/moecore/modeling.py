@@ -26,6 +26,8 @@ from .errors import CheckpointError
 # Parameter-name markers of moecore's stored tensors (docs/ARCHITECTURE.md).
 MOECORE_MARKERS = ("core_gate", "core_up", "core_down", "delta_a_", "delta_b_", "wrap_u_", "wrap_v_")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# the shape of the load guard stored under an original experts key (hf_integration.load_guards)
+_GUARD_SHAPE = (len(hf_integration.LOAD_NOTICE_KEY.encode()),)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -89,11 +91,13 @@ def load_tokenizer(path: str | os.PathLike, config=None):
 
 
 def _check_loading_info(p: Path, info: dict) -> None:
-    missing = sorted(info.get("missing_keys") or ())
+    # a load guard (hf_integration.load_guards) met by original experts: that layer's weights are missing
+    guards = {k for k in info.get("mismatched_keys") or () if tuple(k[1]) == _GUARD_SHAPE}
+    missing = sorted({*(info.get("missing_keys") or ()), *(k[0] for k in guards)})
     if missing:
         raise CheckpointError(f"{p} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]} "
                               "(weights that don't match config.json?)")
-    mismatched = sorted(info.get("mismatched_keys") or ())
+    mismatched = sorted(set(info.get("mismatched_keys") or ()) - guards)
     if mismatched:
         k = mismatched[0]
         raise CheckpointError(f"{p}: tensor {k[0]} has shape {tuple(k[1])}, the model expects {tuple(k[2])}")
@@ -120,7 +124,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers' multi-line LOAD REPORT: we raise one line instead
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, output_loading_info=True, **kwargs)
+        # mismatched sizes are reported in `info` and refused below, in one line
+        model, info = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, output_loading_info=True,
+                                                           **{"ignore_mismatched_sizes": True, **kwargs})
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:

@@ -40,8 +40,9 @@ from .config import CompressionConfig
 from .engine import Engine
 from .errors import CheckpointError, UnsupportedModelError
 from .families import is_compressed
-from .hf_integration import MoecoreQuantizationConfig, build_quantization_config, swap_in_compressed
+from .hf_integration import MoecoreQuantizationConfig, build_quantization_config, load_guards, swap_in_compressed
 from .io_utils import _umask, atomic_write_text
+from .model_card import write_model_card
 from .resume import STATE, Fingerprint, partial_dir, read_state, write_state  # noqa: F401  (used by api)
 from .stats import STATS_FILENAME, statistics, write_statistics_yaml
 from .version import __version__
@@ -316,11 +317,11 @@ def _consolidate(work: Path) -> None:
 
 
 def finish(work: Path, src: Path, model: nn.Module, hf_cfg, stack_path: str, state: dict[str, Any],
-           config: CompressionConfig, tokenizer, max_shard_size: int | str = "5GB") -> None:
+           config: CompressionConfig, tokenizer, max_shard_size: int | str = "5GB", name: str = "model") -> None:
     """Write what makes ``work`` a checkpoint: the non-layer shard, ``config.json`` with the
     ``quantization_config``, the index (or, when everything fits ``max_shard_size``, one
-    ``model.safetensors`` as ``save_pretrained`` writes it), statistics, the compression
-    config, the tokenizer; then drop the resume files.  Everything is derived from the stored
+    ``model.safetensors`` as ``save_pretrained`` writes it), statistics, the model card
+    (``name``: the output folder's), the compression config, the tokenizer; then drop the resume files.  Everything is derived from the stored
     state, so a resumed run writes the same bytes as an uninterrupted one."""
 
 
@@ -332,13 +333,15 @@ def finish(work: Path, src: Path, model: nn.Module, hf_cfg, stack_path: str, sta
             continue  # layers are in their shards; tied duplicates (lm_head = embeddings) once
         seen.add(id(v))
         rest[k] = v
-    _save(rest, work / shard_name(n_layers, n_layers + 1))
     qdict = {**state["qconfig"], "moecore_version": __version__, "layers": state["layers"]}
     dtype = next(iter(rest.values())).dtype
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     swap_in_compressed(meta, qdict, dtype=dtype)
-    write_statistics_yaml(statistics(meta), work / STATS_FILENAME)
+    _save({**rest, **load_guards(meta)}, work / shard_name(n_layers, n_layers + 1))  # guards: hf_integration
+    stats = statistics(meta)
+    write_statistics_yaml(stats, work / STATS_FILENAME)
+    write_model_card(work, stats, name=name, source=str(src), config=config.to_dict())
     hf_cfg.quantization_config = MoecoreQuantizationConfig.from_dict(qdict)
     hf_cfg.dtype = dtype
     hf_cfg.save_pretrained(work)

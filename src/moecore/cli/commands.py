@@ -43,7 +43,9 @@ def add_compress(sub) -> None:
                      "complete (required)")
     ess.add_argument("--calib", metavar="FILE", help="calibration text (.txt / .jsonl / .jsonl.xz): the fit then "
                      "minimises the error on the activations this text produces instead of the plain weight error "
-                     "(default: none: weight-space fit)")
+                     "(default: the bundled English corpus's calibration split; use text like your use)")
+    ess.add_argument("--no-calib", action="store_true", help="no calibration: the data-free init (plain truncated "
+                     "SVD of the weights; measurably worse) (default: off)")
     add_config_args(p, CompressionConfig, only=ESSENTIAL_FIELDS, group=ess)
     ess.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load and store the model in "
                      "(default: auto: the checkpoint's)")

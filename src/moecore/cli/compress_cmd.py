@@ -9,14 +9,16 @@ import contextlib
 import json
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from moecore.api import compress_checkpoint
 from moecore.config import CompressionConfig
-from moecore.data import TextFile
-from moecore.errors import ConfigError
+from moecore.data import TextFile, load_split
+from moecore.errors import ConfigError, DataFreeWarning
+from moecore.modeling import TOKENIZER_FILES
 from moecore.resume import resume_hint
 from moecore.stats import STATS_FILENAME, print_table, read_statistics_yaml
 
@@ -80,15 +82,36 @@ def next_steps(out: str) -> str:
             f"AutoModelForCausalLM; model = AutoModelForCausalLM.from_pretrained({json.dumps(str(out))})")
 
 
+def calibration_text(args, cfg: CompressionConfig):
+    """What ``compress`` calibrates on: the ``--calib`` file (streamed), nothing with
+    ``--no-calib``, else the bundled corpus's calibration split, said in one stderr line (also
+    when the model folder has no tokenizer to calibrate with)."""
+    if args.calib and args.no_calib:
+        raise ConfigError("--calib and --no-calib exclude each other")
+    if args.calib:
+        return TextFile(args.calib)  # streamed: only what calibration needs is read
+    if args.no_calib:
+        return None
+    if not any((Path(args.model) / f).is_file() for f in TOKENIZER_FILES):
+        status(f"no tokenizer in {args.model}, so no calibration: the data-free init is used "
+               "(add the tokenizer and pass --calib FILE for the activation-aware init)")
+        return None
+    status(f"calibrating on the bundled English corpus (up to {cfg.calib_max_tokens} tokens); pass --calib FILE "
+           "for text like your use, or --no-calib for the data-free init")
+    return load_split("calib")
+
+
 def run(args) -> int:
     """Stream the checkpoint through the layer engine (one decoder layer in memory at a time)."""
     cfg = config_from_args(CompressionConfig, args)  # validates rank / ratio before any heavy work
     device = resolve_device(args.device)
-    calib = TextFile(args.calib) if args.calib else None  # streamed: only what calibration needs is read
+    calib = calibration_text(args, cfg)
     status(f"compressing {args.model} layer by layer on {device} ({cfg.form}, "
            + (f"rank {cfg.rank}" if cfg.rank else f"target ratio {cfg.target_ratio}")
-           + (f", calibration from {args.calib}" if calib else "") + ")")
-    with sigterm_as_interrupt() as got:
+           + (f", calibration from {args.calib}" if args.calib else "") + ")")
+    with sigterm_as_interrupt() as got, warnings.catch_warnings():
+        # the data-free init was chosen (--no-calib) or said above (no tokenizer)
+        warnings.simplefilter("ignore", DataFreeWarning)
         try:
             res = compress_checkpoint(args.model, args.output, cfg, calib, device=device,
                                       dtype=torch_dtype(args.dtype), resume=args.resume, overwrite=args.overwrite,
