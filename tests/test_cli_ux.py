@@ -43,7 +43,7 @@ def test_compress_help_has_two_groups_and_every_default(capsys):
     sections = help_sections(text)
     essential = next(v for k, v in sections.items() if k.startswith("essential"))
     advanced = next(v for k, v in sections.items() if k.startswith("advanced"))
-    assert list(essential) == ["model", "-o", "--calib", "--form", "--rank", "--target-ratio", "--dtype", "--device",
+    assert list(essential) == ["model", "-o", "--calib", "--no-calib", "--form", "--rank", "--target-ratio", "--dtype", "--device",
                                "--resume", "--overwrite", "-h"]
     assert {"--whiten-damping", "--gram-dtype", "--expert-chunk", "--fit-memory-gb", "--quant-group"} <= set(advanced)
     for name, body in {**essential, **advanced}.items():
