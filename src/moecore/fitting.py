@@ -166,7 +166,8 @@ def fit_experts(
             return form.reconstruct(core, tuple(f[sl] for f in fac))
         entry.update(refine_iters=res.refine_iters)
         entry.update(refine_objective_start=hist[0], refine_objective_end=min(hist), svd=proj.method)
-        werr, oerr = mf.errors(proj.w, approx, L if inputs is not None else None, lam, chunk=proj.chunk, device=device)
+        werr, oerr = mf.errors(proj.w, approx, L if inputs is not None else None, lam, chunk=proj.chunk, device=device,
+                               compute_dtype=mf.compute_dtype(proj.method))
         entry.update(weight_rel_error=werr, output_rel_error=oerr)
         if inputs is not None:
             entry.update(calibration_report(inputs, cfg))
@@ -200,7 +201,8 @@ def rank_gains(path: str, module: nn.Module, layout: ExpertsLayout, cfg: Compres
     form = get_form(cfg.form)
     gains = {}
     for p, proj, raw, _, _ in _projections(views, layout, act, cfg, inputs, device):
-        sv, total = mf.spectrum(proj.w, proj.core_start(raw), proj.L, chunk=proj.chunk, device=device)
+        sv, total = mf.spectrum(proj.w, proj.core_start(raw), proj.L, chunk=proj.chunk, device=device,
+                               compute_dtype=mf.compute_dtype(proj.method))
         unit = sv.pow(2).sum(0) / max(total, 1e-300)  # (k,) per delta-style rank unit
         gains[(path, p)] = form.rank_unit_gains(unit).tolist()
     return gains
