@@ -8,6 +8,7 @@ seconds of the fit alone.  Old and new alternate (ABAB...) so shared-machine noi
 Usage::
 
     python benchmarks/fit_ab.py --old /tmp/fit-old/src --new src --E 16 --H 1024 --F 512 --repeats 2
+    python benchmarks/fit_ab.py --old /tmp/fit-old/src --new src --readme models/tiny-mixtral --repeats 1
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 _CHILD = r"""
 import json, sys, time
@@ -51,9 +53,27 @@ print("RESULT " + json.dumps(res))
 """
 
 
+_README = r"""
+import json, sys, time
+import torch
+import moecore
+from moecore.data import load_split
+from transformers import AutoModelForCausalLM, AutoTokenizer
+a = json.loads(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(a["model"], dtype="float32")
+tok = AutoTokenizer.from_pretrained(a["model"])
+texts = load_split("calib")
+cfg = moecore.CompressionConfig(form="delta", target_ratio=0.25)
+c0, w0 = time.process_time(), time.perf_counter()
+model = moecore.compress(model, cfg, calibration=texts, tokenizer=tok)
+print("RESULT " + json.dumps({"cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - w0}))
+"""
+
+
 def one(src: str, args: dict) -> dict:
     env = dict(os.environ, PYTHONPATH=src, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True, env=env)
+    code = _README if "model" in args else _CHILD
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env)
     if r.returncode:
         raise SystemExit(r.stderr[-3000:])
     return json.loads(next(s for s in r.stdout.splitlines() if s.startswith("RESULT "))[7:])
@@ -71,9 +91,12 @@ def main() -> None:
     ap.add_argument("--refine-steps", type=int, default=10)
     ap.add_argument("--svd", default="auto")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--readme", default=None, help="a model folder: time the README's Python example on it instead")
     a = ap.parse_args()
     args = {"E": a.E, "H": a.H, "F": a.F, "k": a.k, "tokens": a.tokens,
             "cfg": {"refine_steps": a.refine_steps, "svd": a.svd}}
+    if a.readme:
+        args = {"model": str(Path(a.readme).resolve())}
     rows = []
     for i in range(a.repeats):
         for name, src in (("old", a.old), ("new", a.new)):
