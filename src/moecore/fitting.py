@@ -201,8 +201,7 @@ def rank_gains(path: str, module: nn.Module, layout: ExpertsLayout, cfg: Compres
     form = get_form(cfg.form)
     gains = {}
     for p, proj, raw, _, _ in _projections(views, layout, act, cfg, inputs, device):
-        sv, total = mf.spectrum(proj.w, proj.core_start(raw), proj.L, chunk=proj.chunk, device=device,
-                               compute_dtype=mf.compute_dtype(proj.method))
+        sv, total = mf.spectrum(proj.w, proj.core_start(raw), proj.L, chunk=proj.chunk, device=device)
         unit = sv.pow(2).sum(0) / max(total, 1e-300)  # (k,) per delta-style rank unit
         gains[(path, p)] = form.rank_unit_gains(unit).tolist()
     return gains
