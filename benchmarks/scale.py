@@ -106,10 +106,31 @@ import torch
 from moecore import CompressionConfig
 from moecore.api import compress_checkpoint
 from moecore.data import TextFile
+import moecore.calibration as mcal, moecore.fitting as mfit, moecore.maths.fit as mmf
+from moecore.forms import delta as mdelta
 args = json.loads(sys.argv[1])
 cfg = CompressionConfig(**args["cfg"])
+stages = {"grams_s": 0.0, "whitening_s": 0.0, "fit_total_s": 0.0, "svd_s": 0.0, "errors_s": 0.0}
+iters = []
+def timed(owner, name, key, after=None):
+    fn = getattr(owner, name)
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        out = fn(*a, **k)
+        stages[key] += time.perf_counter() - t
+        if after: after(out)
+        return out
+    setattr(owner, name, wrapper)
+timed(mcal.RoutedInputs, "grams", "grams_s")
+timed(mmf, "whiten_in_place", "whitening_s")
+timed(mmf, "truncated_svd", "svd_s")
+if hasattr(mmf, "gram_svd"):
+    timed(mmf, "gram_svd", "svd_s")
+timed(mmf, "errors", "errors_s")
+timed(mdelta.DeltaForm, "fit", "fit_total_s", lambda r: iters.append(r.refine_iters))
 t0 = time.perf_counter()
 res = compress_checkpoint(args["src"], args["out"], cfg, TextFile(args["calib"]), device=args["device"], progress=True)
+res["stages"], res["refine_iters"] = stages, iters
 res["wall_s"] = time.perf_counter() - t0
 res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if args["device"].startswith("cuda") else None
@@ -142,6 +163,7 @@ def run(a) -> dict:
             raise SystemExit(f"compression failed:\n{r.stderr[-3000:]}")
         res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
     per = res["timings"]
+    cost = cost_report(a, res, cfg)
     mean = {k: sum(t[k] for t in per) / len(per) for k in ("load_s", "calibrate_s", "fit_s", "propagate_s", "write_s")}
     per_layer = sum(mean.values())
     s = SHAPES[a.shape]
@@ -159,8 +181,107 @@ def run(a) -> dict:
         "hardware": (torch.cuda.get_device_name() if a.device.startswith("cuda") else
                      f"{platform.processor() or platform.machine()} CPU, {_cores()} cores"),
         "command": " ".join(["python", "benchmarks/scale.py"] + sys.argv[1:]),
+        "cost_model": cost,
     }
     return out
+
+
+# ---------------------------------------------------------------------------- cost model
+def fit_flops(E: int, d_out: int, d_in: int, s: int, passes: int, method: str, oversample: int = 8,
+              power: int = 4, warm: int = 1) -> dict[str, float]:
+    """GEMM FLOPs (2 per multiply-add) of :func:`moecore.maths.fit.fit_delta` + ``errors`` for one
+    projection: ``passes`` factor passes (1 + refinement steps run).  Keys: ``core_start``,
+    ``whitened_products`` (``(W_i − C) L_i`` per pass, ``P`` once when refining), ``svd`` (randomized range-finder products, or the Gram products of the exact path),
+    ``refinement`` (``L_i B̃_i``, ``N``), ``errors`` (``W_i L_i``, ``Δ_i L_i``, ``A_i B_iᵀ``)."""
+    o, i, k = d_out, d_in, s + oversample
+    big = 2.0 * E * o * i * i
+    out = {"core_start": 2.0 * E * o * i,
+           "whitened_products": big * (passes + (1 if passes > 1 else 0)) + (2.0 * o * i * i if passes > 1 else 0.0),
+           "refinement": passes * (2.0 * E * i * i * s + 2.0 * E * o * i * s),
+           "errors": 2 * big + 2.0 * E * o * i * s}
+    if method == "randomized" and k < min(o, i):
+        prod, small = 2.0 * E * o * i * k, 2.0 * E * o * k * k
+        out["svd"] = (2 + 2 * power) * prod + small + (passes - 1) * ((2 + 2 * warm) * prod + small)
+    else:
+        out["svd"] = passes * (2.0 * E * o * i * min(o, i) + 2.0 * E * o * i * s)
+    return out
+
+
+def layer_flops(E: int, H: int, F: int, k: int, tokens: int, ranks: dict, passes: dict, methods: dict) -> dict:
+    """FLOPs per stage of one MoE layer: ``calibration_forward`` (router + experts GEMMs of the
+    layer's forward; attention is left out), ``grams`` (``in`` and ``mid`` Grams with the gate/up
+    products), ``whitening`` (Cholesky ``d³/3`` per expert), and the fit's stages per projection
+    (:func:`fit_flops`, summed).  ``gemm`` sums the GEMM-only stages (what FlopCounterMode sees)."""
+    routed = tokens * k
+    st = {"calibration_forward": 2.0 * tokens * H * E + routed * 3 * 2.0 * H * F,
+          "grams": 2.0 * routed * H * H + 2.0 * routed * (2 * H * F + F * F),
+          "whitening": E * (H ** 3 + F ** 3) / 3.0}
+    fit = {}
+    for p, (o, i) in {"gate": (F, H), "up": (F, H), "down": (H, F)}.items():
+        for key, v in fit_flops(E, o, i, ranks[p], passes[p], methods[p]).items():
+            fit[key] = fit.get(key, 0.0) + v
+    st.update(fit)
+    st["gemm"] = st["grams"] + sum(fit.values())
+    return st
+
+
+def gemm_peak(n: int = 2048, repeats: int = 3) -> dict:
+    """Measured ``torch.mm`` throughput on ``n × n`` matrices, float32 and float64: GFLOP/s per
+    wall second and per CPU second × threads (the machine's peak when it is not shared)."""
+    import torch
+
+    out = {}
+    for dt in (torch.float32, torch.float64):
+        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+        torch.mm(a, b)
+        w, c = time.perf_counter(), time.process_time()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        w, c = time.perf_counter() - w, time.process_time() - c
+        fl = repeats * 2.0 * n ** 3
+        out[str(dt).split(".")[1]] = {"gflops_wall": round(fl / w / 1e9, 1),
+                                      "gflops_cpu": round(fl / c / 1e9 * torch.get_num_threads(), 1)}
+    return out
+
+
+def cost_report(a, res: dict, cfg: dict) -> dict:
+    """Analytic FLOPs per stage next to the measured seconds, each stage's achieved GFLOP/s as a
+    fraction of the measured float32 GEMM peak (the fit's working precision at these shapes) and
+    the whole-model extrapolation."""
+    from moecore.fitting import svd_method
+    from moecore.config import CompressionConfig
+    from moecore.forms import get_form
+    from moecore.maths import budget
+
+    s = SHAPES[a.shape]
+    E, H, F, k = s["E"], s["H"], s["F"], s["k"]
+    shapes = [budget.ProjectionShape(p, E, *(F, H) if p != "down" else (H, F)) for p in ("gate", "up", "down")]
+    ranks = budget.solve_uniform(get_form("delta"), shapes, a.ratio)
+    ccfg = CompressionConfig(**cfg)
+    methods = {p: svd_method(ccfg, *((F, H) if p != "down" else (H, F))) for p in ranks}
+    layers = len(res["timings"])
+    it = res["refine_iters"]
+    passes = {p: 1 + sum(it[j] for j in range(n, len(it), 3)) / max(1, len(it[n::3])) for n, p in enumerate(ranks)}
+    tokens = min(a.calib_tokens, 10 ** 9)
+    fl = layer_flops(E, H, F, k, tokens, ranks, passes, methods)
+    peak = gemm_peak()
+    st = {key: v / layers for key, v in res["stages"].items()}
+    mean = {key: sum(t[key] for t in res["timings"]) / layers for key in ("calibrate_s", "fit_s", "write_s")}
+    fit_products = st["fit_total_s"] - st["svd_s"]
+    secs = {"calibration_forward": mean["calibrate_s"], "grams": st["grams_s"], "whitening": st["whitening_s"],
+            "whitened_products+refinement": fit_products, "svd": st["svd_s"], "errors": st["errors_s"],
+            "write": mean["write_s"], "fit (all)": mean["fit_s"]}
+    flops = {"calibration_forward": fl["calibration_forward"], "grams": fl["grams"], "whitening": fl["whitening"],
+             "whitened_products+refinement": fl["whitened_products"] + fl["refinement"] + fl["core_start"],
+             "svd": fl["svd"], "errors": fl["errors"], "write": 0.0}
+    flops["fit (all)"] = sum(flops[x] for x in ("grams", "whitening", "whitened_products+refinement", "svd", "errors"))
+    p32 = peak["float32"]["gflops_wall"]
+    rows = {key: {"seconds": round(secs[key], 2), "gflop": round(flops[key] / 1e9, 1),
+                  "gflops_achieved": round(flops[key] / max(secs[key], 1e-9) / 1e9, 1),
+                  "fraction_of_f32_peak": round(flops[key] / max(secs[key], 1e-9) / 1e9 / p32, 3)} for key in secs}
+    return {"ranks": ranks, "svd": methods, "passes": passes, "calib_tokens": tokens, "gemm_peak": peak,
+            "stages": rows, "lower_bound_s_at_f32_peak": round(flops["fit (all)"] / 1e9 / p32, 1),
+            "whole_model_minutes": round((sum(mean.values())) * s["moe_layers"] / 60, 1)}
 
 
 def _cores() -> int:

@@ -48,7 +48,8 @@ class DeltaForm(Form):
         big = e * (d_out + d_in) * rank * 8 > f64_factor_limit
         core, factors, history = fit.fit_delta(
             weights, core, rank, L, S, steps=steps, method=method, generator=generator, chunk=chunk, device=device,
-            factor_dtype=torch.float32 if big else torch.float64, best_on="cpu" if device.type != "cpu" else None)
+            factor_dtype=torch.float32 if big or method == "randomized" else torch.float64,
+            best_on="cpu" if device.type != "cpu" else None, compute_dtype=fit.compute_dtype(method))
         return FitResult(core, factors, history, refine_iters=len(history) - 1)
 
     def reconstruct(self, core: Tensor, factors: tuple[Tensor, ...]) -> Tensor:

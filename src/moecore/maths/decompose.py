@@ -11,12 +11,35 @@ Wrapper form: W_i ≈ (I + U_o V_oᵀ) C (I + U_i V_iᵀ),
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 Tensor = torch.Tensor
 
 
 # ---------------------------------------------------------------------------- SVD
+@contextlib.contextmanager
+def one_thread(t: Tensor) -> Iterator[None]:
+    """Run the enclosed LAPACK factorizations (QR, SVD, eigh) of CPU tensor ``t`` on one thread.
+
+    MKL's multi-threaded QR / SVD / eigh of small and medium matrices gain nothing on few
+    cores and lose up to 10-17x in CPU time when the cores are shared (threads spin-wait):
+    measured on the 2-core machine of benchmarks/RESULTS.md §7 (``qr`` of (16, 2048, 143):
+    116 ms on 1 thread against 2,007 ms on 2; ``svd`` of (16, 143, 2048): 405 against 3,636 ms;
+    ``eigh`` of (8, 256, 256) float64: 64 against 453 ms).  Matrix products keep all threads."""
+    if t.device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def truncated_svd(
     m: Tensor, rank: int, method: str = "exact", oversample: int = 8, power_iters: int = 4,
     generator: torch.Generator | None = None, init: Tensor | None = None, warm_power_iters: int = 1,
@@ -40,14 +63,17 @@ def truncated_svd(
         if init is not None and init.shape[-1] >= s:
             omega[..., :s] = init[..., :s].to(omega)  # warm start from the previous subspace
             power_iters = warm_power_iters
-        q = torch.linalg.qr(m @ omega).Q  # (..., a, s+p)
+        q = _qr(m @ omega)  # (..., a, s+p)
         for _ in range(power_iters):
-            q = torch.linalg.qr(m.mT @ q).Q  # (..., b, s+p)
-            q = torch.linalg.qr(m @ q).Q  # (..., a, s+p)
-        ub, sv, vh = torch.linalg.svd(q.mT @ m, full_matrices=False)  # (..., s+p, s+p), (..., s+p), (..., s+p, b)
+            q = _qr(m.mT @ q)  # (..., b, s+p)
+            q = _qr(m @ q)  # (..., a, s+p)
+        small = q.mT @ m  # (..., s+p, b)
+        with one_thread(m):
+            ub, sv, vh = torch.linalg.svd(small, full_matrices=False)  # (..., s+p, s+p), (..., s+p), (..., s+p, b)
         u = q @ ub  # (..., a, s+p)
     elif method in ("exact", "randomized"):
-        u, sv, vh = torch.linalg.svd(m, full_matrices=False)  # (..., a, k), (..., k), (..., k, b)
+        with one_thread(m):
+            u, sv, vh = torch.linalg.svd(m, full_matrices=False)  # (..., a, k), (..., k), (..., k, b)
     else:
         raise ValueError(f"unknown svd method {method!r}")
     u, sv, v = u[..., :s], sv[..., :s], vh[..., :s, :].mT  # (..., a, s), (..., s), (..., b, s)
@@ -57,6 +83,47 @@ def truncated_svd(
         v = torch.nn.functional.pad(v, (0, pad))
         sv = torch.nn.functional.pad(sv, (0, pad))
     return u, sv, v
+
+
+def _qr(m: Tensor) -> Tensor:
+    """Orthonormal basis ``Q (..., a, c)`` of the columns of ``m (..., a, c)`` (one thread)."""
+    with one_thread(m):
+        return torch.linalg.qr(m).Q
+
+
+def gram_svd(m: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Balanced rank-``rank`` factors of ``m (..., a, b)`` from the symmetric eigendecomposition
+    of its smaller Gram (``mᵀm (b, b)`` or ``m mᵀ (a, a)``), much faster than a full SVD.
+
+    Returns ``A (..., a, s), B (..., b, s)`` with ``A Bᵀ = m V Vᵀ`` (or ``U Uᵀ m``), the
+    orthogonal projection onto the top-``s`` right (left) singular subspace, balanced as
+    :func:`split_sqrt` (``A = U√S``, ``B = V√S``), and the kept energy ``Σ σ_j² (...)``.
+    Zero-padded above ``min(a, b)``; directions with ``σ_j ≤ 1e-12 σ_1`` are dropped.
+
+    Accuracy (float64): the eigenvalues of the Gram are ``σ_j²`` up to ``O(u·σ_1²)``, so the
+    kept energy and the projection's error ``‖m‖² − Σσ_j²`` are exact to ``O(s·u·σ_1²)``
+    (``u = 2⁻⁵³``); the objective is quadratic, hence insensitive, in subspace errors.
+    """
+    a, b = m.shape[-2], m.shape[-1]
+    k = min(a, b)
+    s = min(rank, k)
+    tall = a >= b
+    g = m.mT @ m if tall else m @ m.mT  # (..., k, k)
+    with one_thread(g):
+        lam, vec = torch.linalg.eigh(g)  # ascending
+    lam = lam[..., -s:].flip(-1).clamp_min(0)  # (..., s) = σ²
+    vec = vec[..., -s:].flip(-1)  # (..., k, s)
+    sig = lam.sqrt()
+    keep = sig > 1e-12 * sig[..., :1].clamp_min(1e-300)
+    root = torch.where(keep, sig, torch.ones_like(sig)).sqrt().unsqueeze(-2)  # (..., 1, s)
+    vec = vec * keep.unsqueeze(-2)
+    other = (m @ vec if tall else m.mT @ vec) / root  # m V / √σ = U√σ   (..., a, s) or (..., b, s)
+    mine = vec * root  # V√σ
+    fa, fb = (other, mine) if tall else (mine, other)
+    if rank > s:
+        fa = torch.nn.functional.pad(fa, (0, rank - s))
+        fb = torch.nn.functional.pad(fb, (0, rank - s))
+    return fa, fb, (lam * keep).sum(-1)
 
 
 def split_sqrt(u: Tensor, sv: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

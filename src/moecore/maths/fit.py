@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .decompose import damped_grams, solve_lt, split_sqrt, truncated_svd, wrapper_factors
+from .decompose import damped_grams, gram_svd, solve_lt, split_sqrt, truncated_svd, wrapper_factors
 
 Tensor = torch.Tensor
 _F64 = torch.float64
@@ -31,6 +31,13 @@ def chunks_of(num_experts: int, chunk: int) -> list[slice]:
     """``[slice(0, chunk), slice(chunk, 2·chunk), ...]`` covering ``num_experts``."""
     chunk = max(1, int(chunk))
     return [slice(i, min(i + chunk, num_experts)) for i in range(0, num_experts, chunk)]
+
+
+def compute_dtype(method: str) -> torch.dtype:
+    """Working precision of the fit's products and SVDs: float32 for the randomized path (real
+    shapes; bound in docs/DESIGN.md "Precision of the fit"), float64 for the exact path (short
+    sides up to 512 with ``svd="auto"``: cheap, and its Gram eigendecomposition needs it)."""
+    return torch.float32 if method == "randomized" else _F64
 
 
 def _on(t: Tensor | None, sl: slice, device) -> Tensor | None:
@@ -106,6 +113,7 @@ def fit_delta(
     weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None, S: Tensor | None = None, *,
     steps: int = 10, tol: float = 1e-4, method: str = "exact", generator: torch.Generator | None = None,
     chunk: int | None = None, device=None, factor_dtype: torch.dtype = _F64, best_on=None,
+    compute_dtype: torch.dtype = _F64,
 ) -> tuple[Tensor, tuple[Tensor, Tensor], list[float]]:
     """Jointly fit core and delta factors by block-coordinate descent on
     ``Σ_i ‖(W_i − C − A_i B_iᵀ) L_i‖_F²`` (``L_i = I`` without ``L``).
@@ -113,9 +121,17 @@ def fit_delta(
     Alternates the closed-form factors for a fixed core (truncated SVD of the whitened
     residuals, Eckart–Young; randomized SVDs are warm-started from the previous step's
     subspace) and the closed-form core for fixed factors
-    ``C = Σ_i (W_i − A_i B_iᵀ) Ĝ_i · S⁻¹`` with ``S = Σ_i Ĝ_i``.  Both steps are exact
-    minimizers (up to the SVD method), so the objective does not increase; the best iterate
-    is returned, and iteration stops when the relative improvement is below ``tol``.
+    ``C = Σ_i (W_i − A_i B_iᵀ) Ĝ_i · S⁻¹ = (P − N) S⁻¹`` with ``S = Σ_i Ĝ_i``,
+    ``P = Σ_i W_i Ĝ_i`` (fixed: computed once, in the first pass, as
+    ``Σ_i R_i L_i L_iᵀ + C₀ S``) and ``N = Σ_i A_i (L_i B̃_i)ᵀ`` (low rank, accumulated
+    while the factors are computed; ``B̃_i = L_iᵀ B_i`` is the whitened right factor).
+    So one refinement step costs ONE whitened product ``(W_i − C) L_i`` per expert
+    (the earlier code recomputed three).  Both steps are exact minimizers (up to the SVD
+    method and rounding), so the objective does not increase; the best iterate is returned,
+    and iteration stops when the relative improvement is below ``tol``.
+
+    ``method="exact"`` takes the top singular triplets from the symmetric eigendecomposition
+    of the smaller Gram of the whitened residual (:func:`.decompose.gram_svd`), in float64.
 
     Args:
         weights: ``(E, d_out, d_in)`` in any dtype, on any device (moved a chunk at a time).
@@ -124,56 +140,76 @@ def fit_delta(
         S: ``(d_in, d_in)`` ``Σ_i Ĝ_i`` (required with ``L``).
         chunk / device: experts per chunk (default all) and where the maths runs (default
             the weights' device).
-        factor_dtype: storage of the factor stacks between steps (every product is float64;
-            float32 halves the largest persistent buffers of a DeepSeek-V3-sized layer).
-        best_on: where the best iterate's copy is kept (default ``device``; the host saves
-            accelerator memory).
-    Returns ``core (d_out, d_in)``, ``(A (E, d_out, s), B (E, d_in, s))`` (float64 on
-    ``device``) and the objective history (start first).
+        factor_dtype: storage of the factor stacks between steps.
+        best_on: where the best iterate's copy is kept (default ``device``).
+        compute_dtype: dtype of the per-expert products and SVDs (float32 for the randomized
+            path at real shapes, see docs/DESIGN.md "Precision of the fit"); the core, ``P``,
+            ``N`` and the objective are accumulated in float64.
+    Returns ``core (d_out, d_in)`` float64, ``(A (E, d_out, s), B (E, d_in, s))`` (in
+    ``factor_dtype`` on ``device``) and the objective history (start first).
     """
     e, d_out, d_in = weights.shape
     device = torch.device(device) if device is not None else weights.device
     parts = chunks_of(e, chunk or e)
     if L is not None and S is None:
         raise ValueError("fit_delta: S = Σ Ĝ_i is required with L")
-    s_inv = torch.linalg.inv(S.to(device=device, dtype=_F64)) if L is not None else None  # (d_in, d_in)
+    cdt = compute_dtype
+    s64 = S.to(device=device, dtype=_F64) if L is not None else None  # (d_in, d_in)
+    s_chol = torch.linalg.cholesky(s64) if s64 is not None else None  # S = K Kᵀ
     a_all = torch.zeros(e, d_out, rank, dtype=factor_dtype, device=device)
     b_all = torch.zeros(e, d_in, rank, dtype=factor_dtype, device=device)
     best_on = torch.device(best_on) if best_on is not None else device
     v_prev: list[Tensor | None] = [None] * len(parts)
+    acc: dict[str, Tensor | None] = {"P": None}
 
-    def factors(c: Tensor) -> float:
-        """Fill ``a_all, b_all`` for core ``c``; return the objective."""
+    def on(t: Tensor | None, sl: slice) -> Tensor | None:
+        return None if t is None else t[sl].to(device=device, dtype=cdt)
+
+    def factors(c: Tensor, first: bool) -> tuple[float, Tensor]:
+        """Fill ``a_all, b_all`` for core ``c``; return the objective and ``N (d_out, d_in)``."""
         err = 0.0
+        n_acc = torch.zeros(d_out, d_in, dtype=_F64, device=device)
+        p_acc = torch.zeros(d_out, d_in, dtype=_F64, device=device) if first and steps > 0 else None
+        cc = c.to(cdt)
         for j, sl in enumerate(parts):
-            w, l = _on(weights, sl, device), _on(L, sl, device)  # (n, d_out, d_in), (n, d_in, d_in)
-            r = w - c
-            rl = r @ l if l is not None else r  # whitened residual
-            u, sv, v = truncated_svd(rl, rank, method, generator=generator, init=v_prev[j])
-            v_prev[j] = v if method == "randomized" else None
-            a, bw = split_sqrt(u, sv, v)  # (n, d_out, s), (n, d_in, s)
+            w, l = on(weights, sl), on(L, sl)  # (n, d_out, d_in), (n, d_in, d_in)
+            r = w - cc
+            del w
+            rl = r @ l if l is not None else r  # whitened residual (n, d_out, d_in)
+            if p_acc is not None:  # Σ_i R_i L_i L_iᵀ  (once)
+                p_acc += (rl @ l.mT).sum(0, dtype=_F64) if l is not None else rl.sum(0, dtype=_F64)
+            if method == "exact":
+                a, bw, kept = gram_svd(rl.to(_F64), rank)  # (n, d_out, s), (n, d_in, s), (n,)
+            else:
+                u, sv, v = truncated_svd(rl, rank, method, generator=generator, init=v_prev[j])
+                v_prev[j] = v if method == "randomized" else None
+                a, bw = split_sqrt(u, sv, v)  # (n, d_out, s), (n, d_in, s)
+                kept = sv.to(_F64).pow(2).sum(-1)  # (n,)
+            err += float(rl.pow(2).sum(dtype=_F64) - kept.sum())  # ‖RL − A B̃ᵀ‖² = ‖RL‖² − Σ σ²
+            del rl, r
             a_all[sl] = a.to(factor_dtype)
-            b_all[sl] = (solve_lt(l, bw) if l is not None else bw).to(factor_dtype)
-            err += float((rl - a @ bw.mT).pow(2).sum())
-        return err
+            b_all[sl] = (solve_lt(l.to(bw.dtype), bw) if l is not None else bw).to(factor_dtype)
+            lb = (l.to(bw.dtype) @ bw) if l is not None else bw  # Ĝ_i B_i = L_i B̃_i  (n, d_in, s)
+            n_acc += torch.einsum("nos,nis->oi", a.to(_F64), lb.to(_F64))
+        if p_acc is not None:
+            acc["P"] = p_acc + (c @ s64 if s64 is not None else e * c)
+        return max(err, 0.0), n_acc
 
-    def core_step() -> Tensor:
-        m = torch.zeros(d_out, d_in, dtype=_F64, device=device)
-        for sl in parts:
-            w, l = _on(weights, sl, device), _on(L, sl, device)
-            resid = w - a_all[sl].to(_F64) @ b_all[sl].to(_F64).mT  # (n, d_out, d_in)
-            m += ((resid @ l) @ l.mT).sum(0) if l is not None else resid.sum(0)
-        return m @ s_inv if s_inv is not None else m / e  # (d_out, d_in)
+    def core_step(n_acc: Tensor) -> Tensor:
+        m = acc["P"] - n_acc  # Σ_i (W_i − A_i B_iᵀ) Ĝ_i  (d_out, d_in)
+        return torch.cholesky_solve(m.mT, s_chol).mT if s_chol is not None else m / e  # m S⁻¹ (S symmetric)
 
     core = core.to(device=device, dtype=_F64)
+
     def snapshot() -> tuple[Tensor, Tensor, Tensor]:
         return core.to(best_on, copy=True), a_all.to(best_on, copy=True), b_all.to(best_on, copy=True)
 
-    history = [factors(core)]
+    err, n_acc = factors(core, first=True)
+    history = [err]
     best = snapshot()
     for _ in range(steps):
-        core = core_step()
-        err = factors(core)
+        core = core_step(n_acc)
+        err, n_acc = factors(core, first=False)
         improved = history[-1] - err
         history.append(err)
         if err < min(history[:-1]):
@@ -210,24 +246,24 @@ def fit_wrapper(
 @torch.no_grad()
 def errors(
     weights: Tensor, approx_fn, L: Tensor | None = None, lam: Tensor | None = None, *,
-    chunk: int | None = None, device=None,
+    chunk: int | None = None, device=None, compute_dtype: torch.dtype = _F64,
 ) -> tuple[float, float | None]:
     """Relative weight error ``‖W − Ŵ‖/‖W‖`` and, with ``L``, relative output error on the
     calibration inputs ``sqrt(Σ tr(Δ_i G_i Δ_iᵀ) / Σ tr(W_i G_i W_iᵀ))``, computed from
     ``‖Δ_i L_i‖² − λ_i ‖Δ_i‖²`` (``Ĝ_i = G_i + λ_i I``).  ``approx_fn(slice) -> Ŵ[slice]``
-    (float64 on ``device``)."""
+    (on ``device``).  ``compute_dtype``: dtype of the whitened products (sums are float64)."""
     e = weights.shape[0]
     device = torch.device(device) if device is not None else weights.device
     wn = wd = on = od = 0.0
     for sl in chunks_of(e, chunk or e):
-        w = _on(weights, sl, device)
-        delta = w - approx_fn(sl)
-        dw, ww = delta.pow(2).sum((1, 2)), w.pow(2).sum((1, 2))  # (n,)
+        w = weights[sl].to(device=device, dtype=compute_dtype)  # (n, d_out, d_in)
+        delta = w - approx_fn(sl).to(compute_dtype)
+        dw, ww = delta.pow(2).sum((1, 2), dtype=_F64), w.pow(2).sum((1, 2), dtype=_F64)  # (n,)
         wn, wd = wn + float(dw.sum()), wd + float(ww.sum())
         if L is not None:
-            l, la = _on(L, sl, device), lam[sl].to(device)
-            on += float(((delta @ l).pow(2).sum((1, 2)) - la * dw).clamp_min(0).sum())
-            od += float(((w @ l).pow(2).sum((1, 2)) - la * ww).clamp_min(0).sum())
+            l, la = L[sl].to(device=device, dtype=compute_dtype), lam[sl].to(device=device, dtype=_F64)
+            on += float(((delta @ l).pow(2).sum((1, 2), dtype=_F64) - la * dw).clamp_min(0).sum())
+            od += float(((w @ l).pow(2).sum((1, 2), dtype=_F64) - la * ww).clamp_min(0).sum())
     weight_err = (wn / max(wd, 1e-300)) ** 0.5
     return weight_err, ((on / max(od, 1e-300)) ** 0.5 if L is not None else None)
 
