@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import moecore
 from moecore.api import compress_checkpoint
 from moecore.block_recovery import heldout_rows, sequence_ids
+from moecore.cli import main
 from moecore.config import CompressionConfig
 from moecore.data import load_split
 from moecore.errors import ConfigError
@@ -132,3 +133,16 @@ def test_recover_runs_each_layer_once_per_batch(tok, texts):
     assert sum(done) <= (n_layers + 1) * batches and sum(done) == (n_layers - 1) * batches
     assert calls == [2 * batches] * (n_layers - 1) + [batches]  # one stopped capture + one forward; last: capture
 
+
+
+def test_cli_compress_reports_block_recovery(tmp_path, tok, texts, capsys):
+    model = build("mixtral")
+    model.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    (tmp_path / "calib.txt").write_text("\n\n".join(texts), encoding="utf-8")
+    assert main(["compress", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--rank", "3", "--calib",
+                 str(tmp_path / "calib.txt"), "--calib-tokens", "1536", "--calib-seq-len", "48", "--refine-steps", "1",
+                 "--recover-steps", "10", "--recover-lr", "0.01", "--device", "cpu", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "recover " in err and "block recovery (10 steps per layer): kept in 2 of 2 layer(s)" in err, err
+    assert main(["compress", str(tmp_path / "src"), "-o", str(tmp_path / "o2"), "--recover-steps", "-3"]) == 2

@@ -175,6 +175,7 @@ class Engine:
         self.progress = progress
         self.calls = None
         self.timings: list[dict[str, Any]] = []
+        self.recovery: list[dict[str, Any]] = []  # block recovery reports, {"path", **train_block's}
         self.order = [(i, rel) for i in sorted(self.by_layer) for rel, _ in self.by_layer[i]]
 
     # ------------------------------------------------------------------ set-up
@@ -262,6 +263,7 @@ class Engine:
                     tr = time.perf_counter()
                     new.report["recovery"] = self._recover(path, layout, layer.get_submodule(rel), new, inputs[rel],
                                                            seed)
+                    self.recovery.append({"path": path, **new.report["recovery"]})
                     recover_s += time.perf_counter() - tr
                 replace_module(layer, rel, new)
             inputs = None
