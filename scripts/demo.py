@@ -89,7 +89,8 @@ def run_model(name: str, args, console: Console, done: list[dict], save) -> list
                           args.max_tokens)
             row["compress_seconds"] = round(time.time() - t0 - row["eval_seconds"], 1)
             row["compress_cpu_seconds"] = round(cpu, 1)
-            row["recover_steps"] = cfg.recover_steps
+            row.update({k: getattr(cfg, k) for k in ("recover_steps", "recover_lr", "recover_batch_tokens",
+                                                     "recover_train_core")})
             row["ppl_change_percent"] = 100 * (row["ppl"] / base - 1)
             rows.append(row)
             save(done + rows)  # partial results survive an interrupted run

@@ -10,7 +10,8 @@ reached it on calibration text, never on the whole model:
 - ``y (N, H)`` the original block's output on them, routing-weighted as the model computes
   it: ``y_t = Σ_j w_tj · E_{i_tj}(x_t)`` (:func:`block_targets`);
 - the loss is the relative block-output error ``‖ŷ − y‖² / ‖y‖²`` on a random batch of rows
-  per Adam step (:func:`train_block`), over the factors (and optionally the cores).
+  per Adam step (:func:`train_block`), over the factors (and optionally the cores), each
+  tensor with a step size relative to its own scale (:func:`step_sizes`).
 
 Whole calibration sequences are held out (every ``HOLDOUT_EVERY``-th one,
 :func:`heldout_rows`): the trained parameters are kept only if the held-out error fell, so a
@@ -106,15 +107,27 @@ def _train_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def step_sizes(params: list[torch.Tensor], lr: float) -> list[float]:
+    """Adam's peak step size per tensor: ``lr`` times the tensor's RMS at the start (a zero
+    tensor gets the smallest non-zero RMS).  The factors of one projection differ in scale by
+    orders of magnitude (whitened: ``A = U√S`` has RMS ~0.5, ``B = L⁻ᵀV√S`` ~0.02 on the bundled
+    models), and Adam moves every entry by about its step size: one absolute rate either
+    barely moves ``A`` or makes ``B`` diverge.  A relative rate moves each by the same fraction."""
+    rms = [float(p.detach().double().pow(2).mean().sqrt()) if p.numel() else 0.0 for p in params]
+    floor = min((r for r in rms if r > 0), default=1.0)
+    return [lr * (r if r > 0 else floor) for r in rms]
+
+
 def _fit(work: nn.Module, names: list[str], layout: ExpertsLayout, x, idx, w, y, *, steps: int, lr: float,
          batch_tokens: int, generator: torch.Generator, where: str) -> None:
     """Adam on ``work``'s parameters ``names`` (the rest frozen), relative MSE on random row
-    batches of ``x (n, H)`` against ``y (n, H)``; learning rate cosine-decayed to 0."""
+    batches of ``x (n, H)`` against ``y (n, H)``; per-tensor step sizes :func:`step_sizes`,
+    cosine-decayed to 0."""
     flags = {n: p.requires_grad for n, p in work.named_parameters()}
     for n, p in work.named_parameters():
         p.requires_grad_(n in names)
     params = [p for n, p in work.named_parameters() if n in names]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam([{"params": [p], "lr": a} for p, a in zip(params, step_sizes(params, lr))])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     scale = y.pow(2).mean().clamp_min(1e-30)
     n = x.shape[0]
@@ -148,7 +161,8 @@ def train_block(module: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: 
             (:func:`block_targets`), all on the device to train on.
         held: ``(N,)`` bool rows held out (:func:`heldout_rows`); all False: judged on the
             training rows.
-        steps, lr, batch_tokens: Adam steps, peak learning rate (cosine decay to 0), rows per step.
+        steps, lr, batch_tokens: Adam steps, peak RELATIVE learning rate (each tensor's step size
+            is ``lr`` times its RMS, :func:`step_sizes`; cosine decay to 0), rows per step.
         train_core: also train the cores.
         seed: seed of the row sampling.
         where: the module's name in error messages.

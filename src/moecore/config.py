@@ -119,17 +119,19 @@ class CompressionConfig(ConfigBase):
             and/or factors, the factors refit after the core is quantized (delta form only).
         allow_larger: compress even when ``rank`` makes the experts store at least as many
             parameters as the original (refused by default, naming the break-even rank).
-        recover_steps: in-engine recovery: after each layer's zero-shot fit, this many Adam
-            steps fit its factors to the ORIGINAL block's routing-weighted output on that
-            layer's calibration activations (relative MSE, cosine-decayed learning rate), in
-            the same per-layer pass (:mod:`moecore.block_recovery`).  Every 5th calibration
-            sequence is held out and a layer keeps the trained factors only if its held-out
-            block error fell.  0 = zero-shot only.  Needs calibration text (ignored without);
+        recover_steps: Adam steps per layer of in-engine recovery (0 = zero-shot only): after
+            each layer's zero-shot fit, its factors (and, with ``recover_train_core``, cores) are
+            fitted to the ORIGINAL block's routing-weighted output on that layer's calibration
+            activations, in the same per-layer pass (relative MSE; :mod:`moecore.block_recovery`).
+            Every 5th calibration sequence is held out, and a layer keeps the trained weights
+            only if its held-out block error fell.  Needs calibration text (ignored without);
             not applied to quantized storage (``quant``).
-        recover_lr: peak Adam learning rate of in-engine recovery.
+        recover_lr: peak relative learning rate of in-engine recovery: each trained tensor's Adam
+            step size is this fraction of its RMS (factors differ in scale by orders of
+            magnitude), cosine-decayed to 0.
         recover_batch_tokens: calibration tokens per in-engine recovery step.
-        recover_train_core: in-engine recovery also trains the shared cores (default: the
-            factors only).
+        recover_train_core: in-engine recovery also trains the shared cores (not only the
+            factors).
     """
 
     form: str = field(default=DEFAULT_FORM, metadata={"choices": tuple(FORMS)})  # the registered forms
@@ -153,7 +155,7 @@ class CompressionConfig(ConfigBase):
     quant: QuantConfig | None = None
     allow_larger: bool = False
     recover_steps: int = field(default=0, metadata={"min": 0})
-    recover_lr: float = field(default=1e-3, metadata={"gt": 0, "max": 1.0})
+    recover_lr: float = field(default=0.02, metadata={"gt": 0, "max": 1.0})
     recover_batch_tokens: int = field(default=1024, metadata={"gt": 0})
     recover_train_core: bool = False
 

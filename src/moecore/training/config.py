@@ -25,7 +25,8 @@ class RecoveryConfig(ConfigBase):
 
     Attributes:
         steps: Adam steps per layer (0: only measure the errors).
-        lr: Adam learning rate.
+        lr: peak relative learning rate: each trained tensor's Adam step size is this fraction
+            of its RMS, cosine-decayed to 0 (:func:`moecore.block_recovery.step_sizes`).
         batch_tokens: calibration tokens per Adam step.
         max_tokens: calibration tokens in all (every 5th sequence is held back to judge each
             layer, which is only kept if it improved on those).
@@ -36,7 +37,7 @@ class RecoveryConfig(ConfigBase):
     """
 
     steps: int = field(default=200, metadata={"min": 0})
-    lr: float = field(default=1e-3, metadata={"gt": 0})
+    lr: float = field(default=0.02, metadata={"gt": 0, "max": 1.0})
     batch_tokens: int = field(default=1024, metadata={"gt": 0})
     max_tokens: int = field(default=32768, metadata={"gt": 0})
     seq_len: int = field(default=256, metadata={"gt": 0})
