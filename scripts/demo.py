@@ -73,7 +73,7 @@ def run_model(name: str, args, console: Console, done: list[dict], save) -> list
         for ratio in args.ratios:
             console.print(f"[bold]{name}[/]: {form} form, target ratio {ratio}")
             m, _ = load_model(path)
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             extra = {} if args.refine_steps is None else {"refine_steps": args.refine_steps}
             if args.propagate:
                 extra["propagate"] = args.propagate
@@ -82,11 +82,15 @@ def run_model(name: str, args, console: Console, done: list[dict], save) -> list
                 extra[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
             cfg = moecore.CompressionConfig(form=form, target_ratio=ratio, init=args.init, **extra)
             moecore.compress(m, cfg, calibration=calib if args.init == "auto" else None, tokenizer=tok)
+            cpu = time.process_time() - c0  # all threads of this process: robust to a shared machine
             row = measure(m, tok, stream, {"model": name, "form": form, "target_ratio": ratio, "init": args.init,
                                            "refine_steps": cfg.refine_steps, "propagate": cfg.propagate,
                                            "calib_prior_tokens": cfg.calib_prior_tokens},
                           args.max_tokens)
             row["compress_seconds"] = round(time.time() - t0 - row["eval_seconds"], 1)
+            row["compress_cpu_seconds"] = round(cpu, 1)
+            row.update({k: getattr(cfg, k) for k in ("recover_steps", "recover_lr", "recover_batch_tokens",
+                                                     "recover_train_core")})
             row["ppl_change_percent"] = 100 * (row["ppl"] / base - 1)
             rows.append(row)
             save(done + rows)  # partial results survive an interrupted run

@@ -48,11 +48,15 @@ TEXT = (
 )
 
 
-def build(family: str, seed: int = 0) -> nn.Module:
+def build(family: str, seed: int = 0, layers: int | None = None) -> nn.Module:
     """Tiny random model whose experts matter: expert weights re-drawn with std 1/sqrt(d_in)
-    (the default 0.02 init would make the experts nearly invisible in the logits)."""
+    (the default 0.02 init would make the experts nearly invisible in the logits);
+    ``layers`` decoder layers (default 2)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+    cfg = FAMILIES[family]()
+    if layers is not None:
+        cfg.num_hidden_layers = layers
+    model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for _, module, layout in find_experts(model):
             for name, p in module.named_parameters():

@@ -40,7 +40,7 @@ def test_recover_lowers_each_layer_error(teacher_dir):
     student = copy.deepcopy(teacher)
     moecore.compress(student, CompressionConfig(form="delta", rank=4))
     cores = {n: p.detach().clone() for n, p in student.named_parameters() if ".core_" in n}
-    rep = recover(teacher_dir, student, RecoveryConfig(steps=60, lr=1e-2, max_tokens=2048, seq_len=128),
+    rep = recover(teacher_dir, student, RecoveryConfig(steps=60, lr=0.05, max_tokens=2048, seq_len=128),
                   calibration=load_split("calib")[:20])
     assert [r["path"] for r in rep.layers] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     for r in rep.layers:

@@ -137,7 +137,8 @@ def compress_checkpoint(
         max_shard_size: as in ``save_pretrained``: a result up to this size is one
             ``model.safetensors``; a larger one keeps one shard per decoder layer plus
             ``model.safetensors.index.json``.
-    Returns a summary: output path, ranks, per-layer timings, whether it resumed.
+    Returns a summary: output path, ranks, per-layer timings, the block recovery reports of
+    the layers compressed by this call (``recover_steps``), whether it resumed.
     """
     src = check_model_dir(model_dir)
     out = prepare_output(out_dir, [src, calibration_path], overwrite)
@@ -189,5 +190,5 @@ def _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, devi
     engine.run(ranks, hidden, start)
     st.finish(work, src, model, hf_cfg, stack_path, state, config, tok, max_shard_size, name=out.name)
     publish_dir(work, out, overwrite)
-    return {"output": str(out), "resumed_at_layer": start, "timings": engine.timings,
+    return {"output": str(out), "resumed_at_layer": start, "timings": engine.timings, "recovery": engine.recovery,
             "ranks": state["ranks"], "dtype": str(dtype), "device": str(device)}

@@ -105,6 +105,43 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict], 
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@torch.no_grad()
+def calibrate_layer(layer: nn.Module, mods: list[tuple[str, ExpertsLayout]], hidden: list[torch.Tensor],
+                    calls: list[tuple[tuple, dict]], device, keep_outputs: bool,
+                    store_device="cpu") -> tuple[dict[str, "ExpertsInputHook"], list[torch.Tensor] | None]:
+    """Run ``layer`` on every batch of ``hidden`` (``[(B, L, H)]``, call arguments ``calls[b]``)
+    with an :class:`ExpertsInputHook` on each experts module ``mods = [(path in the layer,
+    layout)]``; return the hooks (what reached each module, per call) and, if
+    ``keep_outputs``, the layer's outputs per batch (on each batch's device).  Without
+    ``keep_outputs`` and with one experts module the forward stops at that module (attention
+    and router only)."""
+    hooks = {rel: ExpertsInputHook(store_device=store_device, layout=layout) for rel, layout in mods}
+    stop = not keep_outputs and len(mods) == 1  # nothing after the experts is needed
+
+    def make(h):
+        def pre(module, args, kwargs):
+            h(module, args, kwargs)
+            if stop:
+                raise _Stop
+        return pre
+
+    handles = [layer.get_submodule(rel).register_forward_pre_hook(make(h), with_kwargs=True)
+               for rel, h in hooks.items()]
+    outs = [] if keep_outputs else None
+    try:
+        for b, h in enumerate(hidden):
+            try:
+                y = run_layer(layer, h, calls[b], device)
+            except _Stop:
+                continue
+            if keep_outputs:
+                outs.append(y.to(h.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hooks, outs
+
+
 class ExpertsInputHook:
     """Forward pre-hook on an experts module that keeps what reaches it (on the host), as
     ``(x (N, H), top_k_index (N, k), top_k_weights (N, k))`` whatever the layout's call
@@ -123,17 +160,29 @@ class ExpertsInputHook:
                                               module.num_experts, skip_unrouted=True)
         self.got.append((x.to(self.store_device), idx.to(self.store_device), wts.to(self.store_device)))
 
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything collected so far: ``(x (N, H), top_k_index (N, k), top_k_weights (N, k))``."""
+        return tuple(torch.cat([g[j] for g in self.got]) for j in range(3))
+
+    def rows_per_call(self) -> list[int]:
+        """Rows each call gave (one call per calibration batch)."""
+        return [g[0].shape[0] for g in self.got]
+
     def inputs(self, num_experts: int, weighting: str) -> "RoutedInputs":
         """Everything collected so far as one :class:`RoutedInputs`."""
-        x, idx, w = (torch.cat([g[j] for g in self.got]) for j in range(3))
-        return RoutedInputs(x, idx, w, num_experts, weighting)
+        x, idx, w = self.rows()
+        return RoutedInputs(x, idx, w, num_experts, weighting, rows_per_call=self.rows_per_call())
 
 
 class RoutedInputs:
     """Calibration inputs of one experts module: ``x (T, H)``, ``top_k_index (T, k)``,
-    ``top_k_weights (T, k)``, with the routed (token, expert) pairs sorted by expert."""
+    ``top_k_weights (T, k)`` (kept as given, for block recovery), with the routed
+    (token, expert) pairs sorted by expert; ``rows_per_call[b]``: the rows call ``b`` gave."""
 
-    def __init__(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, num_experts: int, weighting: str):
+    def __init__(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, num_experts: int, weighting: str,
+                 rows_per_call: list[int] | None = None):
+        self.top_k_index, self.top_k_weights = idx, weights
+        self.rows_per_call = rows_per_call if rows_per_call is not None else [x.shape[0]]
         t, k = idx.shape
         flat = idx.reshape(-1)  # (S,)
         tok = torch.arange(t, device=idx.device).repeat_interleave(k)  # (S,)

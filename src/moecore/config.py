@@ -131,6 +131,19 @@ class CompressionConfig(ConfigBase):
             and/or factors, the factors refit after the core is quantized (delta form only).
         allow_larger: compress even when ``rank`` makes the experts store at least as many
             parameters as the original (refused by default, naming the break-even rank).
+        recover_steps: Adam steps per layer of in-engine recovery (0 = zero-shot only): after
+            each layer's zero-shot fit, its factors (and, with ``recover_train_core``, cores) are
+            fitted to the ORIGINAL block's routing-weighted output on that layer's calibration
+            activations, in the same per-layer pass (relative MSE; :mod:`moecore.block_recovery`).
+            Every 5th calibration sequence is held out, and a layer keeps the trained weights
+            only if its held-out block error fell.  Needs calibration text (ignored without);
+            not applied to quantized storage (``quant``).
+        recover_lr: peak relative learning rate of in-engine recovery: each trained tensor's Adam
+            step size is this fraction of its RMS (factors differ in scale by orders of
+            magnitude), cosine-decayed to 0.
+        recover_batch_tokens: calibration tokens per in-engine recovery step.
+        recover_train_core: in-engine recovery also trains the shared cores (not only the
+            factors).
     """
 
     form: str = field(default=DEFAULT_FORM, metadata={"choices": FORM_NAMES})  # the registered forms
@@ -153,6 +166,10 @@ class CompressionConfig(ConfigBase):
     expert_chunk: int | None = field(default=None, metadata={"gt": 0, "unset": "as many as --fit-memory-gb allows"})
     quant: QuantConfig | None = None
     allow_larger: bool = False
+    recover_steps: int = field(default=0, metadata={"min": 0})
+    recover_lr: float = field(default=0.02, metadata={"gt": 0, "max": 1.0})
+    recover_batch_tokens: int = field(default=1024, metadata={"gt": 0})
+    recover_train_core: bool = False
 
     FILENAME = CONFIG_FILENAME
     KIND = "compression config"
@@ -187,7 +204,8 @@ class RecoveryConfig(ConfigBase):
 
     Attributes:
         steps: Adam steps per layer (0: only measure the errors).
-        lr: Adam learning rate.
+        lr: peak relative learning rate: each trained tensor's Adam step size is this fraction
+            of its RMS, cosine-decayed to 0 (:func:`moecore.block_recovery.step_sizes`).
         batch_tokens: calibration tokens per Adam step.
         max_tokens: calibration tokens in all (every 5th sequence is held back to judge each
             layer, which is only kept if it improved on those).
@@ -198,7 +216,7 @@ class RecoveryConfig(ConfigBase):
     """
 
     steps: int = field(default=200, metadata={"min": 0})
-    lr: float = field(default=1e-3, metadata={"gt": 0})
+    lr: float = field(default=0.02, metadata={"gt": 0, "max": 1.0})
     batch_tokens: int = field(default=1024, metadata={"gt": 0})
     max_tokens: int = field(default=32768, metadata={"gt": 0})
     seq_len: int = field(default=256, metadata={"gt": 0})

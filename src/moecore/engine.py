@@ -8,8 +8,11 @@ Per decoder layer, in order:
 2. **calibrate**: the *original* layer runs on the current calibration activations with a
    pre-hook on its experts module that keeps what reaches the experts (inputs, top-k
    indices and weights);
-3. **fit**: Grams, whitening, core and factors (:func:`moecore.fitting.fit_experts`), then
-   the experts module is swapped for a :class:`~moecore.compressed_experts.CompressedExperts`;
+3. **fit**: Grams, whitening, core and factors (:func:`moecore.fitting.fit_experts`); with
+   ``recover_steps`` the factors are then trained by Adam to the original block's
+   routing-weighted output on the same calibration rows (:mod:`moecore.block_recovery`;
+   kept only if the held-out sequences' block error fell); then the experts module is
+   swapped for a :class:`~moecore.compressed_experts.CompressedExperts`;
 4. **propagate**: the original layer's outputs become the next layer's inputs
    (``propagate="original"``, the default), or the *compressed* layer runs to produce them
    (``"compressed"``, sequential calibration);
@@ -21,6 +24,7 @@ layer's spectrum before any rank is fixed, so it costs one extra pass over the l
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -32,7 +36,8 @@ import torch
 from torch import nn
 from .progress import progress_bar
 
-from .calibration import ExpertsInputHook, _Stop, capture_layer_inputs, run_layer
+from .block_recovery import block_targets, heldout_rows, sequence_ids, train_block
+from .calibration import RoutedInputs, calibrate_layer, capture_layer_inputs, run_layer
 from .compressed_experts import PROJECTIONS
 from .config import CompressionConfig
 from .errors import ConfigError, UnsupportedModelError
@@ -88,6 +93,29 @@ def bound_host_heap() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+@contextlib.contextmanager
+def reusable_heap():
+    """Inside the block, allocations up to 32 MiB come from glibc's heap and freed blocks stay
+    there for reuse (``M_MMAP_THRESHOLD`` 32 MiB, glibc's maximum; ``M_TRIM_THRESHOLD`` 1 GiB);
+    on exit the bound of :func:`bound_host_heap` is restored and the heap trimmed.  Block
+    recovery's Adam steps allocate the same MiB-sized temporaries again and again: with every
+    one an ``mmap`` (and its page faults) they took 2.4x the CPU time on the bundled models.
+    A no-op outside glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.mallopt(-3, 128 * 1024)
+        libc.mallopt(-1, 128 * 1024)
+        libc.malloc_trim(0)
 
 
 def release_memory(device: torch.device) -> None:
@@ -150,10 +178,11 @@ def progress_postfix(layer: nn.Module, device: torch.device, fit_s: float) -> di
     return post
 
 
-def experts_by_layer(model: nn.Module) -> tuple[str, nn.ModuleList, dict[int, list[tuple[str, ExpertsLayout]]]]:
+def experts_by_layer(model: nn.Module, which: str = "original",
+                     ) -> tuple[str, nn.ModuleList, dict[int, list[tuple[str, ExpertsLayout]]]]:
     """The decoder-layer stack and, per layer index, its experts modules as
-    ``(path relative to the layer, layout)``."""
-    found = find_experts(model)
+    ``(path relative to the layer, layout)`` (``which``: as :func:`~moecore.families.find_experts`)."""
+    found = find_experts(model, which)
     stack_path, stack = decoder_layers(model, found[0][0])
     by_layer: dict[int, list[tuple[str, ExpertsLayout]]] = {}
     for path, _, layout in found:
@@ -208,6 +237,7 @@ class Engine:
         self.progress = progress
         self.calls = None
         self.timings: list[dict[str, Any]] = []
+        self.recovery: list[dict[str, Any]] = []  # block recovery reports, {"path", **train_block's}
         self.order = [(i, rel) for i in sorted(self.by_layer) for rel, _ in self.by_layer[i]]
 
     # ------------------------------------------------------------------ set-up
@@ -248,35 +278,25 @@ class Engine:
         if hidden is None:
             return {}, None
         mods = self.by_layer.get(i, [])
-        hooks = {rel: ExpertsInputHook(layout=layout) for rel, layout in mods}
-        stop = not keep_outputs and len(mods) == 1  # nothing after the experts is needed
-
-        def make(h):
-            def pre(module, args, kwargs):
-                h(module, args, kwargs)
-                if stop:
-                    raise _Stop
-            return pre
-
-        handles = [layer.get_submodule(rel).register_forward_pre_hook(make(h), with_kwargs=True)
-                   for rel, h in hooks.items()]
-        outs = [] if keep_outputs else None
-        try:
-            for b, h in enumerate(hidden):
-                try:
-                    y = run_layer(layer, h, self.calls[i][b], self.device)
-                except _Stop:
-                    continue
-                if keep_outputs:
-                    outs.append(y.to(h.device))
-        finally:
-            for handle in handles:
-                handle.remove()
+        hooks, outs = calibrate_layer(layer, mods, hidden, self.calls[i], self.device, keep_outputs)
         inputs = {}
         for rel, layout in mods:
             e = layout.split(layer.get_submodule(rel))["gate"].shape[0]
             inputs[rel] = hooks[rel].inputs(e, self.cfg.calib_weighting)
         return inputs, outs
+
+    def _recover(self, path: str, layout: ExpertsLayout, original: nn.Module, new: nn.Module,
+                 inputs: RoutedInputs, seed: int) -> dict[str, Any]:
+        """Train ``new``'s factors to ``original``'s block output on the calibration rows
+        (:func:`moecore.block_recovery.train_block`) on the compute device; its report."""
+        cfg, dev = self.cfg, self.device
+        x, idx, w = inputs.x.to(dev), inputs.top_k_index.to(dev), inputs.top_k_weights.to(dev)  # (N, H), (N, k) x2
+        y = block_targets(original, layout, x, idx, w)  # (N, H)
+        held = heldout_rows(sequence_ids(inputs.rows_per_call, [tuple(b.shape) for b in self.batches])).to(dev)
+        with reusable_heap():
+            return train_block(new, layout, x, idx, w, y, held, steps=cfg.recover_steps, lr=cfg.recover_lr,
+                               batch_tokens=cfg.recover_batch_tokens, train_core=cfg.recover_train_core, seed=seed,
+                               where=path)
 
     @torch.no_grad()
     def _propagate(self, i: int, layer: nn.Module, hidden) -> list[torch.Tensor]:
@@ -296,11 +316,18 @@ class Engine:
             mods = self.by_layer.get(i, [])
             inputs, outs = self._calibrate(i, layer, hidden, keep_outputs=original or not mods)
             t2 = time.perf_counter()
+            recover_s = 0.0
             for rel, layout in mods:
                 path = f"{self.stack_path}.{i}.{rel}"
                 seed = self.cfg.seed + self.order.index((i, rel))
                 new = fit_experts(layer.get_submodule(rel), layout, self.cfg, {p: ranks[(path, p)] for p in PROJECTIONS},
                                   inputs.get(rel), self.device, seed)
+                if self.cfg.recover_steps and self.cfg.quant is None and inputs.get(rel) is not None:
+                    tr = time.perf_counter()
+                    new.report["recovery"] = self._recover(path, layout, layer.get_submodule(rel), new, inputs[rel],
+                                                           seed)
+                    self.recovery.append({"path": path, **new.report["recovery"]})
+                    recover_s += time.perf_counter() - tr
                 replace_module(layer, rel, new)
             inputs = None
             t3 = time.perf_counter()
@@ -312,6 +339,7 @@ class Engine:
             self.store.done(i, layer, hidden)
             release_memory(self.device)
             t5 = time.perf_counter()
-            self.timings.append({"layer": i, "load_s": t1 - t0, "calibrate_s": t2 - t1, "fit_s": t3 - t2,
+            self.timings.append({"layer": i, "load_s": t1 - t0, "calibrate_s": t2 - t1, "fit_s": t3 - t2 - recover_s,
+                                 "recover_s": recover_s,
                                  "propagate_s": t4 - t3, "write_s": t5 - t4, "resident_bytes": resident_bytes()})
             bar.refresh()

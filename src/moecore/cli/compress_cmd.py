@@ -121,9 +121,16 @@ def run(args) -> int:
             return 128 + (got[0] if got else signal.SIGINT)
     t = res["timings"]
     if t:
-        tot = {k: sum(r[k] for r in t) for k in ("load_s", "calibrate_s", "fit_s", "propagate_s", "write_s")}
+        tot = {k: sum(r.get(k, 0.0) for r in t)
+               for k in ("load_s", "calibrate_s", "fit_s", "recover_s", "propagate_s", "write_s")}
         status(f"{len(t)} layer(s) in {sum(tot.values()):.1f} s: " + ", ".join(
-            f"{k[:-2]} {v:.1f} s" for k, v in tot.items()))
+            f"{k[:-2]} {v:.1f} s" for k, v in tot.items() if v or k != "recover_s"))
+    rec = res.get("recovery") or []
+    if rec:
+        kept = [r for r in rec if r["kept"]]
+        status(f"block recovery ({cfg.recover_steps} steps per layer): kept in {len(kept)} of {len(rec)} layer(s); "
+               f"held-out block error {sum(r['val_rel_mse_before'] for r in rec) / len(rec):.4g} -> "
+               f"{sum(r['val_rel_mse_after'] for r in rec) / len(rec):.4g} (mean relative MSE)")
     if not args.quiet:
         print_table(read_statistics_yaml(Path(res["output"]) / STATS_FILENAME), per_layer=False)
     print(f"saved compressed model to {args.output}")

@@ -1,39 +1,41 @@
 """Layer-wise local recovery: fit each compressed experts block to the original block.
 
-For each MoE layer in order: run the (compressed) student on calibration text up to that
-layer and cache what enters its experts module (hidden states, top-k indices and weights:
-the router is shared, so the original block sees the same routing); compute the original
-experts' output on those inputs; then fit the compressed block's trainable factors by Adam
-on the relative MSE. Inputs come from the student itself, so later layers are fitted to
-the activations they will actually see (errors of earlier layers included).
+One pass over the student's decoder layers, the same per-layer code as the layer engine
+(:mod:`moecore.engine`, :mod:`moecore.block_recovery`): the embeddings run once to get the
+first layer's inputs and every layer's call arguments
+(:func:`~moecore.calibration.capture_layer_inputs`); then for each layer in order its
+experts' inputs are captured on the current activations (a forward stopped at the experts
+module: attention and router only), the original block's output on them is computed (the
+router is shared, so the original block sees the same routing), the compressed block's
+factors are fitted to it by Adam (relative MSE, kept only if held-out sequences improved),
+and the now recovered layer runs once to give the next layer's inputs.  Inputs therefore
+come from the recovered student itself, so later layers are fitted to the activations they
+will actually see (errors of earlier layers included), at a cost linear in depth: per
+calibration batch, at most one complete forward per decoder layer (none for the last) plus
+one stopped capture per layer with experts.
 
 Memory: the student plus ONE original experts layer, read from the teacher's safetensors
-(:class:`OriginalExpertsLoader`), plus the cached activations of one layer.
+(:class:`OriginalExpertsLoader`), plus one layer's calibration activations.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import torch
-from ..progress import progress_bar
 
-from ..calibration import ExpertsInputHook
+from ..block_recovery import block_targets, heldout_rows, sequence_ids, train_block
+from ..calibration import calibrate_layer, capture_layer_inputs, run_layer
 from ..config import RecoveryConfig
 from ..data import calibration_sequences, load_split
-from ..errors import ConfigError, DataError, TrainingError
-from ..families import find_experts, is_compressed
+from ..engine import experts_by_layer, make_batches
+from ..errors import ConfigError, DataError, UnsupportedModelError
 from ..modeling import load_tokenizer
-from .common import CORE_MARKER, FACTOR_MARKERS
+from ..progress import progress_bar
 from .guards import check_finite, check_teacher
 from .originals import OriginalExpertsLoader
-
-
-class _Stop(Exception):
-    pass
 
 
 @dataclass
@@ -54,45 +56,6 @@ def _calibration_ids(tokenizer, texts, max_tokens: int, seq_len: int) -> torch.T
     if not seqs:
         raise DataError(f"calibration text too short for one sequence of {seq_len} tokens")
     return torch.stack(seqs)
-
-
-@torch.no_grad()
-def _capture(model, module, layout, seqs: torch.Tensor, batch: int):
-    """Routed pairs reaching ``module``: ``(x (N, H), top_k_index (N, k), top_k_weights (N, k))``
-    (:class:`~moecore.calibration.ExpertsInputHook`, whatever the layout's call convention);
-    the forward stops at the module."""
-    keep = ExpertsInputHook(store_device=next(module.parameters()).device, layout=layout)
-
-    def hook(mod, args, kwargs):
-        keep(mod, args, kwargs)
-        raise _Stop
-
-    h = module.register_forward_pre_hook(hook, with_kwargs=True)
-    dev = next(model.parameters()).device
-    try:
-        for i in range(0, seqs.shape[0], batch):
-            try:
-                model(input_ids=seqs[i:i + batch].to(dev))
-            except _Stop:
-                pass
-    finally:
-        h.remove()
-    return tuple(torch.cat([g[j] for g in keep.got]) for j in range(3))
-
-
-def _trainable(module, train_core: bool, compressed: bool) -> list[torch.nn.Parameter]:
-    out = []
-    for n, p in module.named_parameters():
-        if not compressed or n.startswith(FACTOR_MARKERS) or (train_core and n.startswith(CORE_MARKER)):
-            out.append(p)
-    return out
-
-
-@torch.no_grad()
-def _rel_mse(module, layout, x, idx, w, y, chunk: int = 4096) -> float:
-    err = sum(float((layout.routed_forward(module, x[i:i + chunk], idx[i:i + chunk], w[i:i + chunk])
-                     - y[i:i + chunk]).pow(2).sum()) for i in range(0, x.shape[0], chunk))
-    return err / max(float(y.pow(2).sum()), 1e-30)
 
 
 def recover(teacher, student, cfg: RecoveryConfig | None = None, *, calibration: Iterable[str] | None = None,
@@ -122,84 +85,63 @@ def recover(teacher, student, cfg: RecoveryConfig | None = None, *, calibration:
         raise ConfigError("recover needs a tokenizer when the teacher is a module")
     texts = calibration if calibration is not None else load_split("calib")
     seqs = _calibration_ids(tokenizer, texts, cfg.max_tokens, cfg.seq_len)
-    compressed = is_compressed(student, recurse=True)
-    layouts = {path: layout for path, _, layout in find_experts(student, "all", required=False)}
-    paths = list(layouts)
-    if not paths:
-        raise ConfigError("the student has no MoE experts modules")
+    try:
+        stack_path, stack, by_layer = experts_by_layer(student, "all")
+    except UnsupportedModelError as exc:
+        raise ConfigError("the student has no MoE experts modules") from exc
     tname = f"teacher {teacher}" if loader is not None else "the teacher"
     # same vocabulary and MoE shapes; a module teacher also gets a finite-logits probe (a directory
     # teacher is never loaded whole: its experts are checked layer by layer below)
     check_teacher(loader.skeleton if loader is not None else teacher, student, seqs[:1], name=tname)
-    gen = torch.Generator().manual_seed(cfg.seed)
     was_training = student.training
     student.eval()
     flags = {n: p.requires_grad for n, p in student.named_parameters()}
     for p in student.parameters():
         p.requires_grad_(False)
     report = RecoveryReport(tokens=int(seqs.numel()), steps=cfg.steps)
+    dev = next(student.parameters()).device
+    batches = make_batches(list(seqs), cfg.forward_batch)
+    shapes = [tuple(b.shape) for b in batches]
+    order = [(i, rel) for i in sorted(by_layer) for rel, _ in by_layer[i]]
+    last = max(by_layer)
     try:
-        for path in progress_bar(paths, desc="moecore: recovering", unit="layer", enabled=progress):
-            t0 = time.time()
-            module = student.get_submodule(path)
-            dev = next(module.parameters()).device
-            layout = layouts[path]
-            x, idx, w = _capture(student, module, layout, seqs, cfg.forward_batch)
-            orig = loader.experts(path) if loader is not None else teacher.get_submodule(path)
-            orig = orig.to(device=dev, dtype=x.dtype)
-            for pname, p in orig.named_parameters():
-                check_finite(p.detach(), f"{tname}: weights {path}.{pname}")
-            with torch.no_grad():
-                y = torch.cat([layout.routed_forward(orig, x[i:i + 4096], idx[i:i + 4096], w[i:i + 4096])
-                               for i in range(0, x.shape[0], 4096)])
-            del orig
-            check_finite(x, f"the student's inputs to {path}")
-            check_finite(y, f"{tname}: outputs of {path}")
-            # fit on 4 of every 5 calibration sequences, judge on the 5th (held back from the fit; the
-            # sequences are spread over the whole calibration text, so both parts cover every source):
-            # small calibration sets overfit, and a layer is only kept if it improved on tokens it never saw
-            held = (torch.arange(x.shape[0], device=x.device) // cfg.seq_len) % 5 == 4  # (N,)
-            if int(held.sum()) < 16 or bool(held.all()):
-                held = torch.zeros_like(held)
-            fit_rows = (~held).nonzero().squeeze(1)  # (n_fit,)
-            val = (x[held], idx[held], w[held], y[held]) if bool(held.any()) else (x, idx, w, y)
-            x, idx, w, y = x[fit_rows], idx[fit_rows], w[fit_rows], y[fit_rows]
-            n_fit = x.shape[0]
-            before, val_before = _rel_mse(module, layout, x, idx, w, y), _rel_mse(module, layout, *val)
-            if not (math.isfinite(before) and math.isfinite(val_before)):
-                raise TrainingError(f"the student's {path} gives a non-finite output error ({before}); stopping")
-            params = _trainable(module, cfg.train_core, compressed)
-            after, val_after = before, val_before
-            if cfg.steps and params:
-                start = [p.detach().clone() for p in params]
-                for p in params:
-                    p.requires_grad_(True)
-                opt = torch.optim.Adam(params, lr=cfg.lr)
-                scale = y.pow(2).mean().clamp_min(1e-30)
-                for _ in range(cfg.steps):
-                    sel = torch.randint(0, n_fit, (min(cfg.batch_tokens, n_fit),), generator=gen).to(dev)
-                    loss = (layout.routed_forward(module, x[sel], idx[sel], w[sel]) - y[sel]).pow(2).mean() / scale
-                    if not bool(torch.isfinite(loss)):
-                        raise TrainingError(f"non-finite relative MSE ({float(loss)}) while fitting {path}; "
-                                            "stopping, nothing written")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                for p in params:
-                    p.requires_grad_(False)
-                after, val_after = _rel_mse(module, layout, x, idx, w, y), _rel_mse(module, layout, *val)
-                if val_after > val_before:  # never make a layer worse on unseen tokens: restore the start
-                    with torch.no_grad():
-                        for p, s0 in zip(params, start):
-                            p.copy_(s0)
-                    after, val_after = before, val_before
-                del start, opt
-            report.layers.append({"path": path, "rel_mse_before": before, "rel_mse_after": after,
-                                  "val_rel_mse_before": val_before, "val_rel_mse_after": val_after,
-                                  "params": sum(p.numel() for p in params), "seconds": round(time.time() - t0, 3)})
-            del x, idx, w, y, val
+        hidden, calls = capture_layer_inputs(student, stack, batches, dev)  # the embeddings, no layer
+        for i in progress_bar(range(last + 1), desc="moecore: recovering", unit="layer", enabled=progress):
+            layer, mods = stack[i], by_layer.get(i, [])
+            hooks = calibrate_layer(layer, mods, hidden, calls[i], dev, keep_outputs=False, store_device=dev)[0] \
+                if mods else {}
+            for rel, layout in mods:
+                path = f"{stack_path}.{i}.{rel}"
+                report.layers.append(_recover_module(
+                    path, layer.get_submodule(rel), layout, hooks.pop(rel), shapes, teacher, loader, tname, cfg,
+                    cfg.seed + order.index((i, rel))))
+            if i < last:  # the recovered layer gives the next layer's inputs
+                with torch.no_grad():
+                    hidden = [run_layer(layer, h, calls[i][b], dev).to(h.device) for b, h in enumerate(hidden)]
     finally:
         for n, p in student.named_parameters():
             p.requires_grad_(flags[n])
         student.train(was_training)
     return report
+
+
+def _recover_module(path, module, layout, hook, shapes, teacher, loader, tname, cfg: RecoveryConfig,
+                    seed: int) -> dict:
+    """Fit one experts module of the student to the original one on its captured rows; its report row."""
+    t0 = time.time()
+    x, idx, w = hook.rows()  # (N, H), (N, k), (N, k) on the module's device
+    check_finite(x, f"the student's inputs to {path}")
+    orig = loader.experts(path) if loader is not None else teacher.get_submodule(path)
+    orig = orig.to(device=x.device, dtype=x.dtype)
+    for pname, p in orig.named_parameters():
+        check_finite(p.detach(), f"{tname}: weights {path}.{pname}")
+    y = block_targets(orig, layout, x, idx, w)  # (N, H)
+    del orig
+    check_finite(y, f"{tname}: outputs of {path}")
+    # fit on 4 of every 5 calibration sequences, judge on the 5th (held back from the fit; the
+    # sequences are spread over the whole calibration text, so both parts cover every source):
+    # small calibration sets overfit, and a layer is only kept if it improved on tokens it never saw
+    held = heldout_rows(sequence_ids(hook.rows_per_call(), shapes)).to(x.device)
+    rep = train_block(module, layout, x, idx, w, y, held, steps=cfg.steps, lr=cfg.lr, batch_tokens=cfg.batch_tokens,
+                      train_core=cfg.train_core, seed=seed, where=f"the student's {path}")
+    return {"path": path, **rep, "seconds": round(time.time() - t0, 3)}

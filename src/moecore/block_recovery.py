@@ -1,0 +1,206 @@
+"""Block recovery: fit one compressed experts block to the ORIGINAL block's outputs by Adam.
+
+The per-layer training step shared by the layer engine (:mod:`moecore.engine`, after a
+layer's zero-shot fit, ``CompressionConfig.recover_steps``) and by ``moecore recover``
+(:mod:`moecore.training.recover`).  It works on one experts module and the routed rows that
+reached it on calibration text, never on the whole model:
+
+- ``x (N, H)`` the experts' inputs, ``top_k_index (N, k)``, ``top_k_weights (N, k)`` the
+  router's choice (the router is not compressed, so both blocks see the same routing);
+- ``y (N, H)`` the original block's output on them, routing-weighted as the model computes
+  it: ``y_t = Σ_j w_tj · E_{i_tj}(x_t)`` (:func:`block_targets`);
+- the loss is the relative block-output error ``‖ŷ − y‖² / ‖y‖²`` on a random batch of rows
+  per Adam step (:func:`train_block`), over the factors (and optionally the cores), each
+  tensor with a step size relative to its own scale (:func:`step_sizes`).
+
+Whole calibration sequences are held out (every ``HOLDOUT_EVERY``-th one,
+:func:`heldout_rows`): the trained parameters are kept only if the held-out error fell, so a
+layer is never made worse on tokens it was not trained on.  Training runs on a float32 copy
+(float64 for a float64 module) on the rows' device; the result is judged in the module's own
+dtype.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import TrainingError
+from .families import ExpertsLayout, is_compressed
+from .forms import PROJECTIONS
+
+#: every this many-th calibration sequence is held out to judge a trained block
+HOLDOUT_EVERY = 5
+#: fewer held-out rows than this: judge on the training rows instead
+MIN_HELDOUT_ROWS = 16
+#: rows per forward when measuring targets and errors (bounds the activation memory)
+CHUNK = 4096
+
+
+def sequence_ids(rows_per_call: list[int], batch_shapes: list[tuple[int, int]]) -> torch.Tensor:
+    """Calibration sequence of every row reaching an experts module, ``(N,)`` int64.
+
+    Call ``b`` of the module saw batch ``b`` of shape ``(B, L)`` and gave ``rows_per_call[b]``
+    rows: ``B·L`` (routed call: token order) or a multiple of it (``dense_prescaled``: one
+    block of ``B·L`` rows per expert); anything else is split evenly over the batch's
+    sequences in row order."""
+    out, offset = [], 0
+    for n, (b, length) in zip(rows_per_call, batch_shapes):
+        t = b * length
+        r = torch.arange(n)
+        tok = r % t if t and n % t == 0 else r * t // max(n, 1)  # (n,) token within the batch
+        out.append(offset + tok // length)
+        offset += b
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def heldout_rows(seq: torch.Tensor, every: int = HOLDOUT_EVERY, min_rows: int = MIN_HELDOUT_ROWS) -> torch.Tensor:
+    """``(N,)`` bool: rows of every ``every``-th sequence (``seq % every == every - 1``).  All
+    False (judge on the training rows) when that leaves fewer than ``min_rows`` held-out rows or
+    no training row."""
+    held = seq % every == every - 1
+    if int(held.sum()) < min_rows or bool(held.all()):
+        held = torch.zeros_like(held)
+    return held
+
+
+@torch.no_grad()
+def block_targets(original: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: torch.Tensor,
+                  w: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """The original block's output ``y (N, H)`` on ``x (N, H)``, ``idx (N, k)``, ``w (N, k)``
+    (:meth:`~moecore.families.ExpertsLayout.routed_forward`), ``chunk`` rows at a time on the
+    rows' device."""
+    parts = [layout.routed_forward(original, x[i:i + chunk], idx[i:i + chunk], w[i:i + chunk])
+             for i in range(0, x.shape[0], chunk)]
+    return torch.cat(parts) if parts else torch.zeros_like(x)
+
+
+@torch.no_grad()
+def rel_error(module: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+              y: torch.Tensor, chunk: int = CHUNK) -> float:
+    """Relative block-output error ``‖module(x) − y‖² / ‖y‖²`` (float64 sums), ``module`` run in
+    its own dtype."""
+    dt = next(module.parameters()).dtype
+    err = 0.0
+    for i in range(0, x.shape[0], chunk):
+        out = layout.routed_forward(module, x[i:i + chunk].to(dt), idx[i:i + chunk], w[i:i + chunk])
+        err += float((out.double() - y[i:i + chunk].double()).pow(2).sum())
+    return err / max(float(y.double().pow(2).sum()), 1e-30)
+
+
+def trainable(module: nn.Module, train_core: bool) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` that recovery trains: a compressed module's float factors (its form's
+    :meth:`~moecore.forms.Form.param_names`) and, with ``train_core``, its cores; biases and
+    quantized tensors (buffers) never.  A plain experts module trains all its weights."""
+    if not is_compressed(module):
+        return list(module.named_parameters())
+    names = [n for p in PROJECTIONS for n in module.form_impl.param_names(p)]
+    if train_core:
+        names += [f"core_{p}" for p in PROJECTIONS]
+    return [(n, module._parameters[n]) for n in names if module._parameters.get(n) is not None]
+
+
+def _train_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def step_sizes(params: list[torch.Tensor], lr: float) -> list[float]:
+    """Adam's peak step size per tensor: ``lr`` times the tensor's RMS at the start (a zero
+    tensor gets the smallest non-zero RMS).  The factors of one projection differ in scale by
+    orders of magnitude (whitened: ``A = U√S`` has RMS ~0.5, ``B = L⁻ᵀV√S`` ~0.02 on the bundled
+    models), and Adam moves every entry by about its step size: one absolute rate either
+    barely moves ``A`` or makes ``B`` diverge.  A relative rate moves each by the same fraction."""
+    rms = [float(p.detach().double().pow(2).mean().sqrt()) if p.numel() else 0.0 for p in params]
+    floor = min((r for r in rms if r > 0), default=1.0)
+    return [lr * (r if r > 0 else floor) for r in rms]
+
+
+def _fit(work: nn.Module, names: list[str], layout: ExpertsLayout, x, idx, w, y, *, steps: int, lr: float,
+         batch_tokens: int, generator: torch.Generator, where: str) -> None:
+    """Adam on ``work``'s parameters ``names`` (the rest frozen), relative MSE on random row
+    batches of ``x (n, H)`` against ``y (n, H)``; per-tensor step sizes :func:`step_sizes`,
+    cosine-decayed to 0."""
+    flags = {n: p.requires_grad for n, p in work.named_parameters()}
+    for n, p in work.named_parameters():
+        p.requires_grad_(n in names)
+    params = [p for n, p in work.named_parameters() if n in names]
+    opt = torch.optim.Adam([{"params": [p], "lr": a} for p, a in zip(params, step_sizes(params, lr))])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    scale = y.pow(2).mean().clamp_min(1e-30)
+    n = x.shape[0]
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                sel = torch.randint(0, n, (min(batch_tokens, n),), generator=generator).to(x.device)  # (b,)
+                loss = (layout.routed_forward(work, x[sel], idx[sel], w[sel]) - y[sel]).pow(2).mean() / scale
+                if not bool(torch.isfinite(loss)):
+                    raise TrainingError(f"non-finite relative MSE ({float(loss)}) while recovering {where}; stopping")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    finally:
+        for n, p in work.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None
+
+
+def train_block(module: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                y: torch.Tensor, held: torch.Tensor, *, steps: int, lr: float, batch_tokens: int,
+                train_core: bool = False, seed: int = 0, where: str = "the experts") -> dict[str, Any]:
+    """Fit ``module`` (in place) to the original block's outputs ``y``; keep the result only if
+    the held-out error fell.
+
+    Args:
+        module: the compressed experts module (a plain one trains all its weights).
+        layout: the family's :class:`~moecore.families.ExpertsLayout`.
+        x, idx, w, y: routed rows ``(N, H), (N, k), (N, k)`` and targets ``(N, H)``
+            (:func:`block_targets`), all on the device to train on.
+        held: ``(N,)`` bool rows held out (:func:`heldout_rows`); all False: judged on the
+            training rows.
+        steps, lr, batch_tokens: Adam steps, peak RELATIVE learning rate (each tensor's step size
+            is ``lr`` times its RMS, :func:`step_sizes`; cosine decay to 0), rows per step.
+        train_core: also train the cores.
+        seed: seed of the row sampling.
+        where: the module's name in error messages.
+    Returns ``{"steps", "kept", "params", "rows", "heldout_rows", "rel_mse_before",
+    "rel_mse_after", "val_rel_mse_before", "val_rel_mse_after"}`` (the "after" values are the
+    kept parameters' errors).  ``TrainingError`` on a non-finite error.
+    """
+    rows = ((idx >= 0) & (idx < getattr(module, "num_experts", 1 << 62))).any(1)  # (N,) routed to some expert
+    fit, val = rows & ~held, rows & held
+    if not bool(val.any()):
+        val = fit
+    fx, fi, fw, fy = x[fit], idx[fit], w[fit], y[fit]
+    vx, vi, vw, vy = x[val], idx[val], w[val], y[val]
+    before, val_before = rel_error(module, layout, fx, fi, fw, fy), rel_error(module, layout, vx, vi, vw, vy)
+    if not (math.isfinite(before) and math.isfinite(val_before)):
+        raise TrainingError(f"{where} gives a non-finite output error ({before}); stopping")
+    params = trainable(module, train_core)
+    report = {"steps": steps, "kept": False, "params": sum(p.numel() for _, p in params),
+              "rows": int(fx.shape[0]), "heldout_rows": int(vx.shape[0]) if bool(held.any()) else 0,
+              "rel_mse_before": before, "rel_mse_after": before,
+              "val_rel_mse_before": val_before, "val_rel_mse_after": val_before}
+    if not steps or not params or fx.shape[0] == 0:
+        return report
+    dt = _train_dtype(params[0][1].dtype)
+    work = copy.deepcopy(module).to(dt)  # trained in float32 (float64 for a float64 module)
+    gen = torch.Generator().manual_seed(seed)
+    _fit(work, [n for n, _ in params], layout, fx.to(dt), fi, fw.to(dt), fy.to(dt), steps=steps, lr=lr,
+         batch_tokens=batch_tokens, generator=gen, where=where)
+    start = [p.detach().clone() for _, p in params]
+    with torch.no_grad():
+        for n, p in params:
+            p.copy_(work._parameters[n])
+    del work
+    after, val_after = rel_error(module, layout, fx, fi, fw, fy), rel_error(module, layout, vx, vi, vw, vy)
+    if val_after < val_before:  # judged on held-out sequences, in the module's own dtype
+        report.update(kept=True, rel_mse_after=after, val_rel_mse_after=val_after)
+    else:  # never make a block worse on unseen tokens: restore the start
+        with torch.no_grad():
+            for (_, p), s0 in zip(params, start):
+                p.copy_(s0)
+    return report
