@@ -31,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from provenance import provenance  # noqa: E402
 
 #: the real shapes: hidden H, expert intermediate F, experts E, top-k, real MoE layers, attention
 SHAPES = {
@@ -159,6 +161,7 @@ def run(a) -> dict:
         "hardware": (torch.cuda.get_device_name() if a.device.startswith("cuda") else
                      f"{platform.processor() or platform.machine()} CPU, {_cores()} cores"),
         "command": " ".join(["python", "benchmarks/scale.py"] + sys.argv[1:]),
+        "provenance": provenance(config={"args": vars(a), "compression": cfg}),
     }
     return out
 
