@@ -51,6 +51,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+# Re-run a cheap subset of the rows recorded in benchmarks/RESULTS.md (original perplexity of
+# both bundled models, HQQ 2-bit on both, moecore-q 0.5:4/4 and a zero-shot delta row on
+# tiny-qwen3moe) and fail on drift beyond each row's documented tolerance. The rows, their
+# commands, commits and tolerances: benchmarks/results/reference_rows.json; RESULTS.md §9.
+# About 8 minutes of one CPU core; not part of `make test` or CI.
+check-results: $(STAMP)
+	$(PY) benchmarks/check_results.py
+
 # Rebuild the shipped data and models from scratch (not needed for demo/test).
 corpus: $(STAMP)
 	apt-get update -qq && apt-get install -y -qq bible-kjv jargon-text python3.11-doc

@@ -24,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -34,6 +35,9 @@ from moecore.data import load_split, token_stream
 from moecore.evaluation import PPL_PROTOCOL, perplexity
 from moecore.io_utils import atomic_write_text
 from moecore.modeling import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]  # the source checkout (bundled models, results)
 
@@ -78,7 +82,9 @@ def main() -> None:
             "calib_max_tokens": moecore.CompressionConfig().calib_max_tokens,
             "versions": {"moecore": moecore.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__},
-            "command": f"python benchmarks/init_ablation.py --models {' '.join(args.models)} --ratio {args.ratio}"}
+            "command": f"python benchmarks/init_ablation.py --models {' '.join(args.models)} --ratio {args.ratio}",
+            "provenance": provenance(config={"defaults": moecore.CompressionConfig().to_dict(),
+                                             "variants": [[v[0], v[1], v[2]] for v in variants]})}
     for name in args.models:
         path = REPO / "models" / name
         model, tok = load_model(path)

@@ -47,6 +47,7 @@ from moecore.evaluation import PPL_PROTOCOL, perplexity, token_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines as bl  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]  # the source checkout (bundled models, results)
 
@@ -92,6 +93,18 @@ def expert_params_original(model) -> int:
     return sum(p.numel() for _, m, _ in bl.experts_of(model) for p in m.parameters())
 
 
+def config_overrides(args) -> dict:
+    """``--set KEY=VALUE`` items as CompressionConfig keyword arguments (JSON values where they parse)."""
+    extra = {}
+    for item in getattr(args, "set", None) or []:
+        key, _, value = item.partition("=")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    return extra
+
+
 def apply(method: str, level: float, base, tok, calib_texts, stats, args) -> dict:
     """Apply one method at one level (budget fraction, or bits for ``rtn``) to a copy of
     ``base``; returns ``{"model", "expert_bytes", ...extra}``."""
@@ -102,24 +115,25 @@ def apply(method: str, level: float, base, tok, calib_texts, stats, args) -> dic
         core_bits, factor_bits = (int(b) for b in bits.split("/"))
         quant = QuantConfig(core_bits=core_bits, factor_bits=factor_bits, group_size=args.group, method="hqq")
         cfg = moecore.CompressionConfig(target_ratio=float(ratio), calib_max_tokens=args.calib_tokens,
-                                        calib_seq_len=args.calib_seq_len, refine_steps=args.refine_steps, quant=quant)
+                                        calib_seq_len=args.calib_seq_len, refine_steps=args.refine_steps, quant=quant,
+                                        **config_overrides(args))
         moecore.compress(model, cfg, calibration=calib_texts, tokenizer=tok)
         model.to(STORED)  # bytes as stored: codes and scales are integers, float leftovers bf16
         st = moecore.statistics(model)["experts"]
         model.to(torch.float32)
         return {"model": model, "expert_bytes": st["bytes_compressed"], "params_ratio": st["compression_ratio"],
-                "expert_macs_ratio": st["macs_ratio"], "quant": dataclasses.asdict(quant)}
+                "expert_macs_ratio": st["macs_ratio"], "quant": dataclasses.asdict(quant), "config": cfg.to_dict()}
     if method.startswith("moecore") or method == "delta-svd":
         form = "wrapper" if method == "moecore-wrapper" else "delta"
         svd = method == "delta-svd"
         cfg = moecore.CompressionConfig(form=form, target_ratio=level, init="svd" if svd else "auto",
                                         calib_max_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
-                                        refine_steps=0 if svd else args.refine_steps)
+                                        refine_steps=0 if svd else args.refine_steps, **config_overrides(args))
         moecore.compress(model, cfg, calibration=None if svd else calib_texts, tokenizer=tok)
         model.to(STORED).to(torch.float32)  # evaluate what would be stored
         st = moecore.statistics(model)["experts"]
         extra = {"ranks": sorted({r for m in model.modules() if hasattr(m, "ranks") for r in m.ranks.values()}),
-                 "expert_macs_ratio": st["macs_compressed"] / st["macs_original"]}
+                 "expert_macs_ratio": st["macs_compressed"] / st["macs_original"], "config": cfg.to_dict()}
         return {"model": model, "expert_bytes": st["params_compressed"] * bl.BF16_BYTES, **extra}
     if method == "reap-prune":
         nbytes, kept = bl.prune_experts(model, stats, level)
@@ -138,9 +152,10 @@ def apply(method: str, level: float, base, tok, calib_texts, stats, args) -> dic
     return {"model": model, "expert_bytes": nbytes, **extra}
 
 
-def run_model(name: str, args, log: Path | None = None) -> list[dict]:
+def run_model(name: str, args, log: Path | None = None, commit: dict | None = None) -> list[dict]:
     """Every method x level on one model; rows with ppl, bytes and ratios to the original.
-    Each finished row is also appended to ``log`` (JSONL) so an interrupted run keeps them."""
+    Each finished row is also appended to ``log`` (JSONL, with ``commit``: the code's commit
+    and dirty flag) so an interrupted run keeps them and what produced them."""
     base, tok, label = load(name)
     stream = token_stream(tok, load_split("heldout")[::args.doc_stride])
     calib_texts = load_split("calib")
@@ -178,7 +193,8 @@ def run_model(name: str, args, log: Path | None = None) -> list[dict]:
             rows.append(row)
             if log is not None:
                 with log.open("a") as fh:
-                    fh.write(json.dumps({**row, "ppl_ratio": row["ppl"] / rows[0]["ppl"]}, default=float) + "\n")
+                    fh.write(json.dumps({**row, "ppl_ratio": row["ppl"] / rows[0]["ppl"], "commit": commit},
+                                        default=float) + "\n")
             print(f"{label}: {name_:16s} level {level:<5} bytes {row['expert_bytes'] / orig_bytes:6.1%} "
                   f"ppl {res.ppl:.4f} ({row['apply_seconds']} + {row['eval_seconds']} s)", flush=True)
             del model
@@ -271,6 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--merge-tokens", type=int, default=4096, help="tokens per layer for HC-SMoE mean outputs")
     ap.add_argument("--refine-steps", type=int, default=moecore.CompressionConfig().refine_steps,
                     help="moecore refinement iterations (delta-svd always uses 0: the plain baseline)")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a CompressionConfig field of the moecore methods, e.g. --set calib_prior_tokens=0")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny random model, 2 budgets, 1k tokens (smoke test)")
@@ -290,7 +308,10 @@ def main(argv: list[str] | None = None) -> dict:
     log = out / f"{stem}.rows.jsonl"
     log.write_text("")
     t0 = time.time()
-    rows = [r for name in args.models for r in run_model(name, args, log)]
+    prov = provenance(config={"defaults": moecore.CompressionConfig().to_dict(), "set": config_overrides(args)},
+                      argv=argv)
+    commit = {k: prov["git"][k] for k in ("commit", "dirty")}
+    rows = [r for name in args.models for r in run_model(name, args, log, commit)]
     import transformers
 
     try:
@@ -314,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "transformers": transformers.__version__, "torchao": torchao_version, "hqq": version("hqq"),
                      "python": platform.python_version()},
         "argv": sys.argv if argv is None else argv,
+        "provenance": prov,
     }
     md = markdown(rows)
     print(md)

@@ -24,6 +24,7 @@ import argparse
 import json
 import platform
 import statistics as st
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,9 @@ import torch
 
 from moecore.families import find_experts
 from moecore.modeling import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]  # the source checkout (bundled models, results)
 
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"group": GROUP, "threads": 1, "versions": {
         "torch": torch.__version__, "hqq": getattr(hqq, "__version__", "0.2.8.post1"),
         "torchao": torchao.__version__, "optimum-quanto": getattr(optimum.quanto, "__version__", None),
-        "python": platform.python_version()}}
+        "python": platform.python_version()}, "provenance": provenance(config=vars(args))}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return {"meta": meta, "rows": rows}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from moecore.evaluation import PPL_PROTOCOL, perplexity, token_stream
 from moecore.io_utils import atomic_write_text
 from moecore.modeling import load_model
 from moecore.training import DistillConfig, RecoveryConfig, distill, recover
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]  # the source checkout (bundled models, results)
 
@@ -116,7 +120,8 @@ def main() -> None:
             "command": f"python benchmarks/recovery.py {args.name} --ratio {args.ratio} --form {args.form} "
                        f"--recover-steps {args.recover_steps} --kd-steps {args.kd_steps} --kd-lr {args.kd_lr} "
                        f"--kd-temperature {args.kd_temperature} --kd-alpha {args.kd_alpha} --kd-start {args.kd_start} "
-                       f"--threads {args.threads}"}
+                       f"--threads {args.threads}",
+            "provenance": provenance(config=vars(args))}
     atomic_write_text(out / f"recovery-{args.name}.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
     shutil.copy(work / "kd" / "training_curves.png", out / f"recovery-{args.name}-kd-curves.png")
 

@@ -31,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from provenance import provenance  # noqa: E402
 
 #: the real shapes: hidden H, expert intermediate F, experts E, top-k, real MoE layers, attention
 SHAPES = {
@@ -182,6 +184,7 @@ def run(a) -> dict:
                      f"{platform.processor() or platform.machine()} CPU, {_cores()} cores"),
         "command": " ".join(["python", "benchmarks/scale.py"] + sys.argv[1:]),
         "cost_model": cost,
+        "provenance": provenance(config={"args": vars(a), "compression": cfg}),
     }
     return out
 

@@ -44,6 +44,9 @@ from moecore.compressed_experts import PROJECTIONS, CompressedExperts
 from moecore.families import layout_of
 from moecore.maths import budget
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
+
 # name -> (config class, hidden H, expert intermediate F, experts E, top-k)
 SHAPES = {
     "qwen3-30b-a3b": ("qwen3_moe", 2048, 768, 128, 8),
@@ -360,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "argv": sys.argv},
+        "provenance": provenance(config=vars(args)),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from moecore.surgery import replace_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import DTYPES, RESULTS, random_compressed  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 
 def build(args, dtype: torch.dtype):
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": torch.get_num_threads(), "delta_rank_s": s, "args": vars(args),
             "versions": {"moecore": moecore.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
                          "transformers": transformers.__version__, "python": platform.python_version()},
-            "machine": {"platform": platform.platform(), "processor": platform.processor(), "argv": sys.argv}}
+            "machine": {"platform": platform.platform(), "processor": platform.processor(), "argv": sys.argv},
+            "provenance": provenance(config=vars(args))}
     data = {"meta": meta, "results": results, "speedup_delta_vs_original": ratios}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

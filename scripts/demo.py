@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]  # the source checkout (bundled models, results)
+sys.path.insert(0, str(REPO / "benchmarks"))
+from provenance import provenance  # noqa: E402
 
 STORED = torch.bfloat16
 
@@ -159,7 +162,8 @@ def main() -> None:
             "config": moecore.CompressionConfig(**({} if args.refine_steps is None else {"refine_steps": args.refine_steps}),
                                                 init=args.init).to_dict(),
             "versions": {"moecore": moecore.__version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__}, "threads": torch.get_num_threads()}
+                         "transformers": transformers.__version__}, "threads": torch.get_num_threads(),
+            "provenance": provenance(config={"args": vars(args)})}
 
     def save(rows):
         atomic_write_text(out / "demo_results.json", json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -2,7 +2,9 @@
 in ``--quick`` mode on tiny random models built from configs (no download), plus the
 baselines' invariants: pruning keeps exactly the budgeted experts and the router never
 picks a pruned one, merging leaves the budgeted number of distinct experts, and the RTN
-byte count equals its formula."""
+byte count equals its formula.  The results JSON names the commit, versions and config that
+produced it, and every reference row of ``make check-results`` names its command, commit,
+value and tolerance."""
 from __future__ import annotations
 
 import importlib
@@ -20,7 +22,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 def bench():
     sys.path.insert(0, str(BENCH))
     try:
-        yield {n: importlib.import_module(n) for n in ("speed", "quality_per_byte", "baselines")}
+        yield {n: importlib.import_module(n) for n in ("speed", "quality_per_byte", "baselines", "check_results")}
     finally:
         sys.path.remove(str(BENCH))
 
@@ -69,6 +71,13 @@ def test_quality_per_byte_quick(bench, tmp_path):
     n = orig["expert_bytes"] // 2
     assert rows[("rtn-4bit", 4)]["expert_bytes"] == (n * 4 + (n // 64) * (16 + 4)) // 8
     assert rows[("rtn-2bit", 2)]["expert_bytes"] == (n * 2 + (n // 64) * (16 + 2)) // 8
+    # what produced the numbers: the code's commit, the versions and each moecore row's config
+    prov = data["meta"]["provenance"]
+    assert prov["versions"]["torch"] == torch.__version__ and prov["versions"]["transformers"]
+    assert set(prov["git"]) >= {"commit", "dirty"} and prov["config"]["defaults"]["form"] == "delta"
+    assert rows[("moecore-q", "0.5:4/4")]["config"]["quant"]["core_bits"] == 4
+    assert rows[("moecore-delta", 0.25)]["config"]["target_ratio"] == 0.25
+    assert all("commit" in json.loads(line) for line in lines)
 
 
 def test_pruned_router_never_picks_pruned_experts(bench):
@@ -113,3 +122,36 @@ def test_scale_smoke(tmp_path):
     assert [t["layer"] for t in res["per_layer"]] == [0, 1]
     assert res["seconds_per_layer"] > 0 and res["peak_rss_gib"] > 0 and res["peak_gpu_gib"] is None
     assert "| smoke |" in (tmp_path / "scale.md").read_text()
+
+
+def test_reference_rows_name_command_commit_value_tolerance(bench):
+    """Every row ``make check-results`` re-runs names a script of this repository with its
+    arguments, the JSON row it reads, a finite value, a documented relative tolerance and the
+    commit + versions it was recorded at; rows sharing a command are measured by one run."""
+    import subprocess
+
+    cr = bench["check_results"]
+    data = cr.load_reference()  # validates every row
+    groups = cr.plan(data)
+    assert sum(len(rows) for _, _, rows in groups) == len(data["rows"])
+    assert len(groups) == len({tuple(r["command"]) for r in data["rows"]})
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():
+        for r in data["rows"]:  # the recorded commit exists in this history
+            c = r["recorded"]["commit"]
+            assert subprocess.run(["git", "cat-file", "-e", f"{c}^{{commit}}"], cwd=root).returncode == 0, c
+    assert cr.main(["--list"]) == 0
+    assert cr.pick([{"model": "m", "level": 1.0, "ppl": 2.0}], {"model": "m", "level": 1}) is not None
+    c = cr.compare({"id": "x", "value": 100.0, "tolerance": {"rel": 1e-3}}, 100.05)
+    assert c["ok"] and not cr.compare({"id": "x", "value": 100.0, "tolerance": {"rel": 1e-4}}, 100.05)["ok"]
+
+
+@pytest.mark.parametrize("field,bad", [("recorded", {"versions": {"transformers": "5"}}), ("tolerance", {"rel": 0}),
+                                       ("tolerance", {"rel": 1e-4}), ("command", ["benchmarks/nope.py"]),
+                                       ("value", float("nan"))])
+def test_reference_rows_rejects_incomplete_rows(bench, field, bad):
+    cr = bench["check_results"]
+    data = cr.load_reference()
+    data["rows"][0] = {**data["rows"][0], field: bad}
+    with pytest.raises(cr.ReferenceError):
+        cr.validate(data)
