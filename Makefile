@@ -55,7 +55,7 @@ demo: $(STAMP)
 # both bundled models, HQQ 2-bit on both, moecore-q 0.5:4/4 and a zero-shot delta row on
 # tiny-qwen3moe) and fail on drift beyond each row's documented tolerance. The rows, their
 # commands, commits and tolerances: benchmarks/results/reference_rows.json; RESULTS.md §9.
-# About 8 minutes of one CPU core; not part of `make test` or CI.
+# About 6 minutes of one CPU core (9 of wall time on the shared 2-core machine); not in CI.
 check-results: $(STAMP)
 	$(PY) benchmarks/check_results.py
 

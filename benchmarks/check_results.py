@@ -1,5 +1,5 @@
 """Re-run a cheap, representative subset of the rows recorded in benchmarks/RESULTS.md and
-fail on drift (``make check-results``; not part of CI: about 7 minutes of CPU).
+fail on drift (``make check-results``; not part of CI: about 6 minutes of one CPU core).
 
 The rows, the command that produced each, the commit and versions it was recorded at, the
 recorded value and its tolerance live in ``benchmarks/results/reference_rows.json``.  Rows
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from provenance import provenance
 
-    prov = provenance()
+    prov = provenance(code=REPO / "src" / "moecore")  # the code the commands run, not this process's import
     if args.record and (prov["git"]["commit"] is None or prov["git"]["dirty"]):
         print("check_results: --record needs a clean checkout (commit first): the rows must name their commit",
               file=sys.stderr)

@@ -71,12 +71,14 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def provenance(config: Any = None, argv: list[str] | None = None) -> dict[str, Any]:
+def provenance(config: Any = None, argv: list[str] | None = None, code: str | Path | None = None) -> dict[str, Any]:
     """``{"git", "code", "versions", "argv", "config"}`` for a results JSON's ``meta``.
 
     ``git`` describes the checkout the imported moecore comes from (falling back to this
-    script's repository), so a run with ``PYTHONPATH=/tmp/old/src`` names the old tree."""
-    code = code_path()
+    script's repository), so a run with ``PYTHONPATH=/tmp/old/src`` names the old tree.
+    ``code`` names the moecore package directory when it is not the imported one (a script
+    that runs others on this checkout's ``src/``)."""
+    code = str(code) if code is not None else code_path()
     state = git_state(Path(code))
     if state["commit"] is None:
         state = {**git_state(REPO), "note": f"moecore imported from {code}, outside a git checkout"}

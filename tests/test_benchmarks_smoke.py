@@ -155,3 +155,25 @@ def test_reference_rows_rejects_incomplete_rows(bench, field, bad):
     data["rows"][0] = {**data["rows"][0], field: bad}
     with pytest.raises(cr.ReferenceError):
         cr.validate(data)
+
+
+def test_check_results_fails_on_drift(bench, tmp_path, monkeypatch):
+    """The exit status: 0 within tolerance, 1 on drift or a missing row (the commands are
+    replaced by one that writes the JSON row the reference row selects)."""
+    cr = bench["check_results"]
+    row = {**cr.load_reference()["rows"][0], "value": 40.0, "tolerance": {"rel": 1e-5, "why": "test"}}
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"rows": [row]}))
+    measured = {}
+
+    def fake(cmd, out_dir, threads):
+        rows = [{**row["select"], row["metric"]: measured["value"]}] if "value" in measured else []
+        (out_dir / row["output"]).write_text(json.dumps({"rows": rows}))
+        return 0, 0.0, 0.0, ""
+
+    monkeypatch.setattr(cr, "run_command", fake)
+    for value, status in ((40.0, 0), (40.0002, 0), (40.001, 1)):
+        measured["value"] = value
+        assert cr.main(["--reference", str(ref)]) == status, value
+    measured.clear()
+    assert cr.main(["--reference", str(ref)]) == 1  # the row is missing from the output
