@@ -58,7 +58,8 @@ def render_card(stats: dict[str, Any], *, source: str | None, config: dict[str, 
     form, ratio = stats.get("form"), stats.get("total_compression_ratio")
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# {name} (moecore-compressed)", "",
+        # titled by the source, not the output folder: the same job gives the same bytes wherever it is written
+        f"# {Path(source).name if source else 'model'} (moecore-compressed)", "",
         f"The experts of every MoE layer of `{source or 'an unrecorded model'}` "
         f"({stats.get('model_type')}, {stats.get('num_moe_layers')} MoE layers, top-{stats.get('top_k')}) "
         f"compressed by [moecore](https://pypi.org/project/moecore/) {__version__} into one shared core plus "
