@@ -27,6 +27,7 @@ from .errors import CheckpointError, ConfigError, DataFreeWarning, UnsupportedMo
 from .hf_integration import mark_compressed
 from .io_utils import converting_write_errors, disk_full, model_source, prepare_output, publish_dir, say, user_path
 from .modeling import TOKENIZER_FILES, check_model_dir, load_tokenizer
+from .resume import partial_dir, read_state, write_state
 
 
 def _calibration_ids(texts: Sequence[str], tokenizer: Any, cfg: CompressionConfig) -> list[torch.Tensor]:
@@ -149,9 +150,9 @@ def compress_checkpoint(
     has_tok = any((src / f).is_file() for f in TOKENIZER_FILES)
     tok = load_tokenizer(src, hf_cfg) if (have_calib or has_tok) else None
     seqs = _calibration_ids(calibration, tok, config) if have_calib else None
-    work, fp = st.partial_dir(out), st.fingerprint(src, config, seqs, dtype, device)
+    work, fp = partial_dir(out), st.fingerprint(src, config, seqs, dtype, device)
     with user_path(out, "write"):
-        state = st.read_state(work, fp, resume, overwrite)
+        state = read_state(work, fp, resume, overwrite)
     try:
         with converting_write_errors(out):
             return _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress,
@@ -184,11 +185,11 @@ def _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, devi
     else:
         ranks = engine.solve(hidden)
         state["ranks"] = {"|".join(k): r for k, r in ranks.items()}
-        st.write_state(work, state)
+        write_state(work, state)
     if start and hidden is not None:
         hidden = st.load_activations(work, state)
     engine.run(ranks, hidden, start)
-    st.finish(work, src, model, hf_cfg, stack_path, state, config, tok, max_shard_size, name=out.name)
+    st.finish(work, src, model, hf_cfg, stack_path, state, config, tok, max_shard_size)
     publish_dir(work, out, overwrite)
     return {"output": str(out), "resumed_at_layer": start, "timings": engine.timings, "recovery": engine.recovery,
             "ranks": state["ranks"], "dtype": str(dtype), "device": str(device)}

@@ -34,7 +34,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from .progress import progress_bar
 
 from .block_recovery import block_targets, heldout_rows, sequence_ids, train_block
 from .calibration import RoutedInputs, calibrate_layer, capture_layer_inputs, run_layer
@@ -43,6 +42,7 @@ from .config import CompressionConfig
 from .errors import ConfigError, UnsupportedModelError
 from .families import ExpertsLayout, find_experts
 from .fitting import fit_experts, projection_shapes, rank_gains, solve_ranks
+from .progress import progress_bar
 from .stats import top_k_of
 from .surgery import decoder_layers, replace_module
 
@@ -83,6 +83,10 @@ class InMemoryStore:
         self.release(index, layer)
 
 
+#: glibc ``mallopt`` parameters and the engine's bound (:func:`bound_host_heap`; also glibc's default trim)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, HEAP_BOUND = -1, -3, 128 * 1024
+
+
 def bound_host_heap() -> None:
     """Serve every allocation of 128 KiB or more from its own mmap (glibc ``mallopt``), so a
     freed layer's tensors go back to the OS at once.  glibc's default (a threshold that grows
@@ -90,7 +94,7 @@ def bound_host_heap() -> None:
     with the number of layers through fragmentation alone.  A no-op outside glibc."""
 
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, HEAP_BOUND)
     except (OSError, AttributeError):
         pass
 
@@ -105,16 +109,16 @@ def reusable_heap():
     A no-op outside glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
     except (OSError, AttributeError):
         yield
         return
     try:
         yield
     finally:
-        libc.mallopt(-3, 128 * 1024)
-        libc.mallopt(-1, 128 * 1024)
+        libc.mallopt(M_MMAP_THRESHOLD, HEAP_BOUND)
+        libc.mallopt(M_TRIM_THRESHOLD, HEAP_BOUND)
         libc.malloc_trim(0)
 
 

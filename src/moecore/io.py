@@ -71,7 +71,7 @@ def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwr
         add_tensors(tmp, load_guards(model))
         # compress() and from_pretrained of a compressed folder record the source; else where it was loaded from
         source = model.moecore_source if hasattr(model, "moecore_source") else model_source(model)
-        write_model_card(tmp, stats, name=Path(out_dir).name, source=source, quality=quality,
+        write_model_card(tmp, stats, source=source, quality=quality,
                          config=cfg.to_dict() if cfg is not None else None)
         if cfg is not None:
             cfg.save(tmp)

@@ -48,7 +48,7 @@ def _stats_rows(stats: dict[str, Any]) -> list[str]:
 
 
 def render_card(stats: dict[str, Any], *, source: str | None, config: dict[str, Any] | None = None,
-                quality: dict[str, Any] | None = None, name: str = "model") -> str:
+                quality: dict[str, Any] | None = None) -> str:
     """The card's Markdown.  ``stats``: :func:`moecore.statistics`' dict; ``source``: the model it
     was compressed from; ``config``: the ``CompressionConfig`` as a dict; ``quality``: measured
     figures (e.g. ``{"heldout_ppl": 44.1, "original_heldout_ppl": 43.7}``) or ``None``."""
@@ -94,10 +94,9 @@ def render_card(stats: dict[str, Any], *, source: str | None, config: dict[str, 
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(folder: str | os.PathLike, stats: dict[str, Any], *, name: str, source: str | None,
+def write_model_card(folder: str | os.PathLike, stats: dict[str, Any], *, source: str | None,
                      config: dict[str, Any] | None = None, quality: dict[str, Any] | None = None) -> Path:
-    """Write ``folder/README.md`` atomically (see :func:`render_card`; ``name``: the output
-    folder's name, ``folder`` may be its temporary twin); returns its path."""
+    """Write ``folder/README.md`` atomically (see :func:`render_card`); returns its path."""
     path = Path(folder) / CARD_FILENAME
-    atomic_write_text(path, render_card(stats, source=source, config=config, quality=quality, name=name))
+    atomic_write_text(path, render_card(stats, source=source, config=config, quality=quality))
     return path

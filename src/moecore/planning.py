@@ -61,11 +61,12 @@ def _nbytes(params, dtype: torch.dtype) -> int:
     return sum(p.numel() * (size if p.is_floating_point() else p.element_size()) for p in params)
 
 
-def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stats: list[dict], rest_bytes: int, cfg: CompressionConfig,
-                    dtype: torch.dtype, top_k: int) -> dict[str, Any]:
+def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stats: list[dict], rest_bytes: int,
+                    cfg: CompressionConfig, dtype: torch.dtype, top_k: int, output_bytes: int) -> dict[str, Any]:
     """Peak memory of ``moecore compress`` on its largest layer (formula in the module docstring).
-    ``layer_bytes_by_index``: each original decoder layer's bytes at ``dtype``; ``layer_stats``: the plan's per-layer rows;
-    ``rest_bytes``: the non-layer weights."""
+    ``layer_bytes_by_index``: each original decoder layer's bytes at ``dtype``; ``layer_stats``:
+    the plan's per-layer rows; ``rest_bytes``: the non-layer weights; ``output_bytes``: the
+    compressed model's."""
     b = torch.empty(0, dtype=dtype).element_size()
     row = max(layer_stats, key=lambda r: r["bytes_original"])
     index = int(row["module"][len(stack_path) + 1:].split(".")[0])  # model.layers.I.mlp.experts -> I
@@ -83,7 +84,7 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     spill = grams > DEVICE_GRAM_LIMIT
     return {"layer": f"{stack_path}.{index}", "gpu_gib": (device + (0 if spill else grams)) / GIB,
             "host_gib_with_gpu": (host + (grams if spill else 0)) / GIB, "host_gib_cpu_only": (host + device + grams) / GIB,
-            "output_gb": None, "dtype": str(dtype).replace("torch.", "")}
+            "output_gb": output_bytes / 1e9, "dtype": str(dtype).replace("torch.", "")}
 
 
 #: bounds on what ``plan`` builds on the meta device (real models: <= 200 layers, <= 1,024
@@ -162,8 +163,8 @@ def plan(hf_config, cfg, dtype: torch.dtype | str | None = None) -> dict[str, An
     swap_in_compressed(model, {"form": cfg.form, "layers": layers, "quant": quant})
     out = statistics(model)
     out["notes"] += "; planned from the config alone (meta device)" + note
-    mem = memory_estimate(stack_path, layer_bytes, out["layers"], rest_bytes, cfg, dtype, out["top_k"])
-    mem["output_gb"] = out["model"]["bytes_compressed"] / 1e9
+    mem = memory_estimate(stack_path, layer_bytes, out["layers"], rest_bytes, cfg, dtype, out["top_k"],
+                          out["model"]["bytes_compressed"])
     out["memory_estimate"] = mem
     quantized = source_quantization(hf)
     if quantized:

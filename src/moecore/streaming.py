@@ -43,7 +43,7 @@ from .families import is_compressed
 from .hf_integration import MoecoreQuantizationConfig, build_quantization_config, load_guards, swap_in_compressed
 from .io_utils import _umask, atomic_write_text
 from .model_card import write_model_card
-from .resume import STATE, Fingerprint, partial_dir, read_state, write_state  # noqa: F401  (used by api)
+from .resume import STATE, Fingerprint, write_state
 from .stats import STATS_FILENAME, statistics, write_statistics_yaml
 from .version import __version__
 
@@ -229,9 +229,9 @@ def fingerprint(model_dir: Path, cfg: CompressionConfig, seqs, dtype, device) ->
             n = int.from_bytes(fh.read(8), "little")
             weights.append(fh.read(min(n, 1 << 24)))
     part("weights", *weights)
-    cfg_dict = json.loads(json.dumps(cfg.to_dict(), sort_keys=True, default=str))
-    part("compression_config", json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
-    parts["compression_config"] = cfg_dict
+    cfg_text = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    part("compression_config", cfg_text.encode())
+    parts["compression_config"] = json.loads(cfg_text)
     part("calibration", *[s.numpy().tobytes() for s in seqs or []])
     dev = torch.device(device).type
     h.update(f"{dtype}|{dev}|{__version__}".encode())
@@ -272,7 +272,7 @@ class StreamingStore:
             _save({f"batch.{b}": h for b, h in enumerate(hidden)}, self.work / acts)
         old = self.state.get("activations")
         self.state.update(done=index + 1, activations=acts)
-        _write_json(self.work / STATE, self.state)  # the commit point of this layer
+        write_state(self.work, self.state)  # the commit point of this layer
         if old and old != acts:
             (self.work / old).unlink(missing_ok=True)
         layer.to("meta")
@@ -317,11 +317,11 @@ def _consolidate(work: Path) -> None:
 
 
 def finish(work: Path, src: Path, model: nn.Module, hf_cfg, stack_path: str, state: dict[str, Any],
-           config: CompressionConfig, tokenizer, max_shard_size: int | str = "5GB", name: str = "model") -> None:
+           config: CompressionConfig, tokenizer, max_shard_size: int | str = "5GB") -> None:
     """Write what makes ``work`` a checkpoint: the non-layer shard, ``config.json`` with the
     ``quantization_config``, the index (or, when everything fits ``max_shard_size``, one
-    ``model.safetensors`` as ``save_pretrained`` writes it), statistics, the model card
-    (``name``: the output folder's), the compression config, the tokenizer; then drop the resume files.  Everything is derived from the stored
+    ``model.safetensors`` as ``save_pretrained`` writes it), statistics, the model card,
+    the compression config, the tokenizer; then drop the resume files.  Everything is derived from the stored
     state, so a resumed run writes the same bytes as an uninterrupted one."""
 
 
@@ -341,7 +341,7 @@ def finish(work: Path, src: Path, model: nn.Module, hf_cfg, stack_path: str, sta
     _save({**rest, **load_guards(meta)}, work / shard_name(n_layers, n_layers + 1))  # guards: hf_integration
     stats = statistics(meta)
     write_statistics_yaml(stats, work / STATS_FILENAME)
-    write_model_card(work, stats, name=name, source=str(src), config=config.to_dict())
+    write_model_card(work, stats, source=str(src), config=config.to_dict())
     hf_cfg.quantization_config = MoecoreQuantizationConfig.from_dict(qdict)
     hf_cfg.dtype = dtype
     hf_cfg.save_pretrained(work)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from moecore.api import compress_checkpoint
 from moecore.config import CompressionConfig
 from moecore.data import TextFile, load_split
 from moecore.errors import ConfigError, DataFreeWarning
+from moecore.io_utils import say as status  # one stderr status line
 from moecore.modeling import TOKENIZER_FILES
 from moecore.resume import resume_hint
 from moecore.stats import STATS_FILENAME, print_table, read_statistics_yaml
@@ -47,11 +47,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
     return dev
-
-
-def status(msg: str) -> None:
-    """One progress line on stderr."""
-    print(f"moecore: {msg}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moecore.cli.compress_cmd import status, torch_dtype
+from moecore.cli.compress_cmd import torch_dtype
+from moecore.io_utils import say as status
 from moecore.io import export_dense
 from moecore.io_utils import prepare_output
 from moecore.modeling import load_model

@@ -12,6 +12,7 @@ index, which needs the datasets to be downloadable or cached.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -26,9 +27,11 @@ TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 OFFLINE_TASKS = ("moecore_heldout_ppl", "moecore_heldout_mc")
 
 
+@functools.lru_cache(maxsize=2)
 def task_manager(include_defaults: bool = True):
     """An lm-eval ``TaskManager`` that also indexes moecore's offline tasks (and lm-eval's own
-    tasks unless ``include_defaults=False``, which skips indexing thousands of YAML files)."""
+    tasks unless ``include_defaults=False``, which skips indexing thousands of YAML files).
+    Built once per process: :func:`check_tasks` and :func:`run_lm_eval` share the index."""
     return require("lm_eval.tasks", "lm-eval evaluation").TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults)
 
 
