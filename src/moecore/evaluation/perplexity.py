@@ -7,6 +7,7 @@ scored exactly once (the Hugging Face "perplexity of fixed-length models" recipe
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -80,6 +81,7 @@ def perplexity(model, tokenizer, texts: list[str] | None = None, *, stream: torc
     model.eval()
     device = next(model.parameters()).device
     wins = list(_windows(len(ids), seq_len, stride))
+    keep_ok = "logits_to_keep" in inspect.signature(model.forward).parameters  # transformers' causal LMs
     nll_sum, count = 0.0, 0
     bar = progress_bar(total=len(wins), desc="perplexity", unit="win", enabled=progress, leave=False)
     i = 0
@@ -89,9 +91,12 @@ def perplexity(model, tokenizer, texts: list[str] | None = None, *, stream: torc
         while j < len(wins) and j - i < batch_size and (wins[j][1] - wins[j][0]) == (wins[i][1] - wins[i][0]):
             j += 1
         x = torch.stack([ids[b:e] for b, e, _ in wins[i:j]]).to(device)  # (B, L)
-        logits = model(input_ids=x).logits.float()  # (B, L, V)
-        logp = F.log_softmax(logits[:, :-1], dim=-1)
-        tok_nll = -logp.gather(-1, x[:, 1:, None]).squeeze(-1)  # (B, L-1)
+        # only the positions that predict a scored token need logits (the lm head and the
+        # log-softmax over the vocabulary are a large part of a small model's forward)
+        kw = {"logits_to_keep": 1 + max(min(n, e - b - 1) for b, e, n in wins[i:j])} if keep_ok else {}
+        logits = model(input_ids=x, **kw).logits.float()  # (B, K, V): the last K positions (K = L without kw)
+        logp = F.log_softmax(logits[:, :-1], dim=-1)  # (B, K-1, V)
+        tok_nll = -logp.gather(-1, x[:, x.shape[1] - logits.shape[1] + 1:, None]).squeeze(-1)  # (B, K-1)
         for row, (b, e, n_new) in zip(tok_nll, wins[i:j]):
             n_new = min(n_new, e - b - 1)  # the stream's first token has no prediction
             nll_sum += row[-n_new:].double().sum().item()
