@@ -9,8 +9,9 @@ Run it under two source trees and compare the JSON files::
     python benchmarks/output_fingerprint.py head.json
     python benchmarks/output_fingerprint.py --compare base.json head.json
 
-Setting: delta and wrapper at target ratio 0.25, 4,096 calibration tokens from the calib
-split, 2 refinement steps (every stage of the default path runs, in a few minutes).
+Setting: delta and wrapper at target ratio 0.25, and delta with 4-bit quantized storage, 4,096
+calibration tokens from the calib split, 2 refinement steps (every stage of the default path
+runs, in a few minutes).
 """
 from __future__ import annotations
 
@@ -29,18 +30,20 @@ from moecore.data import load_split
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("tiny-mixtral", "tiny-qwen3moe")
-FORMS = ("delta", "wrapper")
+# (name, form, quantized storage): both forms in float, and the delta form quantized
+SETTINGS = (("delta", "delta", None), ("wrapper", "wrapper", None),
+            ("delta-q4", "delta", {"core_bits": 4, "factor_bits": 4, "group_size": 64}))
 
 
 def fingerprint() -> dict:
     ids = torch.randint(5, 4000, (2, 64), generator=torch.Generator().manual_seed(1))
     out = {"moecore_version": moecore.__version__, "source": moecore.__file__}
     for name in MODELS:
-        for form in FORMS:
+        for key, form, quant in SETTINGS:
             path = REPO / "models" / name
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(path)
-            cfg = CompressionConfig(form=form, target_ratio=0.25, calib_max_tokens=4096, refine_steps=2)
+            cfg = CompressionConfig(form=form, target_ratio=0.25, calib_max_tokens=4096, refine_steps=2, quant=quant)
             moecore.compress(model, cfg, calibration=load_split("calib"), tokenizer=tok)
             with torch.no_grad():
                 logits = model(ids).logits.double()
@@ -48,13 +51,13 @@ def fingerprint() -> dict:
             for k, v in sorted(model.state_dict().items()):
                 h.update(k.encode())
                 h.update(v.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-            out[f"{name}/{form}"] = {
+            out[f"{name}/{key}"] = {
                 "tensors_sha256": h.hexdigest(),
                 "logits_sha256": hashlib.sha256(logits.numpy().tobytes()).hexdigest(),
                 "logits_sum": float(logits.sum()), "logits_abs_sum": float(logits.abs().sum()),
                 "statistics": json.loads(json.dumps(moecore.statistics(model), default=str)),
             }
-            print(name, form, out[f"{name}/{form}"]["tensors_sha256"][:16], flush=True)
+            print(name, key, out[f"{name}/{key}"]["tensors_sha256"][:16], flush=True)
     return out
 
 

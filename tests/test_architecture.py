@@ -152,3 +152,14 @@ def test_imports_sit_at_the_top_of_their_module():
     _, _, nested = imports()
     assert nested == [], ("imports inside functions (put them at the top; optional dependencies go "
                           "through moecore.optional.require):\n" + "\n".join(nested))
+
+
+#: the most lines a source file of the package may have (issue 19: "a few hundred lines at most")
+MAX_LINES = 400
+
+
+def test_no_source_file_is_over_the_line_limit():
+    src = ROOT / "src" / "moecore"
+    long = {str(p.relative_to(src)): n for p in sorted(src.rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"source files over {MAX_LINES} lines (split them by job): {long}"

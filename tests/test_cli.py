@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import moecore
 from moecore.cli import main
-from moecore.hf_integration import LOAD_NOTICE_KEY
+from moecore.checkpoint_format import LOAD_NOTICE_KEY
 
 from ._tiny_models import save_tiny, tokenizer
 
@@ -144,8 +144,8 @@ def test_plan_and_stats_whole_model_multiply_adds(capsys, monkeypatch):
     (["export", "{w}/base", "-o", "{w}/o9"], "export", "no moecore-compressed experts"),
     (["export", "{w}/missing", "-o", "{w}/o10"], "export", "not found"),
     (["export", "{w}/base", "-o", "{w}/base", "--overwrite"], "export", "is the input"),
-    (["eval", "{w}/base", "--max-tokens", "0"], "eval", "--max-tokens must be > 0"),
-    (["eval", "{w}/base", "--seq-len", "0"], "eval", "--seq-len must be > 0"),
+    (["eval", "{w}/base", "--max-tokens", "0"], "eval", "max_tokens must be > 0"),
+    (["eval", "{w}/base", "--seq-len", "0"], "eval", "seq_len must be > 0"),
     (["eval", "{w}/base", "--text", "{w}/bad.jsonl"], "eval", "bad.jsonl:2: \"text\" is a int, not a string"),
     (["compress", "{w}/base", "-o", "{w}/o14", "--calib", "{w}/bad.jsonl"], "compress", "bad.jsonl:2:"),
     (["compress", "{w}/base", "-o", "{w}/calib.txt/sub", "--rank", "2"], "compress", "calib.txt is not a folder"),

@@ -13,7 +13,7 @@ import moecore
 from moecore import __version__
 from moecore.cli import build_parser, main
 from moecore.cli._config_args import config_from_args
-from moecore.cli.compress_cmd import BUDGET_FIELDS
+from moecore.cli.commands import BUDGET_FIELDS
 from moecore.config import CompressionConfig, QuantConfig
 from moecore.config_base import field_types, unwrap_optional
 from moecore.errors import ConfigError, MoecoreError

@@ -31,6 +31,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_M
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
 import moecore
+from moecore.block_recovery import routed_forward
 from moecore.calibration import ExpertsInputHook
 from moecore.data import load_split
 from moecore.errors import UnsupportedModelError
@@ -344,7 +345,7 @@ def test_llama4_layerwise_recovery(tmp_path):
     xr, idx, w = layout.routed_call(x, None, None, E, skip_unrouted=True)
     with torch.no_grad():
         dense = orig(x)  # (E*6, H)
-        routed = layout.routed_forward(orig, xr, idx, w)
+        routed = routed_forward(layout, orig, xr, idx, w)
     assert torch.allclose(routed, torch.where(idx >= 0, dense, 0.0), atol=1e-6)
     model.save_pretrained(tmp_path / "teacher")
     student = moecore.compress(copy.deepcopy(model), moecore.CompressionConfig(rank=2, refine_steps=0), progress=False)

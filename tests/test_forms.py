@@ -162,6 +162,17 @@ def test_no_form_name_branches_outside_the_forms_package():
         assert not literals, f"{path}:{literals[0].start[0]}: form name {literals[0].string} outside moecore/forms"
 
 
+def test_no_stored_name_outside_the_forms_package():
+    """Issue 19: no module outside ``moecore/forms`` spells a form's stored factor names (or a
+    quantized part of one) in code: grouped, quant, stats, modeling and training ask the form."""
+    stems = {stem for form in FORMS.values() for stem in form.factor_names}
+    for path in _code_files():
+        toks = tokenize.generate_tokens(io.StringIO(path.read_text(encoding="utf-8")).readline)
+        code = [t for t in toks if t.type == tokenize.STRING and not t.string.startswith(('"""', "r\"\"\""))]
+        named = [t for t in code if any(stem in t.string for stem in stems)]
+        assert not named, f"{path}:{named[0].start[0]}: {named[0].string} names a form's factor outside moecore/forms"
+
+
 def test_one_projections_constant():
     defined = [p for p in SRC.rglob("*.py") if re.search(r"^PROJECTIONS\s*=", p.read_text(encoding="utf-8"), re.M)]
     assert defined == [SRC / "forms" / "base.py"]

@@ -22,7 +22,8 @@ import moecore
 from moecore.compressed_experts import CompressedExperts
 from moecore.errors import CheckpointError, UnsupportedModelError
 from moecore.families import find_experts
-from moecore.hf_integration import LOAD_NOTICE_KEY, MoecoreHfQuantizer, MoecoreQuantizationConfig, load_guards
+from moecore.checkpoint_format import LOAD_NOTICE_KEY, load_guards
+from moecore.hf_integration import MoecoreHfQuantizer, MoecoreQuantizationConfig
 from moecore.modeling import load_model
 from moecore.stats import STATS_FILENAME, read_statistics_yaml
 
@@ -345,3 +346,18 @@ def test_tampered_layout_malformed_record_and_uncovered_layer_are_errors(saved, 
     with pytest.raises(CheckpointError, match="lacks 2 tensor"):
         load_model(bad, need_tokenizer=False)
     assert torch.equal(logits(load_model(d, need_tokenizer=False)[0]), ref)  # the original still loads
+
+
+def test_registration_uses_transformers_public_decorators_and_is_idempotent():
+    import importlib
+
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    from moecore import hf_integration
+
+    before = (AUTO_QUANTIZATION_CONFIG_MAPPING["moecore"], AUTO_QUANTIZER_MAPPING["moecore"])
+    hf_integration.register()
+    importlib.reload(hf_integration)  # a second import registers nothing more and raises nothing
+    assert (AUTO_QUANTIZATION_CONFIG_MAPPING["moecore"], AUTO_QUANTIZER_MAPPING["moecore"]) == before
+    src = Path(hf_integration.__file__).read_text(encoding="utf-8")
+    assert "register_quantizer(" in src and "_assign_is_quantized" not in src and ".setdefault(" not in src

@@ -62,7 +62,7 @@ def test_the_public_api_resolves_lazily():
         assert getattr(moecore, name) is not None, name
     assert set(moecore.__all__) <= set(dir(moecore))
     assert moecore.CompressionConfig is CompressionConfig
-    assert moecore.hf_integration.QUANT_METHOD == "moecore"  # a submodule, imported on access
+    assert moecore.checkpoint_format.QUANT_METHOD == "moecore"  # a submodule, imported on access
     with pytest.raises(AttributeError):
         moecore.no_such_name  # noqa: B018
 

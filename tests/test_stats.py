@@ -17,7 +17,8 @@ from moecore.errors import ConfigError, FileAccessError, UnsupportedModelError
 from moecore.families import find_experts
 from moecore.forms import PROJECTIONS, get_form
 from moecore.grouped import padded_rank
-from moecore.stats import print_table, read_statistics_yaml, top_k_of, write_statistics_yaml
+from moecore.families import top_k_of
+from moecore.stats import print_table, read_statistics_yaml, write_statistics_yaml
 
 from .test_hf_integration import CASES, FAMILIES, F, H, build
 

@@ -18,6 +18,8 @@ from .version import __version__
 if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and readers
     from .api import compress, compress_checkpoint
     from .config import CompressionConfig
+    from .families import ExpertsLayout, register_layout
+    from .forms import register_form
     from .io import export_dense, save_compressed
     from .planning import plan
     from .stats import statistics
@@ -27,6 +29,9 @@ _LAZY = {
     "compress": "moecore.api",
     "compress_checkpoint": "moecore.api",
     "CompressionConfig": "moecore.config",
+    "ExpertsLayout": "moecore.families",
+    "register_layout": "moecore.families",
+    "register_form": "moecore.forms",
     "export_dense": "moecore.io",
     "save_compressed": "moecore.io",
     "plan": "moecore.planning",
@@ -34,7 +39,7 @@ _LAZY = {
 }
 
 __all__ = ["__version__", "compress", "compress_checkpoint", "CompressionConfig", "statistics", "save_compressed",
-           "export_dense", "plan"]
+           "export_dense", "plan", "ExpertsLayout", "register_layout", "register_form"]
 
 _hf_hook.install()
 

@@ -12,22 +12,21 @@ to sharded safetensors (:mod:`moecore.streaming`).
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from . import streaming as st
+from . import streaming
+from .checkpoint_reader import read_config
 from .config import CompressionConfig
 from .data import calibration_sequences
-from .engine import Engine, InMemoryStore, experts_by_layer
-from .errors import CheckpointError, ConfigError, DataFreeWarning, UnsupportedModelError
+from .engine import Engine, InMemoryStore
+from .errors import ConfigError, DataFreeWarning
 from .hf_integration import mark_compressed
-from .io_utils import converting_write_errors, disk_full, model_source, prepare_output, publish_dir, say, user_path
+from .io_utils import model_source, prepare_output
 from .modeling import TOKENIZER_FILES, check_model_dir, load_tokenizer
-from .resume import partial_dir, read_state, write_state
 
 
 def _calibration_ids(texts: Sequence[str], tokenizer: Any, cfg: CompressionConfig) -> list[torch.Tensor]:
@@ -145,51 +144,9 @@ def compress_checkpoint(
     out = prepare_output(out_dir, [src, calibration_path], overwrite)
     have_calib = calibration is not None
     check_calibration_options(config, have_calib)
-    device = torch.device(device)
-    hf_cfg, model, dtype = st.open_skeleton(src, dtype)
-    has_tok = any((src / f).is_file() for f in TOKENIZER_FILES)
-    tok = load_tokenizer(src, hf_cfg) if (have_calib or has_tok) else None
+    tok = None
+    if have_calib or any((src / f).is_file() for f in TOKENIZER_FILES):
+        tok = load_tokenizer(src, read_config(src))
     seqs = _calibration_ids(calibration, tok, config) if have_calib else None
-    work, fp = partial_dir(out), st.fingerprint(src, config, seqs, dtype, device)
-    with user_path(out, "write"):
-        state = read_state(work, fp, resume, overwrite)
-    try:
-        with converting_write_errors(out):
-            return _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress,
-                           overwrite, max_shard_size)
-    except Exception as exc:
-        full = disk_full(exc.__cause__ or exc)
-        bad_input = isinstance(exc, (CheckpointError, UnsupportedModelError, ConfigError)) and not full
-        if state["done"] == 0 or bad_input:  # nothing worth resuming: leave nothing behind
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        if full:
-            raise CheckpointError(f"{exc}; the {state['done']} finished layer(s) are kept in {work}: free space "
-                                  f"and rerun with --resume (or delete that folder)") from exc
-        say(f"the {state['done']} finished layer(s) are kept in {work}: rerun with --resume to continue")
-        raise
-
-
-def _stream(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress, overwrite,
-            max_shard_size):
-    """The streaming run proper (see :func:`compress_checkpoint`)."""
-    stack_path = experts_by_layer(model)[0]
-    reader = st.CheckpointReader(src, model, dtype, stack_path.rpartition(".")[2])
-    reader.load(reader.by_layer.get(None, []), "", device, exclude=stack_path)  # embeddings, norm, head
-    store = st.StreamingStore(reader, work, stack_path, len(model.get_submodule(stack_path)), device, state)
-    engine = Engine(model, config, store, seqs, device=device, progress=progress)
-    hidden = engine.first_inputs()
-    start = state["done"]
-    if "ranks" in state:
-        ranks = {tuple(k.split("|")): r for k, r in state["ranks"].items()}
-    else:
-        ranks = engine.solve(hidden)
-        state["ranks"] = {"|".join(k): r for k, r in ranks.items()}
-        write_state(work, state)
-    if start and hidden is not None:
-        hidden = st.load_activations(work, state)
-    engine.run(ranks, hidden, start)
-    st.finish(work, src, model, hf_cfg, stack_path, state, config, tok, max_shard_size)
-    publish_dir(work, out, overwrite)
-    return {"output": str(out), "resumed_at_layer": start, "timings": engine.timings, "recovery": engine.recovery,
-            "ranks": state["ranks"], "dtype": str(dtype), "device": str(device)}
+    return streaming.run(src, out, config, seqs, tok, device=torch.device(device), dtype=dtype, resume=resume,
+                         overwrite=overwrite, progress=progress, max_shard_size=max_shard_size)

@@ -28,9 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import TrainingError
+from .errors import TrainingError, UnsupportedModelError
 from .families import ExpertsLayout, is_compressed
-from .forms import PROJECTIONS
 
 #: every this many-th calibration sequence is held out to judge a trained block
 HOLDOUT_EVERY = 5
@@ -67,13 +66,37 @@ def heldout_rows(seq: torch.Tensor, every: int = HOLDOUT_EVERY, min_rows: int = 
     return held
 
 
+def routed_forward(layout: ExpertsLayout, module: nn.Module, x: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Output of ``module`` (original or compressed) on routed pairs ``x (N, H)``,
+    ``top_k_index (N, k)``, ``top_k_weights (N, k)`` -> ``(N, H)``, whatever ``layout.call`` is
+    (layer-wise recovery compares the two modules on the same routed rows).  An original
+    module called densely (Llama-4) is evaluated expert by expert from its weights."""
+    if is_compressed(module):
+        return module.routed(x, top_k_index, top_k_weights)
+    if layout.call == "routed":
+        return module(x, top_k_index, top_k_weights)
+    if layout.has_bias:
+        raise UnsupportedModelError(f"layout {layout.name!r}: a dense call with biases is not supported")
+    w = layout.split(module)  # (E, d_out, d_in) views
+    act = layout.activation_fn(getattr(module, "act_fn", None))
+    out = torch.zeros_like(x)  # (N, H)
+    for e in range(w["gate"].shape[0]):
+        tok, slot = (top_k_index == e).nonzero(as_tuple=True)  # (n_e,), (n_e,)
+        if tok.numel():
+            xe = x[tok]  # (n_e, H)
+            h = act(xe @ w["gate"][e].T, xe @ w["up"][e].T)  # (n_e, F)
+            out.index_add_(0, tok, (h @ w["down"][e].T) * top_k_weights[tok, slot, None].to(x.dtype))
+    return out
+
+
 @torch.no_grad()
 def block_targets(original: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: torch.Tensor,
                   w: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     """The original block's output ``y (N, H)`` on ``x (N, H)``, ``idx (N, k)``, ``w (N, k)``
-    (:meth:`~moecore.families.ExpertsLayout.routed_forward`), ``chunk`` rows at a time on the
+    (:func:`routed_forward`), ``chunk`` rows at a time on the
     rows' device."""
-    parts = [layout.routed_forward(original, x[i:i + chunk], idx[i:i + chunk], w[i:i + chunk])
+    parts = [routed_forward(layout, original, x[i:i + chunk], idx[i:i + chunk], w[i:i + chunk])
              for i in range(0, x.shape[0], chunk)]
     return torch.cat(parts) if parts else torch.zeros_like(x)
 
@@ -86,7 +109,7 @@ def rel_error(module: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: to
     dt = next(module.parameters()).dtype
     err = 0.0
     for i in range(0, x.shape[0], chunk):
-        out = layout.routed_forward(module, x[i:i + chunk].to(dt), idx[i:i + chunk], w[i:i + chunk])
+        out = routed_forward(layout, module, x[i:i + chunk].to(dt), idx[i:i + chunk], w[i:i + chunk])
         err += float((out.double() - y[i:i + chunk].double()).pow(2).sum())
     return err / max(float(y.double().pow(2).sum()), 1e-30)
 
@@ -97,10 +120,7 @@ def trainable(module: nn.Module, train_core: bool) -> list[tuple[str, nn.Paramet
     quantized tensors (buffers) never.  A plain experts module trains all its weights."""
     if not is_compressed(module):
         return list(module.named_parameters())
-    names = [n for p in PROJECTIONS for n in module.form_impl.param_names(p)]
-    if train_core:
-        names += [f"core_{p}" for p in PROJECTIONS]
-    return [(n, module._parameters[n]) for n in names if module._parameters.get(n) is not None]
+    return module.trainable_parameters(train_core)
 
 
 def _train_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -135,7 +155,7 @@ def _fit(work: nn.Module, names: list[str], layout: ExpertsLayout, x, idx, w, y,
         with torch.enable_grad():
             for _ in range(steps):
                 sel = torch.randint(0, n, (min(batch_tokens, n),), generator=generator).to(x.device)  # (b,)
-                loss = (layout.routed_forward(work, x[sel], idx[sel], w[sel]) - y[sel]).pow(2).mean() / scale
+                loss = (routed_forward(layout, work, x[sel], idx[sel], w[sel]) - y[sel]).pow(2).mean() / scale
                 if not bool(torch.isfinite(loss)):
                     raise TrainingError(f"non-finite relative MSE ({float(loss)}) while recovering {where}; stopping")
                 opt.zero_grad(set_to_none=True)

@@ -3,8 +3,8 @@
 Forward keeps the transformers 5.x experts signature
 ``(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H)``.
 Stored parameter names are chosen to be safe from transformers' checkpoint key rewriting
-(docs/ARCHITECTURE.md): ``core_{p}``, ``delta_a_{p}``/``delta_b_{p}`` or
-``wrap_{u,v}_{in,out}_{p}``, ``bias_gate_up``/``bias_down``.
+(docs/ARCHITECTURE.md): the form's (:meth:`~moecore.forms.base.Form.stored_names`: ``core_{p}``
+and its factors, e.g. ``delta_a_{p}``/``delta_b_{p}``), ``bias_gate_up``/``bias_down``.
 
 Everything that depends on the form (factor names and shapes, counts, reconstruction,
 grouped-GEMM operands and forward) is the form object's (:mod:`moecore.forms`).
@@ -38,8 +38,8 @@ class CompressedExperts(nn.Module):
 
     Args:
         num_experts, hidden_size, intermediate_size: E, H, F.
-        form: a registered form name: ``"delta"`` (W_i = C + A_i B_iᵀ) or ``"wrapper"``
-            (W_i = (I+U_o V_oᵀ) C (I+U_i V_iᵀ)); ``ConfigError`` for an unknown one.
+        form: a registered form name (:mod:`moecore.forms`), e.g. ``"delta"``
+            (W_i = C + A_i B_iᵀ); ``ConfigError`` for an unknown one.
         ranks: ``{"gate": s, "up": s, "down": s}`` (the form's own rank per projection).
         layout: the family's :class:`ExpertsLayout` (activation, biases, fused layout).
         act_fn: activation module for ``layout.activation == "act_fn"`` (else unused; if
@@ -64,9 +64,10 @@ class CompressedExperts(nn.Module):
         self.report: dict = {}
         kw = {"dtype": dtype, "device": device}
         e, h, f = num_experts, hidden_size, intermediate_size
+        self.core_names = tuple(form_impl.core_name(p) for p in PROJECTIONS)
         for p in PROJECTIONS:
             d_out, d_in = self.proj_shape(p)
-            self.register_parameter(f"core_{p}", nn.Parameter(torch.zeros(d_out, d_in, **kw)))
+            self.register_parameter(form_impl.core_name(p), nn.Parameter(torch.zeros(d_out, d_in, **kw)))
             for name, shape in zip(form_impl.param_names(p), form_impl.factor_shapes(e, d_out, d_in, self.ranks[p])):
                 self.register_parameter(name, nn.Parameter(torch.zeros(shape, **kw)))
         if layout.has_bias:
@@ -94,6 +95,24 @@ class CompressedExperts(nn.Module):
         return budget.active_macs_per_token(self.form_impl, self.projection_shapes(),
                                             {("", p): r for p, r in self.ranks.items()}, top_k)
 
+    def logical_tensors(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+        """Each core / factor / bias this module stores, by name: ``(its logical shape, the names
+        it is stored under)`` (itself here; several for a quantized one, :mod:`moecore.quant`).
+        What :mod:`moecore.stats` counts, with no knowledge of the form or the storage."""
+        skip = self._non_persistent_buffers_set
+        own = {**self._parameters, **{n: b for n, b in self._buffers.items() if n not in skip}}
+        return {n: (tuple(t.shape), (n,)) for n, t in own.items() if t is not None}
+
+    def trainable_parameters(self, train_core: bool = False) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` that training updates: the form's float factors and, with
+        ``train_core``, the cores (biases and quantized tensors, which are buffers, never):
+        found from the form's stored names, as peft finds its adapters by module."""
+        form = self.form_impl
+        names = [n for p in PROJECTIONS for n in form.param_names(p)]
+        if train_core:
+            names += list(self.core_names)
+        return [(n, self._parameters[n]) for n in names if self._parameters.get(n) is not None]
+
     def extra_repr(self) -> str:
         return f"form={self.form}, E={self.num_experts}, H={self.hidden_size}, F={self.intermediate_size}, ranks={self.ranks}, layout={self.layout.name}"
 
@@ -115,7 +134,7 @@ class CompressedExperts(nn.Module):
         m = cls(e, h, f, form, ranks, layout, act_fn=act_fn, dtype=dtype, device=device)
         with torch.no_grad():
             for p in PROJECTIONS:
-                getattr(m, f"core_{p}").copy_(cores[p])
+                getattr(m, m.form_impl.core_name(p)).copy_(cores[p])
                 for n, t in zip(m.form_impl.param_names(p), factors[p]):
                     getattr(m, n).copy_(t)
             if layout.has_bias:
@@ -127,7 +146,7 @@ class CompressedExperts(nn.Module):
     def expert_weights(self, p: str) -> torch.Tensor:
         """Dense ``(E, d_out, d_in)`` weights of projection ``p`` reconstructed from the factors."""
         form = self.form_impl
-        return form.reconstruct(getattr(self, f"core_{p}"), tuple(getattr(self, n) for n in form.param_names(p)))
+        return form.reconstruct(getattr(self, form.core_name(p)), tuple(getattr(self, n) for n in form.param_names(p)))
 
     @torch.no_grad()
     def materialize(self) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """The typed, validated configurations of every verb: ``CompressionConfig`` (with its
 ``QuantConfig``) of :func:`moecore.compress`, ``DistillConfig`` of
-:func:`moecore.training.distill` and ``RecoveryConfig`` of :func:`moecore.training.recover`.
+:func:`moecore.training.distill`, ``RecoveryConfig`` of :func:`moecore.training.recover` and
+``EvalConfig`` of ``moecore eval``.
 
 Each is validated on creation (``ConfigError`` with a clear message), saved next to its
 output as JSON together with the moecore version and its format version
@@ -17,6 +18,7 @@ config that asks for quantized storage.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,13 @@ from .errors import ConfigError
 from .forms import DEFAULT_FORM, FORM_NAMES, get_form, quantizable_forms
 
 CONFIG_FILENAME = "moecore_config.json"
+
+
+def registered_form(name: str) -> bool:
+    """Whether ``name`` is a form added with :func:`moecore.forms.register_form` (the forms on
+    disk are the ``choices``; this loads nothing that is not loaded yet)."""
+    forms = importlib.import_module("moecore.forms")
+    return name in vars(forms).get("FORMS", {})
 
 QUANT_BITS = (2, 3, 4, 8)
 QUANT_METHODS = ("hqq", "rtn")
@@ -146,7 +155,7 @@ class CompressionConfig(ConfigBase):
             factors).
     """
 
-    form: str = field(default=DEFAULT_FORM, metadata={"choices": FORM_NAMES})  # the registered forms
+    form: str = field(default=DEFAULT_FORM, metadata={"choices": FORM_NAMES, "also": registered_form})
     rank: int | None = field(default=None, metadata={"gt": 0, "unset": "none: --target-ratio decides"})
     target_ratio: float | None = field(default=None, metadata={"unset": "0.25 unless --rank is given"})
     core: str = field(default="auto", metadata={"choices": ("auto", "mean", "frequency", "output")})
@@ -196,6 +205,54 @@ DISTILL_CONFIG = "distill_config.json"
 RECOVERY_CONFIG = "recovery_config.json"
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt")
+
+
+EVAL_CONFIG = "eval_config.json"
+#: dtypes a verb loads a model in (``auto``: the checkpoint's)
+LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class EvalConfig(ConfigBase):
+    """What moecore eval measures, and where it runs.
+
+    Held-out perplexity with the pinned protocol, or lm-evaluation-harness tasks with ``tasks``.
+
+    Attributes:
+        split: the bundled-corpus split to score (unless a text file is given).
+        seq_len: tokens per perplexity window.
+        stride: tokens a window advances (every token is scored once, with at least
+            ``seq_len - stride`` tokens of context).
+        max_tokens: truncate the token stream (quick checks; recorded results use it all).
+        tasks: lm-eval tasks instead of perplexity, e.g. moecore_heldout_ppl,moecore_heldout_mc
+            (offline) or any standard lm-eval task name.
+        limit: lm-eval: documents per task (or a fraction below 1).
+        batch_size: lm-eval batch size.
+        max_length: lm-eval: the model's context window.
+        num_fewshot: lm-eval: few-shot examples.
+        dtype: dtype to load the model in (the recorded protocol is float32).
+        device: where to run it: auto (cuda if available), cpu, cuda, cuda:1, ...
+    """
+
+    split: str = field(default="heldout", metadata={"choices": ("heldout", "calib")})
+    seq_len: int | None = field(default=None, metadata={"gt": 0, "unset": "256, the pinned protocol"})
+    stride: int | None = field(default=None, metadata={"gt": 0, "unset": "128, or seq_len if shorter"})
+    max_tokens: int | None = field(default=None, metadata={"gt": 0, "unset": "all"})
+    tasks: list[str] | None = field(default=None, metadata={"unset": "none: perplexity"})
+    limit: float | None = field(default=None, metadata={"gt": 0, "unset": "every document"})
+    batch_size: int = field(default=8, metadata={"gt": 0})
+    max_length: int | None = field(default=None, metadata={"gt": 0, "unset": "the model's"})
+    num_fewshot: int | None = field(default=None, metadata={"min": 0, "unset": "the task's"})
+    dtype: str = field(default="float32", metadata={"choices": LOAD_DTYPES})
+    device: str = "auto"
+
+    FILENAME = EVAL_CONFIG
+    KIND = "eval config"
+
+    def __post_init__(self) -> None:
+        self.check_fields()
+        if self.tasks is not None and not self.tasks:
+            raise ConfigError("tasks is empty: name at least one lm-eval task, or leave it unset")
 
 
 @dataclass

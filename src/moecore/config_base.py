@@ -6,7 +6,7 @@ beside a verb's output (``moecore_config.json``, ``distill_config.json``,
 Field metadata understood here (and by :mod:`moecore.cli._config_args`, which derives the
 command-line flags from the same fields):
 
-- ``choices``: the allowed values;
+- ``choices``: the allowed values (``also``: a predicate accepting more, e.g. forms registered at run time);
 - ``min`` / ``gt`` / ``max``: inclusive / exclusive lower bound, inclusive upper bound of a number;
 - ``help``: the flag's help text (default: the field's entry in the class docstring's
   ``Attributes:`` section);
@@ -44,6 +44,10 @@ def is_int(x: Any) -> bool:
 def is_number(x: Any) -> bool:
     """An ``int`` or ``float`` that is not a ``bool``."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _no(_value: Any) -> bool:
+    return False
 
 
 def unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -132,7 +136,7 @@ class ConfigBase:
         for f in dataclasses.fields(self):
             v = _check_type(f.name, getattr(self, f.name), types_[f.name])
             meta = f.metadata
-            if v is not None and "choices" in meta and v not in meta["choices"]:
+            if v is not None and "choices" in meta and v not in meta["choices"] and not meta.get("also", _no)(v):
                 raise ConfigError(f"{f.name} must be one of {', '.join(map(repr, meta['choices']))}, got {v!r}")
             if v is not None and "min" in meta and v < meta["min"]:
                 raise ConfigError(f"{f.name} must be >= {meta['min']}, got {v!r}")

@@ -40,10 +40,9 @@ from .calibration import RoutedInputs, calibrate_layer, capture_layer_inputs, ru
 from .compressed_experts import PROJECTIONS
 from .config import CompressionConfig
 from .errors import ConfigError, UnsupportedModelError
-from .families import ExpertsLayout, find_experts
+from .families import ExpertsLayout, find_experts, top_k_of
 from .fitting import fit_experts, projection_shapes, rank_gains, solve_ranks
 from .progress import progress_bar
-from .stats import top_k_of
 from .surgery import decoder_layers, replace_module
 
 

@@ -42,3 +42,10 @@ class DataFreeWarning(UserWarning):
     """``moecore.compress`` / ``compress_checkpoint`` ran without calibration text while the
     config asked for the activation-aware init (``init="auto"``): the data-free init was used.
     Pass calibration text, or ``CompressionConfig(init="svd")`` to choose the data-free init."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its class name when it has none): how moecore
+    quotes an underlying error in its own one-line messages."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -20,7 +20,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from .errors import CheckpointError, UnsupportedModelError
 from .families import find_experts
-from .hf_integration import load_guards, mark_compressed
+from .checkpoint_format import load_guards
+from .hf_integration import mark_compressed
 from .io_utils import atomic_output_dir, model_source
 from .model_card import write_model_card
 from .stats import STATS_FILENAME, statistics, write_statistics_yaml
@@ -46,7 +47,7 @@ def save_compressed(model, out_dir: str | os.PathLike, tokenizer=None, *, overwr
     :class:`~moecore.config.CompressionConfig` + version; ``config`` or
     ``model.moecore_config``), ``compression_statistics.yaml``, the model card ``README.md``
     (how to load it, the source model, statistics, ``quality``) and the tokenizer if given.
-    The stored tensors include :func:`~moecore.hf_integration.load_guards`, so transformers
+    The stored tensors include :func:`~moecore.checkpoint_format.load_guards`, so transformers
     refuses the folder, naming ``import moecore``, when moecore is not imported.
 
     Args:

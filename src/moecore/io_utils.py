@@ -34,7 +34,7 @@ _DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exce
                    "os error 27", "file write failed")
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -70,7 +70,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; follow the umask like open() does
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp creates 0600; follow the umask like open() does
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -217,7 +217,7 @@ def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike, overwrite: bool)
     leaves either the old or the new ``out``), else by two renames whose interruption
     :func:`recover_interrupted` repairs.  Returns ``out``."""
     tmp, out = Path(tmp), Path(out).expanduser().resolve()
-    mode = 0o666 & ~_umask()
+    mode = 0o666 & ~umask()
     for f in tmp.rglob("*"):  # safetensors writes its files 0600: every output file follows the umask
         if f.is_file() and not f.is_symlink():
             os.chmod(f, mode)

@@ -78,7 +78,7 @@ def render_card(stats: dict[str, Any], *, source: str | None, config: dict[str, 
         "plain checkpoint of the original architecture that loads anywhere, at the original size.", "",
         "## Compressed from", "",
         f"- source: `{source or 'unknown'}`",
-        f"- compression config (`moecore_config.json`): "
+        "- compression config (`moecore_config.json`): "
         + (", ".join(f"{k}={v!r}" for k, v in sorted(config.items()) if k != "format_version")
            if config else "unknown (model not made by `moecore.compress`)"), "",
         "## Statistics", "",

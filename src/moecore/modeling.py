@@ -20,19 +20,21 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from . import hf_integration
-from .errors import CheckpointError
+from . import checkpoint_format
+from .errors import CheckpointError, first_line
+from .families import text_config
+from .forms import FORMS, PROJECTIONS
 
-# Parameter-name markers of moecore's stored tensors (docs/ARCHITECTURE.md).
-MOECORE_MARKERS = ("core_gate", "core_up", "core_down", "delta_a_", "delta_b_", "wrap_u_", "wrap_v_")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-# the shape of the load guard stored under an original experts key (hf_integration.load_guards)
-_GUARD_SHAPE = (len(hf_integration.LOAD_NOTICE_KEY.encode()),)
+# the shape of the load guard stored under an original experts key (checkpoint_format.load_guards)
+_GUARD_SHAPE = (len(checkpoint_format.LOAD_NOTICE_KEY.encode()),)
 
 
-def _first_line(exc: BaseException) -> str:
-    s = str(exc).strip()
-    return s.splitlines()[0] if s else type(exc).__name__
+def _is_moecore_key(key: str) -> bool:
+    """Whether ``key`` names a tensor moecore stores: a form's core or factor (as the forms name
+    them), whole or one part of its quantized storage."""
+    names = tuple(n for form in FORMS.values() for p in PROJECTIONS for n in form.stored_names(p))
+    return key.rsplit(".", 1)[-1].startswith(names)
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
@@ -59,7 +61,7 @@ def check_safetensors(folder: str | os.PathLike) -> list[Path]:
             with safe_open(str(f), framework="pt") as fh:
                 fh.keys()
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"corrupt safetensors file {f}: {_first_line(exc)}") from exc
+            raise CheckpointError(f"corrupt safetensors file {f}: {first_line(exc)}") from exc
     return files
 
 
@@ -74,13 +76,13 @@ def load_tokenizer(path: str | os.PathLike, config=None):
     try:
         tok = AutoTokenizer.from_pretrained(p)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"no usable tokenizer in {p}: {_first_line(exc)}") from exc
+        raise CheckpointError(f"no usable tokenizer in {p}: {first_line(exc)}") from exc
     n = len(tok)
     if n <= 1:
         raise CheckpointError(f"the tokenizer in {p} is empty ({n} token): its files are missing or broken")
     if tok.eos_token_id is None:
         raise CheckpointError(f"the tokenizer in {p} has no EOS token")
-    vocab = getattr(getattr(config, "get_text_config", lambda: config)(), "vocab_size", None) if config else None
+    vocab = getattr(text_config(config), "vocab_size", None) if config else None
     if vocab:
         if n > vocab:
             raise CheckpointError(f"the tokenizer in {p} has {n} tokens but the model's vocabulary has {vocab}")
@@ -91,7 +93,7 @@ def load_tokenizer(path: str | os.PathLike, config=None):
 
 
 def _check_loading_info(p: Path, info: dict) -> None:
-    # a load guard (hf_integration.load_guards) met by original experts: that layer's weights are missing
+    # a load guard (checkpoint_format.load_guards) met by original experts: that layer's weights are missing
     guards = {k for k in info.get("mismatched_keys") or () if tuple(k[1]) == _GUARD_SHAPE}
     missing = sorted({*(info.get("missing_keys") or ()), *(k[0] for k in guards)})
     if missing:
@@ -101,7 +103,7 @@ def _check_loading_info(p: Path, info: dict) -> None:
     if mismatched:
         k = mismatched[0]
         raise CheckpointError(f"{p}: tensor {k[0]} has shape {tuple(k[1])}, the model expects {tuple(k[2])}")
-    stray = sorted(k for k in info.get("unexpected_keys") or () if any(m in k for m in MOECORE_MARKERS))
+    stray = sorted(k for k in info.get("unexpected_keys") or () if _is_moecore_key(k))
     if stray:
         raise CheckpointError(f"{p} stores compressed tensors that its quantization_config does not cover, "
                               f"e.g. {stray[0]}")
@@ -130,7 +132,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise CheckpointError(f"could not load model from {p}: {_first_line(exc)}") from exc
+        raise CheckpointError(f"could not load model from {p}: {first_line(exc)}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     _check_loading_info(p, info)

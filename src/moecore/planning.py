@@ -34,12 +34,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .config import CompressionConfig
-from .errors import ConfigError, FileAccessError
-from .families import find_experts
+from .errors import ConfigError, FileAccessError, first_line
+from .families import find_experts, text_config
 from .fitting import projection_shapes, solve_ranks
 from .forms import PROJECTIONS
-from .hf_integration import swap_in_compressed
-from .stats import statistics, text_config
+from .checkpoint_format import swap_in_compressed
+from .stats import statistics
 from .surgery import decoder_layers
 
 GIB = 1 << 30
@@ -122,7 +122,7 @@ def _read_hf_config(hf_config):
     try:
         return AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(f"cannot read a transformers config from {path}: {first}") from exc
 
 

@@ -1,11 +1,11 @@
-"""Quantized storage of the compressed experts (delta form): core and factors in b-bit groups.
+"""Quantized storage of the compressed experts, in any form: core and factors in b-bit groups.
 
 The quantize / dequantize / bit-packing primitives are the HQQ library's
 (``hqq.core.quantize.Quantizer``; ``method="hqq"``: half-quadratic optimized scale and zero
 point, ``method="rtn"``: min/max round-to-nearest), chosen by measured CPU quality and speed
 (``benchmarks/quant_libs.py``, RESULTS §5).  Nothing here re-implements them.
 
-Storage of one quantized tensor ``name`` (e.g. ``core_gate``, ``delta_a_up``), as buffers:
+Storage of one quantized tensor ``name`` (a form's stored name, e.g. ``core_gate``, ``delta_a_up``), as buffers:
 
 - ``{name}_qcodes``: HQQ's packed codes (uint8 for 8/4/2 bits, int32 holding ten 3-bit codes);
 - ``{name}_qscale`` / ``{name}_qzero``: one float16 scale and zero point per group, stored as
@@ -19,9 +19,10 @@ tensor is zero-padded to whole packed rows (counted in the bytes).
 
 :func:`quantize_layer` turns a fitted :class:`~moecore.compressed_experts.CompressedExperts`
 into a :class:`QuantizedCompressedExperts`: the core is quantized first, the factors are
-refit to ``W_i − Q(C)`` (whitened truncated SVD, :mod:`moecore.maths.decompose`), then
-``A`` is quantized and ``B`` re-solved for ``Q(A)`` (exact least squares) before it is
-quantized in turn.  The forward dequantizes on the fly (the parent's forward reads every
+refit to ``W_i − Q(C)`` where the form can (:meth:`~moecore.forms.base.Form.refit_factors`;
+the delta form: whitened truncated SVD), then quantized by the form
+(:meth:`~moecore.forms.base.Form.quantize_factors`; the delta form quantizes ``A`` and
+re-solves ``B`` for ``Q(A)`` by exact least squares before quantizing it in turn).  The forward dequantizes on the fly (the parent's forward reads every
 core/factor through attribute access, which this subclass routes to :meth:`dequantized`).
 
 Training: quantized tensors are buffers, so ``moecore distill`` trains only float
@@ -45,7 +46,6 @@ from .config import QuantConfig
 from .errors import ConfigError
 from .families import ExpertsLayout
 from .forms import PROJECTIONS, get_form, quantizable_forms
-from .forms.delta import FORM as DELTA
 from .maths import decompose as dm
 
 SUFFIXES = ("_qcodes", "_qscale", "_qzero")
@@ -96,28 +96,24 @@ def dequantize(q: Mapping[str, torch.Tensor], shape: tuple[int, ...], bits: int,
     return _stored_view(w, kind).to(dtype).contiguous()
 
 
-def _kind(name: str) -> str:
-    return "core" if name.startswith("core_") else "factor"
-
-
 class QuantizedCompressedExperts(CompressedExperts):
-    """Delta-form :class:`CompressedExperts` whose core and/or factors are stored quantized
+    """:class:`CompressedExperts` (any quantizable form) whose core and/or factors are stored quantized
     (``quant.core_bits`` / ``quant.factor_bits``; ``None`` keeps that part a float parameter).
 
     Constructible from shapes alone (meta device for loading); the forward, ``expert_weights``
     and ``materialize`` see the dequantized tensors (in the module's float dtype).
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, ranks: Mapping[str, int],
-                 layout: ExpertsLayout, quant: QuantConfig, act_fn: nn.Module | None = None,
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, form: str,
+                 ranks: Mapping[str, int], layout: ExpertsLayout, quant: QuantConfig, act_fn: nn.Module | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
-        super().__init__(num_experts, hidden_size, intermediate_size, DELTA.name, ranks, layout, act_fn, dtype, device)
+        super().__init__(num_experts, hidden_size, intermediate_size, form, ranks, layout, act_fn, dtype, device)
         self.quant = QuantConfig.coerce(quant)
         self._float_dtype = dtype or torch.get_default_dtype()
         self.quantized: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (bits, logical shape)
         for p in PROJECTIONS:
-            for name in (f"core_{p}", *DELTA.param_names(p)):
-                bits = self.quant.core_bits if name.startswith("core_") else self.quant.factor_bits
+            for name in self.form_impl.stored_names(p):
+                bits = self.quant.core_bits if name in self.core_names else self.quant.factor_bits
                 if bits is None:
                     continue
                 shape = tuple(self._parameters.pop(name).shape)
@@ -137,7 +133,22 @@ class QuantizedCompressedExperts(CompressedExperts):
         """The dequantized tensor ``name`` (e.g. ``core_gate (F, H)``) in the module's float dtype."""
         bits, shape = self.quantized[name]
         q = {s[1:]: self._buffers[name + s] for s in SUFFIXES}
-        return dequantize(q, shape, bits, _kind(name), self._float_dtype)
+        return dequantize(q, shape, bits, self._kind(name), self._float_dtype)
+
+    def _kind(self, name: str) -> str:
+        """How ``name`` is grouped (:func:`quantize`): ``"core"`` or ``"factor"``."""
+        return "core" if name in self.core_names else "factor"
+
+    def logical_tensors(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+        """As the parent's, a quantized tensor being one entry stored as its codes, scales
+        and zero points."""
+        out = super().logical_tensors()
+        for name, (_bits, shape) in self.quantized.items():
+            parts = tuple(name + s for s in SUFFIXES)
+            for part in parts:
+                out.pop(part)
+            out[name] = (shape, parts)
+        return out
 
     def set_quantized(self, name: str, q: Mapping[str, torch.Tensor]) -> None:
         """Store the output of :func:`quantize` for ``name`` (shapes must match)."""
@@ -166,15 +177,17 @@ def build_experts(num_experts: int, hidden_size: int, intermediate_size: int, fo
         return CompressedExperts(num_experts, hidden_size, intermediate_size, form, ranks, layout, **kw)
     if not get_form(form).quantizable:
         raise ConfigError(f"quantized storage needs form {' or '.join(map(repr, quantizable_forms()))}, got {form!r}")
-    return QuantizedCompressedExperts(num_experts, hidden_size, intermediate_size, ranks, layout, quant, **kw)
+    return QuantizedCompressedExperts(num_experts, hidden_size, intermediate_size, form, ranks, layout, quant, **kw)
 
 
 @torch.no_grad()
 def quantize_layer(module: CompressedExperts, weights: Mapping[str, torch.Tensor],
                    grams: Mapping[str, torch.Tensor | None], quant: QuantConfig, damping: float = 0.01,
                    refit: bool = True) -> QuantizedCompressedExperts:
-    """Quantize a fitted delta-form layer: ``Q(C)``; factors refit to ``W_i − Q(C)`` (whitened
-    truncated SVD when ``grams[p]`` is given); ``Q(A)``; ``B`` re-solved for ``Q(A)``; ``Q(B)``.
+    """Quantize a fitted layer: ``Q(C)``; the factors refit to ``W_i − Q(C)`` where the form
+    can (:meth:`~moecore.forms.base.Form.refit_factors`, whitened when ``grams[p]`` is given);
+    then quantized by the form (:meth:`~moecore.forms.base.Form.quantize_factors`; delta:
+    ``Q(A)``, ``B`` re-solved for ``Q(A)``, ``Q(B)``).
 
     ``weights[p] (E, d_out, d_in)`` are the original experts, ``grams[p] (E, d_in, d_in)`` or
     ``None``.  ``refit=False`` quantizes the given core and factors as they are (ablation).
@@ -182,46 +195,51 @@ def quantize_layer(module: CompressedExperts, weights: Mapping[str, torch.Tensor
     ``output_rel_error``) and keeps the float fit's as ``float_weight_rel_error`` / ...
     """
     quant = QuantConfig.coerce(quant)
-    if not module.form_impl.quantizable:
+    form = module.form_impl
+    if not form.quantizable:
         raise ConfigError(f"quantize_layer needs a layer of form {' or '.join(map(repr, quantizable_forms()))}, "
                           f"got {module.form!r}")
-    ref = module.core_gate
-    out = QuantizedCompressedExperts(module.num_experts, module.hidden_size, module.intermediate_size, module.ranks,
-                                     module.layout, quant, act_fn=module.act_fn, dtype=ref.dtype, device=ref.device)
+    ref = getattr(module, form.core_name("gate"))
+    out = QuantizedCompressedExperts(module.num_experts, module.hidden_size, module.intermediate_size, module.form,
+                                     module.ranks, module.layout, quant, act_fn=module.act_fn, dtype=ref.dtype,
+                                     device=ref.device)
     g, cb, fb, method = quant.group_size, quant.core_bits, quant.factor_bits, quant.method
     report = {p: dict(v) for p, v in (module.report or {}).items()}
     for p in PROJECTIONS:
         w, gram = weights[p].to(torch.float64), grams.get(p)
-        a_name, b_name = DELTA.param_names(p)
-        core = getattr(module, f"core_{p}").detach().to(torch.float64)
-        a, b = (getattr(module, n).detach().to(torch.float64) for n in (a_name, b_name))
+        core_name, names = form.core_name(p), form.param_names(p)
+        core = getattr(module, core_name).detach().to(torch.float64)
+        factors = tuple(getattr(module, n).detach().to(torch.float64) for n in names)
+        refitted = cb is None
         if cb is not None:
             qc = quantize(core, cb, g, method, "core")
-            out.set_quantized(f"core_{p}", qc)
+            out.set_quantized(core_name, qc)
             core = dequantize(qc, tuple(core.shape), cb, "core", torch.float64)  # (d_out, d_in)
             if refit:  # the factors absorb the core's rounding error
-                a, b = (dm.whitened_delta_factors(w, core, module.ranks[p], gram, damping) if gram is not None
-                        else dm.delta_factors(w, core, module.ranks[p]))
+                new = form.refit_factors(w, core, module.ranks[p], gram, damping)
+                factors, refitted = (factors, False) if new is None else (tuple(new), True)
         if fb is not None:
-            qa = quantize(a, fb, g, method, "factor")
-            a = dequantize(qa, tuple(a.shape), fb, "factor", torch.float64)  # (E, d_out, s)
-            if refit:  # B for the quantized A: min ‖(R − Q(A) Bᵀ) L‖ is solved by Bᵀ = Q(A)⁺ R for any L
-                b = (torch.linalg.pinv(a) @ (w - core)).mT  # (E, d_in, s)
-            qb = quantize(b, fb, g, method, "factor")
-            b = dequantize(qb, tuple(b.shape), fb, "factor", torch.float64)
-            out.set_quantized(a_name, qa)
-            out.set_quantized(b_name, qb)
-        for name, t in ((f"core_{p}", core), (a_name, a), (b_name, b)):
+            codes: dict[str, dict[str, torch.Tensor]] = {}
+
+            def quantize_factor(i: int, t: torch.Tensor) -> torch.Tensor:
+                codes[names[i]] = q = quantize(t, fb, g, method, "factor")
+                return dequantize(q, tuple(t.shape), fb, "factor", torch.float64)  # (E, d, s)
+
+            factors = form.quantize_factors(factors, quantize_factor, residual=w - core if refit else None,
+                                            resolve=refit)
+            for name in names:
+                out.set_quantized(name, codes[name])
+        for name, t in zip((core_name, *names), (core, *factors)):
             if name not in out.quantized:
                 getattr(out, name).copy_(t)
-        approx = dm.reconstruct_delta(core, a, b)  # (E, d_out, d_in)
+        approx = form.reconstruct(core, factors)  # (E, d_out, d_in)
         entry = report.setdefault(p, {"rank": module.ranks[p]})
         for key in ("weight_rel_error", "output_rel_error"):
             if key in entry:
                 entry[f"float_{key}"] = entry[key]
         entry["weight_rel_error"] = dm.relative_weight_error(w, approx)
         entry["output_rel_error"] = dm.relative_output_error(w, approx, gram) if gram is not None else None
-        entry["quant_refit"] = bool(refit)
+        entry["quant_refit"] = bool(refit and refitted)
     if module.layout.has_bias:
         out.bias_gate_up.copy_(module.bias_gate_up)
         out.bias_down.copy_(module.bias_down)
@@ -241,7 +259,7 @@ def float_factors(model: nn.Module) -> int:
     becomes ``None`` so a save records float factors.  Returns the number of modules changed."""
     changed = 0
     for m in _quantized_modules(model):
-        names = [n for n in m.quantized if not n.startswith("core_")]
+        names = [n for n in m.quantized if n not in m.core_names]
         if not names:
             continue
         if m.quant.core_bits is None:
@@ -260,27 +278,34 @@ def float_factors(model: nn.Module) -> int:
 
 @torch.no_grad()
 def quantize_factors(model: nn.Module, factor_bits: int) -> int:
-    """Quantize the float factors of every :class:`QuantizedCompressedExperts` (e.g. after KD):
-    ``Q(A)``; ``B`` re-solved so that ``Q(A) Bᵀ`` is the least-squares fit of the trained
-    ``A Bᵀ``; ``Q(B)``.  Returns the number of modules changed."""
+    """Quantize the float factors of every :class:`QuantizedCompressedExperts` (e.g. after KD),
+    by its form (:meth:`~moecore.forms.base.Form.quantize_factors`; delta: ``Q(A)``; ``B``
+    re-solved so that ``Q(A) Bᵀ`` is the least-squares fit of the trained ``A Bᵀ``; ``Q(B)``).
+    Returns the number of modules changed."""
     changed = 0
     for m in _quantized_modules(model):
         if m.quant.factor_bits is not None:
             continue
         quant = dataclasses.replace(m.quant, factor_bits=factor_bits)
         g, method = quant.group_size, quant.method
+        form = m.form_impl
         for p in PROJECTIONS:
-            a_name, b_name = DELTA.param_names(p)
-            a, b = (getattr(m, n).detach().to(torch.float64) for n in (a_name, b_name))
-            qa = quantize(a, factor_bits, g, method, "factor")
-            a_hat = dequantize(qa, tuple(a.shape), factor_bits, "factor", torch.float64)  # (E, d_out, s)
-            b = (torch.linalg.pinv(a_hat) @ a @ b.mT).mT  # (E, d_in, s)
-            qb = quantize(b, factor_bits, g, method, "factor")
-            for name, q, shape in ((a_name, qa, a.shape), (b_name, qb, b.shape)):
+            names = form.param_names(p)
+            factors = tuple(getattr(m, n).detach().to(torch.float64) for n in names)
+            codes: dict[str, tuple[dict[str, torch.Tensor], tuple[int, ...]]] = {}
+
+            def quantize_factor(i: int, t: torch.Tensor) -> torch.Tensor:
+                q = quantize(t, factor_bits, g, method, "factor")
+                codes[names[i]] = q, tuple(t.shape)
+                return dequantize(q, tuple(t.shape), factor_bits, "factor", torch.float64)
+
+            form.quantize_factors(factors, quantize_factor)  # delta: B re-solved for Q(A) against the trained A Bᵀ
+            for name in names:
+                q, shape = codes[name]
                 del m._parameters[name]
                 for s in SUFFIXES:
                     m.register_buffer(name + s, q[s[1:]])
-                m.quantized[name] = (factor_bits, tuple(shape))
+                m.quantized[name] = (factor_bits, shape)
         m.quant = quant
         m.clear_cache()  # the forward's cached operands were built from the old storage
         changed += 1

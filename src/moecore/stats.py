@@ -39,33 +39,17 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from .errors import ConfigError, UnsupportedModelError
-from .families import find_experts, is_compressed
+from .errors import ConfigError, UnsupportedModelError, first_line
+from .families import find_experts, is_compressed, text_config, top_k_of
 from .forms import PROJECTIONS, get_form
 from .io_utils import atomic_write_text, user_path
 from .version import __version__
 
 STATS_FILENAME = "compression_statistics.yaml"
-_QSUFFIXES = ("_qcodes", "_qscale", "_qzero")  # moecore.quant's stored parts of one quantized tensor
 _GB = 1e9
 
 
 # ----------------------------------------------------------------------------- helpers
-def text_config(config):
-    """The text model's config of ``config`` (itself unless it is a multimodal wrapper)."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def top_k_of(config) -> int:
-    """Experts per token (``num_experts_per_tok`` / ``moe_topk`` / ``top_k``) from a config."""
-    cfg = text_config(config)
-    for name in ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    raise UnsupportedModelError(f"cannot find the number of experts per token in the {type(cfg).__name__}")
-
-
 def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in name.split(".")]
 
@@ -90,37 +74,14 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _proj_of(param_name: str) -> str | None:
-    for p in PROJECTIONS:
-        if param_name.endswith("_" + p):
-            return p
-    return None
-
-
-def _logical_numels(mod, stored: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Weights per logical tensor name: a quantized tensor (``{name}_qcodes/_qscale/_qzero``,
-    :mod:`moecore.quant`) counts the ``numel`` of the tensor it encodes, once."""
-    numels = {n: t.numel() for n, t in stored.items()}
-    for qname, (_bits, shape) in (getattr(mod, "quantized", None) or {}).items():
-        for suffix in _QSUFFIXES:
-            numels.pop(qname + suffix)
-        numels[qname] = math.prod(shape)
-    return numels
-
-
-def _base_name(stored_name: str) -> str:
-    for suffix in _QSUFFIXES:
-        if stored_name.endswith(suffix):
-            return stored_name[: -len(suffix)]
-    return stored_name
-
-
 def _compressed_layer(name: str, mod, k: int) -> dict[str, Any]:
     """Counts for one ``CompressedExperts`` module, from its stored tensors (quantized ones:
     params = the weights they encode, bytes = codes + scales + zero points as stored)."""
     E, H, F = int(mod.num_experts), int(mod.hidden_size), int(mod.intermediate_size)
     stored = _stored(mod)
-    tensors = _logical_numels(mod, stored)
+    logical = mod.logical_tensors()  # name -> (logical shape, stored names): the module knows its storage
+    tensors = {n: math.prod(shape) for n, (shape, _) in logical.items()}
+    outside = set(stored) - {part for _, parts in logical.values() for part in parts}
     fdtype = getattr(mod, "_float_dtype", None) or next(t.dtype for t in stored.values() if t.is_floating_point())
     elsize = torch.empty(0, dtype=fdtype).element_size()
     dims = {"gate": F * H, "up": F * H, "down": H * F}
@@ -129,12 +90,11 @@ def _compressed_layer(name: str, mod, k: int) -> dict[str, Any]:
     core = factors = bias = macs = 0
     proj_rows = {}
     for p in PROJECTIONS:
-        c = sum(v for n, v in tensors.items() if n.startswith("core_") and _proj_of(n) == p)
-        f = sum(v for n, v in tensors.items() if n in form.param_names(p))
+        c = tensors[form.core_name(p)]
+        f = sum(tensors[n] for n in form.param_names(p))
         row = {"rank": int(mod.ranks[p]), "params_original": E * dims[p], "params_compressed": c + f,
                "core_params": c, "factor_params": f,
-               "bytes_compressed": _nbytes(t for n, t in stored.items()
-                                           if _proj_of(_base_name(n)) == p and not n.startswith("bias_"))}
+               "bytes_compressed": _nbytes(stored[part] for n in form.stored_names(p) for part in logical[n][1])}
         errs = report.get(p) if isinstance(report, dict) else None
         if isinstance(errs, dict):
             row.update({k2: _plain(v) for k2, v in errs.items() if k2 != "rank"})
@@ -143,7 +103,7 @@ def _compressed_layer(name: str, mod, k: int) -> dict[str, Any]:
         macs += form.active_macs_per_token(*mod.proj_shape(p), factor_params=f // E, top_k=k)
     bias = sum(v for n, v in tensors.items() if n.startswith("bias_"))
     other = sum(tensors.values()) - core - factors - bias
-    if other:
+    if other or outside:
         raise UnsupportedModelError(f"{name}: stored tensors outside the core/factor/bias naming contract")
     weights_orig = E * 3 * H * F
     per_expert_factors = factors // E
@@ -287,7 +247,7 @@ def read_statistics_yaml(path: str | os.PathLike) -> dict[str, Any]:
         with user_path(path):
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"{path} is not valid YAML: {first_line(exc)}") from exc
     if not isinstance(data, dict) or "total_params_original" not in data:
         raise ConfigError(f"{path} is not a moecore statistics file")
     return data

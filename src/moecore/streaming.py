@@ -1,12 +1,11 @@
-"""``compress_checkpoint(MODEL_DIR, OUT, cfg)``: the layer engine streamed from and to
-sharded safetensors, for models that don't fit in memory.
+"""The layer engine streamed from and to sharded safetensors, for models that don't fit in
+memory: :func:`run` is the one entry (what :func:`moecore.compress_checkpoint` delegates to,
+after validating its inputs); it owns the skeleton, the state, resume and the finish.
 
-* The model skeleton is built from ``config.json`` with empty (meta) weights.
-* Each decoder layer's tensors are read from the shards through transformers' own loading
-  and key conversion (``convert_and_load_state_dict_in_model`` with the model's conversion
-  mapping), so every family that ``from_pretrained`` loads also streams, including legacy
-  per-expert key layouts.  Apart from the embeddings and the head, at most one decoder layer
-  of original weights is in memory.
+* The model skeleton is built from ``config.json`` with empty (meta) weights, and each
+  decoder layer's tensors are read from the shards through transformers' own loading
+  (:mod:`moecore.checkpoint_reader`).  Apart from the embeddings and the head, at most one
+  decoder layer of original weights is in memory.
 * Each finished layer is written as its own shard into ``.OUT.partial/`` (atomically), with
   the calibration activations it produced and a state file.  ``resume=True`` continues
   after a kill from the first unfinished layer; a fingerprint of the model, the config, the
@@ -19,170 +18,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import convert_and_load_state_dict_in_model
-from transformers.modeling_utils import LoadStateDictConfig
-from transformers.utils import logging as hf_logging
+from transformers import AutoModelForCausalLM
 from transformers.utils.hub import convert_file_size_to_int
 
+from .checkpoint_format import build_quantization_config, load_guards, swap_in_compressed
+from .checkpoint_reader import INDEX, CheckpointReader, open_skeleton, weight_files
 from .config import CompressionConfig
-from .engine import Engine
-from .errors import CheckpointError, UnsupportedModelError
+from .engine import Engine, experts_by_layer
+from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .families import is_compressed
-from .hf_integration import MoecoreQuantizationConfig, build_quantization_config, load_guards, swap_in_compressed
-from .io_utils import _umask, atomic_write_text
+from .hf_integration import MoecoreQuantizationConfig
+from .io_utils import atomic_write_text, converting_write_errors, disk_full, publish_dir, say, umask, user_path
 from .model_card import write_model_card
-from .resume import STATE, Fingerprint, write_state
+from .resume import STATE, Fingerprint, partial_dir, read_state, write_state
 from .stats import STATS_FILENAME, statistics, write_statistics_yaml
 from .version import __version__
-
-INDEX = "model.safetensors.index.json"
-
-
-# ---------------------------------------------------------------------------- reading
-def _weight_files(model_dir: Path) -> dict[str, Path]:
-    """Checkpoint key -> shard file, from ``model.safetensors.index.json`` or the single file."""
-
-    idx = model_dir / INDEX
-    if idx.is_file():
-        try:
-            wm = json.loads(idx.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{idx} is not a valid safetensors index: {exc}") from exc
-        if not isinstance(wm, dict) or not all(isinstance(f, str) for f in wm.values()):
-            raise CheckpointError(f"{idx} is not a valid safetensors index: its weight_map must map "
-                                  "tensor names to shard file names")
-        files = {}
-        for k, f in wm.items():
-            # checked by name, not by resolving: a hub cache's shards are links into its blobs/
-            if Path(f).is_absolute() or ".." in Path(f).parts or not f.strip():
-                raise CheckpointError(f"{idx} names the shard {f!r} for {k}, outside the model folder")
-            files[k] = model_dir / f
-        for f in sorted(set(files.values())):
-            if not f.is_file():
-                raise CheckpointError(f"{idx} names {f.name}, which is missing")
-        return files
-    single = model_dir / "model.safetensors"
-    if not single.is_file():
-        raise CheckpointError(f"no safetensors weights in {model_dir} (model.safetensors or {INDEX})")
-    try:
-        with safe_open(str(single), "pt") as fh:
-            return {k: single for k in fh.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"corrupt safetensors file {single}: {str(exc).splitlines()[0]}") from exc
-
-
-class CheckpointReader:
-    """Loads submodules of ``skeleton`` from ``model_dir``'s safetensors shards, a group of
-    checkpoint keys at a time, through transformers' own conversion of checkpoint keys."""
-
-    def __init__(self, model_dir: Path, skeleton: nn.Module, dtype: torch.dtype, stack_leaf: str):
-        self.dir, self.skeleton, self.dtype = model_dir, skeleton, dtype
-        self.files = _weight_files(model_dir)
-        self.mapping = get_model_conversion_mapping(skeleton, None, None)
-        pat = re.compile(rf"(?:^|\.){re.escape(stack_leaf)}\.(\d+)\.")
-        self.by_layer: dict[int | None, list[str]] = {}
-        for key in self.files:
-            m = pat.search(key)
-            self.by_layer.setdefault(int(m.group(1)) if m else None, []).append(key)
-
-    def load(self, keys: list[str], prefix: str, device, exclude: str | None = None) -> None:
-        """Read checkpoint ``keys`` into the skeleton; every parameter under ``prefix`` (but not
-        under ``exclude``) must be covered (``CheckpointError`` naming the first missing one),
-        and those parameters move to ``device``."""
-
-        handles, state = [], {}
-        try:
-            for f in sorted({self.files[k] for k in keys}):
-                try:
-                    fh = safe_open(str(f), framework="pt")
-                except (SafetensorError, OSError) as exc:
-                    raise CheckpointError(f"corrupt safetensors file {f}: {str(exc).splitlines()[0]}") from exc
-                handles.append(fh)
-                mine = set(fh.keys())
-                state.update({k: fh.get_slice(k) for k in keys if self.files[k] == f and k in mine})
-            missing_keys = [k for k in keys if k not in state]
-            if missing_keys:
-                raise CheckpointError(f"{self.dir}: the index lists {missing_keys[0]} but its shard does not hold it")
-            cfg = LoadStateDictConfig(dtype=self.dtype, dtype_plan=self.skeleton._get_dtype_plan(self.dtype),
-                                      weight_mapping=self.mapping)
-            progress = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()
-            try:
-                info, _ = convert_and_load_state_dict_in_model(self.skeleton, state, cfg)
-            except (SafetensorError, RuntimeError, ValueError) as exc:
-                raise CheckpointError(f"{self.dir}: cannot read {prefix or 'the non-layer tensors'}: "
-                                      f"{str(exc).splitlines()[0]}") from exc
-            finally:
-                if progress:
-                    hf_logging.enable_progress_bar()
-        finally:
-            handles.clear()  # safe_open handles close when collected
-        bad = sorted(set(info.mismatched_keys) | set(info.conversion_errors))
-        if bad:
-            raise CheckpointError(f"{self.dir}: tensor {sorted(bad)[0]} is missing pieces or has the wrong shape "
-                                  f"in the checkpoint")
-        if prefix == "" and getattr(self.skeleton.config, "tie_word_embeddings", False):
-            self.skeleton.tie_weights()
-        root = self.skeleton.get_submodule(prefix) if prefix else self.skeleton
-        for name, p in list(root.named_parameters(prefix=prefix)) + list(root.named_buffers(prefix=prefix)):
-            if exclude and name.startswith(exclude + "."):
-                continue
-            if p.device.type == "meta":
-                raise CheckpointError(f"{self.dir}: the checkpoint has no tensor for {name} "
-                                      f"(weights missing; is config.json from another model?)")
-        if device is not None:
-            move_except(root, device, exclude)
-
-
-def move_except(root: nn.Module, device, exclude: str | None) -> None:
-    """Move every parameter and buffer of ``root`` to ``device``, except those under ``exclude``."""
-    for name, t in list(root.named_parameters()) + list(root.named_buffers()):
-        if exclude and name.startswith(exclude + "."):
-            continue
-        owner, _, leaf = name.rpartition(".")
-        mod = root.get_submodule(owner) if owner else root
-        if leaf in mod._parameters:
-            mod._parameters[leaf].data = t.data.to(device)
-        else:
-            mod._buffers[leaf] = t.to(device)
-
-
-def open_skeleton(model_dir: Path, dtype: torch.dtype | str | None):
-    """``(config, skeleton, dtype)``: the model built from ``config.json`` with meta
-    parameters (buffers are real: rotary tables and the like are computed as usual)."""
-
-    try:
-        cfg = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"cannot read {model_dir / 'config.json'}: {str(exc).splitlines()[0]}") from exc
-    qc = getattr(cfg, "quantization_config", None)
-    if qc:
-        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
-        if method == "moecore":
-            raise UnsupportedModelError(f"{model_dir} is already compressed by moecore; pass the original model")
-        raise UnsupportedModelError(
-            f"{model_dir} stores its weights quantized ({method}); moecore needs the unquantized weights: "
-            f"dequantize it first (e.g. load it with transformers in bfloat16 and save_pretrained a copy)")
-    if dtype in (None, "auto"):
-        dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model.eval()
-    return cfg, model, dtype
 
 
 # ---------------------------------------------------------------------------- writing / state
@@ -193,7 +51,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600; outputs follow the umask
+    os.chmod(tmp, 0o666 & ~umask())  # safetensors creates 0600; outputs follow the umask
     os.replace(tmp, path)
 
 
@@ -223,7 +81,7 @@ def fingerprint(model_dir: Path, cfg: CompressionConfig, seqs, dtype, device) ->
 
     part("model_config", (model_dir / "config.json").read_bytes())
     weights = []
-    for f in sorted(set(_weight_files(model_dir).values())):
+    for f in sorted(set(weight_files(model_dir).values())):
         weights += [f.name.encode(), str(f.stat().st_size).encode()]
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
@@ -338,7 +196,7 @@ def finish(work: Path, src: Path, model: nn.Module, hf_cfg, stack_path: str, sta
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     swap_in_compressed(meta, qdict, dtype=dtype)
-    _save({**rest, **load_guards(meta)}, work / shard_name(n_layers, n_layers + 1))  # guards: hf_integration
+    _save({**rest, **load_guards(meta)}, work / shard_name(n_layers, n_layers + 1))  # guards: checkpoint_format
     stats = statistics(meta)
     write_statistics_yaml(stats, work / STATS_FILENAME)
     write_model_card(work, stats, source=str(src), config=config.to_dict())
@@ -358,3 +216,59 @@ def finish(work: Path, src: Path, model: nn.Module, hf_cfg, stack_path: str, sta
         _write_json(work / INDEX, index)
     for f in [work / STATE, *work.glob("activations-*.safetensors")]:
         f.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------- the run
+def run(src: Path, out: Path, config: CompressionConfig, seqs: list[torch.Tensor] | None, tokenizer, *,
+        device: torch.device, dtype: torch.dtype | str | None, resume: bool, overwrite: bool, progress: bool,
+        max_shard_size: int | str) -> dict[str, Any]:
+    """Compress the checkpoint in ``src`` into ``out`` (inputs already validated by
+    :func:`moecore.api.compress_checkpoint`, which documents the arguments): skeleton, state
+    (a resume checks the :func:`fingerprint`), the engine over every layer, :func:`finish`,
+    publish.  On failure nothing half-written is left as ``out``; the finished layers stay in
+    the work folder for ``resume`` unless there is nothing worth resuming.  Returns the summary."""
+    hf_cfg, model, dtype = open_skeleton(src, dtype)
+    work, fp = partial_dir(out), fingerprint(src, config, seqs, dtype, device)
+    with user_path(out, "write"):
+        state = read_state(work, fp, resume, overwrite)
+    try:
+        with converting_write_errors(out):
+            return _run(src, out, work, model, hf_cfg, dtype, tokenizer, seqs, config, state, device, progress,
+                        overwrite, max_shard_size)
+    except Exception as exc:
+        full = disk_full(exc.__cause__ or exc)
+        bad_input = isinstance(exc, (CheckpointError, UnsupportedModelError, ConfigError)) and not full
+        if state["done"] == 0 or bad_input:  # nothing worth resuming: leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        if full:
+            raise CheckpointError(f"{exc}; the {state['done']} finished layer(s) are kept in {work}: free space "
+                                  f"and rerun with --resume (or delete that folder)") from exc
+        say(f"the {state['done']} finished layer(s) are kept in {work}: rerun with --resume to continue")
+        raise
+
+
+def _run(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress, overwrite,
+         max_shard_size) -> dict[str, Any]:
+    """:func:`run` proper: read the embeddings and head, solve (or restore) the ranks, run the
+    engine from the first unfinished layer, finish and publish."""
+    stack_path = experts_by_layer(model)[0]
+    reader = CheckpointReader(src, model, dtype, stack_path.rpartition(".")[2])
+    reader.load(reader.by_layer.get(None, []), "", device, exclude=stack_path)  # embeddings, norm, head
+    store = StreamingStore(reader, work, stack_path, len(model.get_submodule(stack_path)), device, state)
+    engine = Engine(model, config, store, seqs, device=device, progress=progress)
+    hidden = engine.first_inputs()
+    start = state["done"]
+    if "ranks" in state:
+        ranks = {tuple(k.split("|")): r for k, r in state["ranks"].items()}
+    else:
+        ranks = engine.solve(hidden)
+        state["ranks"] = {"|".join(k): r for k, r in ranks.items()}
+        write_state(work, state)
+    if start and hidden is not None:
+        hidden = load_activations(work, state)
+    engine.run(ranks, hidden, start)
+    finish(work, src, model, hf_cfg, stack_path, state, config, tok, max_shard_size)
+    publish_dir(work, out, overwrite)
+    return {"output": str(out), "resumed_at_layer": start, "timings": engine.timings, "recovery": engine.recovery,
+            "ranks": state["ranks"], "dtype": str(dtype), "device": str(device)}

@@ -21,7 +21,7 @@ import importlib
 import os
 import sys
 
-from moecore.errors import MoecoreError
+from moecore.errors import MoecoreError, first_line
 from moecore.version import __version__
 
 from .commands import add_commands
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except MoecoreError as exc:
         if os.environ.get("MOECORE_DEBUG"):
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         print(f"moecore {args.command}: error: {msg}", file=sys.stderr)
         return 2
 

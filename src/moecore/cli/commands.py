@@ -4,8 +4,8 @@ dataclasses (:mod:`moecore.config`) and :mod:`argparse` alone.
 
 Each ``add_*`` function adds one sub-command and names the module that runs it
 (``set_defaults(module=...)``): ``moecore.cli.<module>.run(args)``, imported by
-:func:`moecore.cli.main` only once the command line has parsed.  The compression, distillation
-and recovery flags are derived from the config dataclasses' fields
+:func:`moecore.cli.main` only once the command line has parsed.  The compression, distillation,
+recovery and evaluation flags are derived from the config dataclasses' fields
 (:mod:`moecore.cli._config_args`); only inputs, outputs and run options are listed here.
 """
 from __future__ import annotations
@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from moecore.config import CompressionConfig, DistillConfig, RecoveryConfig
+from moecore.config import LOAD_DTYPES, CompressionConfig, DistillConfig, EvalConfig, RecoveryConfig
 
 from ._config_args import add_config_args
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = LOAD_DTYPES
 # the CompressionConfig fields that ``plan`` and ``distill`` (compressing on the fly) take as flags
 BUDGET_FIELDS = ("form", "rank", "target_ratio", "allocation", "quant", "allow_larger")
 
@@ -99,18 +99,9 @@ def add_eval(sub) -> None:
     """``moecore eval MODEL_DIR`` (run by :mod:`moecore.cli.eval_cmd`)."""
     p = sub.add_parser("eval", help="held-out perplexity (and lm-eval tasks) of a model directory")
     p.add_argument("model_dir")
-    p.add_argument("--split", default="heldout", choices=["heldout", "calib"], help="bundled-corpus split")
     p.add_argument("--text", help="evaluate this text file (.txt / .jsonl) instead of the bundled split")
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--stride", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=None, help="truncate the token stream (quick checks)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--tasks", help="comma-separated lm-eval tasks instead of perplexity, e.g. "
-                   "moecore_heldout_ppl,moecore_heldout_mc (offline) or any standard lm-eval task name")
-    p.add_argument("--limit", type=float, default=None, help="lm-eval: documents per task (or a fraction < 1)")
-    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
-    p.add_argument("--max-length", type=int, default=None, help="lm-eval: context window of the model")
-    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    p.add_argument("--json", action="store_true", help="print the result (and the eval config) as JSON")
+    add_config_args(p, EvalConfig)
     p.set_defaults(module="eval_cmd")
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moecore.cli.compress_cmd import torch_dtype
+from moecore.cli.common import torch_dtype
 from moecore.io_utils import say as status
 from moecore.io import export_dense
 from moecore.io_utils import prepare_output

@@ -2,7 +2,9 @@
 
 Every module of this package other than :mod:`.base` defines one :class:`~.base.Form`, named
 as the module, as its module-level ``FORM`` and is registered here (sorted by module name), so
-adding a form means adding one file.  The registry also makes the forms known by name to
+adding a form means adding one file.  A form defined elsewhere (a plugin, a test) is added with
+:func:`register_form` (and removed with :func:`unregister_form`); everything else in moecore (module, storage, quantized storage,
+statistics, training, loading) asks the form object and names none.  The registry also makes the forms known by name to
 :mod:`moecore.maths.budget` (which, being pure maths, does not import this package).
 
 Importing this package is cheap (no torch): :data:`DEFAULT_FORM` and :data:`FORM_NAMES` (the
@@ -75,9 +77,42 @@ def get_form(name: str) -> Form:
         raise ConfigError(f"form must be one of {', '.join(map(repr, forms))}, got {name!r}") from None
 
 
+def register_form(form: Form) -> Form:
+    """Add ``form`` (an instance of a :class:`~.base.Form` subclass) to the registry, so that
+    ``CompressionConfig(form=form.name)``, :func:`moecore.compress`, saving, loading (in this
+    process) and :func:`moecore.statistics` use it; returns it.  ``ConfigError`` if its name is
+    empty or already taken by another form, or if two forms would store a tensor under the same name."""
+    forms = _load()
+    base = importlib.import_module(f"{__name__}.base")
+    if not isinstance(form, base.Form) or not isinstance(form.name, str) or not form.name.isidentifier():
+        raise ConfigError(f"register_form needs a Form instance with an identifier for a name, got {form!r}")
+    with _lock:
+        if forms.get(form.name) is form:
+            return form
+        if form.name in forms:
+            raise ConfigError(f"a form named {form.name!r} is already registered")
+        taken = {stem for other in forms.values() for stem in other.factor_names}
+        clash = sorted(taken.intersection(form.factor_names))
+        if clash or len(set(form.factor_names)) != len(form.factor_names) or "core" in form.factor_names:
+            raise ConfigError(f"form {form.name!r}: factor names {clash or list(form.factor_names)} are taken")
+        importlib.import_module("moecore.maths.budget").register_form(form)
+        forms[form.name] = form
+    return form
+
+
+def unregister_form(name: str) -> None:
+    """Remove a form added with :func:`register_form` (the forms of this package stay)."""
+    if name in FORM_NAMES:
+        raise ConfigError(f"form {name!r} is one of moecore's own and can't be removed")
+    with _lock:
+        _load().pop(name, None)
+        importlib.import_module("moecore.maths.budget").unregister_form(name)
+
+
 def quantizable_forms() -> tuple[str, ...]:
     """Names of the forms :mod:`moecore.quant` can store (:attr:`Form.quantizable`)."""
     return tuple(name for name, form in _load().items() if form.quantizable)
 
 
-__all__ = ["DEFAULT_FORM", "FORMS", "FORM_NAMES", "PROJECTIONS", "FitResult", "Form", "get_form", "quantizable_forms"]
+__all__ = ["DEFAULT_FORM", "FORMS", "FORM_NAMES", "PROJECTIONS", "FitResult", "Form", "get_form", "quantizable_forms",
+           "register_form", "unregister_form"]

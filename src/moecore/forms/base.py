@@ -4,13 +4,17 @@ A *form* is one way of writing the experts ``W_i (d_out, d_in)`` of one projecti
 up or down) from the shared core ``C (d_out, d_in)`` and per-expert low-rank factors.  It
 owns everything that depends on that choice:
 
-- the stored factor names and shapes (``{factor_name}_{p}``, each ``(E, d, rank)``);
+- the stored names (core ``core_{p}``, factors ``{factor_name}_{p}``, each ``(E, d, rank)``) and
+  shapes, which everything else asks the form for (:meth:`Form.stored_names`);
 - the counts: parameters per rank unit and the multiply-adds per token (:meth:`Form.active_macs_per_token`,
   the one place that formula is written);
 - the fit (delegating to the pure maths in :mod:`moecore.maths`), the dense reconstruction,
-  and the grouped-GEMM operands and forward (delegating to :mod:`moecore.grouped`).
+  and the grouped-GEMM operands and forward (built on the primitives of :mod:`moecore.grouped`);
+- how its factors are stored quantized (:meth:`Form.quantize_factors`, :meth:`Form.refit_factors`;
+  the codes themselves are :mod:`moecore.quant`'s).
 
-Forms are stateless singletons, looked up by name in :mod:`moecore.forms`.
+Forms are stateless singletons, looked up by name in :mod:`moecore.forms`; one outside this
+package is added with :func:`moecore.forms.register_form`.
 """
 from __future__ import annotations
 
@@ -48,24 +52,33 @@ class Form(ABC):
         name: the form's name in configs and checkpoints (``CompressionConfig.form``).
         factor_names: stored factor name stems, in storage order; projection ``p``'s factors
             are stored as ``{stem}_{p}`` (see :meth:`param_names`).
-        quantizable: whether :mod:`moecore.quant` can store this form (its core and ``(A, B)``
-            factor pairs quantized).
+        quantizable: whether :mod:`moecore.quant` can store this form (its core and factors
+            quantized; True unless a form opts out).
         svd_units_per_rank: residual singular values one rank unit of this form is counted
             as removing in the greedy allocation (:meth:`rank_unit_gains`).
     """
 
     name: str = ""
     factor_names: tuple[str, ...] = ()
-    quantizable: bool = False
+    quantizable: bool = True
     svd_units_per_rank: int = 1
 
     def __repr__(self) -> str:
         return f"<moecore form {self.name!r}>"
 
     # ------------------------------------------------------------------ names and shapes
+    @staticmethod
+    def core_name(p: str) -> str:
+        """Stored name of projection ``p``'s shared core, ``core_{p}`` (every form has one)."""
+        return f"core_{p}"
+
     def param_names(self, p: str) -> tuple[str, ...]:
         """Stored factor parameter names of projection ``p``, e.g. ``("delta_a_gate", "delta_b_gate")``."""
         return tuple(f"{stem}_{p}" for stem in self.factor_names)
+
+    def stored_names(self, p: str) -> tuple[str, ...]:
+        """Every stored tensor name of projection ``p``: the core, then the factors."""
+        return (self.core_name(p), *self.param_names(p))
 
     @abstractmethod
     def factor_shapes(self, num_experts: int, d_out: int, d_in: int, rank: int) -> tuple[tuple[int, ...], ...]:
@@ -121,6 +134,23 @@ class Form(ABC):
     def fused_operands(self, get: Callable[[str], Tensor], ranks: Mapping[str, int]) -> dict[str, Tensor]:
         """Grouped-GEMM operands of the forward from the stored tensors ``get(name)``
         (differentiable; see :mod:`moecore.grouped`)."""
+
+    # ------------------------------------------------------------------ quantized storage
+    def refit_factors(self, weights: Tensor, core: Tensor, rank: int, gram: Tensor | None,
+                      damping: float) -> tuple[Tensor, ...] | None:
+        """Factors refit to ``weights (E, d_out, d_in)`` for a fixed (quantized) ``core``, so that
+        they absorb its rounding error; ``gram (E, d_in, d_in)`` the calibration Grams or
+        ``None``.  ``None`` (this default): the form keeps the factors of its float fit."""
+        return None
+
+    def quantize_factors(self, factors: tuple[Tensor, ...], quantize: Callable[[int, Tensor], Tensor], *,
+                         residual: Tensor | None = None, resolve: bool = True) -> tuple[Tensor, ...]:
+        """Quantize one projection's ``factors`` (float64, storage order), each through
+        ``quantize(i, t)``, which stores factor ``i``'s codes and returns its dequantized values;
+        returns the dequantized factors.  A form may re-solve later factors for the quantized
+        earlier ones (``resolve``), against ``residual = W − core`` ``(E, d_out, d_in)`` when
+        given, else against its current product.  Default: each factor quantized as it is."""
+        return tuple(quantize(i, t) for i, t in enumerate(factors))
 
     @abstractmethod
     def forward(self, x: Tensor, route: Routing, ops: dict[str, Tensor], act: Activation,

@@ -4,6 +4,10 @@ routed pair.
 Stored factors of projection ``p`` (``d_out, d_in`` its shape, ``r`` its rank per side):
 ``wrap_u_in_{p} (E, d_in, r)``, ``wrap_v_in_{p} (E, d_in, r)``, ``wrap_u_out_{p} (E, d_out, r)``,
 ``wrap_v_out_{p} (E, d_out, r)``.
+
+Forward (:meth:`WrapperForm.forward`): per routed pair, the input wrapped, the core, the output
+wrapped, each low-rank wrap two grouped GEMMs.  Quantized storage: core and factors quantized
+as fitted (:meth:`~moecore.forms.base.Form.quantize_factors`'s default; the factors are not refit).
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from .. import grouped
+from ..grouped import Activation, Routing, cpu_layout, gate_up_bias, grouped_linear, pad_rank, padded_ranks
 from ..maths import decompose, fit
 from .base import FitResult, Form
 
@@ -25,7 +29,7 @@ class WrapperForm(Form):
 
     name = "wrapper"
     factor_names = ("wrap_u_in", "wrap_v_in", "wrap_u_out", "wrap_v_out")
-    quantizable = False  # the factors multiply the core: no (A, B) pairs to quantize and refit
+    quantizable = True
     svd_units_per_rank = 2
 
     def factor_shapes(self, num_experts: int, d_out: int, d_in: int, rank: int) -> tuple[tuple[int, ...], ...]:
@@ -55,13 +59,42 @@ class WrapperForm(Form):
         return decompose.reconstruct_wrapper(core, u_in, v_in, u_out, v_out)
 
     def fused_operands(self, get: Callable[[str], Tensor], ranks: Mapping[str, int]) -> dict[str, Tensor]:
-        """:func:`moecore.grouped.wrapper_operands`."""
-        return grouped.wrapper_operands(get, ranks)
+        """Grouped-GEMM weights (``(G, N, K)``, ``K``-major on CPU but the cores; ``r'`` = padded
+        rank): ``gu_in_v (E, 2r', H)``, ``gu_in_u (2E, H, r')``, ``core_gu (2, F, H)``,
+        ``gu_out_v (2E, r', F)``, ``gu_out_u (2E, F, r')``, ``down_in_v (E, r', F)``,
+        ``down_in_u (E, F, r')``, ``core_down (H, F)``, ``down_out_v (E, r', H)``, ``down_out_u (E, H, r')``.
+        Differentiable, as the delta form's."""
+        rg, rd = padded_ranks(get, ranks)
+        ops = {"core_down": get("core_down").contiguous()}
+        ops["core_gu"] = torch.stack([get("core_gate"), get("core_up")], 0)  # (2, F, H)
+        ops["gu_in_v"] = torch.cat([pad_rank(get(f"wrap_v_in_{p}"), rg).mT for p in ("gate", "up")], 1).contiguous()
+        ops["gu_in_u"] = torch.cat([pad_rank(get(f"wrap_u_in_{p}"), rg) for p in ("gate", "up")], 0)  # (2E, H, r')
+        ops["gu_out_v"] = torch.cat([pad_rank(get(f"wrap_v_out_{p}"), rg).mT for p in ("gate", "up")], 0).contiguous()
+        ops["gu_out_u"] = torch.cat([pad_rank(get(f"wrap_u_out_{p}"), rg) for p in ("gate", "up")], 0)  # (2E, F, r')
+        for side, name in (("in", "down_in"), ("out", "down_out")):
+            ops[f"{name}_v"] = pad_rank(get(f"wrap_v_{side}_down"), rd).mT.contiguous()  # (E, r', d_side)
+            ops[f"{name}_u"] = pad_rank(get(f"wrap_u_{side}_down"), rd).contiguous()  # (E, d_side, r')
+        return cpu_layout(ops, keep=("core_gu", "core_down"))
 
-    def forward(self, x: Tensor, route: grouped.Routing, ops: dict[str, Tensor], act: grouped.Activation,
+    def forward(self, x: Tensor, route: Routing, ops: dict[str, Tensor], act: Activation,
                 bias_gu: tuple[Tensor, Tensor] | None = None, bias_down: Tensor | None = None) -> Tensor:
-        """:func:`moecore.grouped.wrapper_forward`: ``(T, H) -> (T, H)``."""
-        return grouped.wrapper_forward(x, route, ops, act, bias_gu, bias_down)
+        """Per pair ``x + U_in(V_inᵀx) -> C· -> h + U_out(V_outᵀh)``, the core once per pair.
+        ``x (T, H) -> (T, H)``."""
+        s, h = route.num_pairs, x.shape[1]
+        xs = x[route.token]  # (S, H)
+        z = route.stack2(grouped_linear(xs, ops["gu_in_v"], route.offs))  # (2S, r')
+        xi = (grouped_linear(z, ops["gu_in_u"], route.offs2).view(2, s, h) + xs).view(2 * s, h)  # (2S, H)
+        core_offs = torch.arange(1, 3, device=x.device, dtype=torch.int32) * s  # (2,): gate rows, up rows
+        y = grouped_linear(xi, ops["core_gu"], core_offs)  # (2S, F)
+        y = y + grouped_linear(grouped_linear(y, ops["gu_out_v"], route.offs2), ops["gu_out_u"], route.offs2)
+        gate, up = gate_up_bias(y[:s], y[s:], route, bias_gu)  # (S, F) each
+        a = act(gate, up)  # (S, F)
+        a = a + grouped_linear(grouped_linear(a, ops["down_in_v"], route.offs), ops["down_in_u"], route.offs)
+        y = a @ ops["core_down"].mT  # (S, H): the core once per pair
+        y = y + grouped_linear(grouped_linear(y, ops["down_out_v"], route.offs), ops["down_out_u"], route.offs)
+        if bias_down is not None:
+            y = y + bias_down[route.expert]
+        return route.to_tokens(route.weight * y)
 
 
 FORM = WrapperForm()

@@ -43,6 +43,11 @@ def register_form(form: FormCounts) -> None:
     _NAMED[form.name] = form
 
 
+def unregister_form(name: str) -> None:
+    """Forget the form called ``name`` (:func:`moecore.forms.unregister_form`)."""
+    _NAMED.pop(name, None)
+
+
 def form_counts(form: FormLike) -> FormCounts:
     """``form`` itself, or the registered form of that name (``ConfigError`` for an unknown name)."""
     if not isinstance(form, str):

@@ -13,37 +13,46 @@ from ..data import TextFile, load_split
 from ..errors import ConfigError
 from ..families import find_experts, is_compressed
 
-# Parameter-name markers of the compressed experts (docs/ARCHITECTURE.md).
-FACTOR_MARKERS = ("delta_a_", "delta_b_", "wrap_")
-CORE_MARKER = "core_"
 ROUTER_NAMES = ("gate", "router")
 
 
 def select_trainable(model, *, train_core: bool = False, train_router: bool = False,
                      train_experts_if_plain: bool = True) -> list[str]:
-    """Freeze everything, then unfreeze the compressed factors (``delta_a_*``, ``delta_b_*``,
-    ``wrap_*``), optionally the cores (``core_*``) and the routers. A plain (uncompressed)
-    student trains its experts' weights instead. Returns the trainable parameter names."""
-    paths = [path for path, _, _ in find_experts(model, "all", required=False)]
-    compressed = is_compressed(model, recurse=True)
+    """Freeze everything, then unfreeze what each compressed experts module says it trains
+    (:meth:`~moecore.compressed_experts.CompressedExperts.trainable_parameters`: its form's
+    float factors, optionally its cores) and optionally the routers.  A plain (uncompressed)
+    student trains its experts' weights instead (``train_experts_if_plain``).  Returns the trainable parameter names."""
+    experts = find_experts(model, "all", required=False)
+    paths = [path for path, _, _ in experts]
+    compressed = any(is_compressed(module) for _, module, _ in experts)
+    want: set[int] = set()
+    for path, module, _ in experts:
+        if is_compressed(module):
+            want.update(id(p) for _, p in module.trainable_parameters(train_core))
+        elif train_experts_if_plain and not compressed:  # a partly compressed student trains no plain experts
+            want.update(id(p) for p in module.parameters())
+    if train_router:
+        for path in paths:
+            parent = path.rsplit(".", 1)[0]
+            for r in ROUTER_NAMES:
+                router = _submodule(model, f"{parent}.{r}")
+                if router is not None:
+                    want.update(id(p) for p in router.parameters(recurse=False))
     names = []
     for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        parent = name.rsplit(".", 1)[0]
-        in_experts = parent in paths
-        want = False
-        if compressed and in_experts:
-            want = leaf.startswith(FACTOR_MARKERS) or (train_core and leaf.startswith(CORE_MARKER))
-        elif in_experts and train_experts_if_plain:
-            want = True
-        if train_router and any(parent == e.rsplit(".", 1)[0] + f".{r}" for e in paths for r in ROUTER_NAMES):
-            want = True
-        p.requires_grad_(want)
-        if want:
+        p.requires_grad_(id(p) in want)
+        if id(p) in want:
             names.append(name)
     if not names:
         raise ConfigError("nothing to train: the student has no compressed factors or experts")
     return names
+
+
+def _submodule(model, path: str):
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 class BlockDataset(torch.utils.data.Dataset):

@@ -10,13 +10,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import TrainingError
-from ..families import FoundExperts, find_experts
+from ..families import FoundExperts, find_experts, text_config
 
 
 def _vocab(model) -> int | None:
-    cfg = model.config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return getattr(cfg, "vocab_size", None)
+    return getattr(text_config(model.config), "vocab_size", None)
 
 
 def experts_shape(found: FoundExperts) -> tuple[int, int, int]:

@@ -1,7 +1,7 @@
 """Original (uncompressed) experts modules read one decoder layer at a time from a
 checkpoint's safetensors, never the whole original model.
 
-It is the streaming engine's reader (:class:`moecore.streaming.CheckpointReader`: a meta
+It is the streaming engine's reader (:class:`moecore.checkpoint_reader.CheckpointReader`: a meta
 skeleton built from ``config.json``, each layer's tensors read through transformers' own
 checkpoint-key conversion), so every family that streams also recovers.
 """
@@ -14,7 +14,7 @@ import torch
 
 from ..engine import experts_by_layer
 from ..modeling import check_model_dir
-from ..streaming import CheckpointReader, open_skeleton
+from ..checkpoint_reader import CheckpointReader, open_skeleton
 
 
 class OriginalExpertsLoader:

@@ -1,0 +1,164 @@
+"""Reading an original checkpoint one decoder layer at a time: the model skeleton from
+``config.json`` with meta weights (:func:`open_skeleton`), and :class:`CheckpointReader`,
+which loads one layer's tensors through transformers' own loading and key conversion
+(``convert_and_load_state_dict_in_model`` with the model's conversion mapping), so every
+family that ``from_pretrained`` loads also streams, including legacy per-expert key layouts.
+Used by :mod:`moecore.streaming`."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import convert_and_load_state_dict_in_model
+from transformers.modeling_utils import LoadStateDictConfig
+from transformers.utils import logging as hf_logging
+
+from .errors import CheckpointError, UnsupportedModelError, first_line
+
+INDEX = "model.safetensors.index.json"
+
+
+def weight_files(model_dir: Path) -> dict[str, Path]:
+    """Checkpoint key -> shard file, from ``model.safetensors.index.json`` or the single file."""
+
+    idx = model_dir / INDEX
+    if idx.is_file():
+        try:
+            wm = json.loads(idx.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{idx} is not a valid safetensors index: {exc}") from exc
+        if not isinstance(wm, dict) or not all(isinstance(f, str) for f in wm.values()):
+            raise CheckpointError(f"{idx} is not a valid safetensors index: its weight_map must map "
+                                  "tensor names to shard file names")
+        files = {}
+        for k, f in wm.items():
+            # checked by name, not by resolving: a hub cache's shards are links into its blobs/
+            if Path(f).is_absolute() or ".." in Path(f).parts or not f.strip():
+                raise CheckpointError(f"{idx} names the shard {f!r} for {k}, outside the model folder")
+            files[k] = model_dir / f
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{idx} names {f.name}, which is missing")
+        return files
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"no safetensors weights in {model_dir} (model.safetensors or {INDEX})")
+    try:
+        with safe_open(str(single), "pt") as fh:
+            return {k: single for k in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"corrupt safetensors file {single}: {first_line(exc)}") from exc
+
+
+class CheckpointReader:
+    """Loads submodules of ``skeleton`` from ``model_dir``'s safetensors shards, a group of
+    checkpoint keys at a time, through transformers' own conversion of checkpoint keys."""
+
+    def __init__(self, model_dir: Path, skeleton: nn.Module, dtype: torch.dtype, stack_leaf: str):
+        self.dir, self.skeleton, self.dtype = model_dir, skeleton, dtype
+        self.files = weight_files(model_dir)
+        self.mapping = get_model_conversion_mapping(skeleton, None, None)
+        pat = re.compile(rf"(?:^|\.){re.escape(stack_leaf)}\.(\d+)\.")
+        self.by_layer: dict[int | None, list[str]] = {}
+        for key in self.files:
+            m = pat.search(key)
+            self.by_layer.setdefault(int(m.group(1)) if m else None, []).append(key)
+
+    def load(self, keys: list[str], prefix: str, device, exclude: str | None = None) -> None:
+        """Read checkpoint ``keys`` into the skeleton; every parameter under ``prefix`` (but not
+        under ``exclude``) must be covered (``CheckpointError`` naming the first missing one),
+        and those parameters move to ``device``."""
+
+        handles, state = [], {}
+        try:
+            for f in sorted({self.files[k] for k in keys}):
+                try:
+                    fh = safe_open(str(f), framework="pt")
+                except (SafetensorError, OSError) as exc:
+                    raise CheckpointError(f"corrupt safetensors file {f}: {first_line(exc)}") from exc
+                handles.append(fh)
+                mine = set(fh.keys())
+                state.update({k: fh.get_slice(k) for k in keys if self.files[k] == f and k in mine})
+            missing_keys = [k for k in keys if k not in state]
+            if missing_keys:
+                raise CheckpointError(f"{self.dir}: the index lists {missing_keys[0]} but its shard does not hold it")
+            cfg = LoadStateDictConfig(dtype=self.dtype, dtype_plan=self.skeleton._get_dtype_plan(self.dtype),
+                                      weight_mapping=self.mapping)
+            progress = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                info, _ = convert_and_load_state_dict_in_model(self.skeleton, state, cfg)
+            except (SafetensorError, RuntimeError, ValueError) as exc:
+                raise CheckpointError(f"{self.dir}: cannot read {prefix or 'the non-layer tensors'}: "
+                                      f"{first_line(exc)}") from exc
+            finally:
+                if progress:
+                    hf_logging.enable_progress_bar()
+        finally:
+            handles.clear()  # safe_open handles close when collected
+        bad = sorted(set(info.mismatched_keys) | set(info.conversion_errors))
+        if bad:
+            raise CheckpointError(f"{self.dir}: tensor {sorted(bad)[0]} is missing pieces or has the wrong shape "
+                                  f"in the checkpoint")
+        if prefix == "" and getattr(self.skeleton.config, "tie_word_embeddings", False):
+            self.skeleton.tie_weights()
+        root = self.skeleton.get_submodule(prefix) if prefix else self.skeleton
+        for name, p in list(root.named_parameters(prefix=prefix)) + list(root.named_buffers(prefix=prefix)):
+            if exclude and name.startswith(exclude + "."):
+                continue
+            if p.device.type == "meta":
+                raise CheckpointError(f"{self.dir}: the checkpoint has no tensor for {name} "
+                                      f"(weights missing; is config.json from another model?)")
+        if device is not None:
+            move_except(root, device, exclude)
+
+
+def move_except(root: nn.Module, device, exclude: str | None) -> None:
+    """Move every parameter and buffer of ``root`` to ``device``, except those under ``exclude``."""
+    for name, t in list(root.named_parameters()) + list(root.named_buffers()):
+        if exclude and name.startswith(exclude + "."):
+            continue
+        owner, _, leaf = name.rpartition(".")
+        mod = root.get_submodule(owner) if owner else root
+        if leaf in mod._parameters:
+            mod._parameters[leaf].data = t.data.to(device)
+        else:
+            mod._buffers[leaf] = t.to(device)
+
+
+def read_config(model_dir: Path):
+    """The transformers config of ``model_dir`` (``CheckpointError`` naming the file if unreadable)."""
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot read {model_dir / 'config.json'}: {first_line(exc)}") from exc
+
+
+def open_skeleton(model_dir: Path, dtype: torch.dtype | str | None):
+    """``(config, skeleton, dtype)``: the model built from ``config.json`` with meta
+    parameters (buffers are real: rotary tables and the like are computed as usual)."""
+
+    cfg = read_config(model_dir)
+    qc = getattr(cfg, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        if method == "moecore":
+            raise UnsupportedModelError(f"{model_dir} is already compressed by moecore; pass the original model")
+        raise UnsupportedModelError(
+            f"{model_dir} stores its weights quantized ({method}); moecore needs the unquantized weights: "
+            f"dequantize it first (e.g. load it with transformers in bfloat16 and save_pretrained a copy)")
+    if dtype in (None, "auto"):
+        dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.eval()
+    return cfg, model, dtype
