@@ -88,7 +88,7 @@ def _cli(*args, threads=1):
 
 
 def test_kill_and_resume_is_byte_identical(tmp_path):
-    src = _tiny_checkpoint(tmp_path / "src", layers=6)
+    src = _tiny_checkpoint(tmp_path / "src", layers=4)
     calib = _calib_file(tmp_path / "calib.txt")
     common = [str(src), "--calib", str(calib), "--rank", "8", "--refine-steps", "2", "--calib-tokens", "1024"]
     env = subprocess_env(1)
@@ -127,6 +127,64 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
     other = [a if a != "8" else "4" for a in common]
     bad = subprocess.run(_cli(*other, "-o", str(tmp_path / "o2"), "--resume"), env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "different job" in bad.stderr
+
+
+#: every fault point of the per-layer commit and of finish() (moecore.streaming.fault_point), in run order
+KILL_POINTS = ("layer:shard", "layer:committed", "finish:rest", "finish:written", "finish:merged-file",
+               "finish:merged", "finish:done")
+
+
+def _compress_killed_at(point: str, src: Path, out: Path, calib: Path) -> int:
+    """``compress_checkpoint`` (this test's config) in a child process with ``MOECORE_KILL_AT=point``:
+    its return code (``-SIGKILL`` when the fault point was reached)."""
+    code = ("import sys, moecore; from moecore.api import compress_checkpoint; "
+            "compress_checkpoint(sys.argv[1], sys.argv[2], moecore.CompressionConfig(**KILL_CFG), "
+            "open(sys.argv[3], encoding='utf-8').read().split(chr(10) * 2), progress=False)"
+            ).replace("KILL_CFG", repr(KILL_CFG))
+    env = {**subprocess_env(1), "MOECORE_KILL_AT": point}
+    return subprocess.run([sys.executable, "-c", code, str(src), str(out), str(calib)], env=env,
+                          capture_output=True, timeout=300).returncode
+
+
+KILL_CFG = {"rank": 4, "refine_steps": 0, "calib_max_tokens": 256}
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread in this process, as the children have (``OMP_NUM_THREADS=1``): layers
+    fitted here and there then round alike."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_kill_at_every_step_of_finish_resumes_to_the_same_bytes(tmp_path, one_thread):
+    """Issue 20: a real SIGKILL at each step of the per-layer write and of finish() (the merge
+    into one model.safetensors included), then resume: the published model is byte-identical
+    to an uninterrupted run's and never incomplete; a folder killed after finish() is published
+    as it is; a layer shard changed in the work folder stops the resume, naming the file.
+    (The kills in child processes, the resumes in this one.)"""
+    src = _tiny_checkpoint(tmp_path / "src", layers=2)
+    calib = _calib_file(tmp_path / "calib.txt")
+    texts = calib.read_text(encoding="utf-8").split("\n\n")
+    cfg = moecore.CompressionConfig(**KILL_CFG)
+    compress_checkpoint(src, tmp_path / "ref", cfg, texts, progress=False)
+    for point in KILL_POINTS:
+        out = tmp_path / point.replace(":", "-")
+        work = tmp_path / f".{out.name}.partial"
+        assert _compress_killed_at(point, src, out, calib) == -signal.SIGKILL, point
+        assert not out.exists() and work.is_dir(), point  # nothing looks complete
+        compress_checkpoint(src, out, cfg, texts, progress=False, resume=True)
+        assert _tree(out) == _tree(tmp_path / "ref"), point
+        assert not work.exists(), point
+    # a shard changed after it was written: the resume is refused, naming it
+    out, work = tmp_path / "tampered", tmp_path / ".tampered.partial"
+    assert _compress_killed_at("finish:rest", src, out, calib) == -signal.SIGKILL
+    shard = sorted(work.glob("model-00001-of-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-8] + bytes(8))
+    with pytest.raises(CheckpointError, match=f"{shard.name} changed since it was written"):
+        compress_checkpoint(src, out, cfg, texts, progress=False, resume=True)
 
 
 def test_host_memory_does_not_grow_with_depth(tmp_path):

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +45,44 @@ from .version import __version__
 
 
 # ---------------------------------------------------------------------------- writing / state
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors file written to a temporary name, fsynced and renamed: whole or absent."""
-
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    """safetensors file written to a temporary name, fsynced and renamed: whole or absent.
+    Returns its sha256 (read back once while it is in the page cache), which the state records
+    so that a resume can check the file is still the one written."""
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
     os.chmod(tmp, 0o666 & ~umask())  # safetensors creates 0600; outputs follow the umask
     os.replace(tmp, path)
+    return digest
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def check_work(work: Path, state: dict[str, Any]) -> None:
+    """Before a resume continues: every file the state records as written (layer shards, the
+    activations, the merged file) is present and unchanged (its sha256); ``CheckpointError``
+    naming the first that is not.  (States of older versions record no hashes: not checked.)"""
+    for name, digest in sorted(state.get("files", {}).items()):
+        if _sha256(work / name) != digest:
+            what = "is missing" if not (work / name).exists() else "changed since it was written"
+            raise CheckpointError(f"cannot resume from {work}: {name} {what}; remove the folder or pass --overwrite "
+                                  f"to start over")
+
+
+def fault_point(step: str) -> None:
+    """Fault injection for the kill tests: ``MOECORE_KILL_AT=step`` SIGKILLs this process at
+    that step of the per-layer commit or of :func:`finish` (nothing else reads it)."""
+    if os.environ.get("MOECORE_KILL_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -117,7 +147,11 @@ class StreamingStore:
 
     def done(self, index: int, layer: nn.Module, hidden) -> None:
         prefix = f"{self.stack_path}.{index}."
-        _save({prefix + k: v for k, v in layer.state_dict().items()}, self.work / shard_name(index, self.num_shards))
+        name = shard_name(index, self.num_shards)
+        digest = _save({prefix + k: v for k, v in layer.state_dict().items()}, self.work / name)
+        fault_point("layer:shard")
+        files = self.state.setdefault("files", {})
+        files[name] = digest
 
         if is_compressed(layer, recurse=True):
             # through JSON now, so a resumed run (which reads the state back) sees the same values in the same order
@@ -127,10 +161,13 @@ class StreamingStore:
         acts = None
         if hidden is not None:
             acts = f"activations-{index:05d}.safetensors"
-            _save({f"batch.{b}": h for b, h in enumerate(hidden)}, self.work / acts)
+            files[acts] = _save({f"batch.{b}": h for b, h in enumerate(hidden)}, self.work / acts)
         old = self.state.get("activations")
+        if old and old != acts:
+            files.pop(old, None)
         self.state.update(done=index + 1, activations=acts)
         write_state(self.work, self.state)  # the commit point of this layer
+        fault_point("layer:committed")
         if old and old != acts:
             (self.work / old).unlink(missing_ok=True)
         layer.to("meta")
@@ -161,17 +198,23 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "fl
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-def _consolidate(work: Path) -> None:
+def _consolidate(work: Path, state: dict[str, Any]) -> None:
     """Merge the per-layer shards into one ``model.safetensors`` (a small model, like
-    ``save_pretrained`` below its shard size)."""
-
+    ``save_pretrained`` below its shard size).  Idempotent: the shards are deleted only after
+    the state records the merged file (and its hash), and a rerun after that only deletes."""
     shards = sorted(work.glob("model-*.safetensors"))
-    tensors: dict[str, torch.Tensor] = {}
+    if not state.get("merged"):
+        tensors: dict[str, torch.Tensor] = {}
+        for f in shards:
+            tensors.update(load_file(str(f)))
+        digest = _save(tensors, work / "model.safetensors")
+        fault_point("finish:merged-file")
+        state["files"] = {"model.safetensors": digest}
+        state["merged"] = True
+        write_state(work, state)
+        fault_point("finish:merged")
     for f in shards:
-        tensors.update(load_file(str(f)))
-    _save(tensors, work / "model.safetensors")
-    for f in shards:
-        f.unlink()
+        f.unlink(missing_ok=True)
 
 
 def finish(work: Path, src: Path, model: nn.Module, hf_cfg, stack_path: str, state: dict[str, Any],
@@ -179,11 +222,14 @@ def finish(work: Path, src: Path, model: nn.Module, hf_cfg, stack_path: str, sta
     """Write what makes ``work`` a checkpoint: the non-layer shard, ``config.json`` with the
     ``quantization_config``, the index (or, when everything fits ``max_shard_size``, one
     ``model.safetensors`` as ``save_pretrained`` writes it), statistics, the model card,
-    the compression config, the tokenizer; then drop the resume files.  Everything is derived from the stored
-    state, so a resumed run writes the same bytes as an uninterrupted one."""
-
-
-
+    the compression config, the tokenizer; then drop the activations and mark the state
+    ``finished`` (the state file itself goes once the folder is published).  Everything is
+    derived from the stored state, so a resumed run writes the same bytes as an uninterrupted
+    one, and a run killed at any step of it can be resumed (:func:`fault_point` names them)."""
+    if state.get("merged"):  # killed after the merge: only its clean-up is left
+        _consolidate(work, state)
+        _finished(work, state)
+        return
     n_layers = len(model.get_submodule(stack_path))
     rest, seen = {}, set()
     for k, v in model.state_dict(keep_vars=True).items():
@@ -197,6 +243,7 @@ def finish(work: Path, src: Path, model: nn.Module, hf_cfg, stack_path: str, sta
         meta = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     swap_in_compressed(meta, qdict, dtype=dtype)
     _save({**rest, **load_guards(meta)}, work / shard_name(n_layers, n_layers + 1))  # guards: checkpoint_format
+    fault_point("finish:rest")
     stats = statistics(meta)
     write_statistics_yaml(stats, work / STATS_FILENAME)
     write_model_card(work, stats, source=str(src), config=config.to_dict())
@@ -208,14 +255,24 @@ def finish(work: Path, src: Path, model: nn.Module, hf_cfg, stack_path: str, sta
     if tokenizer is not None:
         tokenizer.save_pretrained(work)
     config.save(work)
+    fault_point("finish:written")
     index = _index(work)
     limit = convert_file_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     if index["metadata"]["total_size"] <= limit:
-        _consolidate(work)
+        _consolidate(work, state)
     else:
         _write_json(work / INDEX, index)
-    for f in [work / STATE, *work.glob("activations-*.safetensors")]:
+    _finished(work, state)
+
+
+def _finished(work: Path, state: dict[str, Any]) -> None:
+    """Drop the activations and record that ``work`` holds the whole model."""
+    for f in work.glob("activations-*.safetensors"):
         f.unlink(missing_ok=True)
+    state["files"] = {k: v for k, v in state.get("files", {}).items() if not k.startswith("activations-")}
+    state.update(finished=True, activations=None)
+    write_state(work, state)
+    fault_point("finish:done")
 
 
 # ---------------------------------------------------------------------------- the run
@@ -231,6 +288,7 @@ def run(src: Path, out: Path, config: CompressionConfig, seqs: list[torch.Tensor
     work, fp = partial_dir(out), fingerprint(src, config, seqs, dtype, device)
     with user_path(out, "write"):
         state = read_state(work, fp, resume, overwrite)
+    check_work(work, state)
     try:
         with converting_write_errors(out):
             return _run(src, out, work, model, hf_cfg, dtype, tokenizer, seqs, config, state, device, progress,
@@ -251,7 +309,13 @@ def run(src: Path, out: Path, config: CompressionConfig, seqs: list[torch.Tensor
 def _run(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress, overwrite,
          max_shard_size) -> dict[str, Any]:
     """:func:`run` proper: read the embeddings and head, solve (or restore) the ranks, run the
-    engine from the first unfinished layer, finish and publish."""
+    engine from the first unfinished layer, finish and publish (a work folder whose state says
+    it is finished is published as it is)."""
+    if state.get("finished"):
+        say(f"{work} holds the finished model: publishing it")
+        return _publish(work, out, overwrite, {"output": str(out), "resumed_at_layer": state["done"], "timings": [],
+                                               "recovery": [], "ranks": state["ranks"], "dtype": str(dtype),
+                                               "device": str(device)})
     stack_path = experts_by_layer(model)[0]
     reader = CheckpointReader(src, model, dtype, stack_path.rpartition(".")[2])
     reader.load(reader.by_layer.get(None, []), "", device, exclude=stack_path)  # embeddings, norm, head
@@ -269,6 +333,14 @@ def _run(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device,
         hidden = load_activations(work, state)
     engine.run(ranks, hidden, start)
     finish(work, src, model, hf_cfg, stack_path, state, config, tok, max_shard_size)
+    return _publish(work, out, overwrite, {"output": str(out), "resumed_at_layer": start, "timings": engine.timings,
+                                           "recovery": engine.recovery, "ranks": state["ranks"], "dtype": str(dtype),
+                                           "device": str(device)})
+
+
+def _publish(work: Path, out: Path, overwrite: bool, summary: dict[str, Any]) -> dict[str, Any]:
+    """Publish the finished ``work`` folder as ``out`` (atomically), then drop its state file."""
     publish_dir(work, out, overwrite)
-    return {"output": str(out), "resumed_at_layer": start, "timings": engine.timings, "recovery": engine.recovery,
-            "ranks": state["ranks"], "dtype": str(dtype), "device": str(device)}
+    fault_point("published")
+    (out / STATE).unlink(missing_ok=True)
+    return summary
