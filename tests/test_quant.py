@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -240,3 +241,50 @@ def test_checkpoint_missing_a_quantized_tensor_is_an_error(saved, tmp_path):
     save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="core_gate_qscale"):
         AutoModelForCausalLM.from_pretrained(bad)
+
+
+@pytest.mark.parametrize("suffix,bad", [("core_up_qscale", "nan"), ("delta_a_gate_qzero", "inf"),
+                                        ("delta_b_down_qcodes", "dtype")])
+def test_tampered_quantized_tensors_are_refused_at_load_naming_them(saved, tmp_path, suffix, bad):
+    """Issue 20: NaN / inf in stored scales or zero points, or codes of another dtype, are one
+    CheckpointError at load naming the tensor (not "perplexity nan" with exit 0)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from moecore.errors import CheckpointError
+
+    _, d = saved
+    bad_dir = tmp_path / "bad"
+    shutil.copytree(d, bad_dir)
+    f = bad_dir / "model.safetensors"
+    tensors = load_file(str(f))
+    key = next(k for k in tensors if k.endswith(".experts." + suffix))
+    t = tensors[key]
+    if bad == "dtype":
+        tensors[key] = t.to(torch.int16)
+    else:
+        value = torch.tensor(float(bad), dtype=torch.float16).view(torch.int16)
+        tensors[key] = t.clone().flatten().index_fill_(0, torch.tensor([0]), value).view_as(t)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=re.escape(key.rsplit(".", 1)[0]) + r"\." + suffix):
+        AutoModelForCausalLM.from_pretrained(bad_dir)
+
+
+def test_a_non_finite_float_core_is_refused_at_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from moecore.errors import CheckpointError
+
+    model, tok = tiny_mixtral(seed=7)
+    moecore.compress(model, moecore.CompressionConfig(rank=4, init="svd", refine_steps=0))
+    d = moecore.save_compressed(model, tmp_path / "m", tokenizer=tok)
+    tensors = load_file(str(d / "model.safetensors"))
+    key = next(k for k in tensors if k.endswith(".experts.core_down"))
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=re.escape(key) + " holds NaN"):
+        AutoModelForCausalLM.from_pretrained(d)

@@ -103,6 +103,18 @@ class CompressedExperts(nn.Module):
         own = {**self._parameters, **{n: b for n, b in self._buffers.items() if n not in skip}}
         return {n: (tuple(t.shape), (n,)) for n, t in own.items() if t is not None}
 
+    def check_stored(self, path: str) -> None:
+        """Load-time check of the stored tensors (``path`` names this module in messages): every
+        core, factor and bias is floating point and finite.  ``ValueError`` naming the first that
+        is not (the loader turns it into a ``CheckpointError``)."""
+        for name, (_shape, parts) in self.logical_tensors().items():
+            if parts == (name,):
+                t = getattr(self, name)
+                if not t.is_floating_point():
+                    raise ValueError(f"{path}.{name} is stored as {t.dtype}, not a float dtype")
+                if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{path}.{name} holds NaN or infinite values")
+
     def trainable_parameters(self, train_core: bool = False) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` that training updates: the form's float factors and, with
         ``train_core``, the cores (biases and quantized tensors, which are buffers, never):

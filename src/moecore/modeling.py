@@ -23,18 +23,10 @@ from transformers.utils import logging as hf_logging
 from . import checkpoint_format
 from .errors import CheckpointError, first_line
 from .families import text_config
-from .forms import FORMS, PROJECTIONS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 # the shape of the load guard stored under an original experts key (checkpoint_format.load_guards)
 _GUARD_SHAPE = (len(checkpoint_format.LOAD_NOTICE_KEY.encode()),)
-
-
-def _is_moecore_key(key: str) -> bool:
-    """Whether ``key`` names a tensor moecore stores: a form's core or factor (as the forms name
-    them), whole or one part of its quantized storage."""
-    names = tuple(n for form in FORMS.values() for p in PROJECTIONS for n in form.stored_names(p))
-    return key.rsplit(".", 1)[-1].startswith(names)
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
@@ -103,7 +95,7 @@ def _check_loading_info(p: Path, info: dict) -> None:
     if mismatched:
         k = mismatched[0]
         raise CheckpointError(f"{p}: tensor {k[0]} has shape {tuple(k[1])}, the model expects {tuple(k[2])}")
-    stray = sorted(k for k in info.get("unexpected_keys") or () if _is_moecore_key(k))
+    stray = sorted(k for k in info.get("unexpected_keys") or () if checkpoint_format.is_moecore_key(k))
     if stray:
         raise CheckpointError(f"{p} stores compressed tensors that its quantization_config does not cover, "
                               f"e.g. {stray[0]}")

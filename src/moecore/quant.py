@@ -135,6 +135,24 @@ class QuantizedCompressedExperts(CompressedExperts):
         q = {s[1:]: self._buffers[name + s] for s in SUFFIXES}
         return dequantize(q, shape, bits, self._kind(name), self._float_dtype)
 
+    def check_stored(self, path: str) -> None:
+        """As the parent's, and for each quantized tensor: codes of the packed dtype and shape
+        its bits and group give, scales and zero points finite as float16 (NaN there would make
+        every weight of the group NaN)."""
+        super().check_stored(path)
+        for name, (bits, shape) in self.quantized.items():
+            codes_shape, codes_dtype, rows = packed_layout(math.prod(shape), bits, self.quant.group_size)
+            codes = self._buffers[name + "_qcodes"]
+            if codes.dtype != codes_dtype or tuple(codes.shape) != codes_shape:
+                raise ValueError(f"{path}.{name}_qcodes is {codes.dtype} {tuple(codes.shape)}, expected {codes_dtype} "
+                                 f"{codes_shape} for {bits}-bit groups of {self.quant.group_size}")
+            for suffix in ("_qscale", "_qzero"):
+                t = self._buffers[name + suffix]
+                if t.dtype != torch.int16 or tuple(t.shape) != (rows, 1):
+                    raise ValueError(f"{path}.{name}{suffix} is {t.dtype} {tuple(t.shape)}, expected int16 ({rows}, 1)")
+                if t.device.type != "meta" and not bool(torch.isfinite(t.view(_F16)).all()):
+                    raise ValueError(f"{path}.{name}{suffix} holds NaN or infinite values")
+
     def _kind(self, name: str) -> str:
         """How ``name`` is grouped (:func:`quantize`): ``"core"`` or ``"factor"``."""
         return "core" if name in self.core_names else "factor"
