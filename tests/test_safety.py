@@ -406,3 +406,18 @@ def test_no_code_from_a_checkpoint_runs_on_load(w, tmp_path, capsys):
     rc = main(["eval", str(evil), "--max-tokens", "64"])  # loads the built-in class from the safetensors
     capsys.readouterr()
     assert rc == 0 and not marker.exists()
+
+
+def test_an_input_named_like_a_work_folder_is_never_removed(tmp_path):
+    """Issue 20: ``cp -r src .x.partial; moecore compress .x.partial -o x --overwrite`` must not
+    delete its own input (the work folder of ``x`` is ``.x.partial``): every removal goes through
+    ``io_utils.remove_tree``, which refuses an input of the run; the input is intact after."""
+    from moecore.cli import main
+    from tests._tiny_models import save_tiny
+
+    src = save_tiny(tmp_path / ".x.partial")
+    before = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
+    rc = main(["compress", str(src), "-o", str(tmp_path / "x"), "--rank", "4", "--no-calib", "--overwrite", "--quiet"])
+    assert rc == 2
+    assert {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "x").exists()

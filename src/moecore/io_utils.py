@@ -98,6 +98,39 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
     return o
 
 
+#: every input a writing command of this process declared (:func:`prepare_output`): what
+#: :func:`remove_tree`, the one place moecore removes folders, never touches
+_PROTECTED: set[Path] = set()
+
+
+def protect_inputs(inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Record ``inputs`` (existing paths; others skipped) as never to be removed by this process."""
+    for inp in inputs:
+        if inp is not None and str(inp) and Path(inp).expanduser().exists():
+            _PROTECTED.add(Path(inp).expanduser().resolve())
+
+
+def protected_input(path: str | os.PathLike) -> Path | None:
+    """The input of this process that ``path`` is, holds or lies inside (``None``: none)."""
+    p = Path(path).expanduser()
+    target = p.parent.resolve() / p.name  # the entry itself (a symlink is removed, not followed)
+    for inp in sorted(_PROTECTED):
+        if target == inp or inp.is_relative_to(target) or target.is_relative_to(inp):
+            return inp
+    return None
+
+
+def remove_tree(path: str | os.PathLike, *, ignore_errors: bool = True) -> None:
+    """Remove the folder ``path``: the one place moecore deletes one (work folders, staging and
+    temporary outputs, old checkpoints).  ``CheckpointError`` if it is, contains or lies inside
+    an input of this process (:func:`protect_inputs`): a work folder named like an input is
+    refused, never deleted."""
+    inp = protected_input(path)
+    if inp is not None:
+        raise CheckpointError(f"refusing to remove {path}: it is, holds or lies inside the input {inp}")
+    shutil.rmtree(Path(path).expanduser(), ignore_errors=ignore_errors)
+
+
 def model_source(model) -> str | None:
     """The local folder a model was loaded from (``name_or_path``), if any."""
     src = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -141,14 +174,14 @@ def recover_interrupted(out: str | os.PathLike) -> list[str]:
         src = p / "d" if (p / "d").exists() else p  # the fallback rename keeps the old folder at OLD/d
         if not out.exists():
             os.rename(src, out)
-            shutil.rmtree(p, ignore_errors=True)
+            remove_tree(p)
             msgs.append(f"restored {out} from {p.name}, left by an interrupted replace")
         else:
-            shutil.rmtree(p, ignore_errors=True)
+            remove_tree(p)
             msgs.append(f"removed {p.name}, the previous {out.name} left by an interrupted replace")
     for p, m in found:
         if m.group(1) == "tmp" and p.exists():
-            shutil.rmtree(p, ignore_errors=True)
+            remove_tree(p)
             msgs.append(f"removed {p.name}, an incomplete output left by an interrupted run (pid {m.group(2)})")
     for msg in msgs:
         say(msg)
@@ -227,12 +260,12 @@ def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike, overwrite: bool)
     elif not overwrite:
         raise CheckpointError(f"output directory already exists: {out} (use overwrite=True / --overwrite)")
     elif _exchange(tmp, out):
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous out
+        remove_tree(tmp)  # tmp now holds the previous out
     else:
         old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(out, old)
         os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     _fsync_dir(out.parent)
     return out
 
@@ -281,7 +314,9 @@ def prepare_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | 
     """Checks every writing command runs before any heavy work: ``out`` is not an input (nor
     inside / around one), interrupted earlier writes are repaired, and an existing ``out`` is
     only replaced with ``overwrite`` and only if it holds a model.  Returns ``out`` resolved."""
+    inputs = list(inputs)
     o = check_output_path(out, inputs)
+    protect_inputs(inputs)
     with user_path(out, "write"):
         recover_interrupted(o)
     if o.exists():
@@ -308,4 +343,4 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False,
             publish_dir(tmp, o, overwrite)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
-from .io_utils import atomic_write_text, say
+from .io_utils import atomic_write_text, remove_tree, say
 
 STATE = "moecore_resume.json"
 
@@ -103,7 +102,7 @@ def read_state(work: Path, fp: str, resume: bool, overwrite: bool) -> dict[str, 
             raise CheckpointError(f"{work} holds an unfinished compression ({done} layer(s) done): pass --resume to "
                                   f"continue it or --overwrite to start over")
         say(f"discarding the unfinished compression in {work} ({done} layer(s) done)")
-        shutil.rmtree(work)
+        remove_tree(work, ignore_errors=False)
     elif resume:
         say(f"nothing to resume in {work}; starting from the first layer")
     work.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,8 @@ from .engine import Engine, experts_by_layer
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .families import is_compressed
 from .hf_integration import MoecoreQuantizationConfig
-from .io_utils import atomic_write_text, converting_write_errors, disk_full, publish_dir, say, umask, user_path
+from .io_utils import (atomic_write_text, converting_write_errors, disk_full, protected_input, publish_dir, remove_tree,
+                       say, umask, user_path)
 from .model_card import write_model_card
 from .resume import STATE, Fingerprint, partial_dir, read_state, write_state
 from .stats import STATS_FILENAME, statistics, write_statistics_yaml
@@ -285,7 +286,11 @@ def run(src: Path, out: Path, config: CompressionConfig, seqs: list[torch.Tensor
     publish.  On failure nothing half-written is left as ``out``; the finished layers stay in
     the work folder for ``resume`` unless there is nothing worth resuming.  Returns the summary."""
     hf_cfg, model, dtype = open_skeleton(src, dtype)
-    work, fp = partial_dir(out), fingerprint(src, config, seqs, dtype, device)
+    work = partial_dir(out)
+    if protected_input(work) is not None:
+        raise CheckpointError(f"the work folder of {out} would be {work}, which is (or holds) the input "
+                              f"{protected_input(work)}: choose another output name")
+    fp = fingerprint(src, config, seqs, dtype, device)
     with user_path(out, "write"):
         state = read_state(work, fp, resume, overwrite)
     check_work(work, state)
@@ -297,7 +302,7 @@ def run(src: Path, out: Path, config: CompressionConfig, seqs: list[torch.Tensor
         full = disk_full(exc.__cause__ or exc)
         bad_input = isinstance(exc, (CheckpointError, UnsupportedModelError, ConfigError)) and not full
         if state["done"] == 0 or bad_input:  # nothing worth resuming: leave nothing behind
-            shutil.rmtree(work, ignore_errors=True)
+            remove_tree(work)
             raise
         if full:
             raise CheckpointError(f"{exc}; the {state['done']} finished layer(s) are kept in {work}: free space "

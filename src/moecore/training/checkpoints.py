@@ -8,10 +8,9 @@ complete; a kill mid-save leaves only a ``.tmp-`` directory, which is ignored an
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
-from ..io_utils import publish_dir
+from ..io_utils import publish_dir, remove_tree
 
 PREFIX = "checkpoint"
 TMP_PREFIX = ".tmp-checkpoint"
@@ -57,7 +56,7 @@ def clean_staging(output_dir: str | Path) -> None:
     d = Path(output_dir)
     if d.is_dir():
         for p in d.glob(f"{TMP_PREFIX}-*"):
-            shutil.rmtree(p, ignore_errors=True)
+            remove_tree(p)
 
 
 def publish(tmp: str | Path, final: str | Path) -> Path:
@@ -72,4 +71,4 @@ def rotate(output_dir: str | Path, keep: int | None) -> None:
     if not keep or keep <= 0:
         return
     for p in complete_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+        remove_tree(p)

@@ -13,7 +13,6 @@ The optimizer, scheduler, RNG and trainer state use the Trainer's own files, so
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from transformers.trainer_callback import ExportableState
 from ..errors import ConfigError, TrainingError
 from ..families import is_compressed
 from ..io import save_compressed
-from ..io_utils import atomic_write_text
+from ..io_utils import atomic_write_text, remove_tree
 from . import checkpoints as ckpt
 
 
@@ -122,7 +121,7 @@ class DistillTrainer(Trainer):
         run_dir = Path(self._get_output_dir(trial=trial))
         tmp, final = ckpt.staging_dir(run_dir, step), run_dir / f"{ckpt.PREFIX}-{step}"
         if self.args.should_save:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
         self._barrier()
         self.store_flos()
         self.save_model(str(tmp), _internal_call=True)
