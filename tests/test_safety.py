@@ -295,6 +295,10 @@ def test_non_finite_loss_and_mismatched_teacher_stop_training(w, tmp_path):
     sd = load_file(str(student / "model.safetensors"))
     sd["model.layers.1.mlp.experts.delta_a_up"][0] = float("inf")
     save_file(sd, str(student / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.experts\.delta_a_up holds NaN or infinite"):
+        distill(str(w / "base"), str(student), tmp_path / "run", DistillConfig(max_steps=2, block_size=32, batch_size=2))
+    sd["model.layers.1.mlp.experts.delta_a_up"][0] = 3e38  # finite when stored, overflows in the forward
+    save_file(sd, str(student / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(TrainingError, match="non-finite loss .* at step 1"):
         distill(str(w / "base"), str(student), tmp_path / "run", DistillConfig(max_steps=2, block_size=32, batch_size=2))
     assert not (tmp_path / "run" / "final").exists() and not list((tmp_path / "run").glob("checkpoint-*"))

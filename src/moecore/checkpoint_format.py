@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .config import CONFIG_FILENAME, CompressionConfig
 from .errors import CheckpointError, ConfigError, UnsupportedModelError, first_line
@@ -179,23 +178,3 @@ def is_moecore_key(key: str) -> bool:
     them), whole or one part of its quantized storage."""
     names = tuple(n for form in FORMS.values() for p in PROJECTIONS for n in form.stored_names(p))
     return key.rsplit(".", 1)[-1].startswith(names)
-
-
-def uncovered_modules(model, files, listed) -> list[str]:
-    """Module paths under which the safetensors ``files`` store moecore tensors but which the
-    ``quantization_config`` does not list (``listed``: the paths it swapped in): such a layer
-    would otherwise load as the original class with random experts.  Reads the headers only."""
-    stored = set()
-    for f in files or ():
-        if str(f).endswith(".safetensors"):
-            with safe_open(str(f), framework="pt") as fh:
-                stored.update(k.rsplit(".", 1)[0] for k in fh.keys() if is_moecore_key(k))
-    out = []
-    for path in sorted(stored):
-        try:
-            if _resolve_path(model, path) in listed:
-                continue
-        except CheckpointError:
-            pass
-        out.append(path)
-    return out

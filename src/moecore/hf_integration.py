@@ -21,7 +21,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint_format import (QUANT_METHOD, attach_compression_config, build_quantization_config, ignore_guards,
-                                swap_in_compressed, uncovered_modules)
+                                swap_in_compressed)
 from .errors import CheckpointError
 from .families import find_experts
 from .forms import DEFAULT_FORM, FORMS, PROJECTIONS
@@ -81,14 +81,8 @@ class MoecoreHfQuantizer(HfQuantizer):
         """Nothing to check: moecore modules are plain PyTorch."""
         return None
 
-    def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs: Any):
+    def _process_model_before_weight_loading(self, model, dtype=None, **kwargs: Any):
         swapped = swap_in_compressed(model, self.quantization_config.to_dict(), dtype=dtype)
-        uncovered = uncovered_modules(model, checkpoint_files, swapped)
-        if uncovered:
-            raise CheckpointError(f"the checkpoint stores compressed tensors for {uncovered[0]}"
-                                  + (f" (and {len(uncovered) - 1} more)" if len(uncovered) > 1 else "")
-                                  + ", which its quantization_config does not list: that layer would load with "
-                                  "random experts")
         ignore_guards(model, swapped)
         for path in swapped:
             # transformers then runs the family's _init_weights on every module, and some read the
