@@ -49,3 +49,30 @@ def subprocess_env(threads: int = 1) -> dict:
 
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def stored_expert_tensors(folder: Path, model) -> dict[str, torch.Tensor]:
+    """The experts tensors a saved single-file checkpoint stores, without the load guards
+    (``moecore.checkpoint_format.load_guards``: not expert storage)."""
+    from safetensors import safe_open
+
+    from moecore.checkpoint_format import load_guards
+
+    guards = set(load_guards(model))
+    with safe_open(str(Path(folder) / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if ".experts." in k and k not in guards}
+
+
+def stored_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def reload_bit_identical(model, folder: Path):
+    """``from_pretrained(folder)``, asserting its logits on fixed ids equal ``model``'s bit for bit; returns it."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(1, 33)[None]
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, loaded(ids).logits)
+    return loaded

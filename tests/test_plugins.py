@@ -14,16 +14,13 @@ import textwrap
 
 import pytest
 import torch
-from safetensors import safe_open
-from transformers import AutoModelForCausalLM
 
 import moecore
 from moecore.errors import ConfigError
 from moecore.families import find_experts
 from moecore.forms import FORMS, PROJECTIONS, get_form, register_form, unregister_form
-from moecore.checkpoint_format import load_guards
 from moecore.training.common import select_trainable
-from tests._tiny_models import tiny_mixtral
+from tests._tiny_models import reload_bit_identical, stored_bytes, stored_expert_tensors, tiny_mixtral
 
 # W_i = C + L_i R_iᵀ, stored as toy_l / toy_r, fitted by (unwhitened) truncated SVD of W_i - mean,
 # its forward a dense per-pair gather: nothing fast, only the contract.
@@ -89,15 +86,8 @@ def toy(tmp_path_factory):
     sys.modules.pop(spec.name, None)
 
 
-def _stored_expert_tensors(d, model):
-    guards = set(load_guards(model))
-    with safe_open(str(d / "model.safetensors"), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys() if ".experts." in k and k not in guards}
-
-
 def test_a_form_in_its_own_file_goes_through_compress_save_load_and_statistics(toy, tmp_path):
     model, tok = tiny_mixtral(seed=3)
-    ids = torch.arange(1, 33)[None]
     weights = [{k: v.clone() for k, v in layout.split(m).items()} for _, m, layout in find_experts(model)]
     model = moecore.compress(model, moecore.CompressionConfig(form="toy", rank=64, init="svd", refine_steps=0,
                                                                allow_larger=True))
@@ -111,16 +101,14 @@ def test_a_form_in_its_own_file_goes_through_compress_save_load_and_statistics(t
     d = moecore.save_compressed(model, tmp_path / "toy", tokenizer=tok)
     qc = json.loads((d / "config.json").read_text())["quantization_config"]
     assert qc["form"] == "toy"
-    stored = _stored_expert_tensors(d, model)
+    stored = stored_expert_tensors(d, model)
     assert any(k.endswith(".toy_l_gate") for k in stored)
-    loaded = AutoModelForCausalLM.from_pretrained(d).eval()
-    with torch.no_grad():
-        assert torch.equal(model.eval()(ids).logits, loaded(ids).logits)
+    loaded = reload_bit_identical(model, d)
 
     stats = moecore.statistics(loaded)
     assert stats["layers"][0]["form"] == "toy"
     assert stats["experts"]["params_compressed"] == sum(t.numel() for t in stored.values())
-    assert stats["experts"]["bytes_compressed"] == sum(t.numel() * t.element_size() for t in stored.values())
+    assert stats["experts"]["bytes_compressed"] == stored_bytes(stored)
     # 4 experts at rank 64 of (128, 64) / (64, 128): C + 4·64·(128 + 64) per projection
     assert stats["layers"][0]["projections"]["gate"]["params_compressed"] == 128 * 64 + 4 * 64 * (128 + 64)
     # the core runs once per routed pair (core_runs_per_token = top_k = 2), the factors once per pair
@@ -137,14 +125,10 @@ def test_the_toy_form_has_quantized_storage_too(toy, tmp_path):
                                     quant={"core_bits": 4, "factor_bits": 4, "group_size": 32})
     model = moecore.compress(model, cfg)
     d = moecore.save_compressed(model, tmp_path / "toy-q", tokenizer=tok)
-    stored = _stored_expert_tensors(d, model)
+    stored = stored_expert_tensors(d, model)
     assert any(k.endswith(".toy_r_down_qcodes") for k in stored) and not any(k.endswith(".toy_r_down") for k in stored)
-    ids = torch.arange(1, 33)[None]
-    loaded = AutoModelForCausalLM.from_pretrained(d).eval()
-    with torch.no_grad():
-        assert torch.equal(model.eval()(ids).logits, loaded(ids).logits)
-    stats = moecore.statistics(loaded)
-    assert stats["experts"]["bytes_compressed"] == sum(t.numel() * t.element_size() for t in stored.values())
+    stats = moecore.statistics(reload_bit_identical(model, d))
+    assert stats["experts"]["bytes_compressed"] == stored_bytes(stored)
     assert stats["layers"][0]["projections"]["gate"]["params_compressed"] == 128 * 64 + 4 * 16 * (128 + 64)
 
 

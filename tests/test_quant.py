@@ -11,17 +11,15 @@ import re
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import moecore
-from moecore.checkpoint_format import load_guards
 from moecore.compressed_experts import CompressedExperts
 from moecore.config import QuantConfig
 from moecore.errors import ConfigError
 from moecore.families import find_experts
 from moecore.maths import decompose as dm
 from moecore.quant import QuantizedCompressedExperts, dequantize, packed_layout, quantize, quantize_layer
-from tests._tiny_models import tiny_mixtral
+from tests._tiny_models import reload_bit_identical, stored_bytes, stored_expert_tensors, tiny_mixtral
 
 # measured on Gaussian weights, group 64: about 0.005 / 0.087 / 0.18 / 0.43-0.46 (8/4/3/2 bits)
 REL_BOUND = {8: 0.01, 4: 0.10, 3: 0.20, 2: 0.48}
@@ -114,13 +112,7 @@ def test_save_load_is_bit_identical(saved):
 def test_statistics_bytes_are_the_stored_tensor_bytes(saved):
     model, d = saved
     stats = moecore.statistics(model)
-    stored = 0
-    guards = set(load_guards(model))  # the load guards are not expert storage
-    with safe_open(str(d / "model.safetensors"), "pt") as f:
-        for key in f.keys():
-            if ".experts." in key and key not in guards:
-                t = f.get_tensor(key)
-                stored += t.numel() * t.element_size()
+    stored = stored_bytes(stored_expert_tensors(d, model))  # the load guards are not expert storage
     assert stats["experts"]["bytes_compressed"] == stored
     layer = stats["layers"][0]
     assert layer["quant"]["factor_bits"] == 3
@@ -157,24 +149,16 @@ def test_the_wrapper_form_has_quantized_storage_too(tmp_path):
     """Quantized storage is the form's business (issue 19): the wrapper form stores its core and
     four factors quantized, round-trips bit-identically, counts the bytes it stores, and its
     weight error at 8 bits stays near the float fit's (its factors are not refit)."""
-    from transformers import AutoModelForCausalLM
-
     model, tok = tiny_mixtral(seed=5)
     cfg = moecore.CompressionConfig(form="wrapper", rank=8, quant={"core_bits": 8, "factor_bits": 8, "group_size": 32})
     model = moecore.compress(model, cfg)
     assert moecore.CompressionConfig.from_dict(cfg.to_dict()) == cfg
     d = moecore.save_compressed(model, tmp_path / "wrap-q", tokenizer=tok)
-    guards = set(load_guards(model))
-    with safe_open(str(d / "model.safetensors"), "pt") as f:
-        stored = {k: f.get_tensor(k) for k in f.keys() if ".experts." in k and k not in guards}
+    stored = stored_expert_tensors(d, model)
     assert any(k.endswith(".wrap_u_in_gate_qcodes") for k in stored) and any(k.endswith(".core_down_qcodes") for k in stored)
     assert not any(t.is_floating_point() and t.dim() > 1 for t in stored.values())  # nothing left in float
-    ids = torch.arange(1, 33)[None]
-    loaded = AutoModelForCausalLM.from_pretrained(d).eval()
-    with torch.no_grad():
-        assert torch.equal(model.eval()(ids).logits, loaded(ids).logits)
-    stats = moecore.statistics(loaded)
-    assert stats["experts"]["bytes_compressed"] == sum(t.numel() * t.element_size() for t in stored.values())
+    stats = moecore.statistics(reload_bit_identical(model, d))
+    assert stats["experts"]["bytes_compressed"] == stored_bytes(stored)
     for r in stats["layers"][0]["projections"].values():
         assert r["quant_refit"] is False  # said, not pretended
         assert r["weight_rel_error"] < r["float_weight_rel_error"] + 0.01

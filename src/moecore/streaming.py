@@ -287,9 +287,10 @@ def run(src: Path, out: Path, config: CompressionConfig, seqs: list[torch.Tensor
     the work folder for ``resume`` unless there is nothing worth resuming.  Returns the summary."""
     hf_cfg, model, dtype = open_skeleton(src, dtype)
     work = partial_dir(out)
-    if work.exists() and protected_input(work) is not None:
+    held = protected_input(work) if work.exists() else None
+    if held is not None:
         raise CheckpointError(f"the work folder of {out} would be {work}, which is (or holds) the input "
-                              f"{protected_input(work)}: choose another output name")
+                              f"{held}: choose another output name")
     fp = fingerprint(src, config, seqs, dtype, device)
     with user_path(out, "write"):
         state = read_state(work, fp, resume, overwrite)
