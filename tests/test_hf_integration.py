@@ -343,8 +343,17 @@ def test_tampered_layout_malformed_record_and_uncovered_layer_are_errors(saved, 
     del cfg["quantization_config"]["layers"]["model.layers.1.mlp.experts"]
     cfg["quantization_config"]["layout"]["transposed"] = False
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="lacks 2 tensor"):
-        load_model(bad, need_tokenizer=False)
+    for load in (lambda p: load_model(p, need_tokenizer=False), AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(CheckpointError, match=r"compressed tensors for layer 1 \(e\.g\. .*\), which its "
+                                                  "quantization_config does not list"):
+            load(bad)  # one error naming the layer, in every command as in from_pretrained
+    bad = _copy(d, tmp_path / "rank")  # a changed rank: the stored factors no longer fit the entry
+    entry = cfg["quantization_config"]["layers"] = json.loads((d / "config.json").read_text())["quantization_config"]["layers"]
+    entry["model.layers.0.mlp.experts"]["gate"] += 1
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"has shape \(.*\), but the quantization_config's entry for "
+                                              r"model\.layers\.0\.mlp\.experts"):
+        AutoModelForCausalLM.from_pretrained(bad)
     assert torch.equal(logits(load_model(d, need_tokenizer=False)[0]), ref)  # the original still loads
 
 

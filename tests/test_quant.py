@@ -190,6 +190,14 @@ def test_kd_trains_float_factors_against_the_quantized_core(saved):
     assert float((again - before).abs().max()) < 0.05 * float(before.abs().max())
 
 
+def test_distill_on_quantized_factors_says_why_nothing_trains(saved):
+    from moecore.training.common import select_trainable
+
+    with pytest.raises(ConfigError, match=r"stores its factors quantized \(model\.layers\.0\.mlp\.experts and 1 "
+                                          r"more layer\(s\)\), and moecore trains float factors only: .*--core-bits"):
+        select_trainable(copy.deepcopy(saved[0]))
+
+
 def test_cli_compress_and_plan_with_quantized_storage(tmp_path, capsys):
     from moecore.cli import main
     from tests._tiny_models import save_tiny

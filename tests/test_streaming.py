@@ -22,6 +22,7 @@ from moecore.api import compress_checkpoint
 from moecore.cli import main
 from moecore.data import load_split
 from moecore.errors import CheckpointError, ConfigError, UnsupportedModelError
+from moecore.families import is_compressed
 
 from ._tiny_models import ROOT, python_cmd, subprocess_env, tokenizer
 
@@ -88,6 +89,27 @@ def _cli(*args, threads=1):
     return python_cmd("compress", *args, "--device", "cpu", "--quiet")
 
 
+def _flip_signs(folder: Path, part: str) -> None:
+    """Negate, in place, the first expert tensor of ``folder``'s shards whose name holds
+    ``part``: the file keeps its names, sizes and header; only the data changes."""
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "r+b") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+            name = next((k for k in sorted(header) if part in k and "experts" in k), None)
+            if name is None:
+                continue
+            assert header[name]["dtype"] == "F32"
+            begin, end = header[name]["data_offsets"]
+            fh.seek(8 + n + begin)
+            data = bytearray(fh.read(end - begin))
+            data[3::4] = bytes(b ^ 0x80 for b in data[3::4])  # the sign bit of every little-endian float32
+            fh.seek(8 + n + begin)
+            fh.write(data)
+            return
+    raise AssertionError(f"no expert tensor under {part}")
+
+
 def test_kill_and_resume_is_byte_identical(tmp_path, capsys):
     src = _tiny_checkpoint(tmp_path / "src", layers=4)
     calib = _calib_file(tmp_path / "calib.txt")
@@ -113,6 +135,14 @@ def test_kill_and_resume_is_byte_identical(tmp_path, capsys):
     assert not (work / "config.json").exists()
     assert main(["compress", *common, "-o", str(out), "--device", "cpu", "--quiet"]) == 2  # in-process: it
     assert "--resume" in capsys.readouterr().err  # fails before any compute; never restarts silently
+    # weights edited in place (same names, sizes and headers) under a finished layer: refused, kept
+    state = (work / "moecore_resume.json").read_bytes()
+    _flip_signs(src, ".layers.0.")
+    assert main(["compress", *common, "-o", str(out), "--resume", "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "weights of layer 0 changed" in err and err.count("error:") == 1 and "Traceback" not in err, err
+    assert (work / "moecore_resume.json").read_bytes() == state
+    _flip_signs(src, ".layers.0.")  # back as they were
     resumed = subprocess.run(_cli(*common, "-o", str(out), "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
@@ -128,6 +158,39 @@ def test_kill_and_resume_is_byte_identical(tmp_path, capsys):
     other = [a if a != "8" else "4" for a in common]
     assert main(["compress", *other, "-o", str(tmp_path / "o2"), "--resume", "--device", "cpu", "--quiet"]) == 2
     assert "different job" in capsys.readouterr().err
+
+
+def test_two_runs_on_one_output_the_second_fails_at_once(tmp_path, capsys):
+    """A live run holds its work folder's OS lock: a second run on the same output, even with
+    --overwrite, fails at once with one line and touches nothing; the first publishes its
+    own complete model.  The lock dies with its process: a killed run never blocks a rerun."""
+    src = _tiny_checkpoint(tmp_path / "src", layers=4)
+    calib = _calib_file(tmp_path / "calib.txt")
+    common = [str(src), "--calib", str(calib), "--rank", "8", "--refine-steps", "2", "--calib-tokens", "1024"]
+    env = subprocess_env(1)
+    out, work = tmp_path / "out", tmp_path / ".out.partial"
+    first = subprocess.Popen(_cli(*common, "-o", str(out)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not (work / "moecore_resume.json").exists():
+        assert first.poll() is None, "the first run ended before it wrote its state"
+        time.sleep(0.02)
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        assert main(["compress", *common, "-o", str(out), *extra, "--device", "cpu", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "in use by another moecore run" in err and err.count("error:") == 1 and "Traceback" not in err, err
+    assert first.poll() is None, "the first run ended before the second could be refused"
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)  # the first run's model, whole
+    assert is_compressed(reloaded, recurse=True)
+    assert not work.exists()
+    # a killed run's lock is gone with it: the rerun with --overwrite starts over
+    proc = subprocess.Popen(_cli(*common, "-o", str(tmp_path / "o2")), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while not (tmp_path / ".o2.partial" / "moecore_resume.json").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert main(["compress", *common, "-o", str(tmp_path / "o2"), "--rank", "2", "--refine-steps", "0",
+                 "--overwrite", "--device", "cpu", "--quiet"]) == 0
 
 
 #: every fault point of the per-layer commit and of finish() (moecore.streaming.fault_point), in run order
@@ -200,6 +263,33 @@ def test_host_memory_does_not_grow_with_depth(tmp_path):
     layer_bytes = 8 * 3 * 256 * 1024 * 4  # one layer's expert weights, float32 (24 MiB)
     grown = max(rss[4:]) - rss[3]
     assert grown < 2 * layer_bytes, f"resident memory grew by {grown / 2**20:.1f} MiB over 12 layers"
+
+
+def _faults_of_reused_allocations() -> int:
+    """Minor page faults of 64 allocations of 1 MiB each, written and freed in turn: about
+    16,000 when every such block is its own mmap, a few when glibc's heap reuses them."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(64):
+        torch.empty(1 << 18, dtype=torch.float32).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_the_engine_heap_bound_ends_with_the_compression(tmp_path):
+    """The engine serves large blocks from mmap while it runs (bounded memory), but the user's
+    process gets glibc's reuse back afterwards: a bound left behind made every later tensor
+    allocation an mmap, and the held-out evaluation after a compression took twice the CPU."""
+    for run in ("in-memory", "streamed"):
+        if run == "in-memory":
+            model = AutoModelForCausalLM.from_pretrained(_tiny_checkpoint(tmp_path / "mem", layers=2))
+            moecore.compress(model, moecore.CompressionConfig(rank=4, refine_steps=0), progress=False)
+        else:
+            src = _tiny_checkpoint(tmp_path / "src", layers=2)
+            compress_checkpoint(src, tmp_path / "out", moecore.CompressionConfig(rank=4, refine_steps=0), progress=False)
+        after = _faults_of_reused_allocations()
+        assert after < 1_000, (run, after)
 
 
 def test_bad_checkpoints_give_one_error_and_leave_nothing(tmp_path):

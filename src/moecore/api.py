@@ -22,7 +22,7 @@ from . import streaming
 from .checkpoint_reader import read_config
 from .config import CompressionConfig
 from .data import calibration_sequences
-from .engine import Engine, InMemoryStore
+from .engine import Engine, InMemoryStore, bounded_host_heap
 from .errors import ConfigError, DataFreeWarning
 from .hf_integration import mark_compressed
 from .io_utils import model_source, prepare_output
@@ -97,12 +97,13 @@ def compress(
     was_training = model.training
     model.eval()
     try:
-        engine = Engine(model, config, InMemoryStore(device), seqs, device, progress=progress)
-        if config.rank is not None:  # fail fast on shapes before any calibration run
-            engine.solve(None)
-        hidden = engine.first_inputs()
-        ranks = engine.solve(hidden)
-        engine.run(ranks, hidden)
+        with bounded_host_heap():
+            engine = Engine(model, config, InMemoryStore(device), seqs, device, progress=progress)
+            if config.rank is not None:  # fail fast on shapes before any calibration run
+                engine.solve(None)
+            hidden = engine.first_inputs()
+            ranks = engine.solve(hidden)
+            engine.run(ranks, hidden)
     finally:
         model.train(was_training)
     model.moecore_config = config

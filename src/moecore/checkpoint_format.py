@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .config import CONFIG_FILENAME, CompressionConfig
 from .errors import CheckpointError, ConfigError, UnsupportedModelError, first_line
@@ -178,3 +179,43 @@ def is_moecore_key(key: str) -> bool:
     them), whole or one part of its quantized storage."""
     names = tuple(n for form in FORMS.values() for p in PROJECTIONS for n in form.stored_names(p))
     return key.rsplit(".", 1)[-1].startswith(names)
+
+
+def _layer_number(key: str) -> int | None:
+    """The decoder layer of a checkpoint key or module path: its first number component
+    (``model.layers.3.block_sparse_moe.experts.delta_a_gate`` -> 3).  transformers' key
+    renames between a family's stored and module names (Mixtral's ``block_sparse_moe`` ->
+    ``mlp``) keep it."""
+    m = re.search(r"(?:^|\.)(\d+)\.", key)
+    return int(m.group(1)) if m else None
+
+
+def check_stored_headers(model, files, swapped: dict[str, Any]) -> None:
+    """Before ``from_pretrained`` loads anything: every moecore tensor the safetensors
+    ``files`` store (read from their headers only) belongs to a layer the
+    ``quantization_config`` lists (``swapped``: ``{path: compressed module}``), and has the
+    shape that entry's rank, bits and group size give.  Otherwise one ``CheckpointError``
+    naming the layer or the tensor: an unlisted layer would load as the original experts
+    with random weights, and a changed shape ends in transformers' load report."""
+    by_layer: dict[int, list[tuple[str, Any]]] = {}
+    for path, module in swapped.items():
+        by_layer.setdefault(_layer_number(path), []).append((path, module))
+    for f in sorted(str(f) for f in files or () if str(f).endswith(".safetensors")):
+        try:
+            with safe_open(f, framework="pt") as fh:
+                stored = [(k, tuple(fh.get_slice(k).get_shape())) for k in fh.keys() if is_moecore_key(k)]
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"corrupt safetensors file {f}: {first_line(exc)}") from exc
+        for key, shape in stored:
+            owners = by_layer.get(_layer_number(key))
+            if not owners:
+                raise CheckpointError(f"{Path(f).name} stores compressed tensors for layer {_layer_number(key)} "
+                                      f"(e.g. {key}), which its quantization_config does not list: that layer "
+                                      "would load with random experts")
+            for path, module in owners:
+                tensors = {n: t for n, t in [*module.named_parameters(), *module.named_buffers()]}
+                name = max((n for n in tensors if key.endswith("." + n)), key=len, default=None)
+                if name is not None and tuple(tensors[name].shape) != shape:
+                    raise CheckpointError(f"{Path(f).name}: {key} has shape {shape}, but the quantization_config's "
+                                          f"entry for {path} (form, rank, bits, group size) gives "
+                                          f"{tuple(tensors[name].shape)}")

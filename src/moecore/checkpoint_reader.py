@@ -6,6 +6,7 @@ family that ``from_pretrained`` loads also streams, including legacy per-expert 
 Used by :mod:`moecore.streaming`."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -65,16 +66,57 @@ class CheckpointReader:
         self.dir, self.skeleton, self.dtype = model_dir, skeleton, dtype
         self.files = weight_files(model_dir)
         self.mapping = get_model_conversion_mapping(skeleton, None, None)
+        self._headers: dict[Path, tuple[int, dict]] = {}
         pat = re.compile(rf"(?:^|\.){re.escape(stack_leaf)}\.(\d+)\.")
         self.by_layer: dict[int | None, list[str]] = {}
         for key in self.files:
             m = pat.search(key)
             self.by_layer.setdefault(int(m.group(1)) if m else None, []).append(key)
 
-    def load(self, keys: list[str], prefix: str, device, exclude: str | None = None) -> None:
+    def _header(self, f: Path) -> tuple[int, dict]:
+        """``(data start, header)`` of the safetensors file ``f`` (read once)."""
+        if f not in self._headers:
+            try:
+                with open(f, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    header = json.loads(fh.read(n))
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"corrupt safetensors file {f}: {first_line(exc)}") from exc
+            self._headers[f] = (8 + n, header)
+        return self._headers[f]
+
+    def digest(self, keys: list[str], chunk: int = 64 << 20) -> str:
+        """sha256 over the stored tensors ``keys`` (each name, dtype, shape and data bytes, in
+        key order), read from the shard files in ``chunk``-byte pieces.  Called by
+        :meth:`load` on the bytes it is about to load (the page cache serves them to the load
+        that follows, so the disk is read once), and by a resume to check that the weights of
+        its finished layers did not change."""
+        h = hashlib.sha256()
+        buf = bytearray(chunk)
+        for k in sorted(keys):
+            f = self.files[k]
+            base, header = self._header(f)
+            meta = header.get(k)
+            if not isinstance(meta, dict):
+                raise CheckpointError(f"{self.dir}: the index lists {k} but its shard does not hold it")
+            begin, end = (base + o for o in meta["data_offsets"])
+            h.update(f"{k}|{meta['dtype']}|{meta['shape']}|".encode())
+            with open(f, "rb") as fh:
+                fh.seek(begin)
+                left = end - begin
+                while left:
+                    n = fh.readinto(memoryview(buf)[:min(chunk, left)])
+                    if not n:
+                        raise CheckpointError(f"corrupt safetensors file {f}: {k} ends past the file's end")
+                    h.update(memoryview(buf)[:n])
+                    left -= n
+        return h.hexdigest()
+
+    def load(self, keys: list[str], prefix: str, device, exclude: str | None = None) -> str:
         """Read checkpoint ``keys`` into the skeleton; every parameter under ``prefix`` (but not
         under ``exclude``) must be covered (``CheckpointError`` naming the first missing one),
-        and those parameters move to ``device``."""
+        and those parameters move to ``device``.  Returns the :meth:`digest` of ``keys``."""
+        digest = self.digest(keys)
 
         handles, state = [], {}
         try:
@@ -118,6 +160,7 @@ class CheckpointReader:
                                       f"(weights missing; is config.json from another model?)")
         if device is not None:
             move_except(root, device, exclude)
+        return digest
 
 
 def move_except(root: nn.Module, device, exclude: str | None) -> None:

@@ -82,37 +82,61 @@ class InMemoryStore:
         self.release(index, layer)
 
 
-#: glibc ``mallopt`` parameters and the engine's bound (:func:`bound_host_heap`; also glibc's default trim)
+#: glibc ``mallopt`` parameters and the engine's bound (:func:`bounded_host_heap`; also glibc's default trim)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, HEAP_BOUND = -1, -3, 128 * 1024
+#: what a long-lived process gets back after the engine (:func:`bounded_host_heap`): glibc's
+#: dynamic mmap threshold at its maximum (32 MiB) and trim threshold (twice that), the state
+#: glibc's own heuristic reaches in a process that frees large tensors
+HEAP_RELEASED = (32 << 20, 64 << 20)
 
 
-def bound_host_heap() -> None:
-    """Serve every allocation of 128 KiB or more from its own mmap (glibc ``mallopt``), so a
-    freed layer's tensors go back to the OS at once.  glibc's default (a threshold that grows
-    up to 32 MiB) keeps such blocks in the heap, and peak resident memory then creeps up
-    with the number of layers through fragmentation alone.  A no-op outside glibc."""
-
+def _libc():
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, HEAP_BOUND)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt  # noqa: B018 (not glibc: AttributeError)
+        return libc
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+@contextlib.contextmanager
+def bounded_host_heap():
+    """Inside the block, every allocation of 128 KiB or more is served from its own mmap
+    (glibc ``mallopt``), so a freed layer's tensors go back to the OS at once.  glibc's
+    default (a threshold that grows up to 32 MiB) keeps such blocks in the heap, and peak
+    resident memory then creeps up with the number of layers through fragmentation alone.
+
+    On exit the caller's process gets a threshold of 32 MiB back (:data:`HEAP_RELEASED`):
+    a 128 KiB bound left behind after :func:`moecore.compress` would make every later
+    tensor allocation of the user's process an ``mmap`` and its page faults (the held-out
+    evaluation after a compression took about twice the CPU time).  A no-op outside glibc."""
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, HEAP_BOUND)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, HEAP_RELEASED[0])
+        libc.mallopt(M_TRIM_THRESHOLD, HEAP_RELEASED[1])
+        libc.malloc_trim(0)
 
 
 @contextlib.contextmanager
 def reusable_heap():
-    """Inside the block, allocations up to 32 MiB come from glibc's heap and freed blocks stay
-    there for reuse (``M_MMAP_THRESHOLD`` 32 MiB, glibc's maximum; ``M_TRIM_THRESHOLD`` 1 GiB);
-    on exit the bound of :func:`bound_host_heap` is restored and the heap trimmed.  Block
-    recovery's Adam steps allocate the same MiB-sized temporaries again and again: with every
-    one an ``mmap`` (and its page faults) they took 2.4x the CPU time on the bundled models.
-    A no-op outside glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    except (OSError, AttributeError):
+    """Inside the block (within :func:`bounded_host_heap`), allocations up to 32 MiB come from
+    glibc's heap and freed blocks stay there for reuse (``M_MMAP_THRESHOLD`` 32 MiB, glibc's
+    maximum; ``M_TRIM_THRESHOLD`` 1 GiB); on exit the engine's bound is restored and the heap
+    trimmed.  Block recovery's Adam steps allocate the same MiB-sized temporaries again and
+    again: with every one an ``mmap`` (and its page faults) they took 2.4x the CPU time on
+    the bundled models.  A no-op outside glibc."""
+    libc = _libc()
+    if libc is None:
         yield
         return
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
     try:
         yield
     finally:
@@ -127,10 +151,9 @@ def release_memory(device: torch.device) -> None:
     the CUDA cache."""
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
+    libc = _libc()
+    if libc is not None:  # not glibc: nothing to trim
+        libc.malloc_trim(0)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -233,7 +256,6 @@ class Engine:
     def __init__(self, model: nn.Module, cfg: CompressionConfig, store: LayerStore,
                  seqs: list[torch.Tensor] | None, device, batch_size: int = 8, progress: bool = True):
         self.model, self.cfg, self.store, self.device = model, cfg, store, torch.device(device)
-        bound_host_heap()
         self.stack_path, self.stack, self.by_layer = experts_by_layer(model)
         check_top_k(model, self.by_layer, self.stack)
         self.batches = make_batches(seqs, batch_size) if seqs else []

@@ -20,8 +20,8 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quanti
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint_format import (QUANT_METHOD, attach_compression_config, build_quantization_config, ignore_guards,
-                                swap_in_compressed)
+from .checkpoint_format import (QUANT_METHOD, attach_compression_config, build_quantization_config,
+                                check_stored_headers, ignore_guards, swap_in_compressed)
 from .errors import CheckpointError
 from .families import find_experts
 from .forms import DEFAULT_FORM, FORMS, PROJECTIONS
@@ -81,8 +81,9 @@ class MoecoreHfQuantizer(HfQuantizer):
         """Nothing to check: moecore modules are plain PyTorch."""
         return None
 
-    def _process_model_before_weight_loading(self, model, dtype=None, **kwargs: Any):
+    def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs: Any):
         swapped = swap_in_compressed(model, self.quantization_config.to_dict(), dtype=dtype)
+        check_stored_headers(model, checkpoint_files, swapped)  # unlisted layers, changed rank / bits / group
         ignore_guards(model, swapped)
         for path in swapped:
             # transformers then runs the family's _init_weights on every module, and some read the

@@ -15,6 +15,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no OS lock
+    fcntl = None
+
 from .errors import CheckpointError
 from .io_utils import atomic_write_text, remove_tree, say
 
@@ -41,6 +46,45 @@ class Fingerprint(str):
 def partial_dir(out: Path) -> Path:
     """The resumable work folder of output ``out``: ``.OUT.partial`` beside it."""
     return out.parent / f".{out.name}.partial"
+
+
+class WorkLock:
+    """The OS lock (``flock``) of a work folder: one writer per output.  The kernel releases it
+    when the holding process dies, so a killed run never leaves a stale lock, and a second
+    run on the same output fails at once with one line instead of deleting (``--overwrite``)
+    or writing into the folder of a live run.  A no-op where ``fcntl`` is missing."""
+
+    def __init__(self):
+        self.fd: int | None = None
+
+    def hold(self, work: Path) -> None:
+        """Hold the lock of ``work`` if it exists (again, if it was replaced since): raise
+        ``CheckpointError`` if another live process holds it."""
+        if fcntl is None or not work.is_dir():
+            return
+        if self.fd is not None:
+            if os.fstat(self.fd).st_ino == os.stat(work).st_ino:
+                return
+            self.release()
+        fd = os.open(work, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CheckpointError(f"{work} is in use by another moecore run (it holds the folder's lock): wait for "
+                                  f"that run to end, or stop it, then rerun") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+    def __enter__(self) -> "WorkLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def write_state(work: Path, state: dict[str, Any]) -> None:

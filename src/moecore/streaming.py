@@ -33,14 +33,15 @@ from transformers.utils.hub import convert_file_size_to_int
 from .checkpoint_format import build_quantization_config, load_guards, swap_in_compressed
 from .checkpoint_reader import INDEX, CheckpointReader, open_skeleton, weight_files
 from .config import CompressionConfig
-from .engine import Engine, experts_by_layer
+from .engine import Engine, bounded_host_heap, experts_by_layer
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .families import is_compressed
 from .hf_integration import MoecoreQuantizationConfig
 from .io_utils import (atomic_write_text, converting_write_errors, disk_full, protected_input, publish_dir, remove_tree,
                        say, umask, user_path)
 from .model_card import write_model_card
-from .resume import STATE, Fingerprint, partial_dir, read_state, write_state
+from .progress import progress_bar
+from .resume import STATE, Fingerprint, WorkLock, partial_dir, read_state, write_state
 from .stats import STATS_FILENAME, statistics, write_statistics_yaml
 from .version import __version__
 
@@ -77,6 +78,26 @@ def check_work(work: Path, state: dict[str, Any]) -> None:
             what = "is missing" if not (work / name).exists() else "changed since it was written"
             raise CheckpointError(f"cannot resume from {work}: {name} {what}; remove the folder or pass --overwrite "
                                   f"to start over")
+
+
+def check_source(reader: CheckpointReader, work: Path, state: dict[str, Any], progress: bool) -> None:
+    """Before a resume continues: the source weights of every finished layer, and the
+    non-layer tensors, still have the content hash recorded when they were read
+    (:meth:`~moecore.checkpoint_reader.CheckpointReader.digest`); ``CheckpointError`` naming
+    the first part that changed.  This reads the finished layers' weights once more: weights
+    edited in place keep every name, size and header, which the fingerprint covers."""
+    recorded = state.get("source", {})
+    parts = [("rest", None)] + [(str(i), i) for i in range(state["done"])]
+    parts = [(name, i) for name, i in parts if name in recorded]
+    bar = progress_bar(total=len(parts), desc="checking the source weights", unit="part", enabled=progress,
+                       leave=False)
+    for name, i in parts:
+        if reader.digest(reader.by_layer.get(i, [])) != recorded[name]:
+            what = "the non-layer tensors (embeddings, head, norms)" if i is None else f"layer {i}"
+            raise CheckpointError(f"cannot resume from {work}: the model's weights of {what} changed since the "
+                                  f"interrupted run (their content hash differs); pass --overwrite to start over")
+        bar.update(1)
+    bar.close()
 
 
 def fault_point(step: str) -> None:
@@ -141,7 +162,8 @@ class StreamingStore:
             write_state(work, state)
 
     def load(self, index: int, layer: nn.Module) -> None:
-        self.reader.load(self.reader.by_layer.get(index, []), f"{self.stack_path}.{index}", self.device)
+        # the content hash of the layer's source tensors, recorded when the layer is done
+        self.source = self.reader.load(self.reader.by_layer.get(index, []), f"{self.stack_path}.{index}", self.device)
 
     def release(self, index: int, layer: nn.Module) -> None:
         layer.to("meta")
@@ -153,6 +175,7 @@ class StreamingStore:
         fault_point("layer:shard")
         files = self.state.setdefault("files", {})
         files[name] = digest
+        self.state.setdefault("source", {})[str(index)] = self.source
 
         if is_compressed(layer, recurse=True):
             # through JSON now, so a resumed run (which reads the state back) sees the same values in the same order
@@ -286,19 +309,33 @@ def run(src: Path, out: Path, config: CompressionConfig, seqs: list[torch.Tensor
     publish.  On failure nothing half-written is left as ``out``; the finished layers stay in
     the work folder for ``resume`` unless there is nothing worth resuming.  Returns the summary."""
     hf_cfg, model, dtype = open_skeleton(src, dtype)
+    reader = CheckpointReader(src, model, dtype, experts_by_layer(model)[0].rpartition(".")[2])
     work = partial_dir(out)
     held = protected_input(work) if work.exists() else None
     if held is not None:
         raise CheckpointError(f"the work folder of {out} would be {work}, which is (or holds) the input "
                               f"{held}: choose another output name")
     fp = fingerprint(src, config, seqs, dtype, device)
-    with user_path(out, "write"):
-        state = read_state(work, fp, resume, overwrite)
-    check_work(work, state)
+    with WorkLock() as lock:
+        with user_path(out, "write"):
+            lock.hold(work)  # one writer per output: fails at once while another run holds it
+            state = read_state(work, fp, resume, overwrite)
+            lock.hold(work)  # the folder read_state made (or kept)
+        check_work(work, state)
+        if state["done"] or state.get("finished"):
+            check_source(reader, work, state, progress)
+        return _run_guarded(src, out, work, reader, model, hf_cfg, dtype, tokenizer, seqs, config, state, device,
+                            progress, overwrite, max_shard_size)
+
+
+def _run_guarded(src, out, work, reader, model, hf_cfg, dtype, tokenizer, seqs, config, state, device, progress,
+                 overwrite, max_shard_size) -> dict[str, Any]:
+    """:func:`_run`, and on failure what the work folder keeps: nothing when no layer was
+    finished or the input was bad; otherwise the finished layers, with how to resume."""
     try:
-        with converting_write_errors(out):
-            return _run(src, out, work, model, hf_cfg, dtype, tokenizer, seqs, config, state, device, progress,
-                        overwrite, max_shard_size)
+        with converting_write_errors(out), bounded_host_heap():
+            return _run(src, out, work, reader, model, hf_cfg, dtype, tokenizer, seqs, config, state, device,
+                        progress, overwrite, max_shard_size)
     except Exception as exc:
         full = disk_full(exc.__cause__ or exc)
         bad_input = isinstance(exc, (CheckpointError, UnsupportedModelError, ConfigError)) and not full
@@ -312,7 +349,7 @@ def run(src: Path, out: Path, config: CompressionConfig, seqs: list[torch.Tensor
         raise
 
 
-def _run(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device, progress, overwrite,
+def _run(src, out, work, reader, model, hf_cfg, dtype, tok, seqs, config, state, device, progress, overwrite,
          max_shard_size) -> dict[str, Any]:
     """:func:`run` proper: read the embeddings and head, solve (or restore) the ranks, run the
     engine from the first unfinished layer, finish and publish (a work folder whose state says
@@ -323,8 +360,8 @@ def _run(src, out, work, model, hf_cfg, dtype, tok, seqs, config, state, device,
                                                "recovery": [], "ranks": state["ranks"], "dtype": str(dtype),
                                                "device": str(device)})
     stack_path = experts_by_layer(model)[0]
-    reader = CheckpointReader(src, model, dtype, stack_path.rpartition(".")[2])
-    reader.load(reader.by_layer.get(None, []), "", device, exclude=stack_path)  # embeddings, norm, head
+    rest = reader.load(reader.by_layer.get(None, []), "", device, exclude=stack_path)  # embeddings, norm, head
+    state.setdefault("source", {})["rest"] = rest  # committed with the first layer
     store = StreamingStore(reader, work, stack_path, len(model.get_submodule(stack_path)), device, state)
     engine = Engine(model, config, store, seqs, device=device, progress=progress)
     hidden = engine.first_inputs()

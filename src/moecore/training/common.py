@@ -44,6 +44,12 @@ def select_trainable(model, *, train_core: bool = False, train_router: bool = Fa
         if id(p) in want:
             names.append(name)
     if not names:
+        quantized = [path for path, module, _ in experts if getattr(module, "quantized", None)]
+        if quantized:
+            raise ConfigError(f"nothing to train: the student stores its factors quantized ({quantized[0]} and "
+                              f"{len(quantized) - 1} more layer(s)), and moecore trains float factors only: compress "
+                              "the student with --core-bits alone (float factors, trained against the frozen "
+                              "quantized core) or without quantization")
         raise ConfigError("nothing to train: the student has no compressed factors or experts")
     return names
 
