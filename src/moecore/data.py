@@ -70,7 +70,10 @@ class TextFile:
     iterated, and only one document is held at a time):
 
     - ``.txt``: documents separated by a blank line (``"\\n\\n"``), stripped, empty ones skipped;
-    - ``.jsonl`` / ``.jsonl.xz``: one JSON object per line with a string ``"text"`` field.
+      a document longer than :attr:`PIECE` characters comes in pieces of about that size,
+      cut at whitespace, so memory is bounded by the chunk, not by the document;
+    - ``.jsonl`` / ``.jsonl.xz``: one JSON object per line with a string ``"text"`` field
+      (a line is parsed whole: keep texts of many megabytes in a ``.txt`` file).
 
     A bad line (invalid JSON, no ``text``, a non-string ``text``) or undecodable bytes raise one
     :class:`~moecore.errors.DataError` naming the file and line; a file with no text raises
@@ -78,6 +81,7 @@ class TextFile:
     """
 
     CHUNK = 1 << 20  # characters read at a time from a .txt file
+    PIECE = 1 << 20  # the most characters of one document held at a time (longer ones come in pieces)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -122,6 +126,12 @@ class TextFile:
             for t in parts:
                 if t.strip():
                     yield t.strip()
+            while len(buf) > self.PIECE:  # a document longer than PIECE: its head goes out, cut at whitespace
+                cut = max(buf.rfind(" ", 0, self.PIECE), buf.rfind("\n", 0, self.PIECE))
+                cut = cut if cut > 0 else self.PIECE
+                if buf[:cut].strip():
+                    yield buf[:cut].strip()
+                buf = buf[cut:]
         if buf.strip():
             yield buf.strip()
 
