@@ -142,7 +142,8 @@ def compress_checkpoint(
     the layers compressed by this call (``recover_steps``), whether it resumed.
     """
     src = check_model_dir(model_dir)
-    out = prepare_output(out_dir, [src, calibration_path], overwrite)
+    # a run killed just after publishing left its state file in the complete output: --resume tidies it
+    out = prepare_output(out_dir, [src, calibration_path], overwrite or (resume and streaming.published_state(out_dir)))
     have_calib = calibration is not None
     check_calibration_options(config, have_calib)
     tok = None

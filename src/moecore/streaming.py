@@ -316,6 +316,10 @@ def run(src: Path, out: Path, config: CompressionConfig, seqs: list[torch.Tensor
         raise CheckpointError(f"the work folder of {out} would be {work}, which is (or holds) the input "
                               f"{held}: choose another output name")
     fp = fingerprint(src, config, seqs, dtype, device)
+    if resume and not work.exists() and published_state(out):
+        tidied = _tidy_published(out, fp, overwrite)
+        if tidied is not None:
+            return tidied
     with WorkLock() as lock:
         with user_path(out, "write"):
             lock.hold(work)  # one writer per output: fails at once while another run holds it
@@ -379,6 +383,32 @@ def _run(src, out, work, reader, model, hf_cfg, dtype, tok, seqs, config, state,
     return _publish(work, out, overwrite, {"output": str(out), "resumed_at_layer": start, "timings": engine.timings,
                                            "recovery": engine.recovery, "ranks": state["ranks"], "dtype": str(dtype),
                                            "device": str(device)})
+
+
+def published_state(out: str | os.PathLike) -> bool:
+    """Whether ``out`` is a published model that still holds the state file of the run that
+    made it (killed between publishing and removing that file)."""
+    try:
+        state = json.loads((Path(out).expanduser() / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and bool(state.get("finished"))
+
+
+def _tidy_published(out: Path, fp: Fingerprint, overwrite: bool) -> dict[str, Any] | None:
+    """``--resume`` of a run killed after publishing: the output is complete, so its leftover
+    state file goes (if it is this job's) and nothing else is touched; the summary.  Another
+    job's output is an error, or with ``overwrite`` ``None`` (a fresh run replaces it)."""
+    state = json.loads((out / STATE).read_text(encoding="utf-8"))
+    if state.get("fingerprint") != fp:
+        if overwrite:
+            return None
+        raise CheckpointError(f"{out} was published by an interrupted run of a different job; pass --overwrite "
+                              f"to replace it")
+    (out / STATE).unlink()
+    say(f"{out} was already published by the interrupted run: removed the state file it left")
+    return {"output": str(out), "resumed_at_layer": state["done"], "timings": [], "recovery": [],
+            "ranks": state["ranks"], "dtype": fp.parts.get("dtype"), "device": fp.parts.get("device")}
 
 
 def _publish(work: Path, out: Path, overwrite: bool, summary: dict[str, Any]) -> dict[str, Any]:
