@@ -235,6 +235,33 @@ def test_checkpoint_missing_a_quantized_tensor_is_an_error(saved, tmp_path):
         AutoModelForCausalLM.from_pretrained(bad)
 
 
+@pytest.mark.parametrize("field,value", [("group_size", 64), ("core_bits", 8), ("factor_bits", 4)])
+def test_a_changed_group_size_or_bits_is_one_error_naming_the_tensor(saved, tmp_path, field, value):
+    """Issue 20: the stored codes and scales no longer fit the entry: one error naming the
+    tensor and the layer, not transformers' "look at the above report"."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from moecore.errors import CheckpointError
+
+    _, d = saved
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    changed = 0
+    for entry in [qc, *qc["layers"].values()]:
+        if isinstance(entry.get("quant"), dict):
+            entry["quant"][field] = value
+            changed += 1
+    assert changed
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: \S+_q\w+ has shape \(.*\), but the "
+                                              r"quantization_config's entry for model\.layers\.\d\.mlp\.experts"):
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
 @pytest.mark.parametrize("suffix,bad", [("core_up_qscale", "nan"), ("delta_a_gate_qzero", "inf"),
                                         ("delta_b_down_qcodes", "dtype")])
 def test_tampered_quantized_tensors_are_refused_at_load_naming_them(saved, tmp_path, suffix, bad):
