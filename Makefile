@@ -13,8 +13,8 @@ LOCK   := requirements/lock.txt
 TOOLS  := .venv-tools
 LATEST := .venv-latest
 PIP_TOOLS ?= pip-tools==7.7.0
-# One pytest worker per core (pytest-xdist); test_families' tests share one worker (xdist_group)
-# because the last of them writes docs/FAMILIES.md from the others' results.
+# One pytest worker per core (pytest-xdist). docs/FAMILIES.md is written by whichever worker ends
+# last, from the rows every worker left (tests/test_families.py: families_md).
 PYTEST := -m pytest -q -p no:cacheprovider -n $(shell nproc) --dist loadgroup --durations=15
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1

@@ -16,8 +16,13 @@ from __future__ import annotations
 import copy
 import gc
 import importlib
+import json
 import math
+import os
 import re
+import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,14 +41,13 @@ from moecore.calibration import ExpertsInputHook
 from moecore.data import load_split
 from moecore.errors import UnsupportedModelError
 from moecore.families import ExpertsModule, find_experts, is_compressed
+from moecore.io_utils import atomic_write_text
 from moecore.surgery import replace_module
 from moecore.training import RecoveryConfig, recover
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "FAMILIES.md"
 MODELS_DIR = Path(transformers.__file__).parent / "models"
-# one xdist worker runs this whole file: test_write_families_md reads the other tests' RESULTS
-pytestmark = pytest.mark.xdist_group("families")
 H, F, E, V = 32, 16, 4, 128  # hidden, expert intermediate, experts, vocabulary
 MAX_PARAMS = 2_000_000  # a tiny config that still builds a bigger model is a bug in CASES
 TINY: dict[str, Any] = dict(
@@ -170,7 +174,15 @@ def families() -> dict[str, list[str]]:
 
 
 FAMILIES = families()
-RESULTS: dict[str, dict[str, str]] = {}
+#: where every worker of this run leaves its families' rows (pytest-xdist spreads the families over
+#: the workers; the variable is shared by the workers of one run, absent in a one-process run)
+SHARED = Path(tempfile.gettempdir()) / f"moecore-families-{os.environ.get('PYTEST_XDIST_TESTRUNUID') or uuid.uuid4().hex}"
+
+
+def record(family: str, row: dict[str, str]) -> None:
+    """This family's row of docs/FAMILIES.md, for whichever worker writes the file."""
+    SHARED.mkdir(exist_ok=True)
+    (SHARED / f"{family}.json").write_text(json.dumps(row), encoding="utf-8")
 
 
 def pick_model_type(types: list[str]) -> tuple[str, bool]:
@@ -247,7 +259,7 @@ def test_family(family, tmp_path):
     except UnsupportedModelError as exc:
         assert case.unsupported, f"{family}: moecore raised UnsupportedModelError: {exc}"
         assert re.search(case.unsupported, str(exc)), f"{family}: {exc}"
-        RESULTS[family] = {**row, "status": f"unsupported: {exc}"}
+        record(family, {**row, "status": f"unsupported: {exc}"})
         return
     assert case.unsupported is None, f"{family} works now: drop its 'unsupported' from CASES"
     row["class"] = type(found[0].module).__name__
@@ -285,7 +297,7 @@ def test_family(family, tmp_path):
         loaded = loader.from_pretrained(saved).eval()
         assert [f.path for f in find_experts(loaded, "compressed")] == list(originals)
         assert torch.equal(outputs(loaded, ids), out), f"{family} {form}: reloaded outputs differ"
-    RESULTS[family] = {**row, "status": "works"}
+    record(family, {**row, "status": "works"})
 
 
 def test_find_experts_modes_and_is_compressed():
@@ -356,11 +368,16 @@ def test_llama4_layerwise_recovery(tmp_path):
         assert r["rel_mse_after"] < r["rel_mse_before"]
 
 
-def test_write_families_md():
-    """docs/FAMILIES.md from this run's results (only when every family ran and passed)."""
-    if set(RESULTS) != set(FAMILIES):
-        pytest.skip("not every family ran (and passed) in this session")
-    works = sum(r["status"] == "works" for r in RESULTS.values())
+@pytest.fixture(scope="session", autouse=True)
+def families_md():
+    """docs/FAMILIES.md from this run's results, written when a worker's session ends and every
+    family ran and passed in some worker of the run (the last worker to end writes it; two
+    that end together write the same bytes)."""
+    yield
+    rows = {f.stem: json.loads(f.read_text(encoding="utf-8")) for f in SHARED.glob("*.json")} if SHARED.is_dir() else {}
+    if set(rows) != set(FAMILIES):
+        return
+    works = sum(r["status"] == "works" for r in rows.values())
     lines = [
         "# MoE families of the installed transformers",
         "",
@@ -369,13 +386,14 @@ def test_write_families_md():
         "at full rank (exact materialized experts and logits) and saved/reloaded (bit-identical logits).",
         "`unsupported` rows are the `UnsupportedModelError` moecore raises for them.",
         "",
-        f"{works} of {len(RESULTS)} families work.",
+        f"{works} of {len(rows)} families work.",
         "",
         "| family | model type tested | experts class | layout | status |",
         "|---|---|---|---|---|",
     ]
-    for family in sorted(RESULTS):
-        r = RESULTS[family]
+    for family in sorted(rows):
+        r = rows[family]
         status = r["status"].replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {family} | {r['model_type']} | {r['class'] or '-'} | {r['layout'] or '-'} | {status} |")
-    DOC.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(DOC, "\n".join(lines) + "\n")
+    shutil.rmtree(SHARED, ignore_errors=True)

@@ -27,6 +27,7 @@ from .errors import ConfigError, DataFreeWarning
 from .hf_integration import mark_compressed
 from .io_utils import model_source, prepare_output
 from .modeling import TOKENIZER_FILES, check_model_dir, load_tokenizer
+from .resume import published_state
 
 
 def _calibration_ids(texts: Sequence[str], tokenizer: Any, cfg: CompressionConfig) -> list[torch.Tensor]:
@@ -143,7 +144,7 @@ def compress_checkpoint(
     """
     src = check_model_dir(model_dir)
     # a run killed just after publishing left its state file in the complete output: --resume tidies it
-    out = prepare_output(out_dir, [src, calibration_path], overwrite or (resume and streaming.published_state(out_dir)))
+    out = prepare_output(out_dir, [src, calibration_path], overwrite or (resume and published_state(out_dir)))
     have_calib = calibration is not None
     check_calibration_options(config, have_calib)
     tok = None

@@ -22,6 +22,7 @@ except ImportError:  # not POSIX: no OS lock
 
 from .errors import CheckpointError
 from .io_utils import atomic_write_text, remove_tree, say
+from .progress import progress_bar
 
 STATE = "moecore_resume.json"
 
@@ -170,3 +171,50 @@ def resume_hint(out: str | os.PathLike) -> str:
     done = state.get("done", 0) if isinstance(state, dict) else 0
     total = state.get("num_layers", "?") if isinstance(state, dict) else "?"
     return f"interrupted: {done} of {total} layers kept in {work}; rerun the same command with --resume"
+
+
+def check_source(reader, work: Path, state: dict[str, Any], progress: bool) -> None:
+    """Before a resume continues (``reader``: the run's
+    :class:`~moecore.checkpoint_reader.CheckpointReader`): the source weights of every finished layer, and the
+    non-layer tensors, still have the content hash recorded when they were read
+    (:meth:`~moecore.checkpoint_reader.CheckpointReader.digest`); ``CheckpointError`` naming
+    the first part that changed.  This reads the finished layers' weights once more: weights
+    edited in place keep every name, size and header, which the fingerprint covers."""
+    recorded = state.get("source", {})
+    parts = [("rest", None)] + [(str(i), i) for i in range(state["done"])]
+    parts = [(name, i) for name, i in parts if name in recorded]
+    bar = progress_bar(total=len(parts), desc="checking the source weights", unit="part", enabled=progress,
+                       leave=False)
+    for name, i in parts:
+        if reader.digest(reader.by_layer.get(i, [])) != recorded[name]:
+            what = "the non-layer tensors (embeddings, head, norms)" if i is None else f"layer {i}"
+            raise CheckpointError(f"cannot resume from {work}: the model's weights of {what} changed since the "
+                                  f"interrupted run (their content hash differs); pass --overwrite to start over")
+        bar.update(1)
+    bar.close()
+
+
+def published_state(out: str | os.PathLike) -> bool:
+    """Whether ``out`` is a published model that still holds the state file of the run that
+    made it (killed between publishing and removing that file)."""
+    try:
+        state = json.loads((Path(out).expanduser() / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and bool(state.get("finished"))
+
+
+def tidy_published(out: Path, fp: Fingerprint, overwrite: bool) -> dict[str, Any] | None:
+    """``--resume`` of a run killed after publishing: the output is complete, so its leftover
+    state file goes (if it is this job's) and nothing else is touched; the summary.  Another
+    job's output is an error, or with ``overwrite`` ``None`` (a fresh run replaces it)."""
+    state = json.loads((out / STATE).read_text(encoding="utf-8"))
+    if state.get("fingerprint") != fp:
+        if overwrite:
+            return None
+        raise CheckpointError(f"{out} was published by an interrupted run of a different job; pass --overwrite "
+                              f"to replace it")
+    (out / STATE).unlink()
+    say(f"{out} was already published by the interrupted run: removed the state file it left")
+    return {"output": str(out), "resumed_at_layer": state["done"], "timings": [], "recovery": [],
+            "ranks": state["ranks"], "dtype": fp.parts.get("dtype"), "device": fp.parts.get("device")}

@@ -40,8 +40,8 @@ from .hf_integration import MoecoreQuantizationConfig
 from .io_utils import (atomic_write_text, converting_write_errors, disk_full, protected_input, publish_dir, remove_tree,
                        say, umask, user_path)
 from .model_card import write_model_card
-from .progress import progress_bar
-from .resume import STATE, Fingerprint, WorkLock, partial_dir, read_state, write_state
+from .resume import (STATE, Fingerprint, WorkLock, check_source, partial_dir, published_state, read_state,
+                     tidy_published, write_state)
 from .stats import STATS_FILENAME, statistics, write_statistics_yaml
 from .version import __version__
 
@@ -78,26 +78,6 @@ def check_work(work: Path, state: dict[str, Any]) -> None:
             what = "is missing" if not (work / name).exists() else "changed since it was written"
             raise CheckpointError(f"cannot resume from {work}: {name} {what}; remove the folder or pass --overwrite "
                                   f"to start over")
-
-
-def check_source(reader: CheckpointReader, work: Path, state: dict[str, Any], progress: bool) -> None:
-    """Before a resume continues: the source weights of every finished layer, and the
-    non-layer tensors, still have the content hash recorded when they were read
-    (:meth:`~moecore.checkpoint_reader.CheckpointReader.digest`); ``CheckpointError`` naming
-    the first part that changed.  This reads the finished layers' weights once more: weights
-    edited in place keep every name, size and header, which the fingerprint covers."""
-    recorded = state.get("source", {})
-    parts = [("rest", None)] + [(str(i), i) for i in range(state["done"])]
-    parts = [(name, i) for name, i in parts if name in recorded]
-    bar = progress_bar(total=len(parts), desc="checking the source weights", unit="part", enabled=progress,
-                       leave=False)
-    for name, i in parts:
-        if reader.digest(reader.by_layer.get(i, [])) != recorded[name]:
-            what = "the non-layer tensors (embeddings, head, norms)" if i is None else f"layer {i}"
-            raise CheckpointError(f"cannot resume from {work}: the model's weights of {what} changed since the "
-                                  f"interrupted run (their content hash differs); pass --overwrite to start over")
-        bar.update(1)
-    bar.close()
 
 
 def fault_point(step: str) -> None:
@@ -317,7 +297,7 @@ def run(src: Path, out: Path, config: CompressionConfig, seqs: list[torch.Tensor
                               f"{held}: choose another output name")
     fp = fingerprint(src, config, seqs, dtype, device)
     if resume and not work.exists() and published_state(out):
-        tidied = _tidy_published(out, fp, overwrite)
+        tidied = tidy_published(out, fp, overwrite)
         if tidied is not None:
             return tidied
     with WorkLock() as lock:
@@ -383,32 +363,6 @@ def _run(src, out, work, reader, model, hf_cfg, dtype, tok, seqs, config, state,
     return _publish(work, out, overwrite, {"output": str(out), "resumed_at_layer": start, "timings": engine.timings,
                                            "recovery": engine.recovery, "ranks": state["ranks"], "dtype": str(dtype),
                                            "device": str(device)})
-
-
-def published_state(out: str | os.PathLike) -> bool:
-    """Whether ``out`` is a published model that still holds the state file of the run that
-    made it (killed between publishing and removing that file)."""
-    try:
-        state = json.loads((Path(out).expanduser() / STATE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and bool(state.get("finished"))
-
-
-def _tidy_published(out: Path, fp: Fingerprint, overwrite: bool) -> dict[str, Any] | None:
-    """``--resume`` of a run killed after publishing: the output is complete, so its leftover
-    state file goes (if it is this job's) and nothing else is touched; the summary.  Another
-    job's output is an error, or with ``overwrite`` ``None`` (a fresh run replaces it)."""
-    state = json.loads((out / STATE).read_text(encoding="utf-8"))
-    if state.get("fingerprint") != fp:
-        if overwrite:
-            return None
-        raise CheckpointError(f"{out} was published by an interrupted run of a different job; pass --overwrite "
-                              f"to replace it")
-    (out / STATE).unlink()
-    say(f"{out} was already published by the interrupted run: removed the state file it left")
-    return {"output": str(out), "resumed_at_layer": state["done"], "timings": [], "recovery": [],
-            "ranks": state["ranks"], "dtype": fp.parts.get("dtype"), "device": fp.parts.get("device")}
 
 
 def _publish(work: Path, out: Path, overwrite: bool, summary: dict[str, Any]) -> dict[str, Any]:
