@@ -56,8 +56,11 @@ def capture(model, ids: torch.Tensor, batch: int = 8) -> dict[int, tuple]:
     return {i: tuple(torch.cat(parts) for parts in zip(*v)) for i, v in out.items()}
 
 
-def grams(x, idx, w, num_experts, fn=None):
-    """Routing-weighted Gram per expert ``(E, d, d)`` of ``x`` (or of ``fn(e, x_e)``)."""
+def grams(x, idx, w, num_experts, fn=None, prior_tokens: float = 64.0):
+    """Routing-weighted Gram per expert ``(E, d, d)`` of ``x`` (or of ``fn(e, x_e)``), each plus
+    ``κ·Ḡ`` (the Gram of an average routed token times ``κ = prior_tokens``, moecore's
+    ``calib_prior_tokens`` default): an expert no calibration token reached is fitted to the
+    layer's input distribution, as moecore does."""
     gs = []
     for e in range(num_experts):
         rows, ks = (idx == e).nonzero(as_tuple=True)
@@ -66,7 +69,8 @@ def grams(x, idx, w, num_experts, fn=None):
             xe = fn(e, xe)
         xe = xe * w[rows, ks].to(F64)[:, None]
         gs.append(xe.T @ xe)
-    return torch.stack(gs)
+    g = torch.stack(gs)
+    return g + (prior_tokens / float((idx >= 0).sum())) * g.sum(0)
 
 
 def spectra(W: torch.Tensor, G: torch.Tensor, damping: float):
