@@ -86,7 +86,7 @@ def test_compress_stats_export_end_to_end(work, capsys):
     rc, stdout, _ = run_cli(capsys, "stats", out, "--recompute", "--json")
     assert rc == 0 and json.loads(stdout)["model"] == st["model"]
 
-    rc, stdout, _ = run_cli(capsys, "export", out, "-o", work / "dense")
+    rc, stdout, _ = run_cli(capsys, "export", out, "-o", work / "dense", "--device", "cpu")
     assert rc == 0
     dense = AutoModelForCausalLM.from_pretrained(work / "dense")
     assert "quantization_config" not in json.loads((work / "dense" / "config.json").read_text())
@@ -157,6 +157,9 @@ def test_plan_and_stats_whole_model_multiply_adds(capsys, monkeypatch):
     (["plan", str(MIXTRAL), "--rank", "8", "--quant-method", "rtn"], "plan", "quant needs core_bits or factor_bits"),
     (["distill", "--teacher", "{w}/base", "-o", "{w}/o16", "--max-steps", "0"], "distill", "max_steps must be > 0"),
     (["recover", "--teacher", "{w}/base", "--student", "{w}/missing", "-o", "{w}/o17"], "recover", "not found"),
+    (["recover", "--teacher", "{w}/base", "--student", "{w}/base", "-o", "{w}/o19", "--device", "gpu0"], "recover",
+     "--device gpu0: not a device"),
+    (["export", "{w}/base", "-o", "{w}/o20", "--device", "gpu0"], "export", "--device gpu0: not a device"),
 ])
 def test_bad_inputs_exit_2_with_one_line(work, capsys, argv, command, match):
     if argv[0] == "compress" and "--calib" not in argv:

@@ -91,6 +91,7 @@ def add_export(sub) -> None:
     p.add_argument("model_dir", help="moecore-compressed model directory")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
+    add_device_arg(p, "where the dense experts are materialized")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(module="export_cmd")
 
@@ -120,6 +121,12 @@ def add_distill(sub) -> None:
     p.set_defaults(module="distill_cmd")
 
 
+def add_device_arg(p, what: str) -> None:
+    """``--device`` of the commands that run a model (``eval`` has it from its config)."""
+    p.add_argument("--device", default="auto", help=f"{what}: auto (cuda if available, else cpu), cpu, cuda, "
+                   "cuda:1, ... (default: auto)")
+
+
 def add_recover(sub) -> None:
     """``moecore recover --teacher ORIG --student STUDENT -o OUT`` (run by :mod:`moecore.cli.recover_cmd`)."""
     p = sub.add_parser("recover", help="fit each compressed experts block to the original block's outputs")
@@ -129,6 +136,9 @@ def add_recover(sub) -> None:
     p.add_argument("--calib", help="calibration text (.txt / .jsonl); default: the bundled calib split")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
+    p.add_argument("--dtype", choices=LOAD_DTYPES, default="float32",
+                   help="dtype the student is loaded and trained in (default: float32)")
+    add_device_arg(p, "where the teacher's layers and the student run")
     add_config_args(p, RecoveryConfig)
     p.set_defaults(module="recover_cmd")
 

@@ -17,13 +17,16 @@ from moecore.config import RecoveryConfig
 from moecore.training import recover
 
 from ._config_args import config_from_args
+from .common import resolve_device, torch_dtype
 
 
 def run(args) -> int:
     cfg = config_from_args(RecoveryConfig, args)  # validated before any heavy work
+    device = resolve_device(args.device)
     prepare_output(args.output, [args.teacher, args.student, args.calib], args.overwrite)
     calib = TextFile(args.calib) if args.calib else None
-    model, tok = load_model(args.student)
+    model, tok = load_model(args.student, dtype=torch_dtype(args.dtype))
+    model.to(device)  # recover runs where the student is: the teacher's layers are read onto its device
     if not is_compressed(model, recurse=True):
         raise ConfigError(f"{args.student} is not a moecore-compressed model (run moecore compress first)")
     rep = recover(args.teacher, model, cfg, calibration=calib, tokenizer=tok)
