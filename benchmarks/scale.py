@@ -39,6 +39,8 @@ SHAPES = {
     "qwen3-30b-a3b": dict(family="qwen3_moe", H=2048, F=768, E=128, k=8, moe_layers=48, heads=32, kv=4, head_dim=128),
     "mixtral-8x7b": dict(family="mixtral", H=4096, F=14336, E=8, k=2, moe_layers=32, heads=32, kv=8, head_dim=128),
     "smoke": dict(family="qwen3_moe", H=128, F=64, E=8, k=2, moe_layers=4, heads=4, kv=2, head_dim=32),  # CI only
+    # issue 21, point 4: peak RSS of a whole run against depth (48 MiB of bf16 experts per layer)
+    "depth": dict(family="qwen3_moe", H=512, F=512, E=32, k=4, moe_layers=16, heads=8, kv=4, head_dim=64),
     "deepseek-v3": dict(family="deepseek_v3", H=7168, F=2048, E=256, k=8, moe_layers=58, heads=128, kv=128,
                         head_dim=128),
 }
@@ -130,11 +132,21 @@ if hasattr(mmf, "gram_svd"):
     timed(mmf, "gram_svd", "svd_s")
 timed(mmf, "errors", "errors_s")
 timed(mdelta.DeltaForm, "fit", "fit_total_s", lambda r: iters.append(r.refine_iters))
+import moecore.streaming as mstream
+peaks = {}
+_finish = mstream.finish
+def finish(*a, **k):  # peak RSS before the end of the run (merge, index, statistics) and after it
+    peaks["before_finish"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = _finish(*a, **k)
+    peaks["after_finish"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+mstream.finish = finish
 t0 = time.perf_counter()
 res = compress_checkpoint(args["src"], args["out"], cfg, TextFile(args["calib"]), device=args["device"], progress=True)
 res["stages"], res["refine_iters"] = stages, iters
 res["wall_s"] = time.perf_counter() - t0
 res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+res["peak_rss_before_finish_bytes"] = peaks.get("before_finish")
 res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if args["device"].startswith("cuda") else None
 print("RESULT " + json.dumps(res))
 """
@@ -176,6 +188,8 @@ def run(a) -> dict:
         "mean_per_layer_s": {k: round(v, 2) for k, v in mean.items()}, "seconds_per_layer": round(per_layer, 2),
         "extrapolated_model_minutes": round(per_layer * s["moe_layers"] / 60, 1), "real_moe_layers": s["moe_layers"],
         "peak_rss_gib": round(res["peak_rss_bytes"] / 2**30, 2),
+        "peak_rss_before_finish_gib": (None if res.get("peak_rss_before_finish_bytes") is None else
+                                       round(res["peak_rss_before_finish_bytes"] / 2**30, 3)),
         "peak_gpu_gib": None if res["peak_gpu_bytes"] is None else round(res["peak_gpu_bytes"] / 2**30, 2),
         "expert_gib_per_layer": round(info["expert_bytes_per_layer"] / 2**30, 2),
         "versions": {"moecore": moecore.__version__, "torch": torch.__version__,
