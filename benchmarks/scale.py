@@ -135,11 +135,9 @@ timed(mdelta.DeltaForm, "fit", "fit_total_s", lambda r: iters.append(r.refine_it
 import moecore.streaming as mstream
 peaks = {}
 _finish = mstream.finish
-def finish(*a, **k):  # peak RSS before the end of the run (merge, index, statistics) and after it
+def finish(*a, **k):  # the peak RSS before the end of the run (merge, index, statistics)
     peaks["before_finish"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = _finish(*a, **k)
-    peaks["after_finish"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return out
+    return _finish(*a, **k)
 mstream.finish = finish
 t0 = time.perf_counter()
 res = compress_checkpoint(args["src"], args["out"], cfg, TextFile(args["calib"]), device=args["device"], progress=True)

@@ -110,6 +110,16 @@ def _flip_signs(folder: Path, part: str) -> None:
     raise AssertionError(f"no expert tensor under {part}")
 
 
+def _killed_once_it_has_state(common: list[str], out: Path, env: dict) -> None:
+    """``moecore compress COMMON -o OUT`` in a child, SIGKILLed once its work folder holds a state."""
+    proc = subprocess.Popen(_cli(*common, "-o", str(out)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while not (out.parent / f".{out.name}.partial" / "moecore_resume.json").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_kill_and_resume_is_byte_identical(tmp_path, capsys):
     src = _tiny_checkpoint(tmp_path / "src", layers=4)
     calib = _calib_file(tmp_path / "calib.txt")
@@ -149,12 +159,7 @@ def test_kill_and_resume_is_byte_identical(tmp_path, capsys):
     assert _tree(out) == _tree(tmp_path / "ref")
     assert not work.exists()
     # a resume into a different job (other rank) is refused
-    proc = subprocess.Popen(_cli(*common, "-o", str(tmp_path / "o2")), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    while not (tmp_path / ".o2.partial" / "moecore_resume.json").exists() and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _killed_once_it_has_state(common, tmp_path / "o2", env)
     other = [a if a != "8" else "4" for a in common]
     assert main(["compress", *other, "-o", str(tmp_path / "o2"), "--resume", "--device", "cpu", "--quiet"]) == 2
     assert "different job" in capsys.readouterr().err
@@ -183,12 +188,7 @@ def test_two_runs_on_one_output_the_second_fails_at_once(tmp_path, capsys):
     assert is_compressed(reloaded, recurse=True)
     assert not work.exists()
     # a killed run's lock is gone with it: the rerun with --overwrite starts over
-    proc = subprocess.Popen(_cli(*common, "-o", str(tmp_path / "o2")), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    while not (tmp_path / ".o2.partial" / "moecore_resume.json").exists() and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _killed_once_it_has_state(common, tmp_path / "o2", env)
     assert main(["compress", *common, "-o", str(tmp_path / "o2"), "--rank", "2", "--refine-steps", "0",
                  "--overwrite", "--device", "cpu", "--quiet"]) == 0
 

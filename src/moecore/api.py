@@ -144,7 +144,7 @@ def compress_checkpoint(
     """
     src = check_model_dir(model_dir)
     # a run killed just after publishing left its state file in the complete output: --resume tidies it
-    out = prepare_output(out_dir, [src, calibration_path], overwrite or (resume and published_state(out_dir)))
+    out = prepare_output(out_dir, [src, calibration_path], overwrite or (resume and published_state(out_dir) is not None))
     have_calib = calibration is not None
     check_calibration_options(config, have_calib)
     tok = None

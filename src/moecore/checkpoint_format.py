@@ -174,11 +174,17 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def is_moecore_key(key: str) -> bool:
+def stored_names() -> tuple[str, ...]:
+    """Every tensor name a registered form stores (cores and factors; quantized parts start
+    with them)."""
+    return tuple(n for form in FORMS.values() for p in PROJECTIONS for n in form.stored_names(p))
+
+
+def is_moecore_key(key: str, names: tuple[str, ...] | None = None) -> bool:
     """Whether ``key`` names a tensor moecore stores: a form's core or factor (as the forms name
-    them), whole or one part of its quantized storage."""
-    names = tuple(n for form in FORMS.values() for p in PROJECTIONS for n in form.stored_names(p))
-    return key.rsplit(".", 1)[-1].startswith(names)
+    them), whole or one part of its quantized storage.  ``names``: :func:`stored_names`, when
+    the caller checks many keys."""
+    return key.rsplit(".", 1)[-1].startswith(names or stored_names())
 
 
 def _layer_number(key: str) -> int | None:
@@ -197,13 +203,17 @@ def check_stored_headers(model, files, swapped: dict[str, Any]) -> None:
     shape that entry's rank, bits and group size give.  Otherwise one ``CheckpointError``
     naming the layer or the tensor: an unlisted layer would load as the original experts
     with random weights, and a changed shape ends in transformers' load report."""
-    by_layer: dict[int, list[tuple[str, Any]]] = {}
+    # per layer number: (path, {tensor name: expected shape}) of each listed experts module
+    by_layer: dict[int | None, list[tuple[str, dict[str, tuple[int, ...]]]]] = {}
     for path, module in swapped.items():
-        by_layer.setdefault(_layer_number(path), []).append((path, module))
+        shapes = {n: tuple(t.shape) for n, t in [*module.named_parameters(recurse=False),
+                                                  *module.named_buffers(recurse=False)]}
+        by_layer.setdefault(_layer_number(path), []).append((path, shapes))
+    names = stored_names()
     for f in sorted(str(f) for f in files or () if str(f).endswith(".safetensors")):
         try:
             with safe_open(f, framework="pt") as fh:
-                stored = [(k, tuple(fh.get_slice(k).get_shape())) for k in fh.keys() if is_moecore_key(k)]
+                stored = [(k, tuple(fh.get_slice(k).get_shape())) for k in fh.keys() if is_moecore_key(k, names)]
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"corrupt safetensors file {f}: {first_line(exc)}") from exc
         for key, shape in stored:
@@ -212,10 +222,8 @@ def check_stored_headers(model, files, swapped: dict[str, Any]) -> None:
                 raise CheckpointError(f"{Path(f).name} stores compressed tensors for layer {_layer_number(key)} "
                                       f"(e.g. {key}), which its quantization_config does not list: that layer "
                                       "would load with random experts")
-            for path, module in owners:
-                tensors = {n: t for n, t in [*module.named_parameters(), *module.named_buffers()]}
-                name = max((n for n in tensors if key.endswith("." + n)), key=len, default=None)
-                if name is not None and tuple(tensors[name].shape) != shape:
+            leaf = key.rsplit(".", 1)[-1]
+            for path, shapes in owners:
+                if leaf in shapes and shapes[leaf] != shape:
                     raise CheckpointError(f"{Path(f).name}: {key} has shape {shape}, but the quantization_config's "
-                                          f"entry for {path} (form, rank, bits, group size) gives "
-                                          f"{tuple(tensors[name].shape)}")
+                                          f"entry for {path} (form, rank, bits, group size) gives {shapes[leaf]}")

@@ -100,6 +100,23 @@ def _libc():
 
 
 @contextlib.contextmanager
+def _heap_settings(inside: dict[int, int], after: dict[int, int]):
+    """glibc ``mallopt`` settings ``inside`` the block and ``after`` it (then the heap is
+    trimmed).  A no-op outside glibc."""
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    for param, value in inside.items():
+        libc.mallopt(param, value)
+    try:
+        yield
+    finally:
+        for param, value in after.items():
+            libc.mallopt(param, value)
+        libc.malloc_trim(0)
+
+
 def bounded_host_heap():
     """Inside the block, every allocation of 128 KiB or more is served from its own mmap
     (glibc ``mallopt``), so a freed layer's tensors go back to the OS at once.  glibc's
@@ -110,20 +127,10 @@ def bounded_host_heap():
     a 128 KiB bound left behind after :func:`moecore.compress` would make every later
     tensor allocation of the user's process an ``mmap`` and its page faults (the held-out
     evaluation after a compression took about twice the CPU time).  A no-op outside glibc."""
-    libc = _libc()
-    if libc is None:
-        yield
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, HEAP_BOUND)
-    try:
-        yield
-    finally:
-        libc.mallopt(M_MMAP_THRESHOLD, HEAP_RELEASED[0])
-        libc.mallopt(M_TRIM_THRESHOLD, HEAP_RELEASED[1])
-        libc.malloc_trim(0)
+    return _heap_settings({M_MMAP_THRESHOLD: HEAP_BOUND},
+                          {M_MMAP_THRESHOLD: HEAP_RELEASED[0], M_TRIM_THRESHOLD: HEAP_RELEASED[1]})
 
 
-@contextlib.contextmanager
 def reusable_heap():
     """Inside the block (within :func:`bounded_host_heap`), allocations up to 32 MiB come from
     glibc's heap and freed blocks stay there for reuse (``M_MMAP_THRESHOLD`` 32 MiB, glibc's
@@ -131,18 +138,8 @@ def reusable_heap():
     trimmed.  Block recovery's Adam steps allocate the same MiB-sized temporaries again and
     again: with every one an ``mmap`` (and its page faults) they took 2.4x the CPU time on
     the bundled models.  A no-op outside glibc."""
-    libc = _libc()
-    if libc is None:
-        yield
-        return
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    try:
-        yield
-    finally:
-        libc.mallopt(M_MMAP_THRESHOLD, HEAP_BOUND)
-        libc.mallopt(M_TRIM_THRESHOLD, HEAP_BOUND)
-        libc.malloc_trim(0)
+    return _heap_settings({M_TRIM_THRESHOLD: 1 << 30, M_MMAP_THRESHOLD: 32 << 20},
+                          {M_MMAP_THRESHOLD: HEAP_BOUND, M_TRIM_THRESHOLD: HEAP_BOUND})
 
 
 def release_memory(device: torch.device) -> None:

@@ -194,21 +194,21 @@ def check_source(reader, work: Path, state: dict[str, Any], progress: bool) -> N
     bar.close()
 
 
-def published_state(out: str | os.PathLike) -> bool:
-    """Whether ``out`` is a published model that still holds the state file of the run that
-    made it (killed between publishing and removing that file)."""
+def published_state(out: str | os.PathLike) -> dict[str, Any] | None:
+    """The state file a published model ``out`` still holds (its run was killed between
+    publishing and removing that file), or ``None``."""
     try:
         state = json.loads((Path(out).expanduser() / STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and bool(state.get("finished"))
+        return None
+    return state if isinstance(state, dict) and state.get("finished") else None
 
 
-def tidy_published(out: Path, fp: Fingerprint, overwrite: bool) -> dict[str, Any] | None:
-    """``--resume`` of a run killed after publishing: the output is complete, so its leftover
-    state file goes (if it is this job's) and nothing else is touched; the summary.  Another
-    job's output is an error, or with ``overwrite`` ``None`` (a fresh run replaces it)."""
-    state = json.loads((out / STATE).read_text(encoding="utf-8"))
+def tidy_published(out: Path, state: dict[str, Any], fp: Fingerprint, overwrite: bool) -> dict[str, Any] | None:
+    """``--resume`` of a run killed after publishing (``state``: :func:`published_state`): the
+    output is complete, so its leftover state file goes (if it is this job's) and nothing else
+    is touched; the summary.  Another job's output is an error, or with ``overwrite`` ``None``
+    (a fresh run replaces it)."""
     if state.get("fingerprint") != fp:
         if overwrite:
             return None

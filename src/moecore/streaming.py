@@ -296,8 +296,9 @@ def run(src: Path, out: Path, config: CompressionConfig, seqs: list[torch.Tensor
         raise CheckpointError(f"the work folder of {out} would be {work}, which is (or holds) the input "
                               f"{held}: choose another output name")
     fp = fingerprint(src, config, seqs, dtype, device)
-    if resume and not work.exists() and published_state(out):
-        tidied = tidy_published(out, fp, overwrite)
+    leftover = published_state(out) if resume and not work.exists() else None
+    if leftover is not None:
+        tidied = tidy_published(out, leftover, fp, overwrite)
         if tidied is not None:
             return tidied
     with WorkLock() as lock:
