@@ -97,7 +97,8 @@ def main() -> None:
             m, _ = load_model(path)
             texts = None if cal is None else head_texts(tok, calib, 32768) if cal == "head" else calib
             t0 = time.time()
-            moecore.compress(m, moecore.CompressionConfig(form="delta", target_ratio=args.ratio, **over),
+            # the init alone: no in-engine recovery (on by default since RESULTS §3f)
+            moecore.compress(m, moecore.CompressionConfig(form="delta", target_ratio=args.ratio, **{"recover_steps": 0, **over}),
                              calibration=texts, tokenizer=tok)
             secs = time.time() - t0
             m.to(torch.bfloat16).to(torch.float32)

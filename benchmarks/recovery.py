@@ -76,7 +76,8 @@ def main() -> None:
     stage("original", orig, 0.0)
     model, tok = load_model(orig)
     t0 = time.time()
-    cfg = moecore.CompressionConfig(form=args.form, target_ratio=args.ratio)
+    # the zero-shot stage of §4: the fit alone (no in-engine recovery, whose default is on since §3f)
+    cfg = moecore.CompressionConfig(form=args.form, target_ratio=args.ratio, recover_steps=0)
     moecore.compress(model, cfg, calibration=load_split("calib"), tokenizer=tok)
     ratio = moecore.statistics(model)["total_compression_ratio"]
     moecore.save_compressed(model, work / "zero-shot", tokenizer=tok)

@@ -84,7 +84,25 @@ def recovery() -> str:
     return "\n".join(out) + "\n\nCommands:\n" + "\n".join(f"    {c}" for c in cmds)
 
 
+def engine_recovery() -> str:
+    """RESULTS §3f: in-engine recovery steps against held-out PPL and compress CPU time, one
+    ``scripts/demo.py`` run per cell (benchmarks/results/engine-recovery/MODEL-stepsN[-core])."""
+    base = ROOT / "benchmarks" / "results" / "engine-recovery"
+    rows = [r for f in sorted(base.glob("*/demo_results.json")) for r in json.loads(f.read_text())["rows"][1:]]
+    out = ["| model | recovery steps / layer | trains | held-out PPL | Δ PPL | compress CPU s | × zero-shot CPU |",
+           "|---|---|---|---|---|---|---|"]
+    for name in BUNDLED:
+        mine = sorted((r for r in rows if r["model"] == name),
+                      key=lambda r: (r["recover_steps"], bool(r.get("recover_train_core"))))
+        zero = next(r["compress_cpu_seconds"] for r in mine if r["recover_steps"] == 0)
+        for r in mine:
+            what = "—" if not r["recover_steps"] else "factors + cores" if r["recover_train_core"] else "factors"
+            out.append(f"| {name} | {r['recover_steps']} | {what} | {r['ppl']:.3f} | {r['ppl_change_percent']:+.2f}% "
+                       f"| {r['compress_cpu_seconds']:.1f} | {r['compress_cpu_seconds'] / zero:.2f} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    for what in sys.argv[1:] or ["cards", "demo", "ablation", "init_ablation", "recovery"]:
+    for what in sys.argv[1:] or ["cards", "demo", "ablation", "init_ablation", "recovery", "engine_recovery"]:
         print(globals()[what]())
         print()

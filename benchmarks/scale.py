@@ -168,6 +168,8 @@ def run(a) -> dict:
             cfg["refine_steps"] = a.refine_steps
         if a.svd:
             cfg["svd"] = a.svd
+        if a.recover_steps is not None:
+            cfg["recover_steps"] = a.recover_steps
         child = {"src": str(tmp / "src"), "out": str(tmp / "out"), "calib": str(tmp / "calib.txt"),
                  "device": a.device, "cfg": cfg}
         r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(child)], capture_output=True, text=True)
@@ -329,6 +331,9 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--refine-steps", type=int, default=None, help="default: the product default")
     ap.add_argument("--svd", choices=["auto", "exact", "randomized"], default=None)
+    ap.add_argument("--recover-steps", type=int, default=None,
+                    help="in-engine recovery steps per layer (default: the product default; §7 was recorded "
+                         "before it existed, i.e. with 0)")
     ap.add_argument("--workdir", default=None, help="where the synthetic checkpoint is written (needs disk space)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--render", action="store_true", help="only render results/scale.md from the JSON files")

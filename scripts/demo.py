@@ -26,6 +26,7 @@ from rich.table import Table
 import moecore
 from moecore.data import load_split
 from moecore.evaluation import PPL_PROTOCOL, perplexity, token_stream
+from moecore.families import find_experts
 from moecore.io_utils import atomic_write_text
 from moecore.modeling import load_model
 
@@ -86,6 +87,8 @@ def run_model(name: str, args, console: Console, done: list[dict], save) -> list
             cfg = moecore.CompressionConfig(form=form, target_ratio=ratio, init=args.init, **extra)
             moecore.compress(m, cfg, calibration=calib if args.init == "auto" else None, tokenizer=tok)
             cpu = time.process_time() - c0  # all threads of this process: robust to a shared machine
+            recovery = [{"path": p, **mod.report["recovery"]} for p, mod, _ in find_experts(m, "compressed")
+                        if "recovery" in mod.report]  # per-layer block errors of in-engine recovery
             row = measure(m, tok, stream, {"model": name, "form": form, "target_ratio": ratio, "init": args.init,
                                            "refine_steps": cfg.refine_steps, "propagate": cfg.propagate,
                                            "calib_prior_tokens": cfg.calib_prior_tokens},
@@ -94,6 +97,8 @@ def run_model(name: str, args, console: Console, done: list[dict], save) -> list
             row["compress_cpu_seconds"] = round(cpu, 1)
             row.update({k: getattr(cfg, k) for k in ("recover_steps", "recover_lr", "recover_batch_tokens",
                                                      "recover_train_core")})
+            if recovery:
+                row["recovery_layers"] = recovery
             row["ppl_change_percent"] = 100 * (row["ppl"] / base - 1)
             rows.append(row)
             save(done + rows)  # partial results survive an interrupted run

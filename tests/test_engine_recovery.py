@@ -43,9 +43,10 @@ def _recovery(model):
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_recovery_lowers_each_layers_heldout_block_error(family, tok, texts):
     model = build(family)
-    base = moecore.compress(copy.deepcopy(model), CompressionConfig(rank=3, **CALIB), texts, tok, progress=False)
-    rec = moecore.compress(model, CompressionConfig(rank=3, recover_steps=40, recover_lr=1e-2, **CALIB), texts, tok,
-                           progress=False)
+    base = moecore.compress(copy.deepcopy(model), CompressionConfig(rank=3, recover_steps=0, **CALIB), texts, tok,
+                            progress=False)
+    rec = moecore.compress(model, CompressionConfig(rank=3, recover_steps=40, recover_train_core=False, **CALIB), texts,
+                           tok, progress=False)
     assert _recovery(base) == [None, None]  # recover_steps=0: zero-shot only
     reports = _recovery(rec)
     assert len(reports) == 2
@@ -62,10 +63,10 @@ def test_recovery_lowers_each_layers_heldout_block_error(family, tok, texts):
 
 def test_train_core_and_no_gain_restores(tok, texts):
     model = build("mixtral")
-    rec = moecore.compress(copy.deepcopy(model), CompressionConfig(rank=3, recover_steps=20, recover_lr=1e-2,
-                                                                   recover_train_core=True, **CALIB),
-                           texts, tok, progress=False)
-    base = moecore.compress(copy.deepcopy(model), CompressionConfig(rank=3, **CALIB), texts, tok, progress=False)
+    rec = moecore.compress(copy.deepcopy(model), CompressionConfig(rank=3, recover_steps=20, **CALIB), texts, tok,
+                           progress=False)  # default: cores trained too
+    base = moecore.compress(copy.deepcopy(model), CompressionConfig(rank=3, recover_steps=0, **CALIB), texts, tok,
+                            progress=False)
     a = find_experts(rec, "compressed")[0][1]
     b = find_experts(base, "compressed")[0][1]
     assert a.report["recovery"]["kept"]
@@ -83,7 +84,7 @@ def test_streamed_equals_in_memory_with_recovery(tmp_path, tok, texts):
     model = build("qwen3_moe")
     model.save_pretrained(tmp_path / "src", max_shard_size="100KB")
     tok.save_pretrained(tmp_path / "src")
-    cfg = CompressionConfig(rank=3, recover_steps=15, recover_lr=1e-2, **CALIB)
+    cfg = CompressionConfig(rank=3, recover_steps=15, **CALIB)
     compress_checkpoint(tmp_path / "src", tmp_path / "streamed", cfg, texts, progress=False)
     moecore.compress(model, cfg, texts, tok, progress=False)
     moecore.save_compressed(model, tmp_path / "memory", tokenizer=tok)
@@ -101,6 +102,11 @@ def test_streamed_equals_in_memory_with_recovery(tmp_path, tok, texts):
 def test_bad_recovery_values_are_config_errors(field, value):
     with pytest.raises(ConfigError, match=field):
         CompressionConfig(**{field: value})
+
+
+def test_recovery_defaults():
+    cfg = CompressionConfig()
+    assert (cfg.recover_steps, cfg.recover_lr, cfg.recover_batch_tokens, cfg.recover_train_core) == (200, 0.02, 1024, True)
 
 
 def test_heldout_sequences_of_routed_and_dense_calls():
@@ -142,7 +148,7 @@ def test_cli_compress_reports_block_recovery(tmp_path, tok, texts, capsys):
     (tmp_path / "calib.txt").write_text("\n\n".join(texts), encoding="utf-8")
     assert main(["compress", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--rank", "3", "--calib",
                  str(tmp_path / "calib.txt"), "--calib-tokens", "1536", "--calib-seq-len", "48", "--refine-steps", "1",
-                 "--recover-steps", "10", "--recover-lr", "0.01", "--device", "cpu", "--quiet"]) == 0
+                 "--recover-steps", "10", "--recover-lr", "0.03", "--device", "cpu", "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "recover " in err and "block recovery (10 steps per layer): kept in 2 of 2 layer(s)" in err, err
     assert main(["compress", str(tmp_path / "src"), "-o", str(tmp_path / "o2"), "--recover-steps", "-3"]) == 2

@@ -26,7 +26,7 @@ from moecore.families import is_compressed
 
 from ._tiny_models import ROOT, python_cmd, subprocess_env, tokenizer
 
-FAST = dict(target_ratio=0.25, refine_steps=1, calib_max_tokens=2048, calib_seq_len=256)
+FAST = dict(target_ratio=0.25, refine_steps=1, calib_max_tokens=2048, calib_seq_len=256, recover_steps=5)
 
 
 def _tree(folder: Path) -> dict[str, str]:
@@ -123,7 +123,8 @@ def _killed_once_it_has_state(common: list[str], out: Path, env: dict) -> None:
 def test_kill_and_resume_is_byte_identical(tmp_path, capsys):
     src = _tiny_checkpoint(tmp_path / "src", layers=4)
     calib = _calib_file(tmp_path / "calib.txt")
-    common = [str(src), "--calib", str(calib), "--rank", "8", "--refine-steps", "2", "--calib-tokens", "1024"]
+    common = [str(src), "--calib", str(calib), "--rank", "8", "--refine-steps", "2", "--calib-tokens", "1024",
+              "--recover-steps", "3"]
     env = subprocess_env(1)
     ref = subprocess.run(_cli(*common, "-o", str(tmp_path / "ref")), env=env, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
@@ -260,7 +261,8 @@ def test_host_memory_does_not_grow_with_depth(tmp_path):
     layers, is measured in benchmarks/RESULTS.md §7: it also moves with allocator noise.)"""
     calib = _calib_file(tmp_path / "calib.txt")
     src = _tiny_checkpoint(tmp_path / "src", layers=16, hidden=256, inter=1024, experts=8)
-    cfg = moecore.CompressionConfig(rank=16, refine_steps=0, svd="randomized", calib_max_tokens=512, calib_seq_len=128)
+    cfg = moecore.CompressionConfig(rank=16, refine_steps=0, svd="randomized", calib_max_tokens=512, calib_seq_len=128,
+                                    recover_steps=2)
     res = compress_checkpoint(src, tmp_path / "out", cfg, moecore.data.TextFile(calib), progress=False)
     rss = [t["resident_bytes"] for t in res["timings"]]
     layer_bytes = 8 * 3 * 256 * 1024 * 4  # one layer's expert weights, float32 (24 MiB)

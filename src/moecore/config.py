@@ -146,13 +146,15 @@ class CompressionConfig(ConfigBase):
             activations, in the same per-layer pass (relative MSE; :mod:`moecore.block_recovery`).
             Every 5th calibration sequence is held out, and a layer keeps the trained weights
             only if its held-out block error fell.  Needs calibration text (ignored without);
-            not applied to quantized storage (``quant``).
+            not applied to quantized storage (``quant``).  Default 200 (with the cores): the
+            most steps within twice the zero-shot CPU time on the bundled models, measured
+            in benchmarks/RESULTS.md §3f.
         recover_lr: peak relative learning rate of in-engine recovery: each trained tensor's Adam
             step size is this fraction of its RMS (factors differ in scale by orders of
             magnitude), cosine-decayed to 0.
         recover_batch_tokens: calibration tokens per in-engine recovery step.
-        recover_train_core: in-engine recovery also trains the shared cores (not only the
-            factors).
+        recover_train_core: in-engine recovery also trains the shared cores (default), not
+            only the factors: lower held-out perplexity at every step count measured (§3f).
     """
 
     form: str = field(default=DEFAULT_FORM, metadata={"choices": FORM_NAMES, "also": registered_form})
@@ -175,10 +177,10 @@ class CompressionConfig(ConfigBase):
     expert_chunk: int | None = field(default=None, metadata={"gt": 0, "unset": "as many as --fit-memory-gb allows"})
     quant: QuantConfig | None = None
     allow_larger: bool = False
-    recover_steps: int = field(default=0, metadata={"min": 0})
+    recover_steps: int = field(default=200, metadata={"min": 0})
     recover_lr: float = field(default=0.02, metadata={"gt": 0, "max": 1.0})
     recover_batch_tokens: int = field(default=1024, metadata={"gt": 0})
-    recover_train_core: bool = False
+    recover_train_core: bool = True
 
     FILENAME = CONFIG_FILENAME
     KIND = "compression config"
