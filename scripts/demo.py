@@ -27,6 +27,7 @@ import moecore
 from moecore.data import load_split
 from moecore.evaluation import PPL_PROTOCOL, perplexity, token_stream
 from moecore.families import find_experts
+from moecore.forms import FORM_NAMES
 from moecore.io_utils import atomic_write_text
 from moecore.modeling import load_model
 
@@ -140,7 +141,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-qwen3moe"])
-    ap.add_argument("--forms", nargs="+", default=["delta", "wrapper"], choices=["delta", "wrapper"])
+    ap.add_argument("--forms", nargs="+", default=["delta", "wrapper"], choices=list(FORM_NAMES))
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.25, 0.15])
     ap.add_argument("--doc-stride", type=int, default=6,
                     help="score every N-th held-out document (default 6: about 64k tokens drawn from all three "

@@ -28,17 +28,24 @@ F64 = torch.float64
 FUSED = dataclasses.replace(_FUSED, hidden_act="silu")
 
 
-def _random(form: str, layout=FUSED) -> CompressedExperts:
+def _random(form: str, layout=FUSED, split: str = "uniform") -> CompressedExperts:
+    """Random cores and factors; a form's index tensors (the ragged form's per-expert ranks)
+    split each projection's ``E·s`` rank units evenly or at random (``split``)."""
     m = CompressedExperts(E, H, F, form, RANKS, layout, dtype=F64)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=F64) * 0.3)
+        for p in PROJECTIONS:
+            for n in m.form_impl.index_param_names(p):
+                pick = torch.randint(0, E, (E * RANKS[p],), generator=g) if split == "random" else \
+                    torch.arange(E).repeat_interleave(RANKS[p])
+                getattr(m, n).copy_(torch.bincount(pick, minlength=E))
     return m
 
 
 def test_registry_has_both_forms_and_every_module_registers_one():
-    assert list(FORMS) == ["delta", "wrapper"]
+    assert list(FORMS) == ["delta", "ragged", "wrapper"]
     modules = sorted(p.stem for p in (SRC / "forms").glob("*.py") if p.stem not in ("__init__", "base"))
     assert sorted(f.__module__.rsplit(".", 1)[1] for f in map(type, FORMS.values())) == modules
     for name, form in FORMS.items():
@@ -103,7 +110,20 @@ def _wrapper_mix(m, p, c, experts, xs, ws):
     return y
 
 
-DIRECT = {"delta": _delta_mix, "wrapper": _wrapper_mix}
+def _ragged_mix(m, p, c, experts, xs, ws):
+    """The delta maths with expert ``j``'s columns ``[start_j, start_j + r_j)`` of the side-by-side factors."""
+    core = getattr(m, f"core_{p}")
+    a_name, b_name = get_form("ragged").param_names(p)
+    r = getattr(m, get_form("ragged").index_param_names(p)[0]).long()
+    start = torch.cumsum(r, 0) - r
+    y = c.mv(core, sum(w * x for w, x in zip(ws, xs)))
+    for e, x, w in zip(experts, xs, ws):
+        cols = slice(int(start[e]), int(start[e] + r[e]))
+        y = y + w * c.mv(getattr(m, a_name)[:, cols], c.mv(getattr(m, b_name)[:, cols].mT, x))
+    return y
+
+
+DIRECT = {"delta": _delta_mix, "ragged": _ragged_mix, "wrapper": _wrapper_mix}
 
 
 @pytest.mark.parametrize("name", list(FORMS))
@@ -130,9 +150,9 @@ def test_macs_formula_matches_a_direct_count(name):
 
 @pytest.mark.parametrize("name", list(FORMS))
 def test_reconstruct_and_operands_are_the_forms(name):
-    form, m = get_form(name), _random(name)
+    form, m = get_form(name), _random(name, split="random")
     for p in PROJECTIONS:
-        factors = tuple(getattr(m, n) for n in form.param_names(p))
+        factors = tuple(getattr(m, n) for n in form.factor_tensor_names(p))
         assert torch.equal(m.expert_weights(p), form.reconstruct(getattr(m, f"core_{p}"), factors))
     assert set(m._operands()) == set(form.fused_operands(m._tensor, m.ranks))
 
@@ -140,7 +160,7 @@ def test_reconstruct_and_operands_are_the_forms(name):
 def test_unknown_form_is_a_config_error_naming_the_known_ones():
     for call in (lambda: get_form("lora"), lambda: budget.projection_params("lora", budget.ProjectionShape("x", 2, 4, 4), 1),
                  lambda: CompressionConfig(form="lora"), lambda: CompressedExperts(E, H, F, "lora", RANKS, FUSED)):
-        with pytest.raises(ConfigError, match=r"form must be one of 'delta', 'wrapper', got 'lora'"):
+        with pytest.raises(ConfigError, match=r"form must be one of 'delta', 'ragged', 'wrapper', got 'lora'"):
             call()
 
 

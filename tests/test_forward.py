@@ -32,6 +32,10 @@ def make(form: str, layout: str = "fused", h: int = H, f: int = F, seed: int = 0
             fan_in = p.shape[-1] if name.startswith("core_") else p.shape[-2]
             scale = 1.0 if name.startswith(("core_", "bias_")) else 0.5
             p.copy_(torch.randn(p.shape, generator=g) * scale / fan_in ** 0.5)
+        for p in PROJECTIONS:  # the ragged form's per-expert ranks: uneven, expert 2 none
+            for n in m.form_impl.index_param_names(p):
+                pick = torch.randint(0, E, (E * RANKS[p],), generator=g)
+                getattr(m, n).copy_(torch.bincount(torch.where(pick == 2, 0, pick), minlength=E))
     return m.eval()
 
 
@@ -80,7 +84,7 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("form", ["delta", "wrapper"])
+@pytest.mark.parametrize("form", ["delta", "ragged", "wrapper"])
 @pytest.mark.parametrize("layout", ["fused", "gpt_oss"])
 def test_forward_matches_per_pair_reference(form, layout):
     m = make(form, layout)
@@ -107,7 +111,7 @@ def test_forward_matches_per_pair_reference(form, layout):
 
 
 def test_empty_experts_and_all_tokens_on_one_expert_are_exact_in_float32():
-    for form in ("delta", "wrapper"):
+    for form in ("delta", "ragged", "wrapper"):
         m = make(form)
         x = torch.randn(16, H)
         idx = torch.full((16, 1), 5)  # all 16 tokens on expert 5, the other 7 experts empty
@@ -182,7 +186,7 @@ def test_grouped_linear_and_routing_offsets():
     assert torch.allclose(grouped_linear(x, wt, r.offs), ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("form", ["delta", "wrapper"])
+@pytest.mark.parametrize("form", ["delta", "ragged", "wrapper"])
 def test_gradients_reach_every_stored_tensor(form):
     """Training: operands are rebuilt per call (no cache) and differentiable; gradients of
     every parameter, the input and the routing weights equal those of the per-pair maths."""

@@ -46,7 +46,7 @@ FAMILIES = {
     "gpt_oss": lambda: GptOssConfig(**COMMON, intermediate_size=F, num_local_experts=4, num_experts_per_tok=2,
                                     head_dim=8, sliding_window=16),
 }
-FORMS = ("delta", "wrapper")
+FORMS = ("delta", "ragged", "wrapper")
 CASES = [(f, form) for f in FAMILIES for form in FORMS]
 
 
@@ -127,11 +127,14 @@ def test_checkpoint_contents(saved, family, form):
     for k in tensors:
         if ".experts." in k:
             leaf = k.split(".experts.")[1]
-            assert leaf.startswith(("core_", "delta_", "wrap_", "bias_")), k
-    # statistics count exactly the stored tensors
+            assert leaf.startswith(("core_", "delta_", "ragged_", "wrap_", "bias_")), k
+    # statistics count exactly the stored tensors: parameters the float ones (a form's integer
+    # index tensors, the ragged form's per-expert ranks, are bytes, not parameters), bytes all
     stats = read_statistics_yaml(d / STATS_FILENAME)
-    assert stats["model"]["params_compressed"] == sum(t.numel() for t in tensors.values())
-    assert stats["total_params_compressed"] == sum(t.numel() for k, t in tensors.items() if ".experts." in k)
+    floats = {k: t for k, t in tensors.items() if t.is_floating_point()}
+    assert len(floats) == len(tensors) - (3 * len(paths) if form == "ragged" else 0)
+    assert stats["model"]["params_compressed"] == sum(t.numel() for t in floats.values())
+    assert stats["total_params_compressed"] == sum(t.numel() for k, t in floats.items() if ".experts." in k)
     assert stats["model"]["bytes_compressed"] == sum(t.numel() * t.element_size() for t in tensors.values())
     assert stats == json.loads(json.dumps(moecore.statistics(model)))
     cfg = moecore.CompressionConfig.load(d)

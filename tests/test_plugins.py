@@ -44,7 +44,8 @@ TOY = textwrap.dedent('''
         def core_runs_per_token(self, top_k):
             return top_k
 
-        def fit(self, weights, core, rank, L, S, *, steps, method, generator, chunk, device, f64_factor_limit):
+        def fit(self, weights, core, rank, L, S, *, steps, method, generator, chunk, device, f64_factor_limit,
+                expert_rank_cap=2.0):
             w = weights.to(device=device, dtype=torch.float64)
             core = w.mean(0)
             l, r = decompose.delta_factors(w, core, rank)

@@ -70,6 +70,8 @@ class CompressedExperts(nn.Module):
             self.register_parameter(form_impl.core_name(p), nn.Parameter(torch.zeros(d_out, d_in, **kw)))
             for name, shape in zip(form_impl.param_names(p), form_impl.factor_shapes(e, d_out, d_in, self.ranks[p])):
                 self.register_parameter(name, nn.Parameter(torch.zeros(shape, **kw)))
+            for name in form_impl.index_param_names(p):  # e.g. per-expert ranks: (E,) int32
+                self.register_buffer(name, torch.zeros(e, dtype=torch.int32, device=device))
         if layout.has_bias:
             self.bias_gate_up = nn.Parameter(torch.zeros(e, 2 * f, **kw))
             self.bias_down = nn.Parameter(torch.zeros(e, h, **kw))
@@ -106,9 +108,14 @@ class CompressedExperts(nn.Module):
     def check_stored(self, path: str) -> None:
         """Load-time check of the stored tensors (``path`` names this module in messages): every
         core, factor and bias is floating point and finite.  ``ValueError`` naming the first that
-        is not (the loader turns it into a ``CheckpointError``)."""
+        is not, or the form's index tensors that do not fit (the loader turns it into a ``CheckpointError``)."""
+        form = self.form_impl
+        for p in PROJECTIONS:
+            if form.index_names and (why := form.check_index(self._tensor, p, self.num_experts, self.ranks[p])):
+                raise ValueError(f"{path}.{why}")
+        index = {n for p in PROJECTIONS for n in form.index_param_names(p)}
         for name, (_shape, parts) in self.logical_tensors().items():
-            if parts == (name,):
+            if parts == (name,) and name not in index:
                 t = getattr(self, name)
                 if not t.is_floating_point():
                     raise ValueError(f"{path}.{name} is stored as {t.dtype}, not a float dtype")
@@ -141,13 +148,15 @@ class CompressedExperts(nn.Module):
         ``bias_gate_up (E, 2F)`` / ``bias_down (E, H)`` for biased layouts."""
         f, h = cores["gate"].shape
         e = factors["gate"][0].shape[0]
-        ranks = {p: int(factors[p][0].shape[-1]) for p in PROJECTIONS}
+        form_impl = get_form(form)
+        stored = {p: form_impl.to_stored(e, tuple(factors[p])) for p in PROJECTIONS}  # (rank, tensors)
+        ranks = {p: stored[p][0] for p in PROJECTIONS}
         dtype = dtype or cores["gate"].dtype
         m = cls(e, h, f, form, ranks, layout, act_fn=act_fn, dtype=dtype, device=device)
         with torch.no_grad():
             for p in PROJECTIONS:
                 getattr(m, m.form_impl.core_name(p)).copy_(cores[p])
-                for n, t in zip(m.form_impl.param_names(p), factors[p]):
+                for n, t in zip(m.form_impl.factor_tensor_names(p), stored[p][1]):
                     getattr(m, n).copy_(t)
             if layout.has_bias:
                 m.bias_gate_up.copy_(biases["bias_gate_up"])
@@ -158,7 +167,7 @@ class CompressedExperts(nn.Module):
     def expert_weights(self, p: str) -> torch.Tensor:
         """Dense ``(E, d_out, d_in)`` weights of projection ``p`` reconstructed from the factors."""
         form = self.form_impl
-        return form.reconstruct(getattr(self, form.core_name(p)), tuple(getattr(self, n) for n in form.param_names(p)))
+        return form.reconstruct(getattr(self, form.core_name(p)), tuple(getattr(self, n) for n in form.factor_tensor_names(p)))
 
     @torch.no_grad()
     def materialize(self) -> dict[str, torch.Tensor]:

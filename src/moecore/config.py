@@ -155,6 +155,10 @@ class CompressionConfig(ConfigBase):
         recover_batch_tokens: calibration tokens per in-engine recovery step.
         recover_train_core: in-engine recovery also trains the shared cores (default), not
             only the factors: lower held-out perplexity at every step count measured (§3f).
+        expert_rank_cap: ``form="ragged"`` (per-expert ranks, water-filled at equal stored
+            parameters): the largest rank one expert may get, as a multiple of the projection's
+            mean rank; the forward pads every expert to the largest rank, so this also bounds
+            the padded operands' memory and multiply-adds (benchmarks/RESULTS.md §3g).
     """
 
     form: str = field(default=DEFAULT_FORM, metadata={"choices": FORM_NAMES, "also": registered_form})
@@ -181,6 +185,7 @@ class CompressionConfig(ConfigBase):
     recover_lr: float = field(default=0.02, metadata={"gt": 0, "max": 1.0})
     recover_batch_tokens: int = field(default=1024, metadata={"gt": 0})
     recover_train_core: bool = True
+    expert_rank_cap: float = field(default=2.0, metadata={"min": 1.0})
 
     FILENAME = CONFIG_FILENAME
     KIND = "compression config"

@@ -159,7 +159,8 @@ def fit_experts(
         entry: dict[str, Any] = {"rank": r, "whitened": whiten}
         # factor stacks over 1 GiB in float64 may be kept in float32 between refinement steps
         res = form.fit(proj.w, proj.core_start(raw), r, proj.L, proj.S, steps=cfg.refine_steps, method=proj.method,
-                       generator=gen, chunk=proj.chunk, device=device, f64_factor_limit=F64_GRAM_LIMIT)
+                       generator=gen, chunk=proj.chunk, device=device, f64_factor_limit=F64_GRAM_LIMIT,
+                       expert_rank_cap=cfg.expert_rank_cap)
         core, fac, hist = res.core, res.factors, res.history
 
         def approx(sl, core=core, fac=fac):

@@ -87,7 +87,7 @@ def _compressed_layer(name: str, mod, k: int) -> dict[str, Any]:
     dims = {"gate": F * H, "up": F * H, "down": H * F}
     report = getattr(mod, "report", None) or {}
     form = get_form(mod.form)
-    core = factors = bias = macs = 0
+    core = factors = bias = macs = index = 0
     proj_rows = {}
     for p in PROJECTIONS:
         c = tensors[form.core_name(p)]
@@ -100,9 +100,10 @@ def _compressed_layer(name: str, mod, k: int) -> dict[str, Any]:
             row.update({k2: _plain(v) for k2, v in errs.items() if k2 != "rank"})
         proj_rows[p] = row
         core, factors = core + c, factors + f
+        index += sum(tensors[n] for n in form.index_param_names(p))  # e.g. per-expert ranks: bytes, not parameters
         macs += form.active_macs_per_token(*mod.proj_shape(p), factor_params=f // E, top_k=k)
     bias = sum(v for n, v in tensors.items() if n.startswith("bias_"))
-    other = sum(tensors.values()) - core - factors - bias
+    other = sum(tensors.values()) - core - factors - bias - index
     if other or outside:
         raise UnsupportedModelError(f"{name}: stored tensors outside the core/factor/bias naming contract")
     weights_orig = E * 3 * H * F

@@ -56,10 +56,14 @@ class Form(ABC):
             quantized; True unless a form opts out).
         svd_units_per_rank: residual singular values one rank unit of this form is counted
             as removing in the greedy allocation (:meth:`rank_unit_gains`).
+        index_names: name stems of integer tensors stored beside each projection's factors
+            (``{stem}_{p}``, each ``(E,)`` int32, e.g. per-expert ranks): stored bytes, not
+            parameters; none by default.
     """
 
     name: str = ""
     factor_names: tuple[str, ...] = ()
+    index_names: tuple[str, ...] = ()
     quantizable: bool = True
     svd_units_per_rank: int = 1
 
@@ -76,9 +80,26 @@ class Form(ABC):
         """Stored factor parameter names of projection ``p``, e.g. ``("delta_a_gate", "delta_b_gate")``."""
         return tuple(f"{stem}_{p}" for stem in self.factor_names)
 
+    def index_param_names(self, p: str) -> tuple[str, ...]:
+        """Stored integer tensor names of projection ``p`` (:attr:`index_names`), e.g. ``("ragged_r_gate",)``."""
+        return tuple(f"{stem}_{p}" for stem in self.index_names)
+
+    def factor_tensor_names(self, p: str) -> tuple[str, ...]:
+        """What :meth:`reconstruct` and :meth:`to_stored` take: the factors, then the index tensors."""
+        return (*self.param_names(p), *self.index_param_names(p))
+
     def stored_names(self, p: str) -> tuple[str, ...]:
-        """Every stored tensor name of projection ``p``: the core, then the factors."""
-        return (self.core_name(p), *self.param_names(p))
+        """Every stored tensor name of projection ``p``: the core, the factors, the index tensors."""
+        return (self.core_name(p), *self.factor_tensor_names(p))
+
+    def to_stored(self, num_experts: int, factors: tuple[Tensor, ...]) -> tuple[int, tuple[Tensor, ...]]:
+        """``(rank, stored tensors in factor_tensor_names order)`` from :meth:`fit`'s factors
+        (default: stored as fitted, the rank their last dimension)."""
+        return int(factors[0].shape[-1]), tuple(factors)
+
+    def check_index(self, get: Callable[[str], Tensor], p: str, num_experts: int, rank: int) -> str | None:
+        """Load-time check of projection ``p``'s index tensors: what is wrong, or ``None``."""
+        return None
 
     @abstractmethod
     def factor_shapes(self, num_experts: int, d_out: int, d_in: int, rank: int) -> tuple[tuple[int, ...], ...]:
@@ -117,9 +138,10 @@ class Form(ABC):
     @abstractmethod
     def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, S: Tensor | None, *, steps: int,
             method: str, generator: torch.Generator | None, chunk: int, device: torch.device,
-            f64_factor_limit: int) -> FitResult:
+            f64_factor_limit: int, expert_rank_cap: float = 2.0) -> FitResult:
         """Fit core and factors of one projection, ``chunk`` experts at a time (the maths in
-        :mod:`moecore.maths.fit`).
+        :mod:`moecore.maths.fit`).  ``expert_rank_cap``: for forms with per-expert ranks, the
+        largest rank of one expert as a multiple of ``rank`` (others ignore it).
 
         ``weights (E, d_out, d_in)`` (any dtype/device), ``core (d_out, d_in)`` the start,
         ``L (E, d_in, d_in)`` whitening factors or ``None``, ``S = Σ Ĝ_i (d_in, d_in)``,

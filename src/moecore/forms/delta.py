@@ -46,7 +46,7 @@ class DeltaForm(Form):
 
     def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, S: Tensor | None, *, steps: int,
             method: str, generator: torch.Generator | None, chunk: int, device: torch.device,
-            f64_factor_limit: int) -> FitResult:
+            f64_factor_limit: int, expert_rank_cap: float = 2.0) -> FitResult:
         """Block-coordinate descent of core and factors (:func:`moecore.maths.fit.fit_delta`);
         factor stacks over ``f64_factor_limit`` float64 bytes are kept in float32 between
         steps, and on an accelerator the best iterate is kept in host memory."""

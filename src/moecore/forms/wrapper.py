@@ -47,7 +47,7 @@ class WrapperForm(Form):
 
     def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, S: Tensor | None, *, steps: int,
             method: str, generator: torch.Generator | None, chunk: int, device: torch.device,
-            f64_factor_limit: int) -> FitResult:
+            f64_factor_limit: int, expert_rank_cap: float = 2.0) -> FitResult:
         """ALS of the factors for the given core (:func:`moecore.maths.fit.fit_wrapper`; the
         core is not refined, ``S``/``method``/``generator``/``f64_factor_limit`` are unused)."""
         factors, history = fit.fit_wrapper(weights, core, rank, L, steps=steps, chunk=chunk, device=device)

@@ -113,7 +113,7 @@ def fit_delta(
     weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None, S: Tensor | None = None, *,
     steps: int = 10, tol: float = 1e-4, method: str = "exact", generator: torch.Generator | None = None,
     chunk: int | None = None, device=None, factor_dtype: torch.dtype = _F64, best_on=None,
-    compute_dtype: torch.dtype = _F64,
+    compute_dtype: torch.dtype = _F64, rank_cap: int | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor], list[float]]:
     """Jointly fit core and delta factors by block-coordinate descent on
     ``Σ_i ‖(W_i − C − A_i B_iᵀ) L_i‖_F²`` (``L_i = I`` without ``L``).
@@ -145,8 +145,14 @@ def fit_delta(
         compute_dtype: dtype of the per-expert products and SVDs (float32 for the randomized
             path at real shapes, see docs/DESIGN.md "Precision of the fit"); the core, ``P``,
             ``N`` and the objective are accumulated in float64.
+        rank_cap: per-expert ranks (water-filling).  ``rank`` is then the MEAN rank: each
+            factor step keeps, over all experts of the projection, the ``E·rank`` largest
+            whitened residual components ``σ_ij²`` (at most ``rank_cap`` per expert), the exact
+            minimizer of the objective for a fixed core under that total (so the descent stays
+            monotone).  Factors are returned ``rank_cap`` wide with the unused columns zero.
     Returns ``core (d_out, d_in)`` float64, ``(A (E, d_out, s), B (E, d_in, s))`` (in
-    ``factor_dtype`` on ``device``) and the objective history (start first).
+    ``factor_dtype`` on ``device``; with ``rank_cap``: ``s = min(rank_cap, d_out, d_in)`` and
+    a third element, the per-expert ranks ``(E,)`` int64) and the objective history (start first).
     """
     e, d_out, d_in = weights.shape
     device = torch.device(device) if device is not None else weights.device
@@ -156,8 +162,11 @@ def fit_delta(
     cdt = compute_dtype
     s64 = S.to(device=device, dtype=_F64) if L is not None else None  # (d_in, d_in)
     s_chol = torch.linalg.cholesky(s64) if s64 is not None else None  # S = K Kᵀ
-    a_all = torch.zeros(e, d_out, rank, dtype=factor_dtype, device=device)
-    b_all = torch.zeros(e, d_in, rank, dtype=factor_dtype, device=device)
+    budget = e * rank  # rank units kept in all (per-expert ranks: water-filled under this total)
+    width = rank if rank_cap is None else min(rank_cap, d_out, d_in)
+    a_all = torch.zeros(e, d_out, width, dtype=factor_dtype, device=device)
+    b_all = torch.zeros(e, d_in, width, dtype=factor_dtype, device=device)
+    energy = torch.zeros(e, width, dtype=_F64, device=device) if rank_cap is not None else None  # σ_ij²
     best_on = torch.device(best_on) if best_on is not None else device
     v_prev: list[Tensor | None] = [None] * len(parts)
     acc: dict[str, Tensor | None] = {"P": None}
@@ -179,18 +188,28 @@ def fit_delta(
             if p_acc is not None:  # Σ_i R_i L_i L_iᵀ  (once)
                 p_acc += (rl @ l.mT).sum(0, dtype=_F64) if l is not None else rl.sum(0, dtype=_F64)
             if method == "exact":
-                a, bw, kept = gram_svd(rl.to(_F64), rank)  # (n, d_out, s), (n, d_in, s), (n,)
+                a, bw, kept = gram_svd(rl.to(_F64), width)  # (n, d_out, s), (n, d_in, s), (n,)
             else:
-                u, sv, v = truncated_svd(rl, rank, method, generator=generator, init=v_prev[j])
+                u, sv, v = truncated_svd(rl, width, method, generator=generator, init=v_prev[j])
                 v_prev[j] = v if method == "randomized" else None
                 a, bw = split_sqrt(u, sv, v)  # (n, d_out, s), (n, d_in, s)
                 kept = sv.to(_F64).pow(2).sum(-1)  # (n,)
-            err += float(rl.pow(2).sum(dtype=_F64) - kept.sum())  # ‖RL − A B̃ᵀ‖² = ‖RL‖² − Σ σ²
+            err += float(rl.pow(2).sum(dtype=_F64) - (kept.sum() if energy is None else 0.0))  # ‖RL‖² − Σ σ²
             del rl, r
             a_all[sl] = a.to(factor_dtype)
             b_all[sl] = (solve_lt(l.to(bw.dtype), bw) if l is not None else bw).to(factor_dtype)
+            if energy is not None:  # balanced factors: ‖a_j‖² = ‖b̃_j‖² = σ_j
+                energy[sl] = a.to(_F64).pow(2).sum(-2) * bw.to(_F64).pow(2).sum(-2)  # (n, s) σ²
+                continue
             lb = (l.to(bw.dtype) @ bw) if l is not None else bw  # Ĝ_i B_i = L_i B̃_i  (n, d_in, s)
             n_acc += torch.einsum("nos,nis->oi", a.to(_F64), lb.to(_F64))
+        if energy is not None:  # keep the E·rank largest σ² over all experts, then N for them
+            acc["ranks"], kept_all = _water_fill(energy, a_all, b_all, budget)
+            err -= float(kept_all)
+            for sl in parts:
+                a, b, l = a_all[sl].to(_F64), b_all[sl].to(_F64), on(L, sl)
+                lb = l.to(_F64) @ (l.to(_F64).mT @ b) if l is not None else b  # Ĝ_i B_i  (n, d_in, s)
+                n_acc += torch.einsum("nos,nis->oi", a, lb)
         if p_acc is not None:
             acc["P"] = p_acc + (c @ s64 if s64 is not None else e * c)
         return max(err, 0.0), n_acc
@@ -201,8 +220,9 @@ def fit_delta(
 
     core = core.to(device=device, dtype=_F64)
 
-    def snapshot() -> tuple[Tensor, Tensor, Tensor]:
-        return core.to(best_on, copy=True), a_all.to(best_on, copy=True), b_all.to(best_on, copy=True)
+    def snapshot() -> tuple[Tensor, ...]:
+        extra = (acc["ranks"].clone(),) if energy is not None else ()
+        return core.to(best_on, copy=True), a_all.to(best_on, copy=True), b_all.to(best_on, copy=True), *extra
 
     err, n_acc = factors(core, first=True)
     history = [err]
@@ -216,7 +236,21 @@ def fit_delta(
             best = snapshot()
         if improved <= tol * max(err, 1e-30):
             break
-    return best[0].to(device), (best[1].to(device), best[2].to(device)), history
+    return best[0].to(device), tuple(t.to(device) for t in best[1:]), history
+
+
+def _water_fill(energy: Tensor, a: Tensor, b: Tensor, budget: int) -> tuple[Tensor, Tensor]:
+    """Keep the ``budget`` largest entries of ``energy (E, s)`` (each row descending: expert
+    ``i``'s ``σ_ij²``) as a prefix of each expert's columns of ``a (E, d_out, s)`` and
+    ``b (E, d_in, s)``, zeroing the rest in place.  Returns the per-expert ranks ``(E,)``
+    int64 (summing to ``min(budget, E·s)``) and the kept energy (0-dim)."""
+    e, s = energy.shape
+    order = energy.flatten().argsort(descending=True, stable=True)[:min(budget, e * s)]
+    counts = torch.bincount(torch.div(order, s, rounding_mode="floor"), minlength=e)  # (E,) ranks
+    keep = torch.arange(s, device=energy.device) < counts[:, None]  # (E, s) a prefix per expert
+    a.mul_(keep[:, None, :].to(a.dtype))
+    b.mul_(keep[:, None, :].to(b.dtype))
+    return counts, (energy * keep).sum()
 
 
 @torch.no_grad()

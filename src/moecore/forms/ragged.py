@@ -1,0 +1,116 @@
+"""Ragged form: ``W_i = C + A_i B_iᵀ`` with a rank ``r_i`` of its own for every expert.
+
+The delta form's maths with the rank budget spent unevenly: at equal stored parameters, a
+projection's ``E·s`` rank units go to the experts whose (routing-weighted, whitened) residual
+they reduce most, the water-filling of the residual spectra (:func:`moecore.maths.fit.fit_delta`
+with ``rank_cap``), re-chosen at every refinement step.  ``s`` (the projection's ``rank``) is
+the MEAN rank, so every count (parameters, budget, plan) is the delta form's; no expert gets
+more than ``expert_rank_cap · s``.
+
+Stored tensors of projection ``p`` (``d_out, d_in`` its shape, ``R = E·s``): the factors of
+all experts side by side, expert by expert along the rank axis,
+``ragged_a_{p} (d_out, R)`` and ``ragged_b_{p} (d_in, R)``, and ``ragged_r_{p} (E,)`` int32,
+each expert's rank (summing to ``R``).
+
+Forward: the delta form's (:class:`~moecore.forms.delta.DeltaForm`), on operands padded to the
+largest expert rank of the projection (a gather, built once and cached in inference; built per
+call with gradients): the grouped GEMMs take one ``K`` for all groups, so memory and
+multiply-adds of the low-rank paths are those of the largest rank, not of the mean (what that
+costs is measured in benchmarks/RESULTS.md).  Reading that largest rank is one host read of
+``ragged_r`` per operand build.  Quantized storage: not supported (``quantizable = False``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+
+from ..errors import ConfigError
+from ..maths import decompose, fit
+from .base import FitResult
+from .delta import FORM as DELTA
+from .delta import DeltaForm
+
+Tensor = torch.Tensor
+
+
+class RaggedForm(DeltaForm):
+    """``W_i = C + A_i B_iᵀ``, ``A_i (d_out, r_i)``, ``B_i (d_in, r_i)``, ``Σ r_i = E·s``."""
+
+    name = "ragged"
+    factor_names = ("ragged_a", "ragged_b")
+    index_names = ("ragged_r",)
+    quantizable = False
+
+    def factor_shapes(self, num_experts: int, d_out: int, d_in: int, rank: int) -> tuple[tuple[int, ...], ...]:
+        """``A (d_out, E·s)``, ``B (d_in, E·s)``: every expert's columns side by side."""
+        return (d_out, num_experts * rank), (d_in, num_experts * rank)
+
+    def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, S: Tensor | None, *, steps: int,
+            method: str, generator: torch.Generator | None, chunk: int, device: torch.device,
+            f64_factor_limit: int, expert_rank_cap: float = 2.0) -> FitResult:
+        """:func:`moecore.maths.fit.fit_delta` with per-expert ranks (water-filled, at most
+        ``expert_rank_cap · rank`` each); factors ``(A (E, d_out, c), B (E, d_in, c), ranks (E,))``,
+        ``c`` the cap, the columns past each expert's rank zero."""
+        e, d_out, d_in = weights.shape
+        if rank > min(d_out, d_in):
+            raise ConfigError(f"form 'ragged': rank {rank} is above the full rank {min(d_out, d_in)}")
+        cap = max(rank, int(expert_rank_cap * rank))
+        big = e * (d_out + d_in) * cap * 8 > f64_factor_limit
+        core, factors, history = fit.fit_delta(
+            weights, core, rank, L, S, steps=steps, method=method, generator=generator, chunk=chunk, device=device,
+            factor_dtype=torch.float32 if big or method == "randomized" else torch.float64,
+            best_on="cpu" if device.type != "cpu" else None, compute_dtype=fit.compute_dtype(method), rank_cap=cap)
+        return FitResult(core, factors, history, refine_iters=len(history) - 1)
+
+    def to_stored(self, num_experts: int, factors: tuple[Tensor, ...]) -> tuple[int, tuple[Tensor, ...]]:
+        """Fitted ``(A (E, d_out, c), B (E, d_in, c), ranks (E,))`` -> ``(s, (A (d_out, R), B (d_in, R), ranks))``."""
+        a, b, ranks = factors
+        keep = torch.arange(a.shape[-1], device=a.device) < ranks.to(a.device)[:, None]  # (E, c)
+        total = int(ranks.sum())
+        if total % num_experts:
+            raise ValueError(f"ragged factors hold {total} rank units, not a multiple of {num_experts} experts")
+        return total // num_experts, (a.permute(1, 0, 2)[:, keep], b.permute(1, 0, 2)[:, keep],
+                                      ranks.to(torch.int32))
+
+    def check_index(self, get: Callable[[str], Tensor], p: str, num_experts: int, rank: int) -> str | None:
+        """``ragged_r_{p}``: integers, none negative, summing to ``E·s``."""
+        r = get(f"ragged_r_{p}")
+        if r.is_floating_point() or r.shape != (num_experts,):
+            return f"ragged_r_{p} must be {num_experts} integers, got {tuple(r.shape)} {r.dtype}"
+        if r.device.type != "meta" and (bool((r < 0).any()) or int(r.sum()) != num_experts * rank):
+            return f"ragged_r_{p} must be non-negative ranks summing to {num_experts * rank}"
+        return None
+
+    @staticmethod
+    def _padded(compact: Tensor, ranks: Tensor, width: int) -> Tensor:
+        """``(d, R)`` columns, expert by expert, -> ``(E, d, width)`` with zero columns past
+        each expert's rank (a gather: differentiable, gradients reach ``compact``)."""
+        r = ranks.to(device=compact.device, dtype=torch.long)  # (E,)
+        start = torch.cumsum(r, 0) - r  # (E,)
+        j = torch.arange(width, device=compact.device)
+        idx = torch.where(j < r[:, None], start[:, None] + j, compact.shape[1])  # (E, width); R = a zero column
+        ext = torch.cat([compact, compact.new_zeros(compact.shape[0], 1)], 1)  # (d, R + 1)
+        return ext[:, idx].permute(1, 0, 2)  # (E, d, width)
+
+    def reconstruct(self, core: Tensor, factors: tuple[Tensor, ...]) -> Tensor:
+        """``C + A_i B_iᵀ`` ``(E, d_out, d_in)`` from fitted (padded, 3-D) or stored (compact) factors."""
+        a, b, ranks = factors
+        if a.dim() == 2:
+            width = int(ranks.max()) if ranks.numel() else 0
+            a, b = self._padded(a, ranks, width), self._padded(b, ranks, width)
+        return decompose.reconstruct_delta(core, a, b)
+
+    def fused_operands(self, get: Callable[[str], Tensor], ranks: Mapping[str, int]) -> dict[str, Tensor]:
+        """The delta form's operands (:meth:`DeltaForm.fused_operands`) on the factors padded
+        to each projection's largest expert rank."""
+        padded, widths = {}, {}
+        for p in ("gate", "up", "down"):
+            r = get(f"ragged_r_{p}")
+            widths[p] = int(r.max()) if r.numel() else 0
+            for stem, delta in zip(self.factor_names, DELTA.factor_names):
+                padded[f"{delta}_{p}"] = self._padded(get(f"{stem}_{p}"), r, widths[p])
+        return DELTA.fused_operands(lambda n: padded[n] if n in padded else get(n), widths)
+
+
+FORM = RaggedForm()
