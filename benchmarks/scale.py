@@ -111,7 +111,6 @@ from moecore import CompressionConfig
 from moecore.api import compress_checkpoint
 from moecore.data import TextFile
 import moecore.calibration as mcal, moecore.fitting as mfit, moecore.maths.fit as mmf
-from moecore.forms import delta as mdelta
 args = json.loads(sys.argv[1])
 cfg = CompressionConfig(**args["cfg"])
 stages = {"grams_s": 0.0, "whitening_s": 0.0, "fit_total_s": 0.0, "svd_s": 0.0, "errors_s": 0.0}
@@ -131,7 +130,8 @@ timed(mmf, "truncated_svd", "svd_s")
 if hasattr(mmf, "gram_svd"):
     timed(mmf, "gram_svd", "svd_s")
 timed(mmf, "errors", "errors_s")
-timed(mdelta.DeltaForm, "fit", "fit_total_s", lambda r: iters.append(r.refine_iters))
+from moecore.forms import get_form
+timed(type(get_form(cfg.form)), "fit", "fit_total_s", lambda r: iters.append(r.refine_iters))
 import moecore.streaming as mstream
 peaks = {}
 _finish = mstream.finish
@@ -168,6 +168,8 @@ def run(a) -> dict:
             cfg["refine_steps"] = a.refine_steps
         if a.svd:
             cfg["svd"] = a.svd
+        if a.form:
+            cfg["form"] = a.form
         if a.recover_steps is not None:
             cfg["recover_steps"] = a.recover_steps
         child = {"src": str(tmp / "src"), "out": str(tmp / "out"), "calib": str(tmp / "calib.txt"),
@@ -331,6 +333,7 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--refine-steps", type=int, default=None, help="default: the product default")
     ap.add_argument("--svd", choices=["auto", "exact", "randomized"], default=None)
+    ap.add_argument("--form", default=None, help="default: the product default (CompressionConfig.form)")
     ap.add_argument("--recover-steps", type=int, default=None,
                     help="in-engine recovery steps per layer (default: the product default; §7 was recorded "
                          "before it existed, i.e. with 0)")

@@ -117,7 +117,9 @@ def test_every_field_has_a_flag_with_its_default_and_help(command, cls, only):
             continue
         action = dests[f.name]
         assert action.help, f.name
-        if f.default is not None and f.default is not False:
+        if f.default is True:  # a --flag / --no-flag pair
+            assert "(default: on)" in action.help, (f.name, action.help)
+        elif f.default is not None and f.default is not False:
             assert f"(default: {f.default})" in action.help, (f.name, action.help)
     # nothing given: exactly the dataclass defaults (every default lives in the dataclass)
     required = {"compress": ["M", "-o", "O"], "distill": ["--teacher", "T", "-o", "O"],

@@ -145,17 +145,19 @@ def test_bad_quant_setting_is_a_clear_error(bad, msg):
         moecore.CompressionConfig(quant=bad)
 
 
-def test_the_wrapper_form_has_quantized_storage_too(tmp_path):
-    """Quantized storage is the form's business (issue 19): the wrapper form stores its core and
-    four factors quantized, round-trips bit-identically, counts the bytes it stores, and its
-    weight error at 8 bits stays near the float fit's (its factors are not refit)."""
+@pytest.mark.parametrize("form,factor", [("wrapper", "wrap_u_in_gate"), ("ragged", "ragged_a_gate")])
+def test_the_other_forms_have_quantized_storage_too(tmp_path, form, factor):
+    """Quantized storage is the form's business (issue 19): the wrapper form (four factors) and
+    the ragged form (side-by-side factors plus integer per-expert ranks, which stay as they are)
+    store core and factors quantized, round-trip bit-identically, count the bytes they store,
+    and their weight error at 8 bits stays near the float fit's (their factors are not refit)."""
     model, tok = tiny_mixtral(seed=5)
-    cfg = moecore.CompressionConfig(form="wrapper", rank=8, quant={"core_bits": 8, "factor_bits": 8, "group_size": 32})
+    cfg = moecore.CompressionConfig(form=form, rank=8, quant={"core_bits": 8, "factor_bits": 8, "group_size": 32})
     model = moecore.compress(model, cfg)
     assert moecore.CompressionConfig.from_dict(cfg.to_dict()) == cfg
-    d = moecore.save_compressed(model, tmp_path / "wrap-q", tokenizer=tok)
+    d = moecore.save_compressed(model, tmp_path / f"{form}-q", tokenizer=tok)
     stored = stored_expert_tensors(d, model)
-    assert any(k.endswith(".wrap_u_in_gate_qcodes") for k in stored) and any(k.endswith(".core_down_qcodes") for k in stored)
+    assert any(k.endswith(f".{factor}_qcodes") for k in stored) and any(k.endswith(".core_down_qcodes") for k in stored)
     assert not any(t.is_floating_point() and t.dim() > 1 for t in stored.values())  # nothing left in float
     stats = moecore.statistics(reload_bit_identical(model, d))
     assert stats["experts"]["bytes_compressed"] == stored_bytes(stored)

@@ -112,7 +112,8 @@ class QuantizedCompressedExperts(CompressedExperts):
         self._float_dtype = dtype or torch.get_default_dtype()
         self.quantized: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (bits, logical shape)
         for p in PROJECTIONS:
-            for name in self.form_impl.stored_names(p):
+            form = self.form_impl
+            for name in (form.core_name(p), *form.param_names(p)):  # a form's integer index tensors stay as they are
                 bits = self.quant.core_bits if name in self.core_names else self.quant.factor_bits
                 if bits is None:
                     continue
@@ -228,6 +229,9 @@ def quantize_layer(module: CompressedExperts, weights: Mapping[str, torch.Tensor
         core_name, names = form.core_name(p), form.param_names(p)
         core = getattr(module, core_name).detach().to(torch.float64)
         factors = tuple(getattr(module, n).detach().to(torch.float64) for n in names)
+        index = tuple(getattr(module, n) for n in form.index_param_names(p))  # e.g. per-expert ranks, kept as they are
+        for n, t in zip(form.index_param_names(p), index):
+            getattr(out, n).copy_(t)
         refitted = cb is None
         if cb is not None:
             qc = quantize(core, cb, g, method, "core")
@@ -250,7 +254,7 @@ def quantize_layer(module: CompressedExperts, weights: Mapping[str, torch.Tensor
         for name, t in zip((core_name, *names), (core, *factors)):
             if name not in out.quantized:
                 getattr(out, name).copy_(t)
-        approx = form.reconstruct(core, factors)  # (E, d_out, d_in)
+        approx = form.reconstruct(core, (*factors, *index))  # (E, d_out, d_in)
         entry = report.setdefault(p, {"rank": module.ranks[p]})
         for key in ("weight_rel_error", "output_rel_error"):
             if key in entry:

@@ -17,7 +17,10 @@ largest expert rank of the projection (a gather, built once and cached in infere
 call with gradients): the grouped GEMMs take one ``K`` for all groups, so memory and
 multiply-adds of the low-rank paths are those of the largest rank, not of the mean (what that
 costs is measured in benchmarks/RESULTS.md).  Reading that largest rank is one host read of
-``ragged_r`` per operand build.  Quantized storage: not supported (``quantizable = False``).
+``ragged_r`` per operand build.  Quantized storage: the core and the side-by-side factors in
+groups down each column (:mod:`moecore.quant`), the factors quantized as fitted (no refit to
+the quantized core, no re-solve: :meth:`refit_factors` / :meth:`quantize_factors` are the
+base's), the ranks stored as they are.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ class RaggedForm(DeltaForm):
     name = "ragged"
     factor_names = ("ragged_a", "ragged_b")
     index_names = ("ragged_r",)
-    quantizable = False
+    quantizable = True
 
     def factor_shapes(self, num_experts: int, d_out: int, d_in: int, rank: int) -> tuple[tuple[int, ...], ...]:
         """``A (d_out, E·s)``, ``B (d_in, E·s)``: every expert's columns side by side."""
@@ -81,6 +84,16 @@ class RaggedForm(DeltaForm):
         if r.device.type != "meta" and (bool((r < 0).any()) or int(r.sum()) != num_experts * rank):
             return f"ragged_r_{p} must be non-negative ranks summing to {num_experts * rank}"
         return None
+
+    def refit_factors(self, weights: Tensor, core: Tensor, rank: int, gram: Tensor | None,
+                      damping: float) -> tuple[Tensor, ...] | None:
+        """``None``: quantized storage keeps the float fit's factors (the delta form's refit is uniform-rank)."""
+        return None
+
+    def quantize_factors(self, factors: tuple[Tensor, ...], quantize: Callable[[int, Tensor], Tensor], *,
+                         residual: Tensor | None = None, resolve: bool = True) -> tuple[Tensor, ...]:
+        """Each side-by-side factor quantized as it is (the base's; no per-expert re-solve)."""
+        return tuple(quantize(i, t) for i, t in enumerate(factors))
 
     @staticmethod
     def _padded(compact: Tensor, ranks: Tensor, width: int) -> Tensor:
