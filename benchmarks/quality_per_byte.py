@@ -114,9 +114,10 @@ def apply(method: str, level: float, base, tok, calib_texts, stats, args) -> dic
         ratio, bits = str(level).split(":")
         core_bits, factor_bits = (int(b) for b in bits.split("/"))
         quant = QuantConfig(core_bits=core_bits, factor_bits=factor_bits, group_size=args.group, method="hqq")
+        # the delta form (its factors refit to the quantized core): what RESULTS §5 recorded
         cfg = moecore.CompressionConfig(target_ratio=float(ratio), calib_max_tokens=args.calib_tokens,
                                         calib_seq_len=args.calib_seq_len, refine_steps=args.refine_steps, quant=quant,
-                                        **config_overrides(args))
+                                        **{"form": "delta", **config_overrides(args)})
         moecore.compress(model, cfg, calibration=calib_texts, tokenizer=tok)
         model.to(STORED)  # bytes as stored: codes and scales are integers, float leftovers bf16
         st = moecore.statistics(model)["experts"]

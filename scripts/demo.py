@@ -1,13 +1,13 @@
 """`make demo`: the main job on the two bundled models.
 
 For each bundled model: parameters (total / experts), bytes and held-out perplexity of the
-original; then activation-aware compression (calibration split) with both forms at three
+original; then activation-aware compression (calibration split) with every form at three
 expert-parameter ratios, each cast to the stored dtype (bfloat16) and evaluated in float32
 under the pinned perplexity protocol. Prints one table, writes
 ``benchmarks/demo_results.json`` and a ratio-vs-perplexity plot ``benchmarks/demo_ratio_vs_ppl.png``.
 
 Usage: python scripts/demo.py [--models tiny-mixtral ...] [--ratios 0.5 0.25 0.15]
-       [--forms delta wrapper] [--max-tokens N (quick look; recorded results use all)]
+       [--forms ragged delta wrapper] [--max-tokens N (quick look; recorded results use all)]
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, name in zip(axes[0], dict.fromkeys(r["model"] for r in rows)):
         mine = [r for r in rows if r["model"] == name]
         base = mine[0]["ppl"]
-        for form, marker in (("delta", "o"), ("wrapper", "s")):
+        for form, marker in zip(dict.fromkeys(r["form"] for r in mine if r["form"] != "original"), "o^sdv"):
             pts = sorted((r["expert_param_ratio"], r["ppl"]) for r in mine if r["form"] == form)
             if pts:
                 ax.plot(*zip(*pts), marker=marker, label=f"{form} form")
@@ -141,7 +141,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-qwen3moe"])
-    ap.add_argument("--forms", nargs="+", default=["delta", "wrapper"], choices=list(FORM_NAMES))
+    ap.add_argument("--forms", nargs="+", default=["ragged", "delta", "wrapper"], choices=list(FORM_NAMES))
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.25, 0.15])
     ap.add_argument("--doc-stride", type=int, default=6,
                     help="score every N-th held-out document (default 6: about 64k tokens drawn from all three "

@@ -74,7 +74,7 @@ def test_quality_per_byte_quick(bench, tmp_path):
     # what produced the numbers: the code's commit, the versions and each moecore row's config
     prov = data["meta"]["provenance"]
     assert prov["versions"]["torch"] == torch.__version__ and prov["versions"]["transformers"]
-    assert set(prov["git"]) >= {"commit", "dirty"} and prov["config"]["defaults"]["form"] == "delta"
+    assert set(prov["git"]) >= {"commit", "dirty"} and prov["config"]["defaults"]["form"] == "ragged"
     assert rows[("moecore-q", "0.5:4/4")]["config"]["quant"]["core_bits"] == 4
     assert rows[("moecore-delta", 0.25)]["config"]["target_ratio"] == 0.25
     assert all("commit" in json.loads(line) for line in lines)

@@ -299,8 +299,8 @@ def test_bad_budgets_and_calibration_raise_config_errors(tok):
 def test_randomized_svd_is_close_to_exact_and_seeded():
     model = build("mixtral")
     # closed form only (refine_steps=0): Eckart-Young makes the exact SVD the lower bound
-    exact = compress(copy.deepcopy(model), CompressionConfig(rank=6, svd="exact", refine_steps=0))
-    rand = [compress(copy.deepcopy(model), CompressionConfig(rank=6, svd="randomized", seed=5, refine_steps=0))
+    exact = compress(copy.deepcopy(model), CompressionConfig(form="delta", rank=6, svd="exact", refine_steps=0))
+    rand = [compress(copy.deepcopy(model), CompressionConfig(form="delta", rank=6, svd="randomized", seed=5, refine_steps=0))
             for _ in range(2)]
     for (_, me), (_, mr), (_, mr2) in zip(*(compressed_modules(m) for m in (exact, *rand))):
         for p in ("gate", "up", "down"):

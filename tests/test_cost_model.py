@@ -49,7 +49,7 @@ def test_cost_model_matches_flop_counter(scale, svd):
     x = torch.randn(t, h, generator=g)
     idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
     inputs = RoutedInputs(x, idx, torch.rand(t, k, generator=g), e, "routing")
-    cfg = CompressionConfig(rank=rank, svd=svd, refine_steps=2)
+    cfg = CompressionConfig(form="delta", rank=rank, svd=svd, refine_steps=2)  # the form the cost model counts
     with FlopCounterMode(display=False) as fc:
         new = fit_experts(mod, FUSED, cfg, {p: rank for p in ("gate", "up", "down")}, inputs, "cpu", 0)
     counted = fc.get_total_flops()

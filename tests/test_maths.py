@@ -238,7 +238,7 @@ def test_config_validation(kwargs, match):
 
 def test_config_defaults_roundtrip_and_atomic_save(tmp_path):
     cfg = CompressionConfig()
-    assert cfg.form == "delta" and cfg.target_ratio == 0.25 and cfg.rank is None
+    assert cfg.form == "ragged" and cfg.target_ratio == 0.25 and cfg.rank is None
     cfg = CompressionConfig(form="wrapper", rank=8, core="frequency", allocation="greedy")
     assert CompressionConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown.*bogus"):

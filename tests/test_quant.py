@@ -88,7 +88,7 @@ def test_refit_after_quantization_lowers_the_whitened_error(core_bits, factor_bi
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     model, tok = tiny_mixtral(1, hidden=64, layers=2, experts=4)
-    cfg = moecore.CompressionConfig(rank=16, quant={"core_bits": 4, "factor_bits": 3, "group_size": 32})
+    cfg = moecore.CompressionConfig(form="delta", rank=16, quant={"core_bits": 4, "factor_bits": 3, "group_size": 32})
     moecore.compress(model, cfg)
     d = moecore.save_compressed(model, tmp_path_factory.mktemp("q") / "mix-q", tokenizer=tok)
     return model, d

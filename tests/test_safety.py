@@ -57,7 +57,8 @@ def w(tmp_path_factory):
     """A tiny Mixtral ``base``, its compressed ``comp`` and a calibration file."""
     root = tmp_path_factory.mktemp("safety")
     save_tiny(root / "base", hidden=32, layers=2, experts=4)
-    assert main(["compress", "--no-calib", str(root / "base"), "-o", str(root / "comp"), "--rank", "2", "--quiet"]) == 0
+    assert main(["compress", "--no-calib", str(root / "base"), "-o", str(root / "comp"), "--rank", "2", "--form", "delta",
+                 "--quiet"]) == 0
     (root / "calib.txt").write_text("\n\n".join(load_split("calib")[:3]))
     return root
 

@@ -374,6 +374,15 @@ def test_a_failed_run_with_no_finished_layer_leaves_no_work_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "xo"]
 
 
+def _signals_as_in_a_shell() -> None:
+    """``preexec_fn`` of a child that is sent SIGINT / SIGTERM: default dispositions, unblocked.
+    A child inherits its parent's ignored signals and signal mask, and a test worker may carry
+    either from an earlier test's library (the child then ran to its end and exited 0)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def _interrupt_when(proc, work: Path, layers: int, sig: int) -> str:
     """Send ``sig`` to ``proc`` once ``work`` holds at least ``layers`` finished layers; its stderr."""
     deadline = time.time() + 120
@@ -398,7 +407,8 @@ def test_interrupt_says_what_is_kept_and_a_refused_resume_names_the_difference(t
     common = [str(src), "--calib", str(calib), "--rank", "8", "--refine-steps", "2", "--calib-tokens", "1024",
               "-o", str(tmp_path / "out")]
     env, work = subprocess_env(1), tmp_path / ".out.partial"
-    proc = subprocess.Popen(_cli(*common), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cli(*common), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_signals_as_in_a_shell)
     err = _interrupt_when(proc, work, 2, signal.SIGINT)
     assert proc.returncode == 130, err
     done = json.loads((work / "moecore_resume.json").read_text())["done"]
@@ -409,7 +419,7 @@ def test_interrupt_says_what_is_kept_and_a_refused_resume_names_the_difference(t
     assert bad.returncode == 2 and "different job" in bad.stderr
     assert "the compression config (rank: 8 there, 4 here) differs" in bad.stderr
     proc = subprocess.Popen(_cli(*common, "--resume"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_signals_as_in_a_shell)
     err = _interrupt_when(proc, work, done + 1, signal.SIGTERM)
     assert proc.returncode == 143, err
     assert re.search(r"moecore: interrupted: [1-6] of 6 layers kept in .*; rerun the same command with --resume", err)

@@ -82,10 +82,13 @@ class CompressionConfig(ConfigBase):
     """How to compress every MoE layer's experts.
 
     Attributes:
-        form: ``"delta"`` (W_i ≈ C + A_i B_iᵀ, core applied once per token) or ``"wrapper"``
-            (the original wrapper form: W_i ≈ (I + U_out V_outᵀ) C (I + U_in V_inᵀ), the core
-            applied once per routed expert).
-        rank: the form's own rank for every projection (delta: s, wrapper: r per side).
+        form: ``"ragged"`` (default: W_i ≈ C + A_i B_iᵀ with a rank per expert, water-filled
+            at equal stored parameters, at most ``expert_rank_cap`` × the mean; the core applied
+            once per token; the forward pads to the largest rank), ``"delta"`` (the same with
+            one rank for every expert) or ``"wrapper"`` (the original wrapper form:
+            W_i ≈ (I + U_out V_outᵀ) C (I + U_in V_inᵀ), the core applied once per routed expert).
+        rank: the form's own rank for every projection (delta: s, ragged: the mean s over the
+            experts, wrapper: r per side).
             Exactly one of ``rank`` / ``target_ratio``; if neither is given,
             ``target_ratio = 0.25``.
         target_ratio: fraction in (0, 1) of the ORIGINAL expert parameters of the whole model

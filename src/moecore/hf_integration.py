@@ -24,7 +24,7 @@ from .checkpoint_format import (QUANT_METHOD, attach_compression_config, build_q
                                 check_stored_headers, ignore_guards, swap_in_compressed)
 from .errors import CheckpointError
 from .families import find_experts
-from .forms import DEFAULT_FORM, FORMS, PROJECTIONS
+from .forms import CHECKPOINT_FORM, FORMS, PROJECTIONS
 
 
 class MoecoreQuantizationConfig(QuantizationConfigMixin):
@@ -38,7 +38,7 @@ class MoecoreQuantizationConfig(QuantizationConfigMixin):
         moecore_version: version that wrote the checkpoint.
     """
 
-    def __init__(self, form: str = DEFAULT_FORM, layers: dict | None = None, layout: dict | None = None,
+    def __init__(self, form: str = CHECKPOINT_FORM, layers: dict | None = None, layout: dict | None = None,
                  moecore_version: str | None = None, **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD
         self.form = form

@@ -26,8 +26,11 @@ from ..errors import ConfigError
 if TYPE_CHECKING:  # loaded on first use (see __getattr__)
     from .base import PROJECTIONS, FitResult, Form
 
-#: the form of :class:`moecore.CompressionConfig` and of a checkpoint that names none
-DEFAULT_FORM = "delta"
+#: the form of :class:`moecore.CompressionConfig` (per-expert ranks: the best held-out quality
+#: measured at equal stored parameters, benchmarks/RESULTS.md §3g)
+DEFAULT_FORM = "ragged"
+#: the form of a checkpoint whose ``quantization_config`` names none (written before forms were named)
+CHECKPOINT_FORM = "delta"
 
 #: names of every form (the modules of this package but ``base``), sorted; found without importing them
 FORM_NAMES: tuple[str, ...] = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)
@@ -114,5 +117,5 @@ def quantizable_forms() -> tuple[str, ...]:
     return tuple(name for name, form in _load().items() if form.quantizable)
 
 
-__all__ = ["DEFAULT_FORM", "FORMS", "FORM_NAMES", "PROJECTIONS", "FitResult", "Form", "get_form", "quantizable_forms",
+__all__ = ["CHECKPOINT_FORM", "DEFAULT_FORM", "FORMS", "FORM_NAMES", "PROJECTIONS", "FitResult", "Form", "get_form", "quantizable_forms",
            "register_form", "unregister_form"]
