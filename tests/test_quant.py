@@ -121,7 +121,7 @@ def test_statistics_bytes_are_the_stored_tensor_bytes(saved):
     assert layer["projections"]["gate"]["params_compressed"] == 4 * 16 * (128 + 64) + 128 * 64
     # plan from the config alone counts the same bytes
     planned = moecore.plan(model.config.to_dict(), moecore.CompressionConfig(
-        rank=16, quant={"core_bits": 4, "factor_bits": 3, "group_size": 32}), dtype=torch.float32)
+        form="delta", rank=16, quant={"core_bits": 4, "factor_bits": 3, "group_size": 32}), dtype=torch.float32)
     assert planned["experts"]["bytes_compressed"] == stored
 
 
