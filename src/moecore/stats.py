@@ -41,7 +41,7 @@ from rich.table import Table
 
 from .errors import ConfigError, UnsupportedModelError, first_line
 from .families import find_experts, is_compressed, text_config, top_k_of
-from .forms import PROJECTIONS, get_form
+from .forms import FORMS, PROJECTIONS, get_form
 from .io_utils import atomic_write_text, user_path
 from .version import __version__
 
@@ -229,8 +229,16 @@ def statistics(model) -> dict[str, Any]:
         "notes": ("seed keys are experts only; active params include all non-expert weights; "
                   "multiply-adds = weight matmuls of one decode-step token (LM head, non-expert linears, "
                   "routers, shared experts, active experts at the stored ranks; no embedding look-up, "
-                  "attention over the context, element-wise ops or norms); GB = 1e9 bytes"),
+                  "attention over the context, element-wise ops or norms); GB = 1e9 bytes"
+                  + _form_notes(forms)),
     }
+
+
+def _form_notes(forms: list[str]) -> str:
+    """What the compressed forms in ``forms`` say about their counts (:attr:`Form.counts_note`);
+    other names (``"original"``: a layer left as it was) say nothing."""
+    known = FORMS
+    return "".join(f"; {known[f].counts_note}" for f in dict.fromkeys(forms) if f in known and known[f].counts_note)
 
 
 def write_statistics_yaml(stats: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -59,11 +59,13 @@ class Form(ABC):
         index_names: name stems of integer tensors stored beside each projection's factors
             (``{stem}_{p}``, each ``(E,)`` int32, e.g. per-expert ranks): stored bytes, not
             parameters; none by default.
+        counts_note: what the statistics' ``notes`` say about this form's counts ("" = nothing).
     """
 
     name: str = ""
     factor_names: tuple[str, ...] = ()
     index_names: tuple[str, ...] = ()
+    counts_note: str = ""
     quantizable: bool = True
     svd_units_per_rank: int = 1
 

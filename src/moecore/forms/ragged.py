@@ -43,6 +43,9 @@ class RaggedForm(DeltaForm):
     name = "ragged"
     factor_names = ("ragged_a", "ragged_b")
     index_names = ("ragged_r",)
+    counts_note = ("ragged form: multiply-adds are counted at each projection's mean rank; the grouped forward "
+                   "pads every expert's low-rank path to the projection's largest rank (at most expert_rank_cap "
+                   "times the mean), so it executes up to that many more low-rank multiply-adds")
     quantizable = True
 
     def factor_shapes(self, num_experts: int, d_out: int, d_in: int, rank: int) -> tuple[tuple[int, ...], ...]:
