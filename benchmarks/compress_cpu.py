@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from provenance import set_overrides  # noqa: E402  (imports no moecore: --src decides which one)
 
 
 def main() -> None:
@@ -34,7 +36,7 @@ def main() -> None:
     import moecore
     from moecore.data import load_split
 
-    kw = {k: json.loads(v) if v[:1] in "0123456789[{tf" else v for k, v in (s.split("=", 1) for s in args.set)}
+    kw = set_overrides(args.set)
     d = ROOT / "models" / args.model
     tok = AutoTokenizer.from_pretrained(d)
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()

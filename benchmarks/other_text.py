@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import moecore
 from moecore.data import load_split
 from moecore.evaluation import perplexity, token_stream
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import set_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LICENSES = Path("/usr/share/common-licenses")
@@ -42,12 +46,9 @@ def licence_texts() -> list[str]:
 
 
 def parse(setting: str) -> tuple[str, dict]:
+    """``NAME:key=value,key=value`` -> ``(NAME, CompressionConfig keyword arguments)``."""
     name, _, rest = setting.partition(":")
-    kw = {}
-    for item in filter(None, rest.split(",")):
-        k, v = item.split("=", 1)
-        kw[k] = int(v) if v.isdigit() else float(v) if v.replace(".", "", 1).isdigit() else v
-    return name, kw
+    return name, set_overrides([item for item in rest.split(",") if item])
 
 
 def main() -> None:

@@ -85,3 +85,16 @@ def provenance(config: Any = None, argv: list[str] | None = None, code: str | Pa
     config = json.loads(json.dumps(config, default=str))  # paths, dtypes... as strings: the JSON must write
     return {"git": state, "code": code, "versions": versions(), "argv": list(sys.argv if argv is None else argv),
             "config": config}
+
+
+def set_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as ``CompressionConfig`` keyword arguments: each value parsed
+    as JSON where it parses (numbers, ``true``, lists), else kept as a string."""
+    extra: dict[str, Any] = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    return extra

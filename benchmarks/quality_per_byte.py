@@ -47,7 +47,7 @@ from moecore.evaluation import PPL_PROTOCOL, perplexity, token_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines as bl  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, set_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]  # the source checkout (bundled models, results)
 
@@ -95,14 +95,7 @@ def expert_params_original(model) -> int:
 
 def config_overrides(args) -> dict:
     """``--set KEY=VALUE`` items as CompressionConfig keyword arguments (JSON values where they parse)."""
-    extra = {}
-    for item in getattr(args, "set", None) or []:
-        key, _, value = item.partition("=")
-        try:
-            extra[key] = json.loads(value)
-        except json.JSONDecodeError:
-            extra[key] = value
-    return extra
+    return set_overrides(getattr(args, "set", None))
 
 
 def apply(method: str, level: float, base, tok, calib_texts, stats, args) -> dict:

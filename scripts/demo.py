@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]  # the source checkout (bundled models, results)
 sys.path.insert(0, str(REPO / "benchmarks"))
-from provenance import provenance  # noqa: E402
+from provenance import provenance, set_overrides  # noqa: E402
 
 STORED = torch.bfloat16
 
@@ -82,9 +82,7 @@ def run_model(name: str, args, console: Console, done: list[dict], save) -> list
             extra = {} if args.refine_steps is None else {"refine_steps": args.refine_steps}
             if args.propagate:
                 extra["propagate"] = args.propagate
-            for item in args.set or []:  # --set key=value: any CompressionConfig field (ablations)
-                key, _, value = item.partition("=")
-                extra[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+            extra.update(set_overrides(args.set))  # --set key=value: any CompressionConfig field (ablations)
             cfg = moecore.CompressionConfig(form=form, target_ratio=ratio, init=args.init, **extra)
             moecore.compress(m, cfg, calibration=calib if args.init == "auto" else None, tokenizer=tok)
             cpu = time.process_time() - c0  # all threads of this process: robust to a shared machine

@@ -111,8 +111,8 @@ class QuantizedCompressedExperts(CompressedExperts):
         self.quant = QuantConfig.coerce(quant)
         self._float_dtype = dtype or torch.get_default_dtype()
         self.quantized: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (bits, logical shape)
+        form = self.form_impl
         for p in PROJECTIONS:
-            form = self.form_impl
             for name in (form.core_name(p), *form.param_names(p)):  # a form's integer index tensors stay as they are
                 bits = self.quant.core_bits if name in self.core_names else self.quant.factor_bits
                 if bits is None:

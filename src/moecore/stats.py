@@ -237,8 +237,7 @@ def statistics(model) -> dict[str, Any]:
 def _form_notes(forms: list[str]) -> str:
     """What the compressed forms in ``forms`` say about their counts (:attr:`Form.counts_note`);
     other names (``"original"``: a layer left as it was) say nothing."""
-    known = FORMS
-    return "".join(f"; {known[f].counts_note}" for f in dict.fromkeys(forms) if f in known and known[f].counts_note)
+    return "".join(f"; {FORMS[f].counts_note}" for f in dict.fromkeys(forms) if f in FORMS and FORMS[f].counts_note)
 
 
 def write_statistics_yaml(stats: dict[str, Any], path: str | os.PathLike) -> Path:
