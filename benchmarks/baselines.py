@@ -16,6 +16,9 @@ that the real model code runs:
   ``choose_qparams_affine`` / ``quantize_affine`` / ``dequantize_affine`` when torchao is
   installed, else the same maths written out here), weights replaced by their dequantized
   values;
+- :func:`mobe_compress`: MoBE (arXiv 2508.05257) as its authors' ``train.py`` fits it:
+  per-expert ``A_e`` times an activation of a softmax mix of shared bases, Adam on the
+  plain weight reconstruction error (see the block comment above :func:`mobe_rank`);
 - :func:`hqq_quantize`: HQQ (half-quadratic optimized scale and zero point, the ``hqq``
   library via :func:`moecore.quant.quantize`), bit-packed codes + float16 scale and zero per
   group, weights replaced by their dequantized values.
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from moecore.errors import ConfigError
 from moecore.families import find_experts
 
 BF16_BYTES = 2
@@ -264,3 +268,106 @@ def hqq_quantize(model, bits: int, group: int = 64) -> tuple[int, str]:
             view.copy_(dequantize(q, tuple(view.shape), bits, "core", view.dtype))
             total += sum(t.numel() * t.element_size() for t in q.values())
     return total, "hqq"
+
+
+# --- MoBE (Mixture of Basis Experts, arXiv 2508.05257; the authors' inclusionAI/MoBE train.py) ----------------
+# Each expert's weight, oriented (R, C) = (F, H) like the paper's gate/up, is
+#     W_e ≈ A_e · act(Σ_j softmax(α_e)_j · B_j),   A_e (R, k) per expert, B_j (k, C) shared by the layer's experts,
+# fitted by Adam on the plain weight MSE (no activations), the target scaled by its global std,
+# initialised as train.py does: the experts in m consecutive groups, group j's stacked rows
+# SVD'd, B_j = its top-k right singular vectors, A_e = its rows of U_k S_k, α_e = one-hot(j).
+# Deviations, all stated: A's init is divided by the std (train.py compares an unscaled init
+# to the scaled target; Adam absorbs it either way), the best state is checked every
+# `check` steps as train.py does every 200, and at budgets below the paper's (which keeps
+# down_proj dense) down_proj is fitted the same way, transposed to (F, H).
+MOBE_ACTIVATIONS = {"silu": F.silu, "tanh": torch.tanh}
+
+
+def mobe_rank(budget: float, e: int, r: int, c: int, m: int) -> int:
+    """Largest k with ``E·R·k + m·k·C + E·m <= budget·E·R·C`` (A's, the bases', the mixing logits)."""
+    return int((budget * e * r * c - e * m) // (e * r + m * c))
+
+
+def _mobe_init(w: torch.Tensor, m: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """train.py's init for ``w (E, R, C)``: per group of experts an SVD of its stacked rows."""
+    e, r, c = w.shape
+    a, bases, logits = torch.empty(e, r, k), torch.zeros(m, k, c), torch.zeros(e, m)
+    for j, members in enumerate(torch.arange(e).tensor_split(m)):
+        u, s, vt = torch.linalg.svd(w[members].reshape(-1, c), full_matrices=False)  # (g·R, min) (min,) (min, C)
+        kk = min(k, s.numel())
+        bases[j, :kk] = vt[:kk]
+        a[members] = torch.nn.functional.pad(u[:, :kk] * s[:kk], (0, k - kk)).reshape(len(members), r, k)
+        logits[members, j] = 1.0
+    return a, bases, logits
+
+
+def mobe_reconstruct(a: torch.Tensor, bases: torch.Tensor, logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """``A (E,R,k) · act(softmax(α) (E,m) · B (m,k,C))`` -> ``(E, R, C)``."""
+    mixed = torch.einsum("em,mkc->ekc", logits.softmax(dim=1), bases)  # (E, k, C)
+    return a @ MOBE_ACTIVATIONS[activation](mixed)
+
+
+def fit_mobe(w: torch.Tensor, n_bases: int, k: int, steps: int = 2000, lr: float = 0.07,
+             activation: str = "silu", check: int = 50) -> dict:
+    """Fit MoBE to ``w (E, R, C)`` (float32 maths). Returns the best ``a (E,R,k)``, ``bases
+    (m,k,C)``, ``logits (E,m)``, the reconstruction ``w_hat`` (unscaled), its relative
+    Frobenius error ``rel_err`` and the scaled MSE every ``check`` steps (``history``)."""
+    w = w.detach().float()
+    std = w.std()
+    target = w / std
+    a, bases, logits = (torch.nn.Parameter(t) for t in _mobe_init(w, n_bases, k))
+    with torch.no_grad():
+        a /= std
+    opt = torch.optim.Adam([a, bases, logits], lr=lr)
+    best, history = (float("inf"), None), []
+    for step in range(steps + 1):
+        loss = F.mse_loss(mobe_reconstruct(a, bases, logits, activation), target)
+        if step % check == 0 or step == steps:
+            history.append((step, loss.item()))
+            if loss.item() < best[0]:
+                best = (loss.item(), [t.detach().clone() for t in (a, bases, logits)])
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    a_, b_, l_ = best[1]
+    with torch.no_grad():
+        w_hat = mobe_reconstruct(a_, b_, l_, activation) * std
+    return {"a": a_, "bases": b_, "logits": l_, "w_hat": w_hat, "history": history,
+            "rel_err": float((w_hat - w).norm() / w.norm())}
+
+
+@torch.no_grad()
+def mobe_compress(model, budget: float, gate_up_only: bool = False, experts_per_basis: int = 4,
+                  steps: int = 2000, lr: float = 0.07, activation: str = "silu") -> tuple[int, dict]:
+    """MoBE every experts module at ``budget`` of its bf16 expert parameters, weights replaced
+    by their reconstructions. ``m = ceil(E / experts_per_basis)`` bases per projection (the
+    paper's 4 experts per basis: 256/64 on DeepSeek-V3, 128/32 on Qwen3), ``k`` from
+    :func:`mobe_rank`. ``gate_up_only``: the paper's choice, down_proj kept dense, so gate and
+    up share what is left, ``(3·budget - 1) / 2`` each; below a third it raises ``ConfigError``.
+    Returns (stored bytes at bf16: A, bases, logits, dense down_proj, biases;
+    ``{path: {proj: {"k", "m", "rel_err", "history"}}}``)."""
+    per_proj = (3 * budget - 1) / 2 if gate_up_only else budget
+    if per_proj <= 0:
+        raise ConfigError(f"MoBE with down_proj dense (the paper's setting) keeps at least 1/3 of the expert "
+                         f"parameters; budget {budget} is below it")
+    total, info = 0, {}
+    for path, module, layout in experts_of(model):
+        info[path] = {}
+        for p, view in layout.split(module).items():
+            if p.startswith("bias") or (gate_up_only and p == "down"):
+                total += view.numel() * BF16_BYTES
+                continue
+            w = view.mT if p == "down" else view  # (E, F, H): the expert-specific factor on the F side
+            e, r, c = w.shape
+            m = -(-e // experts_per_basis)
+            k = mobe_rank(per_proj, e, r, c, m)
+            if k < 1:
+                raise ConfigError(f"{path}.{p}: budget {budget} leaves no rank for MoBE with {m} bases")
+            with torch.enable_grad():
+                fit = fit_mobe(w, m, k, steps=steps, lr=lr, activation=activation)
+            w.copy_(fit["w_hat"].to(w.dtype))
+            total += (e * r * k + m * k * c + e * m) * BF16_BYTES
+            info[path][p] = {"k": k, "m": m, "rel_err": fit["rel_err"], "history": fit["history"]}
+    return total, info

@@ -4,9 +4,13 @@ moecore and baselines at equal byte budgets, side by side in one process run.
 Methods (each on a fresh copy of the model, weights first rounded through bfloat16, the
 stored dtype; evaluated in float32 under the pinned perplexity protocol):
 - ``original``: the bf16-rounded model (the baseline every ratio is taken against);
-- ``moecore-delta`` / ``moecore-wrapper``: ``moecore.compress`` with
+- ``moecore-ragged`` (the default form) / ``moecore-delta`` / ``moecore-wrapper``: ``moecore.compress`` with
   ``target_ratio = budget`` and activation-aware (whitened) init on the calibration split;
 - ``delta-svd``: delta form, mean core, plain truncated SVD, no calibration (D²-MoE-like);
+- ``mobe``: MoBE (arXiv 2508.05257, the authors' ``train.py``: Adam on the plain weight error,
+  one basis per 4 experts) on all three projections, ``k`` from the budget;
+- ``mobe-paper``: the same with down_proj kept dense, as the paper does (possible only at a
+  budget above 1/3; below it the row is recorded as skipped);
 - ``reap-prune``: REAP-like expert pruning to ``floor(budget·E)`` experts per layer;
 - ``hc-merge``: HC-SMoE-like frequency-weighted merging into ``floor(budget·E)`` clusters;
 - ``rtn-{4,3,2}bit``: round-to-nearest asymmetric group quantization (group 64);
@@ -52,7 +56,8 @@ from provenance import provenance, set_overrides  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]  # the source checkout (bundled models, results)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ["moecore-delta", "moecore-wrapper", "delta-svd", "reap-prune", "hc-merge", "rtn", "hqq", "moecore-q"]
+METHODS = ["moecore-ragged", "moecore-delta", "moecore-wrapper", "mobe", "mobe-paper", "delta-svd", "reap-prune",
+           "hc-merge", "rtn", "hqq", "moecore-q"]
 QUANT_SETTINGS = ["0.5:8/8", "0.5:4/4", "0.5:4/3", "0.5:4/2", "0.25:8/8", "0.25:4/4", "0.25:4/3", "0.15:4/4"]
 STORED = torch.bfloat16
 
@@ -118,18 +123,25 @@ def apply(method: str, level: float, base, tok, calib_texts, stats, args) -> dic
         return {"model": model, "expert_bytes": st["bytes_compressed"], "params_ratio": st["compression_ratio"],
                 "expert_macs_ratio": st["macs_ratio"], "quant": dataclasses.asdict(quant), "config": cfg.to_dict()}
     if method.startswith("moecore") or method == "delta-svd":
-        form = "wrapper" if method == "moecore-wrapper" else "delta"
         svd = method == "delta-svd"
+        form = "delta" if svd else method.removeprefix("moecore-")
         cfg = moecore.CompressionConfig(form=form, target_ratio=level, init="svd" if svd else "auto",
                                         calib_max_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
                                         refine_steps=0 if svd else args.refine_steps, **config_overrides(args))
         moecore.compress(model, cfg, calibration=None if svd else calib_texts, tokenizer=tok)
-        model.to(STORED).to(torch.float32)  # evaluate what would be stored
+        model.to(STORED)  # bytes as stored (a ragged form's int32 ranks included), evaluated from bf16 values
         st = moecore.statistics(model)["experts"]
+        model.to(torch.float32)
         extra = {"ranks": sorted({r for m in model.modules() if hasattr(m, "ranks") for r in m.ranks.values()}),
                  "expert_macs_ratio": st["macs_compressed"] / st["macs_original"], "config": cfg.to_dict()}
-        return {"model": model, "expert_bytes": st["params_compressed"] * bl.BF16_BYTES, **extra}
-    if method == "reap-prune":
+        return {"model": model, "expert_bytes": st["bytes_compressed"], **extra}
+    if method in ("mobe", "mobe-paper"):
+        nbytes, info = bl.mobe_compress(model, level, gate_up_only=method == "mobe-paper", steps=args.mobe_steps)
+        fits = [f for per in info.values() for f in per.values()]
+        extra = {"mobe_steps": args.mobe_steps, "mobe_k": sorted({f["k"] for f in fits}),
+                 "mobe_bases": sorted({f["m"] for f in fits}),
+                 "mobe_rel_err_mean": sum(f["rel_err"] for f in fits) / len(fits)}
+    elif method == "reap-prune":
         nbytes, kept = bl.prune_experts(model, stats, level)
         extra = {"kept_per_layer": {p: len(v) for p, v in kept.items()}, "kept_ids": kept}
     elif method == "hc-merge":
@@ -242,7 +254,8 @@ def plot(rows: list[dict], path: Path) -> None:
             label = {"rtn": "RTN 4/3/2-bit g64", "hqq": "HQQ 4/3/2/1-bit g64",
                      "moecore-q": "moecore-delta + quantized core/factors"}.get(meth, meth)
             style = {"ls": "none", "marker": "*", "ms": 9} if meth == "moecore-q" else {"marker": "o"}
-            colors = ["moecore-q", "hqq", "reap-prune", "hc-merge", "moecore-wrapper", "rtn", "moecore-delta", "delta-svd"]
+            colors = ["moecore-q", "hqq", "reap-prune", "hc-merge", "moecore-wrapper", "rtn", "moecore-delta", "delta-svd",
+                      "moecore-ragged", "mobe", "mobe-paper"]
             ax.plot(*zip(*pts), label=label, color=f"C{colors.index(meth)}" if meth in colors else None, **style)
         for r in mine:
             if r["method"] == "moecore-q":
@@ -278,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stride", type=int, default=PPL_PROTOCOL["stride"])
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--mobe-steps", type=int, default=1000, help="Adam steps of each MoBE fit (converged by ~500 on "
+                    "the bundled models; the paper runs 10k-30k on full-size layers)")
     ap.add_argument("--merge-tokens", type=int, default=4096, help="tokens per layer for HC-SMoE mean outputs")
     ap.add_argument("--refine-steps", type=int, default=moecore.CompressionConfig().refine_steps,
                     help="moecore refinement iterations (delta-svd always uses 0: the plain baseline)")
@@ -294,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.budgets, args.max_tokens = [0.5, 0.25], args.max_tokens or 1024
         args.hqq_bits, args.quant_settings = [4, 2], ["0.5:4/4", "0.25:4/3"]
         args.calib_tokens, args.merge_tokens = min(args.calib_tokens, 1024), min(args.merge_tokens, 512)
+        args.mobe_steps = min(args.mobe_steps, 50)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
