@@ -218,7 +218,7 @@ def test_calibration_frequency_core_and_greedy_allocation(tok):
 
 
 # ---------------------------------------------------------------------------- budgets
-@pytest.mark.parametrize("form", ["delta", "ragged", "wrapper"])
+@pytest.mark.parametrize("form", ["basis", "delta", "ragged", "wrapper"])
 def test_param_count_equals_budget_formula_and_ratio_is_met(form):
     model = build("deepseek_v3")
     original = sum(m.gate_up_proj.numel() + m.down_proj.numel() for _, m, _ in find_experts(model))
@@ -236,7 +236,7 @@ def test_param_count_equals_budget_formula_and_ratio_is_met(form):
     m = compressed_modules(model)[0][1]
     core = 3 * H * F
     low = r * (2 * (H + F) + (H + F))
-    expected = core + 2 * low if form in ("delta", "ragged") else 2 * (core + 2 * low)
+    expected = core + 2 * low if form in ("basis", "delta", "ragged") else 2 * (core + 2 * low)
     assert m.active_macs_per_token(2) == expected
 
 
@@ -309,7 +309,7 @@ def test_randomized_svd_is_close_to_exact_and_seeded():
             assert torch.equal(getattr(mr, f"delta_a_{p}"), getattr(mr2, f"delta_a_{p}"))  # same seed, same result
 
 
-@pytest.mark.parametrize("form", ["delta", "ragged", "wrapper"])
+@pytest.mark.parametrize("form", ["basis", "delta", "ragged", "wrapper"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_gradients_match_a_dense_reference(family, form):
     """The factored forward is differentiable and gives the same gradients as running the

@@ -22,7 +22,7 @@ from moecore.forms import FORMS, PROJECTIONS, Form, get_form
 from moecore.maths import budget
 
 SRC = Path(moecore.__file__).resolve().parent
-E, H, F, K = 5, 12, 20, 3
+E, H, F, K = 8, 12, 20, 3  # E: a multiple of 4, the basis form's group
 RANKS = {"gate": 2, "up": 4, "down": 3}
 F64 = torch.float64
 FUSED = dataclasses.replace(_FUSED, hidden_act="silu")
@@ -45,7 +45,7 @@ def _random(form: str, layout=FUSED, split: str = "uniform") -> CompressedExpert
 
 
 def test_registry_has_both_forms_and_every_module_registers_one():
-    assert list(FORMS) == ["delta", "ragged", "wrapper"]
+    assert list(FORMS) == ["basis", "delta", "ragged", "wrapper"]
     modules = sorted(p.stem for p in (SRC / "forms").glob("*.py") if p.stem not in ("__init__", "base"))
     assert sorted(f.__module__.rsplit(".", 1)[1] for f in map(type, FORMS.values())) == modules
     for name, form in FORMS.items():
@@ -123,7 +123,20 @@ def _ragged_mix(m, p, c, experts, xs, ws):
     return y
 
 
-DIRECT = {"delta": _delta_mix, "ragged": _ragged_mix, "wrapper": _wrapper_mix}
+def _basis_mix(m, p, c, experts, xs, ws):
+    """The core once; per pair the expert's narrow factor and its group's (4 experts) wide basis:
+    ``A_i (B_gᵀ x)`` when the input side is the wide one, ``B_g (A_iᵀ x)`` otherwise."""
+    core = getattr(m, f"core_{p}")
+    a_name, b_name = get_form("basis").param_names(p)
+    y = c.mv(core, sum(w * x for w, x in zip(ws, xs)))
+    d_out, d_in = core.shape
+    for e, x, w in zip(experts, xs, ws):
+        a, b = getattr(m, a_name)[e], getattr(m, b_name)[e // 4]  # (narrow, s), (wide, s)
+        y = y + w * (c.mv(a, c.mv(b.mT, x)) if d_in >= d_out else c.mv(b, c.mv(a.mT, x)))
+    return y
+
+
+DIRECT = {"basis": _basis_mix, "delta": _delta_mix, "ragged": _ragged_mix, "wrapper": _wrapper_mix}
 
 
 @pytest.mark.parametrize("name", list(FORMS))
@@ -160,7 +173,7 @@ def test_reconstruct_and_operands_are_the_forms(name):
 def test_unknown_form_is_a_config_error_naming_the_known_ones():
     for call in (lambda: get_form("lora"), lambda: budget.projection_params("lora", budget.ProjectionShape("x", 2, 4, 4), 1),
                  lambda: CompressionConfig(form="lora"), lambda: CompressedExperts(E, H, F, "lora", RANKS, FUSED)):
-        with pytest.raises(ConfigError, match=r"form must be one of 'delta', 'ragged', 'wrapper', got 'lora'"):
+        with pytest.raises(ConfigError, match=r"form must be one of 'basis', 'delta', 'ragged', 'wrapper', got 'lora'"):
             call()
 
 

@@ -84,7 +84,7 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("form", ["delta", "ragged", "wrapper"])
+@pytest.mark.parametrize("form", ["basis", "delta", "ragged", "wrapper"])
 @pytest.mark.parametrize("layout", ["fused", "gpt_oss"])
 def test_forward_matches_per_pair_reference(form, layout):
     m = make(form, layout)
@@ -111,7 +111,7 @@ def test_forward_matches_per_pair_reference(form, layout):
 
 
 def test_empty_experts_and_all_tokens_on_one_expert_are_exact_in_float32():
-    for form in ("delta", "ragged", "wrapper"):
+    for form in ("basis", "delta", "ragged", "wrapper"):
         m = make(form)
         x = torch.randn(16, H)
         idx = torch.full((16, 1), 5)  # all 16 tokens on expert 5, the other 7 experts empty
@@ -186,7 +186,7 @@ def test_grouped_linear_and_routing_offsets():
     assert torch.allclose(grouped_linear(x, wt, r.offs), ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("form", ["delta", "ragged", "wrapper"])
+@pytest.mark.parametrize("form", ["basis", "delta", "ragged", "wrapper"])
 def test_gradients_reach_every_stored_tensor(form):
     """Training: operands are rebuilt per call (no cache) and differentiable; gradients of
     every parameter, the input and the routing weights equal those of the per-pair maths."""

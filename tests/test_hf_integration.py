@@ -46,7 +46,7 @@ FAMILIES = {
     "gpt_oss": lambda: GptOssConfig(**COMMON, intermediate_size=F, num_local_experts=4, num_experts_per_tok=2,
                                     head_dim=8, sliding_window=16),
 }
-FORMS = ("delta", "ragged", "wrapper")
+FORMS = ("basis", "delta", "ragged", "wrapper")
 CASES = [(f, form) for f in FAMILIES for form in FORMS]
 
 
@@ -127,7 +127,7 @@ def test_checkpoint_contents(saved, family, form):
     for k in tensors:
         if ".experts." in k:
             leaf = k.split(".experts.")[1]
-            assert leaf.startswith(("core_", "delta_", "ragged_", "wrap_", "bias_")), k
+            assert leaf.startswith(("core_", "basis_", "delta_", "ragged_", "wrap_", "bias_")), k
     # statistics count exactly the stored tensors: parameters the float ones (a form's integer
     # index tensors, the ragged form's per-expert ranks, are bytes, not parameters), bytes all
     stats = read_statistics_yaml(d / STATS_FILENAME)

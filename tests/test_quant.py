@@ -145,7 +145,8 @@ def test_bad_quant_setting_is_a_clear_error(bad, msg):
         moecore.CompressionConfig(quant=bad)
 
 
-@pytest.mark.parametrize("form,factor", [("wrapper", "wrap_u_in_gate"), ("ragged", "ragged_a_gate")])
+@pytest.mark.parametrize("form,factor", [("wrapper", "wrap_u_in_gate"), ("ragged", "ragged_a_gate"),
+                                         ("basis", "basis_b_gate")])
 def test_the_other_forms_have_quantized_storage_too(tmp_path, form, factor):
     """Quantized storage is the form's business (issue 19): the wrapper form (four factors) and
     the ragged form (side-by-side factors plus integer per-expert ranks, which stay as they are)
