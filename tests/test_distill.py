@@ -13,6 +13,7 @@ import torch
 
 import moecore
 from moecore import CompressionConfig
+from moecore.errors import ConfigError
 from moecore.training import distill, kd_loss
 from moecore.training.checkpoints import complete_checkpoints, is_complete
 from moecore.training.config import DistillConfig
@@ -64,6 +65,26 @@ def test_kd_lowers_loss_training_only_factors(teacher_dir, tmp_path):
     # a checkpoint at the last step, complete, and the loss-curve plot
     assert [c.name for c in complete_checkpoints(tmp_path / "out")] == ["checkpoint-12"]
     assert (tmp_path / "out" / "training_curves.png").stat().st_size > 1000
+
+
+def test_router_only_kd_changes_only_the_routers(teacher_dir, tmp_path):
+    """``train_factors=False, train_router=True``: router-only KD (arXiv 2603.02217). Only the
+    routers move, and the KD loss falls; with neither factors nor routers there is nothing to train."""
+    teacher, tok = tiny_mixtral(seed=0)
+    student = copy.deepcopy(teacher)
+    moecore.compress(student, CompressionConfig(form="basis", rank=4))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    blocks = _blocks(tok, None, 64, 1)[:2]
+    loss0 = eval_kd_loss(student, teacher, blocks, 1.0, 0.0)
+    res = distill(str(teacher_dir), student, tmp_path / "out", DistillConfig(
+        max_steps=10, lr=2e-2, alpha=0.0, block_size=64, batch_size=4, save_steps=100, logging_steps=1,
+        train_factors=False, train_router=True))
+    changed = {n for n, p in student.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and all(n.endswith("mlp.gate.weight") for n in changed), changed
+    assert res.final_eval_loss < loss0, (loss0, res.final_eval_loss)
+    with pytest.raises(ConfigError, match="nothing to train"):
+        distill(str(teacher_dir), copy.deepcopy(student), tmp_path / "none", DistillConfig(
+            max_steps=1, block_size=64, batch_size=2, train_factors=False))
 
 
 def test_resume_after_sigkill(teacher_dir, tmp_path):

@@ -317,6 +317,8 @@ class DistillConfig(ConfigBase):
         logging_steps: log the losses every this many steps.
         train_core: also train the shared cores (default: only the factors).
         train_router: also train the routers.
+        train_factors: train the factors (default); off with ``train_router`` on: router-only KD
+            (arXiv 2603.02217), every expert weight frozen.
         recover_steps: first run layer-wise local recovery with this many Adam steps per layer
             (0: none; skipped when resuming from a checkpoint).
         eval_async: evaluate each checkpoint in a background process while training runs.
@@ -341,6 +343,7 @@ class DistillConfig(ConfigBase):
     logging_steps: int = field(default=10, metadata={"gt": 0})
     train_core: bool = False
     train_router: bool = False
+    train_factors: bool = True
     recover_steps: int = field(default=0, metadata={"min": 0})
     eval_async: bool = False
     eval_max_tokens: int | None = field(default=16384, metadata={"gt": 0})

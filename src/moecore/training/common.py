@@ -17,18 +17,21 @@ ROUTER_NAMES = ("gate", "router")
 
 
 def select_trainable(model, *, train_core: bool = False, train_router: bool = False,
-                     train_experts_if_plain: bool = True) -> list[str]:
+                     train_experts_if_plain: bool = True, train_factors: bool = True) -> list[str]:
     """Freeze everything, then unfreeze what each compressed experts module says it trains
     (:meth:`~moecore.compressed_experts.CompressedExperts.trainable_parameters`: its form's
-    float factors, optionally its cores) and optionally the routers.  A plain (uncompressed)
-    student trains its experts' weights instead (``train_experts_if_plain``).  Returns the trainable parameter names."""
+    float factors unless ``train_factors`` is off, optionally its cores) and optionally the
+    routers.  A plain (uncompressed) student trains its experts' weights instead
+    (``train_experts_if_plain``).  Returns the trainable parameter names."""
     experts = find_experts(model, "all", required=False)
     paths = [path for path, _, _ in experts]
     compressed = any(is_compressed(module) for _, module, _ in experts)
     want: set[int] = set()
     for path, module, _ in experts:
         if is_compressed(module):
-            want.update(id(p) for _, p in module.trainable_parameters(train_core))
+            core_names = set(getattr(module, "core_names", ()))
+            want.update(id(p) for n, p in module.trainable_parameters(train_core)
+                        if train_factors or n in core_names)
         elif train_experts_if_plain and not compressed:  # a partly compressed student trains no plain experts
             want.update(id(p) for p in module.parameters())
     if train_router:

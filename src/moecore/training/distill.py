@@ -213,7 +213,8 @@ def distill(teacher, student=None, output_dir: str | Path = "distilled", cfg: Di
     if cfg.recover_steps and last is None:
         _recover_first(teacher, teacher_model, student_model, tok, cfg, args.should_save)
         how += f", recovered layer-wise ({cfg.recover_steps} steps per layer)"
-    names = select_trainable(student_model, train_core=cfg.train_core, train_router=cfg.train_router)
+    names = select_trainable(student_model, train_core=cfg.train_core, train_router=cfg.train_router,
+                             train_factors=cfg.train_factors)
     n_train = sum(p.numel() for p in student_model.parameters() if p.requires_grad)
 
     world = max(args.world_size, 1)
