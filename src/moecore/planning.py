@@ -38,7 +38,8 @@ from .errors import ConfigError, FileAccessError, first_line
 from .families import find_experts, text_config
 from .fitting import projection_shapes, solve_ranks
 from .forms import PROJECTIONS
-from .checkpoint_format import swap_in_compressed
+from .modeling import check_model_dir, check_safetensors
+from .checkpoint_format import check_stored_headers, swap_in_compressed
 from .stats import statistics
 from .surgery import decoder_layers
 
@@ -172,4 +173,27 @@ def plan(hf_config, cfg, dtype: torch.dtype | str | None = None) -> dict[str, An
         out["notes"] += (f"; the checkpoint is stored quantized ({quantized}): the original sizes are those of "
                          f"its {mem['dtype']} (dequantized) weights, not of its files")
     out["compression_config"] = cfg.to_dict()
+    return out
+
+
+def recount(model_dir) -> dict[str, Any]:
+    """The statistics of a saved model directory, compressed or not, from its config and its
+    safetensors headers alone: the model is built on the meta device (no weights read, so
+    no memory or device is needed at any scale), its compressed layers are rebuilt from the
+    recorded ``quantization_config`` (form, ranks, layout, quantized storage, and the
+    per-projection errors recorded at compression), every stored moecore tensor's shape is
+    checked against them, and :func:`statistics` counts the result.  Tensors are counted in
+    the config's dtype, as ``from_pretrained(dtype="auto")`` loads them."""
+    p = check_model_dir(model_dir)
+    files = check_safetensors(p)
+    hf = AutoConfig.from_pretrained(p)
+    dtype = getattr(text_config(hf), "dtype", None) or getattr(hf, "dtype", None) or torch.float32
+    qc = getattr(hf, "quantization_config", None)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf, dtype=dtype)
+    if qc is not None:
+        swapped = swap_in_compressed(model, qc if isinstance(qc, dict) else qc.to_dict())
+        check_stored_headers(model, files, swapped)
+    out = statistics(model)
+    out["notes"] += "; recounted from the checkpoint's config and tensor headers (meta device, no weights read)"
     return out

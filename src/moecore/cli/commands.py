@@ -67,7 +67,9 @@ def add_stats(sub) -> None:
     p = sub.add_parser("stats", help="print compression statistics of a model directory")
     p.add_argument("model_dir")
     p.add_argument("--recompute", action="store_true",
-                   help="load the model and count its tensors instead of reading compression_statistics.yaml")
+                   help="count the model's tensors instead of reading compression_statistics.yaml: built on the "
+                        "meta device from config.json and the safetensors headers (no weights are read, so it needs "
+                        "no GPU and no memory at any model size)")
     p.add_argument("--per-layer", action="store_true", help="also print one row per layer and projection")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.set_defaults(module="stats_cmd")

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 from moecore.errors import CheckpointError
-from moecore.modeling import load_model
-from moecore.stats import STATS_FILENAME, print_table, read_statistics_yaml, statistics
+from moecore.planning import recount
+from moecore.stats import STATS_FILENAME, print_table, read_statistics_yaml
 
 
 def run(args) -> int:
@@ -16,9 +16,8 @@ def run(args) -> int:
     f = d / STATS_FILENAME
     if f.is_file() and not args.recompute:
         stats = read_statistics_yaml(f)
-    else:
-        model, _ = load_model(d, dtype="auto", need_tokenizer=False)
-        stats = statistics(model)
+    else:  # counted from the config and the tensor headers on the meta device: no weights, any size
+        stats = recount(d)
     if args.json:
         print(json.dumps(stats, indent=2, default=str))
     else:
