@@ -23,6 +23,7 @@ from moecore.compressed_experts import CompressedExperts
 from moecore.errors import CheckpointError, UnsupportedModelError
 from moecore.families import find_experts
 from moecore.checkpoint_format import LOAD_NOTICE_KEY, load_guards
+from moecore.export import INDEX, export_checkpoint
 from moecore.hf_integration import MoecoreHfQuantizer, MoecoreQuantizationConfig
 from moecore.modeling import load_model
 from moecore.stats import STATS_FILENAME, read_statistics_yaml
@@ -180,6 +181,28 @@ def test_export_dense_loads_in_stock_transformers(saved, exported, family, form)
     assert not (d / "moecore_config.json").exists()
     torch.testing.assert_close(dense_logits, ref, rtol=1e-4, atol=1e-4)
     assert not torch.equal(dense_logits, torch.zeros_like(dense_logits))
+
+
+@pytest.mark.parametrize("family,form", CASES)
+def test_streamed_export_equals_the_in_memory_export(saved, exported, family, form, tmp_path):
+    """``moecore export`` (:func:`export_checkpoint`: the saved folder, one layer at a time,
+    never the whole model) writes the same tensors under the same names, bit for bit, and the
+    same config as :func:`moecore.export_dense` of the loaded model; over ``max_shard_size`` it
+    shards with an index that covers every tensor."""
+    _, _, src = saved[(family, form)]
+    dense_dir, _ = exported[(family, form)]
+    want = stored(dense_dir)
+    one = export_checkpoint(src, tmp_path / "one", progress=False)
+    assert sorted(p.name for p in one.glob("*.safetensors")) == ["model.safetensors"]
+    got = stored(one)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+    assert json.loads((one / "config.json").read_text()) == json.loads((dense_dir / "config.json").read_text())
+    if (family, form) == ("deepseek_v3", "ragged"):  # shards: same tensors, and an index naming each one's file
+        many = export_checkpoint(src, tmp_path / "many", progress=False, max_shard_size=sum(
+            t.numel() * t.element_size() for t in want.values()) // 3)
+        index = json.loads((many / INDEX).read_text())
+        assert len({*index["weight_map"].values()}) >= 3 and set(index["weight_map"]) == set(want)
+        assert all(torch.equal(t, want[k]) for k, t in stored(many).items())
 
 
 def test_loads_in_requested_dtype(saved, tmp_path):
