@@ -11,7 +11,8 @@ benchmarks/results/recovery-NAME.json.
 recovery, ``--form`` included) and there is no separate ``recover`` stage.  ``--kd-variants``:
 KD runs, each from that same start, one per name (``factors``: the factors only, as §4;
 ``core``: and the cores; ``router``: and the routers; ``router-only``: the routers only,
-arXiv 2603.02217); the results then go to ``recovery-NAME-TAG.json`` (``--tag``), rewritten
+arXiv 2603.02217; ``block``: the factors, with the loss on the MoE blocks' outputs as well as
+the logits, weight 1); the results then go to ``recovery-NAME-TAG.json`` (``--tag``), rewritten
 after every stage so an interrupted run keeps what it measured.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ from provenance import provenance  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]  # the source checkout (bundled models, results)
 #: what each KD variant trains, as DistillConfig fields
 KD_VARIANTS = {"factors": {}, "core": {"train_core": True}, "router": {"train_router": True},
-               "router-only": {"train_router": True, "train_factors": False}}
+               "router-only": {"train_router": True, "train_factors": False}, "block": {"experts_loss_weight": 1.0}}
 
 
 def heldout_ppl(path: Path, max_tokens: int | None) -> dict:

@@ -307,6 +307,9 @@ class DistillConfig(ConfigBase):
         lr: peak learning rate (AdamW, no weight decay).
         temperature: KD temperature T (the loss uses T² · KL).
         alpha: weight of the cross-entropy term on the text itself.
+        experts_loss_weight: weight of a loss on the MoE blocks' outputs as well as the logits: each
+            experts module's output against the teacher's, relative squared error averaged over
+            the layers (0: logits only).
         block_size: tokens per packed training block.
         batch_size: blocks per step and process.
         grad_accum: gradient accumulation steps.
@@ -333,6 +336,7 @@ class DistillConfig(ConfigBase):
     lr: float = field(default=1e-3, metadata={"gt": 0})
     temperature: float = field(default=1.0, metadata={"gt": 0})
     alpha: float = field(default=0.1, metadata={"min": 0})
+    experts_loss_weight: float = field(default=0.0, metadata={"min": 0})
     block_size: int = field(default=128, metadata={"min": 2})
     batch_size: int = field(default=8, metadata={"gt": 0})
     grad_accum: int = field(default=1, metadata={"gt": 0})

@@ -242,7 +242,7 @@ def distill(teacher, student=None, output_dir: str | Path = "distilled", cfg: Di
         worker = EvalWorker(out, max_tokens=cfg.eval_max_tokens, tasks=cfg.eval_tasks, limit=cfg.eval_limit).start()
     trainer = DistillTrainer(model=student_model, args=args, train_dataset=BlockDataset(blocks),
                              processing_class=tok, teacher=teacher_model, temperature=cfg.temperature,
-                             alpha=cfg.alpha, callbacks=[_Monitor(out, worker)])
+                             alpha=cfg.alpha, block_weight=cfg.experts_loss_weight, callbacks=[_Monitor(out, worker)])
     try:
         with converting_write_errors(out):
             trainer.train(resume_from_checkpoint=str(last) if last else None)

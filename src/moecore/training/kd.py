@@ -2,9 +2,12 @@
 
 ``DistillTrainer`` adds a frozen teacher and the loss
 
-    L = T² · KL(p_teacher^T ‖ p_student^T) + α · CE(student, labels)
+    L = T² · KL(p_teacher^T ‖ p_student^T) + α · CE(student, labels) + β · Σ_l ‖y_l^s − y_l^t‖² / ‖y_l^t‖² / n
 
-(per-token mean over the positions that have a label), and saves every checkpoint in
+(per-token mean over the positions that have a label; the last term, with ``β > 0``, is the
+relative squared error of each MoE experts module's output ``y_l``, student against teacher,
+averaged over the ``n`` layers: distillation on the block outputs as well as the logits), and
+saves every checkpoint in
 moecore's compressed format, published by an atomic rename (see ``checkpoints.py``).
 The optimizer, scheduler, RNG and trainer state use the Trainer's own files, so
 ``train(resume_from_checkpoint=...)`` resumes exactly; they are read with
@@ -21,7 +24,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ExportableState
 
 from ..errors import ConfigError, TrainingError
-from ..families import is_compressed
+from ..families import find_experts, is_compressed
 from ..io import save_compressed
 from ..io_utils import atomic_write_text, remove_tree
 from . import checkpoints as ckpt
@@ -47,6 +50,26 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return loss, {"kd": kd.detach().item(), "ce": ce.detach().item()}
 
 
+def block_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over the layers of ``‖y_s − y_t‖² / ‖y_t‖²`` (``{path: (…, H)}`` outputs of the experts modules)."""
+    terms = [(student[p].float() - teacher[p].float()).pow(2).sum() / teacher[p].float().pow(2).sum().clamp_min(1e-30)
+             for p in teacher]
+    return torch.stack(terms).mean()
+
+
+class _ExpertsOutputs:
+    """Forward hooks that keep the output of every experts module of ``model`` (by path)."""
+
+    def __init__(self, model) -> None:
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._keep(path)) for path, m, _ in find_experts(model, "all")]
+
+    def _keep(self, path: str):
+        def hook(module, args, output):
+            self.out[path] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+
 class DistillTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss distils a frozen ``teacher`` into the model.
 
@@ -55,18 +78,24 @@ class DistillTrainer(Trainer):
     ≥ 0 (weight of the CE term).
     """
 
-    def __init__(self, *args, teacher=None, temperature: float = 1.0, alpha: float = 0.1, **kwargs):
+    def __init__(self, *args, teacher=None, temperature: float = 1.0, alpha: float = 0.1, block_weight: float = 0.0,
+                 **kwargs):
         if teacher is None:
             raise ConfigError("DistillTrainer needs a teacher model")
-        if temperature <= 0 or alpha < 0:
-            raise ConfigError(f"need temperature > 0 and alpha >= 0, got {temperature}, {alpha}")
+        if temperature <= 0 or alpha < 0 or block_weight < 0:
+            raise ConfigError(f"need temperature > 0, alpha >= 0 and block_weight >= 0, got {temperature}, {alpha}, "
+                              f"{block_weight}")
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.to(self.args.device)
-        self.temperature, self.alpha = float(temperature), float(alpha)
+        self.temperature, self.alpha, self.block_weight = float(temperature), float(alpha), float(block_weight)
         self._parts: dict[str, list[float]] = {"kd": [], "ce": []}
+        self._blocks = None
+        if self.block_weight > 0:  # the experts modules' outputs of student and teacher, per forward
+            self._blocks = (_ExpertsOutputs(self.model), _ExpertsOutputs(self.teacher))
+            self._parts["block"] = []
 
     # ---- loss ----
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -76,9 +105,13 @@ class DistillTrainer(Trainer):
         with torch.no_grad():
             t_logits = self.teacher(**inputs).logits
         loss, parts = kd_loss(out.logits, t_logits, labels, self.temperature, self.alpha)
+        if self._blocks is not None:
+            block = block_loss(self._blocks[0].out, self._blocks[1].out)
+            loss = loss + self.block_weight * block
+            parts["block"] = block.detach().item()
         if not all(math.isfinite(v) for v in parts.values()):
             last = ckpt.last_checkpoint(self.args.output_dir)
-            raise TrainingError(f"non-finite loss (KD {parts['kd']}, CE {parts['ce']}) at step "
+            raise TrainingError(f"non-finite loss ({', '.join(f'{k} {v}' for k, v in parts.items())}) at step "
                                 f"{self.state.global_step + 1}; stopping, nothing written as final"
                                 + (f" (last good checkpoint: {last})" if last else ""))
         if model.training:
