@@ -37,14 +37,18 @@ def test_bundled_shapes_match_issue():
 
 @pytest.mark.parametrize("name", BUNDLED)
 def test_heldout_perplexity_matches_card(name):
-    """The full held-out split under the pinned protocol, within 1% of the recorded value."""
+    """Every 6th held-out document (all three sources, about a quarter of the split's tokens)
+    under the pinned protocol, within 1% of the value the card records for them
+    (``scripts/model_card.py``; the full split's figure, 4x the time, is re-measured by the
+    benchmarks that report it, e.g. RESULTS §4)."""
     d = MODELS / name
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(d)
-    rec = json.loads((d / "model_card.json").read_text())["heldout_perplexity"]
-    res = perplexity(model, tok, stream=token_stream(tok, load_split("heldout")),
+    card = json.loads((d / "model_card.json").read_text())
+    rec = card["heldout_perplexity_every_6th_document"]
+    res = perplexity(model, tok, stream=token_stream(tok, load_split("heldout")[::rec["doc_stride"]]),
                      seq_len=rec["seq_len"], stride=rec["stride"], progress=False)
-    assert res.tokens_scored == rec["tokens_scored"]
+    assert res.tokens_scored == rec["tokens_scored"] > 0.25 * card["heldout_perplexity"]["tokens_scored"]
     assert abs(res.ppl / rec["ppl"] - 1) < 0.01
     # the card's number is a real model's: far better than the unigram baseline
     assert res.ppl < 0.5 * json.loads((d / "model_card.json").read_text())["unigram_baseline_perplexity"]
