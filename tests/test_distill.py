@@ -44,12 +44,18 @@ def test_kd_loss_terms():
     assert abs(p2["kd"]) < 1e-6 and abs(same.item()) < 1e-6
 
 
-def test_kd_lowers_loss_training_only_factors(teacher_dir, tmp_path):
+def _compressed_pair(form: str, n_blocks: int = 2):
+    """The tiny teacher, a compressed copy as student (rank 4), a snapshot of the student's
+    parameters, and ``n_blocks`` KD blocks of 64 tokens."""
     teacher, tok = tiny_mixtral(seed=0)
     student = copy.deepcopy(teacher)
-    moecore.compress(student, CompressionConfig(form="delta", rank=4))
+    moecore.compress(student, CompressionConfig(form=form, rank=4))
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    blocks = _blocks(tok, None, 64, 1)[:2]
+    return teacher, tok, student, before, _blocks(tok, None, 64, 1)[:n_blocks]
+
+
+def test_kd_lowers_loss_training_only_factors(teacher_dir, tmp_path):
+    teacher, _, student, before, blocks = _compressed_pair("delta")
     loss0 = eval_kd_loss(student, teacher, blocks, 2.0, 0.0)
     res = distill(str(teacher_dir), student, tmp_path / "out", DistillConfig(
         max_steps=12, lr=2e-2, alpha=0.0, block_size=64, batch_size=4, save_steps=100, logging_steps=1))
@@ -70,11 +76,7 @@ def test_kd_lowers_loss_training_only_factors(teacher_dir, tmp_path):
 def test_router_only_kd_changes_only_the_routers(teacher_dir, tmp_path):
     """``train_factors=False, train_router=True``: router-only KD (arXiv 2603.02217). Only the
     routers move, and the KD loss falls; with neither factors nor routers there is nothing to train."""
-    teacher, tok = tiny_mixtral(seed=0)
-    student = copy.deepcopy(teacher)
-    moecore.compress(student, CompressionConfig(form="basis", rank=4))
-    before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    blocks = _blocks(tok, None, 64, 1)[:2]
+    teacher, _, student, before, blocks = _compressed_pair("basis")
     loss0 = eval_kd_loss(student, teacher, blocks, 1.0, 0.0)
     res = distill(str(teacher_dir), student, tmp_path / "out", DistillConfig(
         max_steps=10, lr=2e-2, alpha=0.0, block_size=64, batch_size=4, save_steps=100, logging_steps=1,
@@ -94,10 +96,7 @@ def test_experts_output_loss_is_logged_and_falls(teacher_dir, tmp_path):
     from moecore.families import find_experts
     from moecore.training.kd import block_loss
 
-    teacher, tok = tiny_mixtral(seed=0)
-    student = copy.deepcopy(teacher)
-    moecore.compress(student, CompressionConfig(form="ragged", rank=4))
-    blocks = _blocks(tok, None, 64, 1)[:4]
+    teacher, _, student, _, blocks = _compressed_pair("ragged", n_blocks=4)
     outs = {}
     for name, model in (("s", student), ("t", teacher)):
         outs[name] = {}

@@ -187,7 +187,7 @@ def is_moecore_key(key: str, names: tuple[str, ...] | None = None) -> bool:
     return key.rsplit(".", 1)[-1].startswith(names or stored_names())
 
 
-def _layer_number(key: str) -> int | None:
+def layer_number(key: str) -> int | None:
     """The decoder layer of a checkpoint key or module path: its first number component
     (``model.layers.3.block_sparse_moe.experts.delta_a_gate`` -> 3).  transformers' key
     renames between a family's stored and module names (Mixtral's ``block_sparse_moe`` ->
@@ -208,7 +208,7 @@ def check_stored_headers(model, files, swapped: dict[str, Any]) -> None:
     for path, module in swapped.items():
         shapes = {n: tuple(t.shape) for n, t in [*module.named_parameters(recurse=False),
                                                   *module.named_buffers(recurse=False)]}
-        by_layer.setdefault(_layer_number(path), []).append((path, shapes))
+        by_layer.setdefault(layer_number(path), []).append((path, shapes))
     names = stored_names()
     for f in sorted(str(f) for f in files or () if str(f).endswith(".safetensors")):
         try:
@@ -217,9 +217,9 @@ def check_stored_headers(model, files, swapped: dict[str, Any]) -> None:
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"corrupt safetensors file {f}: {first_line(exc)}") from exc
         for key, shape in stored:
-            owners = by_layer.get(_layer_number(key))
+            owners = by_layer.get(layer_number(key))
             if not owners:
-                raise CheckpointError(f"{Path(f).name} stores compressed tensors for layer {_layer_number(key)} "
+                raise CheckpointError(f"{Path(f).name} stores compressed tensors for layer {layer_number(key)} "
                                       f"(e.g. {key}), which its quantization_config does not list: that layer "
                                       "would load with random experts")
             leaf = key.rsplit(".", 1)[-1]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -33,9 +32,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.utils.hub import convert_file_size_to_int
 
-from .checkpoint_format import LOAD_NOTICE_KEY, check_stored_headers, swap_in_compressed
+from .checkpoint_format import LOAD_NOTICE_KEY, check_stored_headers, layer_number, swap_in_compressed
 from .errors import CheckpointError
-from .families import text_config
+from .families import config_dtype
 from .io_utils import atomic_output_dir, umask
 from .modeling import check_model_dir, check_safetensors
 from .progress import progress_bar
@@ -44,7 +43,6 @@ INDEX = "model.safetensors.index.json"
 #: copied as they are, when present: generation settings and every tokenizer file transformers writes
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
-_LAYER = re.compile(r"(?:^|\.)(\d+)\.")
 
 
 class _ShardWriter:
@@ -87,11 +85,6 @@ class _ShardWriter:
         (self.folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _layer_of(key: str) -> int:
-    m = _LAYER.search(key)
-    return int(m.group(1)) if m else -1  # non-layer tensors (embeddings, final norm, head): first
-
-
 @torch.no_grad()
 def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: torch.dtype | None = None,
                       device: str | torch.device = "cpu", overwrite: bool = False,
@@ -115,8 +108,7 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: 
         raise CheckpointError(f"{p} has no moecore-compressed experts (its config.json has no "
                               "quantization_config): there is nothing to export")
     qdict = qc if isinstance(qc, dict) else qc.to_dict()
-    stored = getattr(text_config(hf), "dtype", None) or getattr(hf, "dtype", None) or torch.float32
-    stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    stored = config_dtype(hf)
     del hf.quantization_config
     with torch.device("meta"):
         dense = AutoModelForCausalLM.from_config(hf, dtype=stored)  # names and conversions of the dense model
@@ -127,20 +119,22 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: 
     where = {k: f for f, fh in handles.items() for k in fh.keys()}
     owned = {path: [k for k in where if k.startswith(path + ".")] for path in swapped}
     skip = {LOAD_NOTICE_KEY} | {k for keys in owned.values() for k in keys}
-    by_layer: dict[int, list[str]] = {}
+    by_layer: dict[int | None, list[str]] = {}  # None: non-layer tensors (embeddings, final norm, head)
     for k in where:
         if k not in skip:
-            by_layer.setdefault(_layer_of(k), []).append(k)
+            by_layer.setdefault(layer_number(k), []).append(k)
+    paths_of: dict[int | None, list[str]] = {}
     for path in swapped:
-        by_layer.setdefault(_layer_of(path + "."), [])
+        paths_of.setdefault(layer_number(path + "."), []).append(path)
+        by_layer.setdefault(layer_number(path + "."), [])
     limit = convert_file_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     with atomic_output_dir(out, overwrite, inputs=[p]) as tmp:
         writer = _ShardWriter(tmp, limit)
-        for layer in progress_bar(sorted(by_layer), desc="moecore: exporting", unit="layer", enabled=progress):
+        order = sorted(by_layer, key=lambda n: -1 if n is None else n)
+        for layer in progress_bar(order, desc="moecore: exporting", unit="layer", enabled=progress):
             state = {k: handles[where[k]].get_tensor(k) for k in by_layer[layer]}
-            for path, meta_mod in swapped.items():
-                if _layer_of(path + ".") == layer:
-                    state.update(_materialize(path, meta_mod, handles, where, device))
+            for path in paths_of.get(layer, ()):
+                state.update(_materialize(path, swapped[path], handles, where, device))
             for k, t in revert_weight_conversion(dense, state).items():
                 writer.add(k, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
         writer.close()

@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .config import CompressionConfig
 from .errors import ConfigError, FileAccessError, first_line
-from .families import find_experts, text_config
+from .families import config_dtype, find_experts, text_config
 from .fitting import projection_shapes, solve_ranks
 from .forms import PROJECTIONS
 from .modeling import check_model_dir, check_safetensors
@@ -141,7 +141,7 @@ def plan(hf_config, cfg, dtype: torch.dtype | str | None = None) -> dict[str, An
         raise ConfigError(f"cfg must be a CompressionConfig, got {type(cfg).__name__}")
     hf = _load_hf_config(hf_config)
     if dtype is None:
-        dtype = getattr(text_config(hf), "dtype", None) or getattr(hf, "dtype", None) or torch.float32
+        dtype = config_dtype(hf)
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ConfigError(f"unknown dtype {dtype!r} (e.g. float32, bfloat16, float16)")
@@ -187,7 +187,7 @@ def recount(model_dir) -> dict[str, Any]:
     p = check_model_dir(model_dir)
     files = check_safetensors(p)
     hf = AutoConfig.from_pretrained(p)
-    dtype = getattr(text_config(hf), "dtype", None) or getattr(hf, "dtype", None) or torch.float32
+    dtype = config_dtype(hf)
     qc = getattr(hf, "quantization_config", None)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf, dtype=dtype)

@@ -186,6 +186,12 @@ def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def config_dtype(config) -> torch.dtype:
+    """The dtype ``config`` records (its text model's first; float32 when it records none)."""
+    dtype = getattr(text_config(config), "dtype", None) or getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def top_k_of(config) -> int:
     """Experts per token (``num_experts_per_tok`` / ``moe_topk`` / ``top_k``) from a config
     (its text model's for a multimodal wrapper)."""
