@@ -97,3 +97,29 @@ def test_float32_fit_matches_float64_within_bound():
     diff = float(((w32 - w64) @ L).pow(2).sum().sqrt())
     assert diff <= 2 * delta + 1e-3 * float(wl.sqrt())
     assert diff / float(wl.sqrt()) < 1e-3
+
+
+@pytest.mark.parametrize("method,cap", [("exact", None), ("randomized", None), ("exact", 40), ("randomized", 40)])
+def test_report_errors_from_the_fit_match_the_products(method, cap):
+    """The fit report's output error, from the fit's own sums (no whitened product), equals
+    the one computed from ``Δ_i L_i`` and ``W_i L_i`` (delta and, with a cap, ragged ranks)."""
+    w, grams = _layer()
+    L = grams.clone()
+    S, lam = mf.whiten_in_place(L, 0.01, L.shape[0], "cpu")
+    info: dict = {}
+    dt = mf.compute_dtype(method)
+    c, fac, hist = mf.fit_delta(w, mf.expert_core(w), 20, L, S, steps=3, method=method, compute_dtype=dt,
+                                generator=torch.Generator().manual_seed(0), rank_cap=cap, info=info)
+    pair = mf.whitened_pair(info)
+    assert pair is not None and pair[0] == min(hist)
+    approx = lambda sl: c + fac[0][sl].double() @ fac[1][sl].double().mT  # noqa: E731
+    assert pair[1] == pytest.approx(float((w.double() @ L).pow(2).sum()), rel=1e-6)
+    assert pair[0] == pytest.approx(float(((w.double() - approx(slice(None))) @ L).pow(2).sum()), rel=1e-4)
+    direct = mf.errors(w, approx, L, lam, compute_dtype=torch.float64)
+    fast = mf.errors(w, approx, L, lam, compute_dtype=torch.float64, whitened=pair)
+    assert fast[0] == direct[0]
+    assert 0.01 < direct[1] < 0.9 and fast[1] == pytest.approx(direct[1], rel=1e-4)
+    # no refinement step: the fit cannot know Σ‖W_i L_i‖², and the report computes it
+    info = {}
+    mf.fit_delta(w, mf.expert_core(w), 20, L, S, steps=0, method=method, compute_dtype=dt, info=info)
+    assert mf.whitened_pair(info) is None

@@ -168,7 +168,8 @@ def fit_experts(
         entry.update(refine_iters=res.refine_iters)
         entry.update(refine_objective_start=hist[0], refine_objective_end=min(hist), svd=proj.method)
         werr, oerr = mf.errors(proj.w, approx, L if inputs is not None else None, lam, chunk=proj.chunk, device=device,
-                               compute_dtype=mf.compute_dtype(proj.method))
+                               compute_dtype=mf.compute_dtype(proj.method),
+                               whitened=res.whitened)
         entry.update(weight_rel_error=werr, output_rel_error=oerr)
         if inputs is not None:
             entry.update(calibration_report(inputs, cfg))

@@ -37,12 +37,16 @@ PROJECTIONS = ("gate", "up", "down")
 class FitResult:
     """What :meth:`Form.fit` returns: ``core (d_out, d_in)`` and ``factors`` (in
     :attr:`Form.factor_names` order, each ``(E, d, rank)``), float64 on the fitting device;
-    ``history`` the objective (start first); ``refine_iters`` the refinement steps run."""
+    ``history`` the objective (start first); ``refine_iters`` the refinement steps run;
+    ``whitened``: ``(Σ_i ‖(W_i − Ŵ_i) L_i‖², Σ_i ‖W_i L_i‖²)`` of the returned fit where the
+    fit knows both without extra work (the fit report's errors then skip two whitened
+    products per expert), else ``None``."""
 
     core: Tensor
     factors: tuple[Tensor, ...]
     history: list[float]
     refine_iters: int
+    whitened: tuple[float, float] | None = None
 
 
 class Form(ABC):

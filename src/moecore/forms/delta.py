@@ -52,11 +52,12 @@ class DeltaForm(Form):
         steps, and on an accelerator the best iterate is kept in host memory."""
         e, d_out, d_in = weights.shape
         big = e * (d_out + d_in) * rank * 8 > f64_factor_limit
+        info: dict = {}
         core, factors, history = fit.fit_delta(
             weights, core, rank, L, S, steps=steps, method=method, generator=generator, chunk=chunk, device=device,
             factor_dtype=torch.float32 if big or method == "randomized" else torch.float64,
-            best_on="cpu" if device.type != "cpu" else None, compute_dtype=fit.compute_dtype(method))
-        return FitResult(core, factors, history, refine_iters=len(history) - 1)
+            best_on="cpu" if device.type != "cpu" else None, compute_dtype=fit.compute_dtype(method), info=info)
+        return FitResult(core, factors, history, refine_iters=len(history) - 1, whitened=fit.whitened_pair(info))
 
     def reconstruct(self, core: Tensor, factors: tuple[Tensor, ...]) -> Tensor:
         """``C + A_i B_iᵀ``: ``(d_out, d_in), ((E, d_out, s), (E, d_in, s)) -> (E, d_out, d_in)``."""

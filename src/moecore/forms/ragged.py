@@ -63,11 +63,12 @@ class RaggedForm(DeltaForm):
             raise ConfigError(f"form 'ragged': rank {rank} is above the full rank {min(d_out, d_in)}")
         cap = max(rank, int(expert_rank_cap * rank))
         big = e * (d_out + d_in) * cap * 8 > f64_factor_limit
+        info: dict = {}
         core, factors, history = fit.fit_delta(
             weights, core, rank, L, S, steps=steps, method=method, generator=generator, chunk=chunk, device=device,
             factor_dtype=torch.float32 if big or method == "randomized" else torch.float64,
-            best_on="cpu" if device.type != "cpu" else None, compute_dtype=fit.compute_dtype(method), rank_cap=cap)
-        return FitResult(core, factors, history, refine_iters=len(history) - 1)
+            best_on="cpu" if device.type != "cpu" else None, compute_dtype=fit.compute_dtype(method), info=info, rank_cap=cap)
+        return FitResult(core, factors, history, refine_iters=len(history) - 1, whitened=fit.whitened_pair(info))
 
     def to_stored(self, num_experts: int, factors: tuple[Tensor, ...]) -> tuple[int, tuple[Tensor, ...]]:
         """Fitted ``(A (E, d_out, c), B (E, d_in, c), ranks (E,))`` -> ``(s, (A (d_out, R), B (d_in, R), ranks))``."""

@@ -139,15 +139,16 @@ def damped_grams(grams: Tensor, damping: float = 0.01) -> tuple[Tensor, Tensor]:
     Experts whose Gram is zero (never routed) get ``Ĝ_i = (1 + λ)·I`` (plain, weight-space
     SVD).  ``grams (E, d, d) -> Ĝ (E, d, d), λ (E,)``.
     """
-    g = grams.to(torch.float64)  # (E, d, d)
-    d = g.shape[-1]
-    eye = torch.eye(d, dtype=g.dtype, device=g.device)
-    mean_diag = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1)  # (E,)
+    g = grams.to(torch.float64, copy=True)  # (E, d, d), a copy modified in place below
+    diag = torch.diagonal(g, dim1=-2, dim2=-1)  # (E, d) a view
+    mean_diag = diag.mean(-1)  # (E,)
     dead = mean_diag <= 0
     scale = torch.where(dead, torch.ones_like(mean_diag), mean_diag)
-    g = torch.where(dead[:, None, None], eye.expand_as(g), g)
+    if bool(dead.any()):
+        g[dead] = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
     lam = damping * scale + 1e-10 * scale  # (E,)
-    return g + lam[:, None, None] * eye, lam
+    diag.add_(lam[:, None])  # only the diagonal is touched: O(E·d), not O(E·d²)
+    return g, lam
 
 
 def whitening_factor(grams: Tensor, damping: float = 0.01) -> Tensor:

@@ -113,7 +113,7 @@ def fit_delta(
     weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None, S: Tensor | None = None, *,
     steps: int = 10, tol: float = 1e-4, method: str = "exact", generator: torch.Generator | None = None,
     chunk: int | None = None, device=None, factor_dtype: torch.dtype = _F64, best_on=None,
-    compute_dtype: torch.dtype = _F64, rank_cap: int | None = None,
+    compute_dtype: torch.dtype = _F64, rank_cap: int | None = None, info: dict | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor], list[float]]:
     """Jointly fit core and delta factors by block-coordinate descent on
     ``Σ_i ‖(W_i − C − A_i B_iᵀ) L_i‖_F²`` (``L_i = I`` without ``L``).
@@ -150,6 +150,10 @@ def fit_delta(
             whitened residual components ``σ_ij²`` (at most ``rank_cap`` per expert), the exact
             minimizer of the objective for a fixed core under that total (so the descent stays
             monotone).  Factors are returned ``rank_cap`` wide with the unused columns zero.
+        info: if a dict, it receives ``whitened_error`` (the objective of the returned iterate)
+            and, with ``L`` and ``steps > 0``, ``whitened_total = Σ_i ‖W_i L_i‖²`` without a
+            product of its own: ``Σ_i ‖R_i L_i‖² + 2⟨C₀, Σ_i R_i Ĝ_i⟩ + ⟨C₀ S, C₀⟩`` from the
+            first pass (``R_i = W_i − C₀``), which :func:`errors` then need not recompute.
     Returns ``core (d_out, d_in)`` float64, ``(A (E, d_out, s), B (E, d_in, s))`` (in
     ``factor_dtype`` on ``device``; with ``rank_cap``: ``s = min(rank_cap, d_out, d_in)`` and
     a third element, the per-expert ranks ``(E,)`` int64) and the objective history (start first).
@@ -170,13 +174,14 @@ def fit_delta(
     best_on = torch.device(best_on) if best_on is not None else device
     v_prev: list[Tensor | None] = [None] * len(parts)
     acc: dict[str, Tensor | None] = {"P": None}
+    info = {} if info is None else info
 
     def on(t: Tensor | None, sl: slice) -> Tensor | None:
         return None if t is None else t[sl].to(device=device, dtype=cdt)
 
     def factors(c: Tensor, first: bool) -> tuple[float, Tensor]:
         """Fill ``a_all, b_all`` for core ``c``; return the objective and ``N (d_out, d_in)``."""
-        err = 0.0
+        err = rl2 = 0.0
         n_acc = torch.zeros(d_out, d_in, dtype=_F64, device=device)
         p_acc = torch.zeros(d_out, d_in, dtype=_F64, device=device) if first and steps > 0 else None
         cc = c.to(cdt)
@@ -194,7 +199,9 @@ def fit_delta(
                 v_prev[j] = v if method == "randomized" else None
                 a, bw = split_sqrt(u, sv, v)  # (n, d_out, s), (n, d_in, s)
                 kept = sv.to(_F64).pow(2).sum(-1)  # (n,)
-            err += float(rl.pow(2).sum(dtype=_F64) - (kept.sum() if energy is None else 0.0))  # ‖RL‖² − Σ σ²
+            rl2_j = float(rl.pow(2).sum(dtype=_F64))  # Σ_i ‖R_i L_i‖² over the chunk
+            rl2 += rl2_j
+            err += rl2_j - (float(kept.sum()) if energy is None else 0.0)  # ‖RL‖² − Σ σ²
             del rl, r
             a_all[sl] = a.to(factor_dtype)
             b_all[sl] = (solve_lt(l.to(bw.dtype), bw) if l is not None else bw).to(factor_dtype)
@@ -211,7 +218,10 @@ def fit_delta(
                 lb = l.to(_F64) @ (l.to(_F64).mT @ b) if l is not None else b  # Ĝ_i B_i  (n, d_in, s)
                 n_acc += torch.einsum("nos,nis->oi", a, lb)
         if p_acc is not None:
-            acc["P"] = p_acc + (c @ s64 if s64 is not None else e * c)
+            cs = c @ s64 if s64 is not None else e * c  # C₀ S  (d_out, d_in)
+            if s64 is not None:  # Σ_i ‖W_i L_i‖² = Σ‖R_i L_i‖² + 2⟨C₀, Σ R_i Ĝ_i⟩ + ⟨C₀ S, C₀⟩
+                info["whitened_total"] = rl2 + float(2 * (c * p_acc).sum() + (cs * c).sum())
+            acc["P"] = p_acc + cs
         return max(err, 0.0), n_acc
 
     def core_step(n_acc: Tensor) -> Tensor:
@@ -236,7 +246,16 @@ def fit_delta(
             best = snapshot()
         if improved <= tol * max(err, 1e-30):
             break
+    info["whitened_error"] = min(history)
     return best[0].to(device), tuple(t.to(device) for t in best[1:]), history
+
+
+def whitened_pair(info: dict) -> tuple[float, float] | None:
+    """``(whitened_error, whitened_total)`` from :func:`fit_delta`'s ``info``, or ``None``
+    where the fit could not know the total (no whitening, or no refinement step)."""
+    if "whitened_total" not in info or "whitened_error" not in info:
+        return None
+    return float(info["whitened_error"]), float(info["whitened_total"])
 
 
 def _water_fill(energy: Tensor, a: Tensor, b: Tensor, budget: int) -> tuple[Tensor, Tensor]:
@@ -281,23 +300,36 @@ def fit_wrapper(
 def errors(
     weights: Tensor, approx_fn, L: Tensor | None = None, lam: Tensor | None = None, *,
     chunk: int | None = None, device=None, compute_dtype: torch.dtype = _F64,
+    whitened: tuple[float, float] | None = None,
 ) -> tuple[float, float | None]:
     """Relative weight error ``‖W − Ŵ‖/‖W‖`` and, with ``L``, relative output error on the
     calibration inputs ``sqrt(Σ tr(Δ_i G_i Δ_iᵀ) / Σ tr(W_i G_i W_iᵀ))``, computed from
     ``‖Δ_i L_i‖² − λ_i ‖Δ_i‖²`` (``Ĝ_i = G_i + λ_i I``).  ``approx_fn(slice) -> Ŵ[slice]``
-    (on ``device``).  ``compute_dtype``: dtype of the whitened products (sums are float64)."""
+    (on ``device``).  ``compute_dtype``: dtype of the whitened products (sums are float64).
+
+    ``whitened = (Σ_i ‖Δ_i L_i‖², Σ_i ‖W_i L_i‖²)`` when the fit already knows both
+    (:func:`fit_delta`'s ``info``): then no whitened product is computed (at real shapes they
+    were a third of a layer's fit).  Where the error is below 10⁻³ of the total, the subtraction
+    the fit's objective comes from (``‖RL‖² − Σσ²``) has lost too many digits, and the
+    products are computed as without ``whitened``."""
     e = weights.shape[0]
     device = torch.device(device) if device is not None else weights.device
-    wn = wd = on = od = 0.0
+    direct = L is not None and (whitened is None or whitened[0] < 1e-3 * whitened[1])
+    wn = wd = on = od = lw_d = lw_w = 0.0
     for sl in chunks_of(e, chunk or e):
         w = weights[sl].to(device=device, dtype=compute_dtype)  # (n, d_out, d_in)
         delta = w - approx_fn(sl).to(compute_dtype)
         dw, ww = delta.pow(2).sum((1, 2), dtype=_F64), w.pow(2).sum((1, 2), dtype=_F64)  # (n,)
         wn, wd = wn + float(dw.sum()), wd + float(ww.sum())
         if L is not None:
-            l, la = L[sl].to(device=device, dtype=compute_dtype), lam[sl].to(device=device, dtype=_F64)
+            la = lam[sl].to(device=device, dtype=_F64)  # (n,)
+            lw_d, lw_w = lw_d + float((la * dw).sum()), lw_w + float((la * ww).sum())
+        if direct:
+            l = L[sl].to(device=device, dtype=compute_dtype)
             on += float(((delta @ l).pow(2).sum((1, 2), dtype=_F64) - la * dw).clamp_min(0).sum())
             od += float(((w @ l).pow(2).sum((1, 2), dtype=_F64) - la * ww).clamp_min(0).sum())
+    if L is not None and not direct:  # Σ(‖Δ_i L_i‖² − λ_i‖Δ_i‖²), Σ(‖W_i L_i‖² − λ_i‖W_i‖²)
+        on, od = max(whitened[0] - lw_d, 0.0), max(whitened[1] - lw_w, 0.0)
     weight_err = (wn / max(wd, 1e-300)) ** 0.5
     return weight_err, ((on / max(od, 1e-300)) ** 0.5 if L is not None else None)
 
