@@ -28,15 +28,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.utils.hub import convert_file_size_to_int
 
-from .checkpoint_format import LOAD_NOTICE_KEY, check_stored_headers, layer_number, swap_in_compressed
+from .checkpoint_format import LOAD_NOTICE_KEY, layer_number
 from .errors import CheckpointError
-from .families import config_dtype
 from .io_utils import atomic_output_dir, umask
-from .modeling import check_model_dir, check_safetensors
+from .modeling import load_meta
 from .progress import progress_bar
 
 INDEX = "model.safetensors.index.json"
@@ -100,40 +99,34 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: 
         max_shard_size: largest output file, as ``save_pretrained`` takes it.
     Raises ``CheckpointError`` for a folder that is not a moecore checkpoint, or a corrupt one.
     """
-    p = check_model_dir(src)
-    files = check_safetensors(p)
-    hf = AutoConfig.from_pretrained(p)
-    qc = getattr(hf, "quantization_config", None)
-    if qc is None:
+    meta = load_meta(src)
+    p, files, hf, stored, swapped = meta.path, meta.files, meta.config, meta.dtype, meta.swapped
+    if meta.quantization is None:
         raise CheckpointError(f"{p} has no moecore-compressed experts (its config.json has no "
                               "quantization_config): there is nothing to export")
-    qdict = qc if isinstance(qc, dict) else qc.to_dict()
-    stored = config_dtype(hf)
-    del hf.quantization_config
     with torch.device("meta"):
         dense = AutoModelForCausalLM.from_config(hf, dtype=stored)  # names and conversions of the dense model
-        skeleton = AutoModelForCausalLM.from_config(hf, dtype=stored)
-    swapped = swap_in_compressed(skeleton, qdict)
-    check_stored_headers(skeleton, files, swapped)
     handles = {f: safe_open(str(f), framework="pt") for f in files}
     where = {k: f for f, fh in handles.items() for k in fh.keys()}
-    owned = {path: [k for k in where if k.startswith(path + ".")] for path in swapped}
-    skip = {LOAD_NOTICE_KEY} | {k for keys in owned.values() for k in keys}
+    # every stored tensor under a compressed module (matched through the layer's paths: one pass over the keys)
+    paths_by_layer: dict[int | None, list[str]] = {}
+    for path in swapped:
+        paths_by_layer.setdefault(layer_number(path + "."), []).append(path)
+    skip = {LOAD_NOTICE_KEY} | {k for k in where
+                                if any(k.startswith(q + ".") for q in paths_by_layer.get(layer_number(k), ()))}
     by_layer: dict[int | None, list[str]] = {}  # None: non-layer tensors (embeddings, final norm, head)
     for k in where:
         if k not in skip:
             by_layer.setdefault(layer_number(k), []).append(k)
-    paths_of: dict[int | None, list[str]] = {}
-    for path in swapped:
-        paths_of.setdefault(layer_number(path + "."), []).append(path)
-        by_layer.setdefault(layer_number(path + "."), [])
+    for layer in paths_by_layer:
+        by_layer.setdefault(layer, [])
     limit = convert_file_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     with atomic_output_dir(out, overwrite, inputs=[p]) as tmp:
         writer = _ShardWriter(tmp, limit)
         order = sorted(by_layer, key=lambda n: -1 if n is None else n)
         for layer in progress_bar(order, desc="moecore: exporting", unit="layer", enabled=progress):
             state = {k: handles[where[k]].get_tensor(k) for k in by_layer[layer]}
-            for path in paths_of.get(layer, ()):
+            for path in paths_by_layer.get(layer, ()):
                 state.update(_materialize(path, swapped[path], handles, where, device))
             for k, t in revert_weight_conversion(dense, state).items():
                 writer.add(k, t.to(dtype) if dtype is not None and t.is_floating_point() else t)

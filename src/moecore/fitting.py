@@ -163,13 +163,14 @@ def fit_experts(
                        expert_rank_cap=cfg.expert_rank_cap)
         core, fac, hist = res.core, res.factors, res.history
 
-        def approx(sl, core=core, fac=fac):
-            return form.reconstruct(core, tuple(f[sl] for f in fac))
+        cdt = mf.compute_dtype(proj.method)  # the report's products in the fit's working precision
+
+        def approx(sl, core=core.to(cdt), fac=fac):
+            return form.reconstruct(core, tuple(f[sl].to(cdt) if f.is_floating_point() else f[sl] for f in fac))
         entry.update(refine_iters=res.refine_iters)
         entry.update(refine_objective_start=hist[0], refine_objective_end=min(hist), svd=proj.method)
         werr, oerr = mf.errors(proj.w, approx, L if inputs is not None else None, lam, chunk=proj.chunk, device=device,
-                               compute_dtype=mf.compute_dtype(proj.method),
-                               whitened=res.whitened)
+                               compute_dtype=cdt, whitened=res.whitened)
         entry.update(weight_rel_error=werr, output_rel_error=oerr)
         if inputs is not None:
             entry.update(calibration_report(inputs, cfg))

@@ -13,16 +13,18 @@ naming the directory:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from . import checkpoint_format
 from .errors import CheckpointError, first_line
-from .families import text_config
+from .families import config_dtype, text_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 # the shape of the load guard stored under an original experts key (checkpoint_format.load_guards)
@@ -132,3 +134,42 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
     has_tok = any((p / f).is_file() for f in TOKENIZER_FILES)
     tok = load_tokenizer(p, model.config) if (need_tokenizer or has_tok) else None
     return model, tok
+
+
+@dataclass
+class MetaCheckpoint:
+    """A saved model folder opened without reading its weights (:func:`load_meta`)."""
+
+    path: Path
+    files: list[Path]  # its safetensors files, headers checked
+    config: PretrainedConfig  # without ``quantization_config`` (that is ``quantization``)
+    dtype: torch.dtype  # the dtype ``config.json`` records
+    quantization: dict | None  # the moecore ``quantization_config``, or None (not compressed)
+    model: nn.Module  # on the meta device, compressed experts swapped in from ``quantization``
+    swapped: dict[str, nn.Module]  # path -> meta compressed experts module
+
+
+def load_meta(path: str | os.PathLike) -> MetaCheckpoint:
+    """The model of a saved folder on the meta device (no weights read, at any scale): built
+    from ``config.json`` in its recorded dtype, its compressed layers rebuilt from the
+    ``quantization_config`` and every stored moecore tensor's shape checked against them
+    (:func:`moecore.checkpoint_format.check_stored_headers`).  ``stats --recompute`` and the
+    streamed ``export`` start here."""
+    p = check_model_dir(path)
+    files = check_safetensors(p)
+    try:
+        hf = AutoConfig.from_pretrained(p)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot read {p / 'config.json'}: {first_line(exc)}") from exc
+    qc = getattr(hf, "quantization_config", None)
+    qdict = None if qc is None else (qc if isinstance(qc, dict) else qc.to_dict())
+    if qc is not None:
+        del hf.quantization_config
+    dtype = config_dtype(hf)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf, dtype=dtype)
+    swapped = {}
+    if qdict is not None:
+        swapped = checkpoint_format.swap_in_compressed(model, qdict)
+        checkpoint_format.check_stored_headers(model, files, swapped)
+    return MetaCheckpoint(p, files, hf, dtype, qdict, model, swapped)

@@ -38,8 +38,8 @@ from .errors import ConfigError, FileAccessError, first_line
 from .families import config_dtype, find_experts, text_config
 from .fitting import projection_shapes, solve_ranks
 from .forms import PROJECTIONS
-from .modeling import check_model_dir, check_safetensors
-from .checkpoint_format import check_stored_headers, swap_in_compressed
+from .checkpoint_format import swap_in_compressed
+from .modeling import load_meta
 from .stats import statistics
 from .surgery import decoder_layers
 
@@ -184,16 +184,7 @@ def recount(model_dir) -> dict[str, Any]:
     per-projection errors recorded at compression), every stored moecore tensor's shape is
     checked against them, and :func:`statistics` counts the result.  Tensors are counted in
     the config's dtype, as ``from_pretrained(dtype="auto")`` loads them."""
-    p = check_model_dir(model_dir)
-    files = check_safetensors(p)
-    hf = AutoConfig.from_pretrained(p)
-    dtype = config_dtype(hf)
-    qc = getattr(hf, "quantization_config", None)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf, dtype=dtype)
-    if qc is not None:
-        swapped = swap_in_compressed(model, qc if isinstance(qc, dict) else qc.to_dict())
-        check_stored_headers(model, files, swapped)
+    model = load_meta(model_dir).model
     out = statistics(model)
     out["notes"] += "; recounted from the checkpoint's config and tensor headers (meta device, no weights read)"
     return out
