@@ -93,7 +93,7 @@ def fit_basis(weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None,
     if L is not None and S is None:
         raise ValueError("fit_basis: S = Σ Ĝ_i is required with L")
     groups = [slice(j * g, (j + 1) * g) for j in range(m)]
-    eye = torch.eye(d_in, dtype=_F64, device=device)
+    eye = torch.eye(d_in, dtype=_F64, device=device) if L is None else None  # weight space only
 
     def on(t: Tensor | None, sl: slice) -> Tensor | None:
         return None if t is None else t[sl].to(device=device, dtype=_F64)
