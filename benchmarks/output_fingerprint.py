@@ -9,7 +9,7 @@ Run it under two source trees and compare the JSON files::
     python benchmarks/output_fingerprint.py head.json
     python benchmarks/output_fingerprint.py --compare base.json head.json
 
-Setting: delta and wrapper at target ratio 0.25, and delta with 4-bit quantized storage, 4,096
+Setting: delta, wrapper and ragged at target ratio 0.25, and delta and ragged with 4-bit quantized storage, 4,096
 calibration tokens from the calib split, 2 refinement steps (every stage of the default path
 runs, in a few minutes).
 """
@@ -31,8 +31,9 @@ from moecore.data import load_split
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("tiny-mixtral", "tiny-qwen3moe")
 # (name, form, quantized storage): both forms in float, and the delta form quantized
-SETTINGS = (("delta", "delta", None), ("wrapper", "wrapper", None),
-            ("delta-q4", "delta", {"core_bits": 4, "factor_bits": 4, "group_size": 64}))
+SETTINGS = (("delta", "delta", None), ("wrapper", "wrapper", None), ("ragged", "ragged", None),
+            ("delta-q4", "delta", {"core_bits": 4, "factor_bits": 4, "group_size": 64}),
+            ("ragged-q4", "ragged", {"core_bits": 4, "factor_bits": 4, "group_size": 64}))
 
 
 def fingerprint() -> dict:

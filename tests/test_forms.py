@@ -167,7 +167,7 @@ def test_reconstruct_and_operands_are_the_forms(name):
     for p in PROJECTIONS:
         factors = tuple(getattr(m, n) for n in form.factor_tensor_names(p))
         assert torch.equal(m.expert_weights(p), form.reconstruct(getattr(m, f"core_{p}"), factors))
-    assert set(m._operands()) == set(form.fused_operands(m._tensor, m.ranks))
+    assert set(m._operands()) == set(form.fused_operands(m.stored, m.ranks))
 
 
 def test_unknown_form_is_a_config_error_naming_the_known_ones():

@@ -18,7 +18,7 @@ from moecore.config import QuantConfig
 from moecore.errors import ConfigError
 from moecore.families import find_experts
 from moecore.maths import decompose as dm
-from moecore.quant import QuantizedCompressedExperts, dequantize, packed_layout, quantize, quantize_layer
+from moecore.quant import dequantize, packed_layout, quantize, quantize_layer
 from tests._tiny_models import reload_bit_identical, stored_bytes, stored_expert_tensors, tiny_mixtral
 
 # measured on Gaussian weights, group 64: about 0.005 / 0.087 / 0.18 / 0.43-0.46 (8/4/3/2 bits)
@@ -78,7 +78,10 @@ def test_refit_after_quantization_lowers_the_whitened_error(core_bits, factor_bi
     refit = quantize_layer(fitted, weights, grams, quant, refit=True)
     plain = quantize_layer(fitted, weights, grams, quant, refit=False)
     e_float, e_refit, e_plain = (_whitened_error(m, weights, grams) for m in (fitted, refit, plain))
-    assert isinstance(refit, QuantizedCompressedExperts) and sorted(refit.quantized)[0].startswith("core_")
+    # quantized storage changes the weights, not the module: same class, same forward (torchao's model)
+    assert type(refit) is CompressedExperts and type(refit).forward is type(fitted).forward
+    assert sorted(refit.quantized)[0].startswith("core_") and not fitted.quantized
+    assert all(n not in dict(refit.named_parameters()) for n in refit.quantized)  # stored as codes only
     assert e_refit < e_plain  # the factors absorb part of the rounding error
     assert e_float < e_refit  # quantization costs something
     for p in weights:
@@ -100,7 +103,7 @@ def test_save_load_is_bit_identical(saved):
     model, d = saved
     ids = torch.arange(1, 33)[None]
     loaded = AutoModelForCausalLM.from_pretrained(d).eval()
-    experts = [m for m in loaded.modules() if isinstance(m, QuantizedCompressedExperts)]
+    experts = [m for m in loaded.modules() if isinstance(m, CompressedExperts) and m.quantized]
     assert len(experts) == 2 and experts[0].quant == QuantConfig(4, 3, 32, "hqq")
     with torch.no_grad():
         assert torch.equal(model.eval()(ids).logits, loaded(ids).logits)
@@ -182,7 +185,7 @@ def test_kd_trains_float_factors_against_the_quantized_core(saved):
     trainable = set(select_trainable(model))  # what `moecore distill` does: factors trainable, the rest frozen
     assert trainable and all(".delta_" in n for n in trainable)
     assert all(m.quant.factor_bits is None and m.quantized and all(k.startswith("core_") for k in m.quantized)
-               for m in model.modules() if isinstance(m, QuantizedCompressedExperts))
+               for m in model.modules() if isinstance(m, CompressedExperts))
     loss = model(ids, labels=ids).loss
     loss.backward()  # gradients reach the factors through the dequantized (frozen) core
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in trainable)

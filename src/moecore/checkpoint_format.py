@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .compressed_experts import CompressedExperts
 from .config import CONFIG_FILENAME, CompressionConfig
 from .errors import CheckpointError, ConfigError, UnsupportedModelError, first_line
 from .families import ExpertsLayout, find_experts, layout_of
 from .forms import CHECKPOINT_FORM, FORMS, PROJECTIONS
 from .model_card import base_model_of
-from .quant import build_experts
 from .surgery import replace_module
 from .version import __version__
 
@@ -111,7 +111,7 @@ def swap_in_compressed(model, qconfig: dict[str, Any], dtype: torch.dtype | None
         views = found.split(old)
         e, f, h = views["gate"].shape
         ref = views["gate"]
-        new = build_experts(  # CompressedExperts, or its quantized-storage subclass (moecore.quant)
+        new = CompressedExperts(  # with quantized storage where the spec records it
             e, h, f, spec.get("form", qconfig.get("form", CHECKPOINT_FORM)), {p: spec[p] for p in PROJECTIONS},
             layout, quant=spec.get("quant", qconfig.get("quant")), act_fn=getattr(old, "act_fn", None),
             dtype=dtype or ref.dtype, device=ref.device,

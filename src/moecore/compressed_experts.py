@@ -14,18 +14,28 @@ with offsets for the per-expert low-rank paths, gate and up in one grouped pass,
 once per token (delta) or once per pair (wrapper).  Its grouped-GEMM weights are built from
 the stored tensors and, when no gradient is needed, cached on the module (about one more
 copy of the factors; see :attr:`CompressedExperts.cache_operands`).
+
+Quantized storage (``quant``, torchao's model: the storage changes, not the class or the
+forward): a quantized core / factor ``name`` is kept as the buffers ``{name}_qcodes``,
+``{name}_qscale``, ``{name}_qzero`` (:mod:`moecore.maths.quantize`) instead of a parameter,
+and :meth:`CompressedExperts.stored`, the one place the forward reads a stored tensor,
+dequantizes it.  :mod:`moecore.quant` fits and fills them.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
 from torch import nn
 
 from . import grouped
+from .config import QuantConfig
+from .errors import ConfigError
 from .families import ExpertsLayout
-from .forms import FORMS, PROJECTIONS, Form, get_form
+from .forms import FORMS, PROJECTIONS, Form, get_form, quantizable_forms
 from .maths import budget
+from .maths import quantize as mq
 
 __all__ = ["CompressedExperts", "PROJECTIONS"]
 
@@ -44,6 +54,9 @@ class CompressedExperts(nn.Module):
         layout: the family's :class:`ExpertsLayout` (activation, biases, fused layout).
         act_fn: activation module for ``layout.activation == "act_fn"`` (else unused; if
             ``None`` it is rebuilt from ``layout.hidden_act``).
+        quant: quantized storage (:class:`~moecore.config.QuantConfig`): the cores
+            (``core_bits``) and factors (``factor_bits``) stored in b-bit groups; ``None``
+            (default) or a part's bits ``None`` keeps that part a float parameter.
     """
 
     moecore_compressed = True  # what :func:`moecore.families.is_compressed` looks for
@@ -51,10 +64,17 @@ class CompressedExperts(nn.Module):
     def __init__(
         self, num_experts: int, hidden_size: int, intermediate_size: int, form: str, ranks: Mapping[str, int],
         layout: ExpertsLayout, act_fn: nn.Module | None = None, dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        device: torch.device | str | None = None, quant: QuantConfig | dict | None = None,
     ) -> None:
         super().__init__()
         form_impl = get_form(form)
+        self.quant = QuantConfig.coerce(quant)
+        if self.quant is not None and not form_impl.quantizable:
+            raise ConfigError(f"quantized storage needs form {' or '.join(map(repr, quantizable_forms()))}, "
+                              f"got {form!r}")
+        self.quantized: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (bits, logical shape)
+        if self.quant is not None:
+            self._float_dtype = dtype or torch.get_default_dtype()  # what quantized tensors dequantize to
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.form = form
         self.ranks = {p: int(ranks[p]) for p in PROJECTIONS}
@@ -67,14 +87,71 @@ class CompressedExperts(nn.Module):
         self.core_names = tuple(form_impl.core_name(p) for p in PROJECTIONS)
         for p in PROJECTIONS:
             d_out, d_in = self.proj_shape(p)
-            self.register_parameter(form_impl.core_name(p), nn.Parameter(torch.zeros(d_out, d_in, **kw)))
-            for name, shape in zip(form_impl.param_names(p), form_impl.factor_shapes(e, d_out, d_in, self.ranks[p])):
-                self.register_parameter(name, nn.Parameter(torch.zeros(shape, **kw)))
+            shapes = {form_impl.core_name(p): (d_out, d_in),
+                      **dict(zip(form_impl.param_names(p), form_impl.factor_shapes(e, d_out, d_in, self.ranks[p])))}
+            for name, shape in shapes.items():
+                bits = self._bits(name)
+                if bits is None:
+                    self.register_parameter(name, nn.Parameter(torch.zeros(shape, **kw)))
+                else:
+                    self._register_codes(name, bits, tuple(shape), device)
             for name in form_impl.index_param_names(p):  # e.g. per-expert ranks: (E,) int32
                 self.register_buffer(name, torch.zeros(e, dtype=torch.int32, device=device))
         if layout.has_bias:
             self.bias_gate_up = nn.Parameter(torch.zeros(e, 2 * f, **kw))
             self.bias_down = nn.Parameter(torch.zeros(e, h, **kw))
+
+    # ------------------------------------------------------------------ quantized storage
+    def _bits(self, name: str) -> int | None:
+        """Bits ``quant`` stores the core / factor ``name`` in (``None``: float)."""
+        if self.quant is None:
+            return None
+        return self.quant.core_bits if name in self.core_names else self.quant.factor_bits
+
+    def _kind(self, name: str) -> str:
+        """How ``name`` is grouped (:func:`moecore.maths.quantize.quantize`): ``"core"`` or ``"factor"``."""
+        return "core" if name in self.core_names else "factor"
+
+    def _register_codes(self, name: str, bits: int, shape: tuple[int, ...], device, q=None) -> None:
+        codes_shape, codes_dtype, rows = mq.packed_layout(math.prod(shape), bits, self.quant.group_size)
+        self.register_buffer(f"{name}_qcodes", q["qcodes"] if q else torch.zeros(codes_shape, dtype=codes_dtype,
+                                                                                  device=device))
+        for s in ("_qscale", "_qzero"):
+            self.register_buffer(name + s, q[s[1:]] if q else torch.zeros(rows, 1, dtype=torch.int16, device=device))
+        self.quantized[name] = (bits, shape)
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """The dtype the cores and factors are read in (quantized ones dequantize to it)."""
+        if self.quant is not None:
+            return self._float_dtype
+        return next(t.dtype for t in self._parameters.values() if t is not None and t.is_floating_point())
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        """The quantized tensor ``name`` (e.g. ``core_gate (F, H)``) dequantized, in the module's float dtype."""
+        bits, shape = self.quantized[name]
+        q = {s[1:]: self._buffers[name + s] for s in mq.SUFFIXES}
+        return mq.dequantize(q, shape, bits, self._kind(name), self._float_dtype)
+
+    def set_quantized(self, name: str, q: dict[str, torch.Tensor]) -> None:
+        """Store :func:`~moecore.maths.quantize.quantize`'s output for the quantized ``name`` (shapes must match)."""
+        for s in mq.SUFFIXES:
+            self._buffers[name + s].copy_(q[s[1:]])
+
+    def quantize_stored(self, name: str, q: dict[str, torch.Tensor], bits: int) -> None:
+        """Replace the float parameter ``name`` by the quantized codes ``q`` (``bits`` bits)."""
+        shape = tuple(self._parameters.pop(name).shape)
+        self._register_codes(name, bits, shape, None, q)
+        self.clear_cache()
+
+    def unquantize_stored(self, name: str) -> None:
+        """Replace the quantized ``name`` by a float parameter holding its dequantized value."""
+        value = self.dequantized(name)
+        for s in mq.SUFFIXES:
+            del self._buffers[name + s]
+        del self.quantized[name]
+        self.register_parameter(name, nn.Parameter(value))
+        self.clear_cache()
 
     # ------------------------------------------------------------------ shapes / stats
     @property
@@ -103,7 +180,13 @@ class CompressedExperts(nn.Module):
         What :mod:`moecore.stats` counts, with no knowledge of the form or the storage."""
         skip = self._non_persistent_buffers_set
         own = {**self._parameters, **{n: b for n, b in self._buffers.items() if n not in skip}}
-        return {n: (tuple(t.shape), (n,)) for n, t in own.items() if t is not None}
+        out = {n: (tuple(t.shape), (n,)) for n, t in own.items() if t is not None}
+        for name, (_bits, shape) in self.quantized.items():  # one entry, stored as codes, scales and zero points
+            parts = tuple(name + s for s in mq.SUFFIXES)
+            for part in parts:
+                out.pop(part)
+            out[name] = (shape, parts)
+        return out
 
     def check_stored(self, path: str) -> None:
         """Load-time check of the stored tensors (``path`` names this module in messages): every
@@ -111,7 +194,7 @@ class CompressedExperts(nn.Module):
         is not, or the form's index tensors that do not fit (the loader turns it into a ``CheckpointError``)."""
         form = self.form_impl
         for p in PROJECTIONS:
-            if form.index_names and (why := form.check_index(self._tensor, p, self.num_experts, self.ranks[p])):
+            if form.index_names and (why := form.check_index(self.stored, p, self.num_experts, self.ranks[p])):
                 raise ValueError(f"{path}.{why}")
         index = {n for p in PROJECTIONS for n in form.index_param_names(p)}
         for name, (_shape, parts) in self.logical_tensors().items():
@@ -121,6 +204,18 @@ class CompressedExperts(nn.Module):
                     raise ValueError(f"{path}.{name} is stored as {t.dtype}, not a float dtype")
                 if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
                     raise ValueError(f"{path}.{name} holds NaN or infinite values")
+        for name, (bits, shape) in self.quantized.items():  # packed dtype and shape, finite float16 scales
+            codes_shape, codes_dtype, rows = mq.packed_layout(math.prod(shape), bits, self.quant.group_size)
+            codes = self._buffers[name + "_qcodes"]
+            if codes.dtype != codes_dtype or tuple(codes.shape) != codes_shape:
+                raise ValueError(f"{path}.{name}_qcodes is {codes.dtype} {tuple(codes.shape)}, expected {codes_dtype} "
+                                 f"{codes_shape} for {bits}-bit groups of {self.quant.group_size}")
+            for suffix in ("_qscale", "_qzero"):
+                t = self._buffers[name + suffix]
+                if t.dtype != torch.int16 or tuple(t.shape) != (rows, 1):
+                    raise ValueError(f"{path}.{name}{suffix} is {t.dtype} {tuple(t.shape)}, expected int16 ({rows}, 1)")
+                if t.device.type != "meta" and not bool(torch.isfinite(t.view(torch.float16)).all()):
+                    raise ValueError(f"{path}.{name}{suffix} holds NaN or infinite values")
 
     def trainable_parameters(self, train_core: bool = False) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` that training updates: the form's float factors and, with
@@ -133,7 +228,11 @@ class CompressedExperts(nn.Module):
         return [(n, self._parameters[n]) for n in names if self._parameters.get(n) is not None]
 
     def extra_repr(self) -> str:
-        return f"form={self.form}, E={self.num_experts}, H={self.hidden_size}, F={self.intermediate_size}, ranks={self.ranks}, layout={self.layout.name}"
+        out = (f"form={self.form}, E={self.num_experts}, H={self.hidden_size}, F={self.intermediate_size}, "
+               f"ranks={self.ranks}, layout={self.layout.name}")
+        if (q := self.quant) is not None:
+            out += f", core_bits={q.core_bits}, factor_bits={q.factor_bits}, group={q.group_size}, method={q.method}"
+        return out
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -167,7 +266,7 @@ class CompressedExperts(nn.Module):
     def expert_weights(self, p: str) -> torch.Tensor:
         """Dense ``(E, d_out, d_in)`` weights of projection ``p`` reconstructed from the factors."""
         form = self.form_impl
-        return form.reconstruct(getattr(self, form.core_name(p)), tuple(getattr(self, n) for n in form.factor_tensor_names(p)))
+        return form.reconstruct(self.stored(form.core_name(p)), tuple(self.stored(n) for n in form.factor_tensor_names(p)))
 
     @torch.no_grad()
     def materialize(self) -> dict[str, torch.Tensor]:
@@ -187,10 +286,10 @@ class CompressedExperts(nn.Module):
     #: counter: call :meth:`clear_cache` after them.
     cache_operands: bool = True
 
-    def _tensor(self, name: str) -> torch.Tensor:
-        """The stored core / factor / bias tensor ``name`` as the forward reads it (the one
-        place a storage subclass, e.g. quantized, converts it)."""
-        return getattr(self, name)
+    def stored(self, name: str) -> torch.Tensor:
+        """The stored core / factor / bias tensor ``name`` as the forward reads it: the one
+        place quantized storage is dequantized."""
+        return self.dequantized(name) if name in self.quantized else getattr(self, name)
 
     def clear_cache(self) -> None:
         """Drop the cached grouped-GEMM operands (rebuilt on the next forward)."""
@@ -198,13 +297,18 @@ class CompressedExperts(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the cache is stale
         self.clear_cache()
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        if self.quant is not None:  # follow the float dtype (codes and scales are integers, never cast)
+            probe = fn(torch.empty(0, dtype=self._float_dtype))
+            if probe.is_floating_point():
+                self._float_dtype = probe.dtype
+        return out
 
     def _operands(self) -> dict[str, torch.Tensor]:
         """The grouped-GEMM operands (the form's :meth:`~moecore.forms.Form.fused_operands`): cached in
         inference, built per call (differentiably) when a gradient is needed or under
         ``torch.compile``."""
-        build = lambda: self.form_impl.fused_operands(self._tensor, self.ranks)  # noqa: E731
+        build = lambda: self.form_impl.fused_operands(self.stored, self.ranks)  # noqa: E731
         if torch.compiler.is_compiling() or not self.cache_operands:
             return build()
         stored = [*self._parameters.values(), *self._buffers.values()]
@@ -235,6 +339,6 @@ class CompressedExperts(nn.Module):
         route = grouped.Routing(top_k_index, top_k_weights, self.num_experts, x.dtype)
         bias_gu = bias_down = None
         if self.layout.has_bias:
-            bias_gu = self.layout.split_bias(self._tensor("bias_gate_up"))  # (E, F) each
-            bias_down = self._tensor("bias_down")  # (E, H)
+            bias_gu = self.layout.split_bias(self.stored("bias_gate_up"))  # (E, F) each
+            bias_down = self.stored("bias_down")  # (E, H)
         return self.form_impl.forward(x, route, self._operands(), self._activation, bias_gu, bias_down)

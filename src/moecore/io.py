@@ -145,7 +145,7 @@ def dense_model(model):
     cfg = copy.deepcopy(model.config)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
-    dtype = next(iter(mods.values())).core_gate.dtype
+    dtype = next(iter(mods.values())).float_dtype
     with torch.device("meta"):
         dense = type(model)._from_config(cfg, dtype=dtype)
     state = {}

@@ -82,7 +82,7 @@ def _compressed_layer(name: str, mod, k: int) -> dict[str, Any]:
     logical = mod.logical_tensors()  # name -> (logical shape, stored names): the module knows its storage
     tensors = {n: math.prod(shape) for n, (shape, _) in logical.items()}
     outside = set(stored) - {part for _, parts in logical.values() for part in parts}
-    fdtype = getattr(mod, "_float_dtype", None) or next(t.dtype for t in stored.values() if t.is_floating_point())
+    fdtype = mod.float_dtype
     elsize = torch.empty(0, dtype=fdtype).element_size()
     dims = {"gate": F * H, "up": F * H, "down": H * F}
     report = getattr(mod, "report", None) or {}

@@ -179,7 +179,46 @@ def distill(teacher, student=None, output_dir: str | Path = "distilled", cfg: Di
     ``cfg.recover_steps`` runs layer-wise local recovery on the student first;
     ``cfg.eval_async`` starts the background evaluator (:mod:`moecore.training.async_eval`).
     Works under ``accelerate launch``.
+
+    Four stages: :func:`_resolve` (inputs checked, the run folder's state: finished, resumable,
+    fresh), :func:`_prepare` (models, trainable tensors, data, the run folder), :func:`_train`
+    (the HF Trainer, with the evaluator alongside) and :func:`_publish` (``final/``, curves,
+    summary).
     """
+    run = _resolve(teacher, student, output_dir, cfg, compression, data, resume)
+    if isinstance(run, DistillResult):
+        return run
+    prep = _prepare(run, teacher, student, compression, data)
+    trainer, worker = _train(run, prep)
+    return _publish(run, prep, trainer, worker)
+
+
+@dataclass
+class _Run:
+    """What :func:`_resolve` found: the run folder and whether (and from where) it resumes."""
+    out: Path
+    cfg: DistillConfig
+    resume: bool
+    last: Path | None  # the checkpoint resumed from
+    saved_cfg: DistillConfig | None  # the config an earlier run of this folder saved
+
+
+@dataclass
+class _Prepared:
+    """What :func:`_prepare` built for training."""
+    args: TrainingArguments
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    tok: object
+    how: str  # how the student was obtained (printed, and in the summary)
+    names: list[str]  # trainable tensors
+    n_train: int
+    blocks: torch.Tensor  # (N, block_size) training token ids
+    world: int
+
+
+def _resolve(teacher, student, output_dir, cfg, compression, data, resume: bool) -> _Run | DistillResult:
+    """Check the inputs; a finished run's result, or the run to do."""
     cfg = DistillConfig() if cfg is None else cfg
     if not isinstance(cfg, DistillConfig):
         raise ConfigError(f"cfg must be a DistillConfig, got {type(cfg).__name__}")
@@ -197,6 +236,13 @@ def distill(teacher, student=None, output_dir: str | Path = "distilled", cfg: Di
     if not resume and ckpt.complete_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue, or choose another -o")
     saved_cfg = DistillConfig.load(out) if resume and (out / DISTILL_CONFIG).is_file() else None
+    return _Run(out, cfg, resume, last, saved_cfg)
+
+
+def _prepare(run: _Run, teacher, student, compression, data) -> _Prepared:
+    """Models (student resolved, compressed or recovered as asked), trainable tensors, training
+    blocks, the checks between teacher and student; the run folder and its config written."""
+    cfg, out, last = run.cfg, run.out, run.last
     args = TrainingArguments(
         output_dir=str(out), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.scheduler,
@@ -230,47 +276,58 @@ def distill(teacher, student=None, output_dir: str | Path = "distilled", cfg: Di
             cfg.save(out)
         print(f"moecore distill: student {how}; {len(names)} trainable tensors ({n_train:,} params); "
               f"{blocks.shape[0]} blocks of {cfg.block_size} tokens; {world} process(es)", flush=True)
-        if resume and last is None:
+        if run.resume and last is None:
             print(f"moecore distill: no complete checkpoint in {out}; starting from scratch", flush=True)
-        changed = cfg.changes(saved_cfg) if saved_cfg is not None else {}
+        changed = cfg.changes(run.saved_cfg) if run.saved_cfg is not None else {}
         if changed:
             print("moecore distill: resuming with changed settings: "
                   + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), flush=True)
+    return _Prepared(args, teacher_model, student_model, tok, how, names, n_train, blocks, world)
 
+
+def _train(run: _Run, prep: _Prepared) -> tuple[DistillTrainer, EvalWorker | None]:
+    """The HF Trainer's run (resumed from ``run.last``), with the background evaluator."""
+    cfg, out = run.cfg, run.out
     worker = None
-    if cfg.eval_async and args.should_save:
+    if cfg.eval_async and prep.args.should_save:
         worker = EvalWorker(out, max_tokens=cfg.eval_max_tokens, tasks=cfg.eval_tasks, limit=cfg.eval_limit).start()
-    trainer = DistillTrainer(model=student_model, args=args, train_dataset=BlockDataset(blocks),
-                             processing_class=tok, teacher=teacher_model, temperature=cfg.temperature,
+    trainer = DistillTrainer(model=prep.student, args=prep.args, train_dataset=BlockDataset(prep.blocks),
+                             processing_class=prep.tok, teacher=prep.teacher, temperature=cfg.temperature,
                              alpha=cfg.alpha, block_weight=cfg.experts_loss_weight, callbacks=[_Monitor(out, worker)])
     try:
         with converting_write_errors(out):
-            trainer.train(resume_from_checkpoint=str(last) if last else None)
+            trainer.train(resume_from_checkpoint=str(run.last) if run.last else None)
     except BaseException:
         if worker is not None:
             worker.finish(timeout=60)
         raise
+    return trainer, worker
 
+
+def _publish(run: _Run, prep: _Prepared, trainer: DistillTrainer, worker: EvalWorker | None) -> DistillResult:
+    """``final/`` (staged, then renamed), curves, the final KD loss, the evaluator's rows and
+    ``distill_summary.json``; on every process, the checksums of the trained tensors."""
+    cfg, out, last = run.cfg, run.out, run.last
     final = out / "final"
     staging = out / ".tmp-final"
     with converting_write_errors(out):
         trainer.save_model(str(staging))
     trainer._barrier()
     model = trainer.accelerator.unwrap_model(trainer.model)
-    sums = checksums(model, names)
+    sums = checksums(model, prep.names)
     total = sum(sums.values())
     rank_sums = [total]
-    if world > 1:
+    if prep.world > 1:
         rank_sums = gather_object([total])
-    if not args.should_save:
+    if not prep.args.should_save:
         return DistillResult(str(out), str(final), trainer.state.global_step, str(last) if last else None,
-                             n_train, None, None, sums, rank_sums)
+                             prep.n_train, None, None, sums, rank_sums)
     with converting_write_errors(out):
         ckpt.publish(staging, final)
         plot_training_curves(trainer.state.log_history, out / CURVES)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    final_loss = eval_kd_loss(model, teacher_model, blocks[:cfg.eval_blocks], cfg.temperature, cfg.alpha)
-    res = DistillResult(str(out), str(final), trainer.state.global_step, str(last) if last else None, n_train,
+    final_loss = eval_kd_loss(model, prep.teacher, prep.blocks[:cfg.eval_blocks], cfg.temperature, cfg.alpha)
+    res = DistillResult(str(out), str(final), trainer.state.global_step, str(last) if last else None, prep.n_train,
                         losses[-1] if losses else None, final_loss, sums, rank_sums)
     if worker is not None:
         fin = worker.finish()
@@ -278,7 +335,7 @@ def distill(teacher, student=None, output_dir: str | Path = "distilled", cfg: Di
         print(summary_table(res.eval_rows, res.eval_error), flush=True)
     summary = asdict(res)
     summary.update(temperature=cfg.temperature, alpha=cfg.alpha, lr=cfg.lr, block_size=cfg.block_size,
-                   batch_size=cfg.batch_size, world_size=world, student=how, config=cfg.to_dict())
+                   batch_size=cfg.batch_size, world_size=prep.world, student=prep.how, config=cfg.to_dict())
     with converting_write_errors(out):
         atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2, default=_json_default))
     return res

@@ -19,6 +19,7 @@ Memory: the student plus ONE original experts layer, read from the teacher's saf
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,7 +73,29 @@ def recover(teacher, student, cfg: RecoveryConfig | None = None, *, calibration:
         tokenizer: required unless ``teacher`` is a directory holding one.
         progress: show a progress bar.
     Returns a :class:`RecoveryReport` (relative output MSE per layer before / after).
+
+    Stages: :func:`_resolve` (config, teacher, tokenizer, calibration sequences, the student's
+    experts modules, the teacher checks), then the layers in one pass (:func:`_run`) with the
+    student frozen and in eval mode (:func:`_frozen`), restored after, whatever happens.
     """
+    job = _resolve(teacher, student, cfg, calibration, tokenizer)
+    with _frozen(student):
+        return _run(job, teacher, student, progress)
+
+
+@dataclass
+class _Job:
+    """What :func:`_resolve` found."""
+    cfg: RecoveryConfig
+    loader: OriginalExpertsLoader | None  # a directory teacher's experts, one layer at a time
+    seqs: torch.Tensor  # (N, seq_len) calibration ids
+    stack_path: str
+    stack: torch.nn.ModuleList
+    by_layer: dict
+    tname: str  # the teacher, as messages name it
+
+
+def _resolve(teacher, student, cfg, calibration, tokenizer) -> _Job:
     cfg = RecoveryConfig() if cfg is None else cfg
     if not isinstance(cfg, RecoveryConfig):
         raise ConfigError(f"cfg must be a RecoveryConfig, got {type(cfg).__name__}")
@@ -93,35 +116,48 @@ def recover(teacher, student, cfg: RecoveryConfig | None = None, *, calibration:
     # same vocabulary and MoE shapes; a module teacher also gets a finite-logits probe (a directory
     # teacher is never loaded whole: its experts are checked layer by layer below)
     check_teacher(loader.skeleton if loader is not None else teacher, student, seqs[:1], name=tname)
+    return _Job(cfg, loader, seqs, stack_path, stack, by_layer, tname)
+
+
+@contextlib.contextmanager
+def _frozen(student):
+    """``student`` in eval mode with no parameter requiring a gradient (block recovery turns on
+    only what it trains); both restored on exit."""
     was_training = student.training
     student.eval()
     flags = {n: p.requires_grad for n, p in student.named_parameters()}
     for p in student.parameters():
         p.requires_grad_(False)
-    report = RecoveryReport(tokens=int(seqs.numel()), steps=cfg.steps)
-    dev = next(student.parameters()).device
-    batches = make_batches(list(seqs), cfg.forward_batch)
-    shapes = [tuple(b.shape) for b in batches]
-    order = [(i, rel) for i in sorted(by_layer) for rel, _ in by_layer[i]]
-    last = max(by_layer)
     try:
-        hidden, calls = capture_layer_inputs(student, stack, batches, dev)  # the embeddings, no layer
-        for i in progress_bar(range(last + 1), desc="moecore: recovering", unit="layer", enabled=progress):
-            layer, mods = stack[i], by_layer.get(i, [])
-            hooks = calibrate_layer(layer, mods, hidden, calls[i], dev, keep_outputs=False, store_device=dev)[0] \
-                if mods else {}
-            for rel, layout in mods:
-                path = f"{stack_path}.{i}.{rel}"
-                report.layers.append(_recover_module(
-                    path, layer.get_submodule(rel), layout, hooks.pop(rel), shapes, teacher, loader, tname, cfg,
-                    cfg.seed + order.index((i, rel))))
-            if i < last:  # the recovered layer gives the next layer's inputs
-                with torch.no_grad():
-                    hidden = [run_layer(layer, h, calls[i][b], dev).to(h.device) for b, h in enumerate(hidden)]
+        yield
     finally:
         for n, p in student.named_parameters():
             p.requires_grad_(flags[n])
         student.train(was_training)
+
+
+def _run(job: _Job, teacher, student, progress: bool) -> RecoveryReport:
+    """The one pass over the layers (module docstring); the report."""
+    cfg, stack, by_layer = job.cfg, job.stack, job.by_layer
+    report = RecoveryReport(tokens=int(job.seqs.numel()), steps=cfg.steps)
+    dev = next(student.parameters()).device
+    batches = make_batches(list(job.seqs), cfg.forward_batch)
+    shapes = [tuple(b.shape) for b in batches]
+    order = [(i, rel) for i in sorted(by_layer) for rel, _ in by_layer[i]]
+    last = max(by_layer)
+    hidden, calls = capture_layer_inputs(student, stack, batches, dev)  # the embeddings, no layer
+    for i in progress_bar(range(last + 1), desc="moecore: recovering", unit="layer", enabled=progress):
+        layer, mods = stack[i], by_layer.get(i, [])
+        hooks = calibrate_layer(layer, mods, hidden, calls[i], dev, keep_outputs=False, store_device=dev)[0] \
+            if mods else {}
+        for rel, layout in mods:
+            path = f"{job.stack_path}.{i}.{rel}"
+            report.layers.append(_recover_module(
+                path, layer.get_submodule(rel), layout, hooks.pop(rel), shapes, teacher, job.loader, job.tname, cfg,
+                cfg.seed + order.index((i, rel))))
+        if i < last:  # the recovered layer gives the next layer's inputs
+            with torch.no_grad():
+                hidden = [run_layer(layer, h, calls[i][b], dev).to(h.device) for b, h in enumerate(hidden)]
     return report
 
 
