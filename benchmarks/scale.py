@@ -180,7 +180,8 @@ def run(a) -> dict:
         res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
     per = res["timings"]
     cost = cost_report(a, res, cfg)
-    mean = {k: sum(t[k] for t in per) / len(per) for k in ("load_s", "calibrate_s", "fit_s", "propagate_s", "write_s")}
+    mean = {k: sum(t.get(k, 0.0) for t in per) / len(per)
+            for k in ("load_s", "calibrate_s", "fit_s", "recover_s", "propagate_s", "write_s")}
     per_layer = sum(mean.values())
     s = SHAPES[a.shape]
     out = {
@@ -313,13 +314,14 @@ def _cores() -> int:
 
 def render(results: Path) -> str:
     rows = [json.loads(p.read_text()) for p in sorted(results.glob("scale-*.json"))]
-    lines = ["| shape | device | config | layers | s/layer (calibrate / fit / write) | whole model (extrapolated) "
+    lines = ["| shape | device | config | layers | s/layer (calibrate / fit / recover / write) | whole model (extrapolated) "
              "| peak host | peak GPU | one layer's experts |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["mean_per_layer_s"]
         lines.append(
             f"| {r['shape']} | {r['hardware']} | {json.dumps(r['config'])} | {r['layers']} | {r['seconds_per_layer']} "
-            f"({m['calibrate_s']} / {m['fit_s']} / {m['write_s']}) | {r['extrapolated_model_minutes']} min "
+            f"({m['calibrate_s']} / {m['fit_s']} / {m.get('recover_s', 0.0)} / {m['write_s']}) | "
+            f"{r['extrapolated_model_minutes']} min "
             f"× {r['real_moe_layers']} layers | {r['peak_rss_gib']} GiB | "
             f"{'not measured' if r['peak_gpu_gib'] is None else str(r['peak_gpu_gib']) + ' GiB'} | "
             f"{r['expert_gib_per_layer']} GiB |")
