@@ -96,6 +96,35 @@ def test_streamed_equals_in_memory_with_recovery(tmp_path, tok, texts):
     assert _recovery(streamed) == _recovery(model) and all(r["kept"] for r in _recovery(model))
 
 
+def test_half_precision_layers_run_in_float32_on_cpu(tmp_path, tok, texts, monkeypatch):
+    """On a CPU (whose bfloat16 GEMMs are ~100x slower than float32) the engine computes each
+    bfloat16 layer in float32: the experts' calibration inputs are float32, the compressed
+    layers are stored in bfloat16, every other weight is returned bit for bit, and the streamed
+    and in-memory paths (both widened) give the same model."""
+    import moecore.calibration as mcal
+
+    build("qwen3_moe").to(torch.bfloat16).save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    tok.save_pretrained(tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()  # as streaming reads it (rotary in float32)
+    assert model.dtype == torch.bfloat16
+    source = {n: p.clone() for n, p in model.named_parameters() if ".experts." not in n}
+    seen = []
+    grams = mcal.RoutedInputs.grams
+    monkeypatch.setattr(mcal.RoutedInputs, "grams", lambda self, *a, **k: (seen.append(self.x.dtype),
+                                                                          grams(self, *a, **k))[1])
+    cfg = CompressionConfig(rank=3, recover_steps=5, **CALIB)
+    compress_checkpoint(tmp_path / "src", tmp_path / "streamed", cfg, texts, progress=False)
+    moecore.compress(model, cfg, texts, tok, progress=False)
+    assert seen and set(seen) == {torch.float32}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(p, source[n]) for n, p in model.named_parameters() if n in source)
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+    assert streamed.dtype == torch.bfloat16
+    ids = torch.randint(0, len(tok), (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, model(ids).logits)
+
+
 @pytest.mark.parametrize("field, value", [("recover_steps", -1), ("recover_steps", 1.5), ("recover_lr", 0.0),
                                           ("recover_lr", float("nan")), ("recover_lr", 2.0),
                                           ("recover_batch_tokens", 0), ("recover_train_core", "yes")])

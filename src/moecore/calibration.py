@@ -49,17 +49,61 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
-def to_device(obj: Any, device) -> Any:
-    """``obj`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
+def to_device(obj: Any, device, float_dtype: torch.dtype | None = None) -> Any:
+    """``obj`` with every tensor inside (tuples, lists, dicts) moved to ``device`` (``None``:
+    where it is) and, with ``float_dtype``, its floating-point tensors cast to it."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device=device, dtype=float_dtype if float_dtype and obj.is_floating_point() else None)
     if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
+        return tuple(to_device(o, device, float_dtype) for o in obj)
     if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
+        return [to_device(o, device, float_dtype) for o in obj]
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, float_dtype) for k, v in obj.items()}
     return obj
+
+
+#: the half-precision dtypes a layer is widened from on a CPU (:func:`widen_layer`)
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    mod = root.get_submodule(owner) if owner else root
+    if leaf in mod._parameters:
+        mod._parameters[leaf].data = value
+    else:
+        mod._buffers[leaf] = value
+
+
+def widen_layer(layer: nn.Module, device) -> dict[str, torch.dtype]:
+    """On a CPU, cast ``layer``'s bfloat16 / float16 parameters and buffers to float32 in place
+    and return ``{name: dtype}`` to restore them (:func:`restore_layer`); elsewhere nothing.
+
+    Without bf16 instructions a CPU multiplies bfloat16 matrices about 100x slower than
+    float32 (0.7 against 77 GFLOP/s on one core of the CI machine, RESULTS §7b): the engine's
+    calibration forward, recovery targets and block errors would spend most of a layer's time
+    there.  The layer's float32 copy costs its size once more in host memory."""
+    if torch.device(device).type != "cpu":
+        return {}
+    saved = {}
+    for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
+        if t.dtype in HALF and t.device.type != "meta":
+            saved[name] = t.dtype
+            _set_tensor(layer, name, t.detach().float())
+    return saved
+
+
+def restore_layer(layer: nn.Module, saved: dict[str, torch.dtype], replaced: dict[str, torch.dtype]) -> None:
+    """Undo :func:`widen_layer`: the tensors ``saved`` names back to their dtypes, and each
+    submodule that replaced a widened one (``replaced``: path -> the dtype it stores) cast to it."""
+    names = dict(layer.named_parameters())
+    names.update(layer.named_buffers())
+    for name, dtype in saved.items():
+        if name in names:
+            _set_tensor(layer, name, names[name].detach().to(dtype))
+    for rel, dtype in replaced.items():
+        layer.get_submodule(rel).to(dtype)
 
 
 @torch.no_grad()
@@ -98,23 +142,26 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[
     return hidden, calls
 
 
-def run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict], device) -> torch.Tensor:
-    """One decoder layer on one batch: ``(B, L, H) -> (B, L, H)`` (a tuple output's first item)."""
-    args, kwargs = to_device(call, device)
-    out = layer(hidden.to(device), *args, **kwargs)
+def run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict], device,
+              float_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One decoder layer on one batch: ``(B, L, H) -> (B, L, H)`` (a tuple output's first item);
+    with ``float_dtype`` the inputs and floating call arguments are cast to it."""
+    args, kwargs = to_device(call, device, float_dtype)
+    out = layer(hidden.to(device=device, dtype=float_dtype), *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
 def calibrate_layer(layer: nn.Module, mods: list[tuple[str, ExpertsLayout]], hidden: list[torch.Tensor],
-                    calls: list[tuple[tuple, dict]], device, keep_outputs: bool,
-                    store_device="cpu") -> tuple[dict[str, "ExpertsInputHook"], list[torch.Tensor] | None]:
+                    calls: list[tuple[tuple, dict]], device, keep_outputs: bool, store_device="cpu",
+                    float_dtype: torch.dtype | None = None,
+                    ) -> tuple[dict[str, "ExpertsInputHook"], list[torch.Tensor] | None]:
     """Run ``layer`` on every batch of ``hidden`` (``[(B, L, H)]``, call arguments ``calls[b]``)
     with an :class:`ExpertsInputHook` on each experts module ``mods = [(path in the layer,
     layout)]``; return the hooks (what reached each module, per call) and, if
     ``keep_outputs``, the layer's outputs per batch (on each batch's device).  Without
     ``keep_outputs`` and with one experts module the forward stops at that module (attention
-    and router only)."""
+    and router only).  ``float_dtype``: as :func:`run_layer`'s (a widened layer)."""
     hooks = {rel: ExpertsInputHook(store_device=store_device, layout=layout) for rel, layout in mods}
     stop = not keep_outputs and len(mods) == 1  # nothing after the experts is needed
 
@@ -131,7 +178,7 @@ def calibrate_layer(layer: nn.Module, mods: list[tuple[str, ExpertsLayout]], hid
     try:
         for b, h in enumerate(hidden):
             try:
-                y = run_layer(layer, h, calls[b], device)
+                y = run_layer(layer, h, calls[b], device, float_dtype)
             except _Stop:
                 continue
             if keep_outputs:

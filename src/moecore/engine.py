@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .block_recovery import block_targets, heldout_rows, sequence_ids, train_block
-from .calibration import RoutedInputs, calibrate_layer, capture_layer_inputs, run_layer
+from .calibration import RoutedInputs, calibrate_layer, capture_layer_inputs, restore_layer, run_layer, widen_layer
 from .compressed_experts import PROJECTIONS
 from .config import CompressionConfig
 from .errors import ConfigError, UnsupportedModelError
@@ -283,24 +283,27 @@ class Engine:
                                   enabled=self.progress):
                 layer = self.stack[i]
                 self.store.load(i, layer)
-                inputs, outs = self._calibrate(i, layer, hidden, keep_outputs=True)
+                saved = widen_layer(layer, self.device)
+                inputs, outs = self._calibrate(i, layer, hidden, keep_outputs=True, widened=bool(saved))
                 for rel, layout in self.by_layer.get(i, []):
                     gains.update(rank_gains(f"{self.stack_path}.{i}.{rel}", layer.get_submodule(rel), layout, self.cfg,
                                             inputs.get(rel), self.device))
                 hidden = outs
+                restore_layer(layer, saved, {})
                 self.store.release(i, layer)
                 release_memory(self.device)
         return solve_ranks(self.shapes(), self.cfg, gains)
 
     # ------------------------------------------------------------------ per layer
     @torch.no_grad()
-    def _calibrate(self, i: int, layer: nn.Module, hidden, keep_outputs: bool):
-        """Run the original layer on ``hidden``; return its experts' routed inputs and (if
-        ``keep_outputs``) its outputs per batch."""
+    def _calibrate(self, i: int, layer: nn.Module, hidden, keep_outputs: bool, widened: bool = False):
+        """Run the original layer on ``hidden`` (in float32 if it was ``widened``); return its
+        experts' routed inputs and (if ``keep_outputs``) its outputs per batch."""
         if hidden is None:
             return {}, None
         mods = self.by_layer.get(i, [])
-        hooks, outs = calibrate_layer(layer, mods, hidden, self.calls[i], self.device, keep_outputs)
+        hooks, outs = calibrate_layer(layer, mods, hidden, self.calls[i], self.device, keep_outputs,
+                                      float_dtype=torch.float32 if widened else None)
         inputs = {}
         for rel, layout in mods:
             e = layout.split(layer.get_submodule(rel))["gate"].shape[0]
@@ -321,8 +324,9 @@ class Engine:
                                where=path)
 
     @torch.no_grad()
-    def _propagate(self, i: int, layer: nn.Module, hidden) -> list[torch.Tensor]:
-        return [run_layer(layer, h, self.calls[i][b], self.device).to(h.device) for b, h in enumerate(hidden)]
+    def _propagate(self, i: int, layer: nn.Module, hidden, widened: bool = False) -> list[torch.Tensor]:
+        fdt = torch.float32 if widened else None
+        return [run_layer(layer, h, self.calls[i][b], self.device, fdt).to(h.device) for b, h in enumerate(hidden)]
 
     @torch.no_grad()
     def run(self, ranks: dict, hidden: list[torch.Tensor] | None, start: int = 0) -> None:
@@ -334,9 +338,12 @@ class Engine:
             t0 = time.perf_counter()
             layer = self.stack[i]
             self.store.load(i, layer)
+            saved = widen_layer(layer, self.device)  # on a CPU: a half-precision layer computed in float32
             t1 = time.perf_counter()
             mods = self.by_layer.get(i, [])
-            inputs, outs = self._calibrate(i, layer, hidden, keep_outputs=original or not mods)
+            replaced = {rel: d for rel, _ in mods
+                        if (d := next((d for n, d in saved.items() if n.startswith(rel + ".")), None)) is not None}
+            inputs, outs = self._calibrate(i, layer, hidden, keep_outputs=original or not mods, widened=bool(saved))
             t2 = time.perf_counter()
             recover_s = 0.0
             for rel, layout in mods:
@@ -356,7 +363,8 @@ class Engine:
             if self.progress:
                 bar.set_postfix(progress_postfix(layer, self.device, t3 - t2), refresh=False)
             if hidden is not None:
-                hidden = outs if outs is not None else self._propagate(i, layer, hidden)
+                hidden = outs if outs is not None else self._propagate(i, layer, hidden, widened=bool(saved))
+            restore_layer(layer, saved, replaced)  # stored in the checkpoint's dtypes
             t4 = time.perf_counter()
             self.store.done(i, layer, hidden)
             release_memory(self.device)

@@ -28,7 +28,7 @@ from typing import Iterable
 import torch
 
 from ..block_recovery import block_targets, heldout_rows, sequence_ids, train_block
-from ..calibration import calibrate_layer, capture_layer_inputs, run_layer
+from ..calibration import calibrate_layer, capture_layer_inputs, restore_layer, run_layer, widen_layer
 from ..config import RecoveryConfig
 from ..data import calibration_sequences, load_split
 from ..engine import experts_by_layer, make_batches
@@ -148,16 +148,21 @@ def _run(job: _Job, teacher, student, progress: bool) -> RecoveryReport:
     hidden, calls = capture_layer_inputs(student, stack, batches, dev)  # the embeddings, no layer
     for i in progress_bar(range(last + 1), desc="moecore: recovering", unit="layer", enabled=progress):
         layer, mods = stack[i], by_layer.get(i, [])
-        hooks = calibrate_layer(layer, mods, hidden, calls[i], dev, keep_outputs=False, store_device=dev)[0] \
-            if mods else {}
-        for rel, layout in mods:
-            path = f"{job.stack_path}.{i}.{rel}"
-            report.layers.append(_recover_module(
-                path, layer.get_submodule(rel), layout, hooks.pop(rel), shapes, teacher, job.loader, job.tname, cfg,
-                cfg.seed + order.index((i, rel))))
-        if i < last:  # the recovered layer gives the next layer's inputs
-            with torch.no_grad():
-                hidden = [run_layer(layer, h, calls[i][b], dev).to(h.device) for b, h in enumerate(hidden)]
+        saved = widen_layer(layer, dev)  # on a CPU: a half-precision layer computed (and trained) in float32
+        fdt = torch.float32 if saved else None
+        try:
+            hooks = calibrate_layer(layer, mods, hidden, calls[i], dev, keep_outputs=False, store_device=dev,
+                                    float_dtype=fdt)[0] if mods else {}
+            for rel, layout in mods:
+                path = f"{job.stack_path}.{i}.{rel}"
+                report.layers.append(_recover_module(
+                    path, layer.get_submodule(rel), layout, hooks.pop(rel), shapes, teacher, job.loader, job.tname,
+                    cfg, cfg.seed + order.index((i, rel))))
+            if i < last:  # the recovered layer gives the next layer's inputs
+                with torch.no_grad():
+                    hidden = [run_layer(layer, h, calls[i][b], dev, fdt).to(h.device) for b, h in enumerate(hidden)]
+        finally:
+            restore_layer(layer, saved, {})
     return report
 
 
