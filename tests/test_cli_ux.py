@@ -86,3 +86,26 @@ def test_plan_names_folders_estimates_memory_and_warns_about_quantized_sources(t
     main(["plan", str(tmp_path / "cfgs" / "alpha"), "--rank", "64", "--dtype", "float32", "--json"])
     est = json.loads(capsys.readouterr().out)[str(tmp_path / "cfgs" / "alpha")]["memory_estimate"]
     assert est["dtype"] == "float32" and est["gpu_gib"] > 1 and est["host_gib_cpu_only"] > est["gpu_gib"]
+
+
+def test_a_model_larger_than_the_gpu_is_placed_with_device_map_auto(monkeypatch):
+    """``eval`` places a model with ``device_map="auto"`` exactly when its weights, at the dtype
+    it is loaded in, exceed 90% of the CUDA device's free memory (no GPU here: the free
+    memory is what CUDA would report)."""
+    import torch
+
+    from moecore.cli.common import placement
+
+    model = ROOT / "models" / "tiny-mixtral"  # 22.6 MB of bf16 safetensors (45 MB in float32)
+    size = (model / "model.safetensors").stat().st_size
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 << 30))
+    cuda = torch.device("cuda", 0)
+    free["bytes"] = 10 * size
+    assert placement(model, cuda, "auto") == {} and placement(model, cuda, torch.float32) == {}
+    free["bytes"] = int(1.5 * size)  # the bf16 weights fit, twice their size in float32 does not
+    assert placement(model, cuda, torch.bfloat16) == {}
+    assert placement(model, cuda, torch.float32) == {"device_map": "auto"}
+    free["bytes"] = size // 2
+    assert placement(model, cuda, "auto") == {"device_map": "auto"}
+    assert placement(model, torch.device("cpu"), torch.float32) == {}  # a CPU load is never dispatched

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from moecore.errors import ConfigError
+from moecore.families import config_dtype
 
 
 def torch_dtype(name: str | None):
@@ -32,6 +35,23 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def placement(model_dir, device: torch.device, dtype, headroom: float = 0.9) -> dict:
+    """``from_pretrained`` keyword arguments that place a model for inference: ``{}`` when it
+    fits ``device`` (the caller then moves it there), ``{"device_map": "auto"}`` when
+    ``device`` is a CUDA device whose free memory (times ``headroom``) is below the model's
+    weights at ``dtype``: accelerate then spreads the layers over every GPU and, past them,
+    host memory.  The weights' size is the safetensors files' (scaled from the dtype
+    ``config.json`` records to ``dtype``)."""
+    if device.type != "cuda":
+        return {}
+    stored = config_dtype(AutoConfig.from_pretrained(model_dir))
+    target = stored if dtype in (None, "auto") else dtype
+    size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    need = size * torch.empty(0, dtype=target).element_size() / torch.empty(0, dtype=stored).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    return {} if need <= headroom * free else {"device_map": "auto"}
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ lm-evaluation-harness tasks on the in-process model with ``--tasks``; its flags 
 from __future__ import annotations
 
 import json
+import sys
 
 from moecore.config import EvalConfig
 from moecore.data import TextFile, load_split
@@ -12,14 +13,21 @@ from moecore.evaluation.lm_eval_tasks import check_tasks, format_table, run_lm_e
 from moecore.modeling import load_model
 
 from ._config_args import config_from_args
-from .common import resolve_device, torch_dtype
+from .common import placement, resolve_device, torch_dtype
 
 
 def _load(args, cfg: EvalConfig):
-    """The model (on ``cfg.device``, in ``cfg.dtype``) and its tokenizer."""
+    """The model (on ``cfg.device``, in ``cfg.dtype``) and its tokenizer.  A model larger than
+    the CUDA device's free memory is loaded with ``device_map="auto"`` (spread over the GPUs,
+    then host memory; :func:`~.common.placement`), and says so."""
     device = resolve_device(cfg.device)  # a bad device is an error before the (slow) load
-    model, tok = load_model(args.model_dir, dtype=torch_dtype(cfg.dtype))
-    return model.to(device), tok
+    dtype = torch_dtype(cfg.dtype)
+    where = placement(args.model_dir, device, dtype)
+    if where:
+        print(f"moecore eval: {args.model_dir} does not fit {device}'s free memory: loading it with "
+              f"device_map=\"auto\" (every GPU, then host memory)", file=sys.stderr, flush=True)
+    model, tok = load_model(args.model_dir, dtype=dtype, **where)
+    return (model if where else model.to(device)), tok
 
 
 def run(args) -> int:
