@@ -140,6 +140,9 @@ def test_flags_build_the_config():
                          "a,b", "--target-ratio", "0.5", "--seed", "3"])
     kd = config_from_args(DistillConfig, args)
     assert (kd.max_steps, kd.train_core, kd.eval_tasks, kd.seed) == (30, True, ["a", "b"], 3)
+    assert DistillConfig().train_core  # the default since RESULTS §4b: cores train with the factors
+    no_core = p.parse_args(["distill", "--teacher", "T", "-o", "O", "--no-train-core"])
+    assert config_from_args(DistillConfig, no_core).train_core is False
     comp = config_from_args(CompressionConfig, args, only=BUDGET_FIELDS, none_if_unset=True)
     assert comp.target_ratio == 0.5 and comp.seed == 0  # --seed belongs to the distill config
     args = p.parse_args(["distill", "--teacher", "T", "--student", "S", "-o", "O"])

@@ -259,8 +259,9 @@ def _prepare(run: _Run, teacher, student, compression, data) -> _Prepared:
     if cfg.recover_steps and last is None:
         _recover_first(teacher, teacher_model, student_model, tok, cfg, args.should_save)
         how += f", recovered layer-wise ({cfg.recover_steps} steps per layer)"
-    names = select_trainable(student_model, train_core=cfg.train_core, train_router=cfg.train_router,
-                             train_factors=cfg.train_factors)
+    # the cores train "as well as the factors": router-only KD (train_factors off) keeps them frozen
+    names = select_trainable(student_model, train_core=cfg.train_core and cfg.train_factors,
+                             train_router=cfg.train_router, train_factors=cfg.train_factors)
     n_train = sum(p.numel() for p in student_model.parameters() if p.requires_grad)
 
     world = max(args.world_size, 1)
