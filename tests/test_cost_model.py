@@ -110,7 +110,7 @@ def test_report_errors_from_the_fit_match_the_products(method, cap):
     dt = mf.compute_dtype(method)
     c, fac, hist = mf.fit_delta(w, mf.expert_core(w), 20, L, S, steps=3, method=method, compute_dtype=dt,
                                 generator=torch.Generator().manual_seed(0), rank_cap=cap, info=info)
-    pair = mf.whitened_pair(info)
+    pair = info.get("whitened")
     assert pair is not None and pair[0] == min(hist)
     approx = lambda sl: c + fac[0][sl].double() @ fac[1][sl].double().mT  # noqa: E731
     assert pair[1] == pytest.approx(float((w.double() @ L).pow(2).sum()), rel=1e-6)
@@ -122,4 +122,4 @@ def test_report_errors_from_the_fit_match_the_products(method, cap):
     # no refinement step: the fit cannot know Σ‖W_i L_i‖², and the report computes it
     info = {}
     mf.fit_delta(w, mf.expert_core(w), 20, L, S, steps=0, method=method, compute_dtype=dt, info=info)
-    assert mf.whitened_pair(info) is None
+    assert info.get("whitened") is None

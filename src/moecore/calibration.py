@@ -27,6 +27,7 @@ from torch import nn
 
 from .errors import UnsupportedModelError
 from .families import FUSED, ExpertsLayout
+from .surgery import set_tensor
 
 _F64 = torch.float64
 
@@ -67,21 +68,12 @@ def to_device(obj: Any, device, float_dtype: torch.dtype | None = None) -> Any:
 HALF = (torch.bfloat16, torch.float16)
 
 
-def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner, _, leaf = name.rpartition(".")
-    mod = root.get_submodule(owner) if owner else root
-    if leaf in mod._parameters:
-        mod._parameters[leaf].data = value
-    else:
-        mod._buffers[leaf] = value
-
-
 def widen_layer(layer: nn.Module, device) -> dict[str, torch.dtype]:
     """On a CPU, cast ``layer``'s bfloat16 / float16 parameters and buffers to float32 in place
     and return ``{name: dtype}`` to restore them (:func:`restore_layer`); elsewhere nothing.
 
-    Without bf16 instructions a CPU multiplies bfloat16 matrices about 100x slower than
-    float32 (0.7 against 77 GFLOP/s on one core of the CI machine, RESULTS §7b): the engine's
+    Without bf16 instructions a CPU multiplies bfloat16 matrices about 80x slower than
+    float32 (0.97 against 79 GFLOP/s on one core of the CI machine, RESULTS §7c): the engine's
     calibration forward, recovery targets and block errors would spend most of a layer's time
     there.  The layer's float32 copy costs its size once more in host memory."""
     if torch.device(device).type != "cpu":
@@ -90,20 +82,23 @@ def widen_layer(layer: nn.Module, device) -> dict[str, torch.dtype]:
     for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
         if t.dtype in HALF and t.device.type != "meta":
             saved[name] = t.dtype
-            _set_tensor(layer, name, t.detach().float())
+            set_tensor(layer, name, t.detach().float())
     return saved
 
 
-def restore_layer(layer: nn.Module, saved: dict[str, torch.dtype], replaced: dict[str, torch.dtype]) -> None:
+def restore_layer(layer: nn.Module, saved: dict[str, torch.dtype], replaced: tuple[str, ...] = ()) -> None:
     """Undo :func:`widen_layer`: the tensors ``saved`` names back to their dtypes, and each
-    submodule that replaced a widened one (``replaced``: path -> the dtype it stores) cast to it."""
+    submodule at a path in ``replaced`` (swapped in since, e.g. compressed experts) cast to the
+    dtype the widened tensors under that path had."""
     names = dict(layer.named_parameters())
     names.update(layer.named_buffers())
     for name, dtype in saved.items():
         if name in names:
-            _set_tensor(layer, name, names[name].detach().to(dtype))
-    for rel, dtype in replaced.items():
-        layer.get_submodule(rel).to(dtype)
+            set_tensor(layer, name, names[name].detach().to(dtype))
+    for rel in replaced:
+        dtype = next((d for n, d in saved.items() if n.startswith(rel + ".")), None)
+        if dtype is not None:
+            layer.get_submodule(rel).to(dtype)
 
 
 @torch.no_grad()

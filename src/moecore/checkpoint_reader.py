@@ -22,6 +22,7 @@ from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
 
 from .errors import CheckpointError, UnsupportedModelError, first_line
+from .surgery import set_tensor
 
 INDEX = "model.safetensors.index.json"
 
@@ -168,12 +169,7 @@ def move_except(root: nn.Module, device, exclude: str | None) -> None:
     for name, t in list(root.named_parameters()) + list(root.named_buffers()):
         if exclude and name.startswith(exclude + "."):
             continue
-        owner, _, leaf = name.rpartition(".")
-        mod = root.get_submodule(owner) if owner else root
-        if leaf in mod._parameters:
-            mod._parameters[leaf].data = t.data.to(device)
-        else:
-            mod._buffers[leaf] = t.to(device)
+        set_tensor(root, name, t.data.to(device))
 
 
 def read_config(model_dir: Path):

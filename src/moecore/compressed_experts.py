@@ -116,7 +116,7 @@ class CompressedExperts(nn.Module):
         codes_shape, codes_dtype, rows = mq.packed_layout(math.prod(shape), bits, self.quant.group_size)
         self.register_buffer(f"{name}_qcodes", q["qcodes"] if q else torch.zeros(codes_shape, dtype=codes_dtype,
                                                                                   device=device))
-        for s in ("_qscale", "_qzero"):
+        for s in mq.SUFFIXES[1:]:  # scale and zero point: one float16 (as int16 bits) per group
             self.register_buffer(name + s, q[s[1:]] if q else torch.zeros(rows, 1, dtype=torch.int16, device=device))
         self.quantized[name] = (bits, shape)
 
@@ -210,7 +210,7 @@ class CompressedExperts(nn.Module):
             if codes.dtype != codes_dtype or tuple(codes.shape) != codes_shape:
                 raise ValueError(f"{path}.{name}_qcodes is {codes.dtype} {tuple(codes.shape)}, expected {codes_dtype} "
                                  f"{codes_shape} for {bits}-bit groups of {self.quant.group_size}")
-            for suffix in ("_qscale", "_qzero"):
+            for suffix in mq.SUFFIXES[1:]:
                 t = self._buffers[name + suffix]
                 if t.dtype != torch.int16 or tuple(t.shape) != (rows, 1):
                     raise ValueError(f"{path}.{name}{suffix} is {t.dtype} {tuple(t.shape)}, expected int16 ({rows}, 1)")

@@ -284,26 +284,27 @@ class Engine:
                 layer = self.stack[i]
                 self.store.load(i, layer)
                 saved = widen_layer(layer, self.device)
-                inputs, outs = self._calibrate(i, layer, hidden, keep_outputs=True, widened=bool(saved))
+                inputs, outs = self._calibrate(i, layer, hidden, keep_outputs=True,
+                                               float_dtype=torch.float32 if saved else None)
                 for rel, layout in self.by_layer.get(i, []):
                     gains.update(rank_gains(f"{self.stack_path}.{i}.{rel}", layer.get_submodule(rel), layout, self.cfg,
                                             inputs.get(rel), self.device))
                 hidden = outs
-                restore_layer(layer, saved, {})
+                restore_layer(layer, saved)
                 self.store.release(i, layer)
                 release_memory(self.device)
         return solve_ranks(self.shapes(), self.cfg, gains)
 
     # ------------------------------------------------------------------ per layer
     @torch.no_grad()
-    def _calibrate(self, i: int, layer: nn.Module, hidden, keep_outputs: bool, widened: bool = False):
-        """Run the original layer on ``hidden`` (in float32 if it was ``widened``); return its
-        experts' routed inputs and (if ``keep_outputs``) its outputs per batch."""
+    def _calibrate(self, i: int, layer: nn.Module, hidden, keep_outputs: bool, float_dtype=None):
+        """Run the original layer on ``hidden`` (in ``float_dtype`` if the layer was widened);
+        return its experts' routed inputs and (if ``keep_outputs``) its outputs per batch."""
         if hidden is None:
             return {}, None
         mods = self.by_layer.get(i, [])
         hooks, outs = calibrate_layer(layer, mods, hidden, self.calls[i], self.device, keep_outputs,
-                                      float_dtype=torch.float32 if widened else None)
+                                      float_dtype=float_dtype)
         inputs = {}
         for rel, layout in mods:
             e = layout.split(layer.get_submodule(rel))["gate"].shape[0]
@@ -324,9 +325,9 @@ class Engine:
                                where=path)
 
     @torch.no_grad()
-    def _propagate(self, i: int, layer: nn.Module, hidden, widened: bool = False) -> list[torch.Tensor]:
-        fdt = torch.float32 if widened else None
-        return [run_layer(layer, h, self.calls[i][b], self.device, fdt).to(h.device) for b, h in enumerate(hidden)]
+    def _propagate(self, i: int, layer: nn.Module, hidden, float_dtype=None) -> list[torch.Tensor]:
+        return [run_layer(layer, h, self.calls[i][b], self.device, float_dtype).to(h.device)
+                for b, h in enumerate(hidden)]
 
     @torch.no_grad()
     def run(self, ranks: dict, hidden: list[torch.Tensor] | None, start: int = 0) -> None:
@@ -339,11 +340,10 @@ class Engine:
             layer = self.stack[i]
             self.store.load(i, layer)
             saved = widen_layer(layer, self.device)  # on a CPU: a half-precision layer computed in float32
+            fdt = torch.float32 if saved else None
             t1 = time.perf_counter()
             mods = self.by_layer.get(i, [])
-            replaced = {rel: d for rel, _ in mods
-                        if (d := next((d for n, d in saved.items() if n.startswith(rel + ".")), None)) is not None}
-            inputs, outs = self._calibrate(i, layer, hidden, keep_outputs=original or not mods, widened=bool(saved))
+            inputs, outs = self._calibrate(i, layer, hidden, keep_outputs=original or not mods, float_dtype=fdt)
             t2 = time.perf_counter()
             recover_s = 0.0
             for rel, layout in mods:
@@ -363,8 +363,8 @@ class Engine:
             if self.progress:
                 bar.set_postfix(progress_postfix(layer, self.device, t3 - t2), refresh=False)
             if hidden is not None:
-                hidden = outs if outs is not None else self._propagate(i, layer, hidden, widened=bool(saved))
-            restore_layer(layer, saved, replaced)  # stored in the checkpoint's dtypes
+                hidden = outs if outs is not None else self._propagate(i, layer, hidden, fdt)
+            restore_layer(layer, saved, tuple(rel for rel, _ in mods))  # stored in the checkpoint's dtypes
             t4 = time.perf_counter()
             self.store.done(i, layer, hidden)
             release_memory(self.device)

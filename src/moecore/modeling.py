@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from . import checkpoint_format
+from .checkpoint_reader import read_config
 from .errors import CheckpointError, first_line
 from .families import config_dtype, text_config
 
@@ -157,10 +158,7 @@ def load_meta(path: str | os.PathLike) -> MetaCheckpoint:
     streamed ``export`` start here."""
     p = check_model_dir(path)
     files = check_safetensors(p)
-    try:
-        hf = AutoConfig.from_pretrained(p)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"cannot read {p / 'config.json'}: {first_line(exc)}") from exc
+    hf = read_config(p)
     qc = getattr(hf, "quantization_config", None)
     qdict = None if qc is None else (qc if isinstance(qc, dict) else qc.to_dict())
     if qc is not None:

@@ -150,16 +150,15 @@ def quantize_factors(model: nn.Module, factor_bits: int) -> int:
         for p in PROJECTIONS:
             names = form.param_names(p)
             factors = tuple(getattr(m, n).detach().to(torch.float64) for n in names)
-            codes: dict[str, tuple[dict[str, torch.Tensor], tuple[int, ...]]] = {}
+            codes: dict[str, dict[str, torch.Tensor]] = {}
 
             def quantize_factor(i: int, t: torch.Tensor) -> torch.Tensor:
-                q = quantize(t, factor_bits, g, method, "factor")
-                codes[names[i]] = q, tuple(t.shape)
+                codes[names[i]] = q = quantize(t, factor_bits, g, method, "factor")
                 return dequantize(q, tuple(t.shape), factor_bits, "factor", torch.float64)
 
             form.quantize_factors(factors, quantize_factor)  # delta: B re-solved for Q(A) against the trained A Bᵀ
             for name in names:
-                m.quantize_stored(name, codes[name][0], factor_bits)
+                m.quantize_stored(name, codes[name], factor_bits)
         m.quant = quant
         changed += 1
     return changed

@@ -19,6 +19,18 @@ def replace_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return old
 
 
+def set_tensor(root: nn.Module, name: str, value) -> None:
+    """Put the tensor ``value`` at the parameter or buffer ``name`` (dotted, relative to
+    ``root``): a parameter keeps its ``nn.Parameter`` object (``.data`` replaced), a buffer is
+    replaced."""
+    owner, _, leaf = name.rpartition(".")
+    mod = root.get_submodule(owner) if owner else root
+    if leaf in mod._parameters:
+        mod._parameters[leaf].data = value
+    else:
+        mod._buffers[leaf] = value
+
+
 def decoder_layers(model: nn.Module, inside: str) -> tuple[str, nn.ModuleList]:
     """``(path, ModuleList)`` of the decoder-layer stack that holds the module at ``inside``
     (e.g. ``"model.layers"`` for ``"model.layers.3.mlp.experts"``)."""

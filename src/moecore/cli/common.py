@@ -8,8 +8,8 @@ import signal
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
+from moecore.checkpoint_reader import read_config
 from moecore.errors import ConfigError
 from moecore.families import config_dtype
 
@@ -46,7 +46,7 @@ def placement(model_dir, device: torch.device, dtype, headroom: float = 0.9) -> 
     ``config.json`` records to ``dtype``)."""
     if device.type != "cuda":
         return {}
-    stored = config_dtype(AutoConfig.from_pretrained(model_dir))
+    stored = config_dtype(read_config(Path(model_dir)))
     target = stored if dtype in (None, "auto") else dtype
     size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
     need = size * torch.empty(0, dtype=target).element_size() / torch.empty(0, dtype=stored).element_size()

@@ -50,14 +50,23 @@ class DeltaForm(Form):
         """Block-coordinate descent of core and factors (:func:`moecore.maths.fit.fit_delta`);
         factor stacks over ``f64_factor_limit`` float64 bytes are kept in float32 between
         steps, and on an accelerator the best iterate is kept in host memory."""
+        return self._fit_delta(weights, core, rank, L, S, steps=steps, method=method, generator=generator,
+                               chunk=chunk, device=device, f64_factor_limit=f64_factor_limit)
+
+    def _fit_delta(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, S: Tensor | None, *,
+                   steps: int, method: str, generator: torch.Generator | None, chunk: int, device: torch.device,
+                   f64_factor_limit: int, rank_cap: int | None = None) -> FitResult:
+        """:func:`moecore.maths.fit.fit_delta` with this form's storage policy (shared with the
+        ragged form, which passes ``rank_cap``)."""
         e, d_out, d_in = weights.shape
-        big = e * (d_out + d_in) * rank * 8 > f64_factor_limit
+        big = e * (d_out + d_in) * (rank_cap or rank) * 8 > f64_factor_limit
         info: dict = {}
         core, factors, history = fit.fit_delta(
             weights, core, rank, L, S, steps=steps, method=method, generator=generator, chunk=chunk, device=device,
             factor_dtype=torch.float32 if big or method == "randomized" else torch.float64,
-            best_on="cpu" if device.type != "cpu" else None, compute_dtype=fit.compute_dtype(method), info=info)
-        return FitResult(core, factors, history, refine_iters=len(history) - 1, whitened=fit.whitened_pair(info))
+            best_on="cpu" if device.type != "cpu" else None, compute_dtype=fit.compute_dtype(method),
+            rank_cap=rank_cap, info=info)
+        return FitResult(core, factors, history, refine_iters=len(history) - 1, whitened=info.get("whitened"))
 
     def reconstruct(self, core: Tensor, factors: tuple[Tensor, ...]) -> Tensor:
         """``C + A_i B_iᵀ``: ``(d_out, d_in), ((E, d_out, s), (E, d_in, s)) -> (E, d_out, d_in)``."""

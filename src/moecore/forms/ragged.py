@@ -29,7 +29,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..errors import ConfigError
-from ..maths import decompose, fit
+from ..maths import decompose
 from .base import FitResult
 from .delta import FORM as DELTA
 from .delta import DeltaForm
@@ -61,14 +61,9 @@ class RaggedForm(DeltaForm):
         e, d_out, d_in = weights.shape
         if rank > min(d_out, d_in):
             raise ConfigError(f"form 'ragged': rank {rank} is above the full rank {min(d_out, d_in)}")
-        cap = max(rank, int(expert_rank_cap * rank))
-        big = e * (d_out + d_in) * cap * 8 > f64_factor_limit
-        info: dict = {}
-        core, factors, history = fit.fit_delta(
-            weights, core, rank, L, S, steps=steps, method=method, generator=generator, chunk=chunk, device=device,
-            factor_dtype=torch.float32 if big or method == "randomized" else torch.float64,
-            best_on="cpu" if device.type != "cpu" else None, compute_dtype=fit.compute_dtype(method), info=info, rank_cap=cap)
-        return FitResult(core, factors, history, refine_iters=len(history) - 1, whitened=fit.whitened_pair(info))
+        return self._fit_delta(weights, core, rank, L, S, steps=steps, method=method, generator=generator,
+                               chunk=chunk, device=device, f64_factor_limit=f64_factor_limit,
+                               rank_cap=max(rank, int(expert_rank_cap * rank)))
 
     def to_stored(self, num_experts: int, factors: tuple[Tensor, ...]) -> tuple[int, tuple[Tensor, ...]]:
         """Fitted ``(A (E, d_out, c), B (E, d_in, c), ranks (E,))`` -> ``(s, (A (d_out, R), B (d_in, R), ranks))``."""

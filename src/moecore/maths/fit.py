@@ -150,10 +150,10 @@ def fit_delta(
             whitened residual components ``σ_ij²`` (at most ``rank_cap`` per expert), the exact
             minimizer of the objective for a fixed core under that total (so the descent stays
             monotone).  Factors are returned ``rank_cap`` wide with the unused columns zero.
-        info: if a dict, it receives ``whitened_error`` (the objective of the returned iterate)
-            and, with ``L`` and ``steps > 0``, ``whitened_total = Σ_i ‖W_i L_i‖²`` without a
-            product of its own: ``Σ_i ‖R_i L_i‖² + 2⟨C₀, Σ_i R_i Ĝ_i⟩ + ⟨C₀ S, C₀⟩`` from the
-            first pass (``R_i = W_i − C₀``), which :func:`errors` then need not recompute.
+        info: if a dict, it receives, with ``L`` and ``steps > 0``, ``info["whitened"] =
+            (Σ_i ‖Δ_i L_i‖², Σ_i ‖W_i L_i‖²)``: the objective of the returned iterate and the
+            total without a product of its own, ``Σ_i ‖R_i L_i‖² + 2⟨C₀, Σ_i R_i Ĝ_i⟩ + ⟨C₀ S, C₀⟩``
+            from the first pass (``R_i = W_i − C₀``); :func:`errors` then need not recompute them.
     Returns ``core (d_out, d_in)`` float64, ``(A (E, d_out, s), B (E, d_in, s))`` (in
     ``factor_dtype`` on ``device``; with ``rank_cap``: ``s = min(rank_cap, d_out, d_in)`` and
     a third element, the per-expert ranks ``(E,)`` int64) and the objective history (start first).
@@ -174,7 +174,7 @@ def fit_delta(
     best_on = torch.device(best_on) if best_on is not None else device
     v_prev: list[Tensor | None] = [None] * len(parts)
     acc: dict[str, Tensor | None] = {"P": None}
-    info = {} if info is None else info
+    total: list[float] = []  # Σ_i ‖W_i L_i‖², from the first pass
 
     def on(t: Tensor | None, sl: slice) -> Tensor | None:
         return None if t is None else t[sl].to(device=device, dtype=cdt)
@@ -220,7 +220,7 @@ def fit_delta(
         if p_acc is not None:
             cs = c @ s64 if s64 is not None else e * c  # C₀ S  (d_out, d_in)
             if s64 is not None:  # Σ_i ‖W_i L_i‖² = Σ‖R_i L_i‖² + 2⟨C₀, Σ R_i Ĝ_i⟩ + ⟨C₀ S, C₀⟩
-                info["whitened_total"] = rl2 + float(2 * (c * p_acc).sum() + (cs * c).sum())
+                total.append(rl2 + float(2 * (c * p_acc).sum() + (cs * c).sum()))
             acc["P"] = p_acc + cs
         return max(err, 0.0), n_acc
 
@@ -246,16 +246,9 @@ def fit_delta(
             best = snapshot()
         if improved <= tol * max(err, 1e-30):
             break
-    info["whitened_error"] = min(history)
+    if info is not None and total:
+        info["whitened"] = (min(history), total[0])
     return best[0].to(device), tuple(t.to(device) for t in best[1:]), history
-
-
-def whitened_pair(info: dict) -> tuple[float, float] | None:
-    """``(whitened_error, whitened_total)`` from :func:`fit_delta`'s ``info``, or ``None``
-    where the fit could not know the total (no whitening, or no refinement step)."""
-    if "whitened_total" not in info or "whitened_error" not in info:
-        return None
-    return float(info["whitened_error"]), float(info["whitened_total"])
 
 
 def _water_fill(energy: Tensor, a: Tensor, b: Tensor, budget: int) -> tuple[Tensor, Tensor]:

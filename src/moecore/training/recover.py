@@ -162,7 +162,7 @@ def _run(job: _Job, teacher, student, progress: bool) -> RecoveryReport:
                 with torch.no_grad():
                     hidden = [run_layer(layer, h, calls[i][b], dev, fdt).to(h.device) for b, h in enumerate(hidden)]
         finally:
-            restore_layer(layer, saved, {})
+            restore_layer(layer, saved)
     return report
 
 
