@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import moecore
 from moecore.api import compress_checkpoint
+from moecore import block_recovery
 from moecore.block_recovery import heldout_rows, sequence_ids
 from moecore.cli import main
 from moecore.config import CompressionConfig
@@ -78,6 +79,45 @@ def test_train_core_and_no_gain_restores(tok, texts):
         r = m.report["recovery"]
         assert not r["kept"] and r["val_rel_mse_after"] == r["val_rel_mse_before"]
         assert all(torch.equal(p, q) for p, q in zip(m.parameters(), ref.parameters()))
+
+
+@pytest.mark.parametrize("train_core", [False, True])
+def test_ragged_trains_padded_exactly_as_compact(train_core, tok, texts):
+    """The ragged form trains as the delta form on factors padded to the largest expert rank
+    (:meth:`CompressedExperts.training_copy`): the padded columns get exactly zero gradients and
+    stay zero, so the trained factors equal, bit for bit, Adam on the compact factors through the
+    ragged forward's gather (what recovery did before)."""
+    model = build("qwen3_moe")
+    orig = copy.deepcopy(find_experts(model, "original")[0][1])
+    moecore.compress(model, CompressionConfig(form="ragged", rank=3, recover_steps=0, **CALIB), texts, tok,
+                     progress=False)
+    module, layout = find_experts(model, "compressed")[0][1:]
+    assert len(set(module.ragged_r_down.tolist())) > 1  # ranks differ: padding happens
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, module.hidden_size, generator=g)
+    idx = torch.stack([torch.randperm(module.num_experts, generator=g)[:2] for _ in range(200)])
+    w = torch.softmax(torch.randn(200, 2, generator=g), -1)
+    y = block_recovery.block_targets(orig, layout, x, idx, w)
+    params = block_recovery.trainable(module, train_core)
+    sizes = block_recovery.step_sizes([p for _, p in params], 0.02)
+    # reference: the compact factors trained through the ragged forward
+    ref = copy.deepcopy(module)
+    block_recovery._fit(ref, [n for n, _ in params], sizes, layout, x, idx, w, y, steps=6, batch_tokens=64,
+                        generator=torch.Generator().manual_seed(0), where="ref")
+    work, names = module.training_copy(torch.float32)
+    assert work.form == "delta" and work.ranks["down"] == int(module.ragged_r_down.max())
+    block_recovery._fit(work, [names[n] for n, _ in params], sizes, layout, x, idx, w, y, steps=6, batch_tokens=64,
+                        generator=torch.Generator().manual_seed(0), where="padded")
+    for p in ("gate", "up", "down"):  # columns past each expert's rank: still exactly zero
+        r = getattr(module, f"ragged_r_{p}")
+        past = torch.arange(work.ranks[p])[None, :] >= r[:, None]  # (E, m)
+        assert not work.get_parameter(f"delta_a_{p}").permute(0, 2, 1)[past].any()
+        assert not work.get_parameter(f"delta_b_{p}").permute(0, 2, 1)[past].any()
+    trained = copy.deepcopy(module)
+    trained.load_trained(work, names, [n for n, _ in params])
+    for n, q in ref.named_parameters():
+        assert torch.equal(trained.get_parameter(n), q), n
+        assert torch.equal(q, module.get_parameter(n)) == (n.startswith("core_") and not train_core), n
 
 
 def test_streamed_equals_in_memory_with_recovery(tmp_path, tok, texts):

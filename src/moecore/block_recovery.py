@@ -123,6 +123,15 @@ def trainable(module: nn.Module, train_core: bool) -> list[tuple[str, nn.Paramet
     return module.trainable_parameters(train_core)
 
 
+def _training_copy(module: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, dict[str, str]]:
+    """A copy of ``module`` to train in ``dtype`` and ``{its parameter name: the copy's}``: a
+    compressed module's :meth:`~moecore.compressed_experts.CompressedExperts.training_copy`
+    (in its form's training form), a plain one deep-copied."""
+    if is_compressed(module):
+        return module.training_copy(dtype)
+    return copy.deepcopy(module).to(dtype), {n: n for n, _ in module.named_parameters()}
+
+
 def _train_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -138,16 +147,17 @@ def step_sizes(params: list[torch.Tensor], lr: float) -> list[float]:
     return [lr * (r if r > 0 else floor) for r in rms]
 
 
-def _fit(work: nn.Module, names: list[str], layout: ExpertsLayout, x, idx, w, y, *, steps: int, lr: float,
-         batch_tokens: int, generator: torch.Generator, where: str) -> None:
-    """Adam on ``work``'s parameters ``names`` (the rest frozen), relative MSE on random row
-    batches of ``x (n, H)`` against ``y (n, H)``; per-tensor step sizes :func:`step_sizes`,
-    cosine-decayed to 0."""
+def _fit(work: nn.Module, names: list[str], sizes: list[float], layout: ExpertsLayout, x, idx, w, y, *,
+         steps: int, batch_tokens: int, generator: torch.Generator, where: str) -> None:
+    """Adam on ``work``'s parameters ``names`` (the rest frozen), each with its peak step size
+    ``sizes`` (:func:`step_sizes`, cosine-decayed to 0), relative MSE on random row batches of
+    ``x (n, H)`` against ``y (n, H)``."""
     flags = {n: p.requires_grad for n, p in work.named_parameters()}
     for n, p in work.named_parameters():
         p.requires_grad_(n in names)
-    params = [p for n, p in work.named_parameters() if n in names]
-    opt = torch.optim.Adam([{"params": [p], "lr": a} for p, a in zip(params, step_sizes(params, lr))])
+    own = dict(work.named_parameters())
+    params = [own[n] for n in names]
+    opt = torch.optim.Adam([{"params": [p], "lr": a} for p, a in zip(params, sizes)])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     scale = y.pow(2).mean().clamp_min(1e-30)
     n = x.shape[0]
@@ -207,14 +217,17 @@ def train_block(module: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: 
     if not steps or not params or fx.shape[0] == 0:
         return report
     dt = _train_dtype(params[0][1].dtype)
-    work = copy.deepcopy(module).to(dt)  # trained in float32 (float64 for a float64 module)
+    work, to_work = _training_copy(module, dt)  # trained in float32 (float64 for a float64 module)
     gen = torch.Generator().manual_seed(seed)
-    _fit(work, [n for n, _ in params], layout, fx.to(dt), fi, fw.to(dt), fy.to(dt), steps=steps, lr=lr,
-         batch_tokens=batch_tokens, generator=gen, where=where)
+    _fit(work, [to_work[n] for n, _ in params], step_sizes([p for _, p in params], lr), layout, fx.to(dt), fi,
+         fw.to(dt), fy.to(dt), steps=steps, batch_tokens=batch_tokens, generator=gen, where=where)
     start = [p.detach().clone() for _, p in params]
-    with torch.no_grad():
-        for n, p in params:
-            p.copy_(work._parameters[n])
+    if is_compressed(module):
+        module.load_trained(work, to_work, [n for n, _ in params])
+    else:
+        with torch.no_grad():
+            for n, p in params:
+                p.copy_(work.get_parameter(n))
     del work
     after, val_after = rel_error(module, layout, fx, fi, fw, fy), rel_error(module, layout, vx, vi, vw, vy)
     if val_after < val_before:  # judged on held-out sequences, in the module's own dtype

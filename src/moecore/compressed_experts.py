@@ -23,6 +23,7 @@ dequantizes it.  :mod:`moecore.quant` fits and fills them.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Mapping
 
@@ -226,6 +227,43 @@ class CompressedExperts(nn.Module):
         if train_core:
             names += list(self.core_names)
         return [(n, self._parameters[n]) for n in names if self._parameters.get(n) is not None]
+
+    def training_copy(self, dtype: torch.dtype) -> tuple["CompressedExperts", dict[str, str]]:
+        """A copy of this module to train in ``dtype``, stored in its form's
+        :attr:`~moecore.forms.Form.training_form` (e.g. the ragged form's factors padded, as the
+        delta form), and ``{stored name: the copy's name}`` of every core and float factor.
+        :meth:`load_trained` writes the trained values back."""
+        form = self.form_impl
+        trained_as = get_form(form.training_form or form.name)
+        names = {n: n for n in self.core_names}
+        if trained_as is form or self.quant is not None:
+            names.update((n, n) for p in PROJECTIONS for n in form.param_names(p))
+            return copy.deepcopy(self).to(dtype), names
+        for p in PROJECTIONS:
+            names.update(zip(form.param_names(p), trained_as.param_names(p)))
+        with torch.no_grad():
+            biases = {n: self.stored(n) for n in ("bias_gate_up", "bias_down")} if self.layout.has_bias else None
+            work = CompressedExperts.from_factors(
+                self.layout, trained_as.name, {p: self.stored(form.core_name(p)) for p in PROJECTIONS},
+                {p: form.to_training(self.stored, p) for p in PROJECTIONS}, biases, act_fn=self.act_fn,
+                dtype=dtype, device=self.stored(self.core_names[0]).device)
+        return work, names
+
+    @torch.no_grad()
+    def load_trained(self, work: "CompressedExperts", names: Mapping[str, str], trained: list[str]) -> None:
+        """Copy the ``trained`` stored tensors back from :meth:`training_copy`'s ``work``
+        (``names`` its name map), through the form's :meth:`~moecore.forms.Form.from_training`."""
+        form = self.form_impl
+        for p in PROJECTIONS:
+            own = form.param_names(p)
+            if any(n in trained for n in own):
+                back = form.from_training(self.stored, p, tuple(work._parameters[names[n]] for n in own))
+                for n, t in zip(own, back):
+                    if n in trained:
+                        self._parameters[n].copy_(t)
+        for n in self.core_names:
+            if n in trained:
+                self._parameters[n].copy_(work._parameters[names[n]])
 
     def extra_repr(self) -> str:
         out = (f"form={self.form}, E={self.num_experts}, H={self.hidden_size}, F={self.intermediate_size}, "

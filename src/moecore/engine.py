@@ -83,7 +83,9 @@ class InMemoryStore:
 
 
 #: glibc ``mallopt`` parameters and the engine's bound (:func:`bounded_host_heap`; also glibc's default trim)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, HEAP_BOUND = -1, -3, 128 * 1024
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX, HEAP_BOUND = -1, -3, -4, 128 * 1024
+#: glibc's default ``M_MMAP_MAX`` (how many blocks may be served by ``mmap`` at once)
+MMAP_MAX_DEFAULT = 65536
 #: what a long-lived process gets back after the engine (:func:`bounded_host_heap`): glibc's
 #: dynamic mmap threshold at its maximum (32 MiB) and trim threshold (twice that), the state
 #: glibc's own heuristic reaches in a process that frees large tensors
@@ -131,15 +133,19 @@ def bounded_host_heap():
                           {M_MMAP_THRESHOLD: HEAP_RELEASED[0], M_TRIM_THRESHOLD: HEAP_RELEASED[1]})
 
 
-def reusable_heap():
-    """Inside the block (within :func:`bounded_host_heap`), allocations up to 32 MiB come from
-    glibc's heap and freed blocks stay there for reuse (``M_MMAP_THRESHOLD`` 32 MiB, glibc's
-    maximum; ``M_TRIM_THRESHOLD`` 1 GiB); on exit the engine's bound is restored and the heap
-    trimmed.  Block recovery's Adam steps allocate the same MiB-sized temporaries again and
-    again: with every one an ``mmap`` (and its page faults) they took 2.4x the CPU time on
-    the bundled models.  A no-op outside glibc."""
-    return _heap_settings({M_TRIM_THRESHOLD: 1 << 30, M_MMAP_THRESHOLD: 32 << 20},
-                          {M_MMAP_THRESHOLD: HEAP_BOUND, M_TRIM_THRESHOLD: HEAP_BOUND})
+def reusable_heap(in_engine: bool = True):
+    """Inside the block every allocation comes from glibc's heap and freed blocks stay there
+    for reuse (``M_MMAP_MAX`` 0: no ``mmap``, whatever the size; ``M_TRIM_THRESHOLD`` 1 GiB);
+    on exit the engine's bound (:func:`bounded_host_heap`) is restored, or with ``in_engine``
+    False what a long-lived process gets back (:data:`HEAP_RELEASED`), and the heap trimmed.
+    Block recovery's Adam steps allocate the same temporaries again and again: with every
+    one an ``mmap`` (and its page faults) they took 2.4x the CPU time on the bundled models,
+    and at Qwen3-30B-A3B's shape, where they are hundreds of MiB (above the 32 MiB that
+    ``M_MMAP_THRESHOLD`` can reach), 2.4x again (benchmarks/RESULTS.md §7c).  A no-op outside glibc."""
+    after = {M_MMAP_THRESHOLD: HEAP_BOUND, M_TRIM_THRESHOLD: HEAP_BOUND} if in_engine else \
+        {M_MMAP_THRESHOLD: HEAP_RELEASED[0], M_TRIM_THRESHOLD: HEAP_RELEASED[1]}
+    return _heap_settings({M_TRIM_THRESHOLD: 1 << 30, M_MMAP_THRESHOLD: 32 << 20, M_MMAP_MAX: 0},
+                          {**after, M_MMAP_MAX: MMAP_MAX_DEFAULT})
 
 
 def release_memory(device: torch.device) -> None:

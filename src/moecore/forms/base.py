@@ -163,6 +163,21 @@ class Form(ABC):
         """Grouped-GEMM operands of the forward from the stored tensors ``get(name)``
         (differentiable; see :mod:`moecore.grouped`)."""
 
+    # ------------------------------------------------------------------ training
+    #: the form a copy of this form's module is trained in (:meth:`to_training`); its own name
+    #: by default (trained as stored)
+    training_form: str = ""
+
+    def to_training(self, get: Callable[[str], Tensor], p: str) -> tuple[Tensor, ...]:
+        """Projection ``p``'s factors in :attr:`training_form`'s storage order, from the stored
+        tensors ``get(name)`` (default: the stored factors themselves)."""
+        return tuple(get(n) for n in self.param_names(p))
+
+    def from_training(self, get: Callable[[str], Tensor], p: str, factors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The inverse of :meth:`to_training`: stored factors of projection ``p`` (in
+        :attr:`factor_names` order) from trained ``factors`` (default: as they are)."""
+        return factors
+
     # ------------------------------------------------------------------ quantized storage
     def refit_factors(self, weights: Tensor, core: Tensor, rank: int, gram: Tensor | None,
                       damping: float) -> tuple[Tensor, ...] | None:

@@ -105,6 +105,23 @@ class RaggedForm(DeltaForm):
         ext = torch.cat([compact, compact.new_zeros(compact.shape[0], 1)], 1)  # (d, R + 1)
         return ext[:, idx].permute(1, 0, 2)  # (E, d, width)
 
+    #: trained as the delta form on the factors padded to the largest expert rank: the forward
+    #: runs on those padded operands anyway, and the columns past an expert's rank, zero in both
+    #: ``A`` and ``B``, get exactly zero gradients, so Adam keeps them zero and the trained
+    #: values are those of training the compact factors, without a gather and its scatter-back
+    #: per step (at Qwen3-30B-A3B's shape they took most of each step: benchmarks/RESULTS.md)
+    training_form = "delta"
+
+    def to_training(self, get: Callable[[str], Tensor], p: str) -> tuple[Tensor, ...]:
+        """``(A (E, d_out, m), B (E, d_in, m))``, ``m`` the largest expert rank of ``p``."""
+        r = get(f"ragged_r_{p}")
+        width = int(r.max()) if r.numel() else 0
+        return tuple(self._padded(get(n), r, width) for n in self.param_names(p))
+
+    def from_training(self, get: Callable[[str], Tensor], p: str, factors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Padded ``(A, B)`` back to the compact side-by-side factors (:meth:`to_stored`)."""
+        return self.to_stored(factors[0].shape[0], (*factors, get(f"ragged_r_{p}")))[1][:2]
+
     def reconstruct(self, core: Tensor, factors: tuple[Tensor, ...]) -> Tensor:
         """``C + A_i B_iᵀ`` ``(E, d_out, d_in)`` from fitted (padded, 3-D) or stored (compact) factors."""
         a, b, ranks = factors
