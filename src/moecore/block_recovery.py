@@ -37,6 +37,8 @@ HOLDOUT_EVERY = 5
 MIN_HELDOUT_ROWS = 16
 #: rows per forward when measuring targets and errors (bounds the activation memory)
 CHUNK = 4096
+#: devices where recovery's Adam runs as torch's fused kernel (``torch.optim.Adam(fused=True)``)
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
 
 
 def sequence_ids(rows_per_call: list[int], batch_shapes: list[tuple[int, int]]) -> torch.Tensor:
@@ -157,7 +159,10 @@ def _fit(work: nn.Module, names: list[str], sizes: list[float], layout: ExpertsL
         p.requires_grad_(n in names)
     own = dict(work.named_parameters())
     params = [own[n] for n in names]
-    opt = torch.optim.Adam([{"params": [p], "lr": a} for p, a in zip(params, sizes)])
+    # one fused kernel per tensor where torch has it: the default on a CPU is a loop of
+    # elementwise ops with two full-size temporaries per tensor and step
+    fused = all(p.device.type in FUSED_ADAM_DEVICES and p.dtype in (torch.float32, torch.float64) for p in params)
+    opt = torch.optim.Adam([{"params": [p], "lr": a} for p, a in zip(params, sizes)], fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     scale = y.pow(2).mean().clamp_min(1e-30)
     n = x.shape[0]
