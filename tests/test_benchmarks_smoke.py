@@ -139,6 +139,21 @@ def test_mobe_error_falls_as_bases_are_added(bench):
     assert 32 * 96 * k25 + 8 * k25 * 256 + 32 * 8 <= 0.25 * 32 * 96 * 256 < 32 * 96 * (k25 + 1) + 8 * (k25 + 1) * 256 + 256
 
 
+def test_recovery_step_smoke(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        mod = importlib.import_module("recovery_step")
+        mod.main(["--shape", "tiny", "--steps", "3", "--tokens", "64", "--batch-tokens", "16",
+                  "--out", str(tmp_path / "r.json")])
+    finally:
+        sys.path.remove(str(BENCH))
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [r["variant"] for r in data["rows"]] == ["before", "heap", "padded", "fused"]
+    assert all(r["first_2_steps_s"] > 0 for r in data["rows"]) and data["rows"][0]["vs_first"] == 1.0
+    assert data["mean_rank"] < data["max_rank"] <= 2 * data["mean_rank"]  # ragged ranks, padding happens
+    assert data["provenance"]["versions"]["torch"] == torch.__version__
+
+
 def test_scale_smoke(tmp_path):
     """benchmarks/scale.py end to end at a toy shape: synthetic sharded checkpoint, streamed
     compression in a child process, per-layer timings, peak memory and the rendered table."""

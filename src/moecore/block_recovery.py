@@ -150,10 +150,11 @@ def step_sizes(params: list[torch.Tensor], lr: float) -> list[float]:
 
 
 def _fit(work: nn.Module, names: list[str], sizes: list[float], layout: ExpertsLayout, x, idx, w, y, *,
-         steps: int, batch_tokens: int, generator: torch.Generator, where: str) -> None:
+         steps: int, batch_tokens: int, generator: torch.Generator, where: str, fused: bool = True) -> None:
     """Adam on ``work``'s parameters ``names`` (the rest frozen), each with its peak step size
     ``sizes`` (:func:`step_sizes`, cosine-decayed to 0), relative MSE on random row batches of
-    ``x (n, H)`` against ``y (n, H)``."""
+    ``x (n, H)`` against ``y (n, H)``.  ``fused``: torch's fused Adam where it exists
+    (:data:`FUSED_ADAM_DEVICES`), else its per-tensor loop."""
     flags = {n: p.requires_grad for n, p in work.named_parameters()}
     for n, p in work.named_parameters():
         p.requires_grad_(n in names)
@@ -161,7 +162,8 @@ def _fit(work: nn.Module, names: list[str], sizes: list[float], layout: ExpertsL
     params = [own[n] for n in names]
     # one fused kernel per tensor where torch has it: the default on a CPU is a loop of
     # elementwise ops with two full-size temporaries per tensor and step
-    fused = all(p.device.type in FUSED_ADAM_DEVICES and p.dtype in (torch.float32, torch.float64) for p in params)
+    fused = fused and all(p.device.type in FUSED_ADAM_DEVICES and p.dtype in (torch.float32, torch.float64)
+                          for p in params)
     opt = torch.optim.Adam([{"params": [p], "lr": a} for p, a in zip(params, sizes)], fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     scale = y.pow(2).mean().clamp_min(1e-30)
