@@ -297,6 +297,52 @@ def test_the_engine_heap_bound_ends_with_the_compression(tmp_path):
         assert after < 1_000, (run, after)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_recovery_heap_reuses_blocks_of_any_size_then_gives_mmap_back():
+    """Block recovery's Adam steps allocate temporaries of hundreds of MiB at real shapes, above
+    the 32 MiB that glibc's mmap threshold can reach: inside ``reusable_heap`` no block is an
+    mmap (M_MMAP_MAX 0), so they are reused without page faults; afterwards mmap is back."""
+    import resource
+
+    from moecore.engine import reusable_heap
+
+    def faults(n=6, mib=64):
+        out = []
+        for _ in range(n):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            torch.empty(mib << 18, dtype=torch.float32).fill_(1.0)
+            out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return out
+
+    pages = (64 << 20) // resource.getpagesize()
+    with reusable_heap(in_engine=False):
+        inside = faults()
+    after = faults()
+    assert sum(f > pages // 2 for f in inside) <= 2, inside  # the first blocks only
+    assert all(f > pages // 2 for f in after), after  # every block its own mmap again
+
+
+def test_compress_warns_when_the_estimate_exceeds_free_memory(tmp_path, monkeypatch, capsys):
+    """A run the machine cannot hold is said before it starts, with plan's estimate (not after
+    half an hour: a Mixtral-8x7B layer on a 24 GiB machine was killed in its fit)."""
+    from moecore import planning
+    from moecore.errors import MemoryWarning
+
+    src = _tiny_checkpoint(tmp_path / "src", layers=1)
+    cfg = moecore.CompressionConfig(rank=4, refine_steps=0)
+    need = planning.plan(src, cfg)["memory_estimate"]["host_gib_cpu_only"]
+    assert planning.memory_shortfall(src, cfg, torch.device("cpu"), None, available=1 << 40) is None
+    monkeypatch.setattr(planning, "available_host_bytes", lambda: 1 << 20)
+    with pytest.warns(MemoryWarning, match=f"{need:.1f} GiB of host memory, 0.0 GiB free"):
+        compress_checkpoint(src, tmp_path / "out", cfg, progress=False)
+    assert (tmp_path / "out" / "config.json").is_file()  # a warning, not a refusal
+    from moecore.cli import main
+    assert main(["compress", str(src), "-o", str(tmp_path / "cli"), "--rank", "4", "--refine-steps", "0",
+                 "--no-calib", "--quiet"]) == 0
+    assert f"moecore: warning: the largest layer (model.layers.0) is estimated to need {need:.1f} GiB" in \
+        capsys.readouterr().err
+
+
 def test_bad_checkpoints_give_one_error_and_leave_nothing(tmp_path):
     src = _tiny_checkpoint(tmp_path / "src", layers=3)
     cfg = moecore.CompressionConfig(rank=4, refine_steps=0)

@@ -23,10 +23,11 @@ from .checkpoint_reader import read_config
 from .config import CompressionConfig
 from .data import calibration_sequences
 from .engine import Engine, InMemoryStore, bounded_host_heap
-from .errors import ConfigError, DataFreeWarning
+from .errors import ConfigError, DataFreeWarning, MemoryWarning
 from .hf_integration import mark_compressed
 from .io_utils import model_source, prepare_output
 from .modeling import TOKENIZER_FILES, check_model_dir, load_tokenizer
+from .planning import memory_shortfall
 from .resume import published_state
 
 
@@ -151,5 +152,8 @@ def compress_checkpoint(
     if have_calib or any((src / f).is_file() for f in TOKENIZER_FILES):
         tok = load_tokenizer(src, read_config(src))
     seqs = _calibration_ids(calibration, tok, config) if have_calib else None
+    short = memory_shortfall(src, config, torch.device(device), None if dtype in (None, "auto") else dtype)
+    if short:
+        warnings.warn(short, MemoryWarning, stacklevel=2)
     return streaming.run(src, out, config, seqs, tok, device=torch.device(device), dtype=dtype, resume=resume,
                          overwrite=overwrite, progress=progress, max_shard_size=max_shard_size)

@@ -38,6 +38,11 @@ class MissingDependencyError(MoecoreError, ImportError):
     """An optional dependency of the requested feature is not installed (names the pip extra)."""
 
 
+class MemoryWarning(UserWarning):
+    """``compress_checkpoint``'s memory estimate for its largest layer (``moecore plan``'s)
+    is above the memory free on the machine now: the run would likely be killed part-way."""
+
+
 class DataFreeWarning(UserWarning):
     """``moecore.compress`` / ``compress_checkpoint`` ran without calibration text while the
     config asked for the activation-aware init (``init="auto"``): the data-free init was used.

@@ -192,3 +192,44 @@ def recount(model_dir) -> dict[str, Any]:
     out = statistics(model)
     out["notes"] += "; recounted from the checkpoint's config and tensor headers (meta device, no weights read)"
     return out
+
+
+def available_host_bytes() -> int | None:
+    """Memory the kernel says a new allocation can get now (Linux ``MemAvailable``), else ``None``."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def memory_shortfall(model_dir, cfg: CompressionConfig, device: torch.device, dtype: torch.dtype | None,
+                     available: int | None = None) -> str | None:
+    """What to tell a user whose machine lacks the memory :func:`memory_estimate` gives for
+    ``compress_checkpoint(model_dir, ..., cfg, device=device)``'s largest layer (host memory,
+    and GPU memory with a CUDA ``device``), or ``None`` when it fits or cannot be told.
+    ``available``: host bytes free (default :func:`available_host_bytes`)."""
+    try:
+        mem = plan(Path(model_dir), cfg, dtype)["memory_estimate"]
+    except Exception:  # noqa: BLE001 - an estimate that cannot be made must not stop a compression
+        return None
+    gpu = device.type == "cuda"
+    host_need = (mem["host_gib_with_gpu"] if gpu else mem["host_gib_cpu_only"]) * GIB
+    host_free = available if available is not None else available_host_bytes()
+    short = []
+    if host_free is not None and host_need > host_free:
+        short.append(f"{host_need / GIB:.1f} GiB of host memory, {host_free / GIB:.1f} GiB free")
+    if gpu and torch.cuda.is_available():
+        free = torch.cuda.mem_get_info(device)[0]
+        if mem["gpu_gib"] * GIB > free:
+            short.append(f"{mem['gpu_gib']:.1f} GiB of GPU memory, {free / GIB:.1f} GiB free")
+    if not short:
+        return None
+    hint = ("--device cuda (or a GPU with more memory)" if not gpu else "a GPU with more memory")
+    return (f"the largest layer ({mem['layer']}) is estimated to need " + " and ".join(short)
+            + f" (moecore plan's estimate): the run may be killed part-way; consider {hint}, "
+            "fewer calibration tokens (--calib-max-tokens) or a smaller --fit-memory-gb")
+

@@ -48,6 +48,11 @@ def calibration_text(args, cfg: CompressionConfig):
     return load_split("calib")
 
 
+def _status_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning raised while compressing, as one status line."""
+    status(f"warning: {message}")
+
+
 def run(args) -> int:
     """Stream the checkpoint through the layer engine (one decoder layer in memory at a time)."""
     cfg = config_from_args(CompressionConfig, args)  # validates rank / ratio before any heavy work
@@ -59,6 +64,7 @@ def run(args) -> int:
     with sigterm_as_interrupt() as got, warnings.catch_warnings():
         # the data-free init was chosen (--no-calib) or said above (no tokenizer)
         warnings.simplefilter("ignore", DataFreeWarning)
+        warnings.showwarning = _status_warning  # e.g. MemoryWarning: one status line (restored on exit)
         try:
             res = compress_checkpoint(args.model, args.output, cfg, calib, device=device,
                                       dtype=torch_dtype(args.dtype), resume=args.resume, overwrite=args.overwrite,
