@@ -168,9 +168,12 @@ def cpu_layout(ops: dict[str, torch.Tensor], keep: tuple[str, ...] = ()) -> dict
     contiguous): at decode sizes the CPU GEMM multiplies by a row-major ``(K, N)`` matrix up to
     ~1.9x faster (e.g. 16x4096 @ 4096x800).  ``keep``: operands left as they are (a form's
     cores, whose layout it chose by measurement: RESULTS §6); CUDA keeps ``nn.Linear``'s
-    layout throughout, as transformers' own ``grouped_mm`` path does."""
-    if ops["core_down"].device.type != "cpu":
-        return ops
+    layout throughout, as transformers' own ``grouped_mm`` path does, and so do operands built
+    with gradients (training builds them every step, and the copy and its gradient's copy back
+    cost more there than the layout saves)."""
+    training = torch.is_grad_enabled() and any(v.requires_grad for v in ops.values())
+    if ops["core_down"].device.type != "cpu" or training:
+        return ops  # training builds the operands per step: a copy there costs more than it saves
     return {k: v if k in keep else v.mT.contiguous().mT for k, v in ops.items()}
 
 
