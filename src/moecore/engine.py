@@ -141,7 +141,7 @@ def reusable_heap(in_engine: bool = True):
     Block recovery's Adam steps allocate the same temporaries again and again: with every
     one an ``mmap`` (and its page faults) they took 2.4x the CPU time on the bundled models,
     and at Qwen3-30B-A3B's shape, where they are hundreds of MiB (above the 32 MiB that
-    ``M_MMAP_THRESHOLD`` can reach), 2.4x again (benchmarks/RESULTS.md §7c).  A no-op outside glibc."""
+    ``M_MMAP_THRESHOLD`` can reach), 3.3x (benchmarks/RESULTS.md §7d).  A no-op outside glibc."""
     after = {M_MMAP_THRESHOLD: HEAP_BOUND, M_TRIM_THRESHOLD: HEAP_BOUND} if in_engine else \
         {M_MMAP_THRESHOLD: HEAP_RELEASED[0], M_TRIM_THRESHOLD: HEAP_RELEASED[1]}
     return _heap_settings({M_TRIM_THRESHOLD: 1 << 30, M_MMAP_THRESHOLD: 32 << 20, M_MMAP_MAX: 0},

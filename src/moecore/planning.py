@@ -228,8 +228,8 @@ def memory_shortfall(model_dir, cfg: CompressionConfig, device: torch.device, dt
             short.append(f"{mem['gpu_gib']:.1f} GiB of GPU memory, {free / GIB:.1f} GiB free")
     if not short:
         return None
-    hint = ("--device cuda (or a GPU with more memory)" if not gpu else "a GPU with more memory")
+    hint = "a GPU (--device cuda)" if not gpu else "a GPU with more memory"
     return (f"the largest layer ({mem['layer']}) is estimated to need " + " and ".join(short)
-            + f" (moecore plan's estimate): the run may be killed part-way; consider {hint}, "
-            "fewer calibration tokens (--calib-max-tokens) or a smaller --fit-memory-gb")
+            + f" (moecore plan's estimate): the run may be killed part-way; consider {hint}, fewer "
+            "calibration tokens (calib_max_tokens, --calib-max-tokens) or a smaller fit_memory_gb (--fit-memory-gb)")
 
