@@ -301,23 +301,28 @@ def test_the_engine_heap_bound_ends_with_the_compression(tmp_path):
 def test_recovery_heap_reuses_blocks_of_any_size_then_gives_mmap_back():
     """Block recovery's Adam steps allocate temporaries of hundreds of MiB at real shapes, above
     the 32 MiB that glibc's mmap threshold can reach: inside ``reusable_heap`` no block is an
-    mmap (M_MMAP_MAX 0), so they are reused without page faults; afterwards mmap is back."""
-    import resource
+    mmap (M_MMAP_MAX 0), so they are reused without page faults; afterwards mmap is back.
 
-    from moecore.engine import reusable_heap
-
-    def faults(n=6, mib=64):
-        out = []
-        for _ in range(n):
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            torch.empty(mib << 18, dtype=torch.float32).fill_(1.0)
-            out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        return out
-
-    pages = (64 << 20) // resource.getpagesize()
-    with reusable_heap(in_engine=False):
-        inside = faults()
-    after = faults()
+    In a fresh interpreter: which free chunks glibc's heap holds depends on every test run
+    before in this process, and a free chunk of the heap serves a block before an mmap does."""
+    code = """
+import json, resource, torch
+from moecore.engine import reusable_heap
+def faults(n=6, mib=64):
+    out = []
+    for _ in range(n):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(mib << 18, dtype=torch.float32).fill_(1.0)
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return out
+with reusable_heap(in_engine=False):
+    inside = faults()
+print(json.dumps([inside, faults(), (64 << 20) // resource.getpagesize()]))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    inside, after, pages = json.loads(run.stdout.splitlines()[-1])
     assert sum(f > pages // 2 for f in inside) <= 2, inside  # the first blocks only
     assert all(f > pages // 2 for f in after), after  # every block its own mmap again
 

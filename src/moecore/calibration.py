@@ -86,6 +86,20 @@ def widen_layer(layer: nn.Module, device) -> dict[str, torch.dtype]:
     return saved
 
 
+def narrow_module(layer: nn.Module, rel: str, saved: dict[str, torch.dtype]) -> None:
+    """Cast the tensors of submodule ``rel`` that :func:`widen_layer` widened back to their
+    stored dtypes (exact: a half-precision value survives float32), keeping ``saved`` as it is.
+
+    The engine does this to an experts module once its float32 work is done (calibration
+    forward, recovery targets): the fit reads the experts a chunk at a time in its own
+    precision, so they need not stay widened (2.8 GB of a Mixtral-8x7B layer)."""
+    names = dict(layer.named_parameters())
+    names.update(layer.named_buffers())
+    for name, dtype in saved.items():
+        if name.startswith(rel + ".") and name in names:
+            set_tensor(layer, name, names[name].detach().to(dtype))
+
+
 def restore_layer(layer: nn.Module, saved: dict[str, torch.dtype], replaced: tuple[str, ...] = ()) -> None:
     """Undo :func:`widen_layer`: the tensors ``saved`` names back to their dtypes, and each
     submodule at a path in ``replaced`` (swapped in since, e.g. compressed experts) cast to the
@@ -259,9 +273,10 @@ class RoutedInputs:
         for e in range(self.num_experts):
             x, rw = self._rows(e, device)
             if kind == "mid":
-                gate, up = x @ views["gate"][e].to(device).mT, x @ views["up"][e].to(device).mT  # (n_e, F)
+                wd = dict(device=device, dtype=x.dtype)  # one expert widened at a time (narrow_module)
+                gate, up = x @ views["gate"][e].to(**wd).mT, x @ views["up"][e].to(**wd).mT  # (n_e, F)
                 if layout.has_bias:
-                    bg, bu = layout.split_bias(views["bias_gate_up"][e].to(device))
+                    bg, bu = layout.split_bias(views["bias_gate_up"][e].to(**wd))
                     gate, up = gate + bg, up + bu
                 x = act(gate, up)
             x = x.to(_F64)

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from .block_recovery import block_targets, heldout_rows, sequence_ids, train_block
-from .calibration import RoutedInputs, calibrate_layer, capture_layer_inputs, restore_layer, run_layer, widen_layer
+from .calibration import (RoutedInputs, calibrate_layer, capture_layer_inputs, narrow_module, restore_layer, run_layer,
+                          widen_layer)
 from .compressed_experts import PROJECTIONS
 from .config import CompressionConfig
 from .errors import ConfigError, UnsupportedModelError
@@ -317,13 +318,19 @@ class Engine:
             inputs[rel] = hooks[rel].inputs(e, self.cfg.calib_weighting)
         return inputs, outs
 
-    def _recover(self, path: str, layout: ExpertsLayout, original: nn.Module, new: nn.Module,
+    def _targets(self, layout: ExpertsLayout, original: nn.Module, inputs: RoutedInputs) -> torch.Tensor:
+        """``original``'s block output ``(N, H)`` on the calibration rows, on the compute device:
+        what recovery trains to."""
+        dev = self.device
+        return block_targets(original, layout, inputs.x.to(dev), inputs.top_k_index.to(dev),
+                             inputs.top_k_weights.to(dev))
+
+    def _recover(self, path: str, layout: ExpertsLayout, y: torch.Tensor, new: nn.Module,
                  inputs: RoutedInputs, seed: int) -> dict[str, Any]:
-        """Train ``new``'s factors to ``original``'s block output on the calibration rows
-        (:func:`moecore.block_recovery.train_block`) on the compute device; its report."""
+        """Train ``new``'s factors to the original block's output ``y (N, H)`` on the calibration
+        rows (:func:`moecore.block_recovery.train_block`) on the compute device; its report."""
         cfg, dev = self.cfg, self.device
         x, idx, w = inputs.x.to(dev), inputs.top_k_index.to(dev), inputs.top_k_weights.to(dev)  # (N, H), (N, k) x2
-        y = block_targets(original, layout, x, idx, w)  # (N, H)
         held = heldout_rows(sequence_ids(inputs.rows_per_call, [tuple(b.shape) for b in self.batches])).to(dev)
         with reusable_heap():
             return train_block(new, layout, x, idx, w, y, held, steps=cfg.recover_steps, lr=cfg.recover_lr,
@@ -355,12 +362,17 @@ class Engine:
             for rel, layout in mods:
                 path = f"{self.stack_path}.{i}.{rel}"
                 seed = self.cfg.seed + self.order.index((i, rel))
+                recover = self.cfg.recover_steps and self.cfg.quant is None and inputs.get(rel) is not None
+                tr = time.perf_counter()
+                y = self._targets(layout, layer.get_submodule(rel), inputs[rel]) if recover else None
+                recover_s += time.perf_counter() - tr  # part of recovery, computed while the experts are wide
+                narrow_module(layer, rel, saved)  # the fit widens the original experts a chunk at a time
                 new = fit_experts(layer.get_submodule(rel), layout, self.cfg, {p: ranks[(path, p)] for p in PROJECTIONS},
-                                  inputs.get(rel), self.device, seed)
-                if self.cfg.recover_steps and self.cfg.quant is None and inputs.get(rel) is not None:
+                                  inputs.get(rel), self.device, seed, dtype=fdt)
+                if recover:
                     tr = time.perf_counter()
-                    new.report["recovery"] = self._recover(path, layout, layer.get_submodule(rel), new, inputs[rel],
-                                                           seed)
+                    new.report["recovery"] = self._recover(path, layout, y, new, inputs[rel], seed)
+                    y = None
                     self.recovery.append({"path": path, **new.report["recovery"]})
                     recover_s += time.perf_counter() - tr
                 replace_module(layer, rel, new)

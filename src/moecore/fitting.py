@@ -139,10 +139,10 @@ def _projections(views: dict, layout: ExpertsLayout, act, cfg: CompressionConfig
 @torch.no_grad()
 def fit_experts(
     module: nn.Module, layout: ExpertsLayout, cfg: CompressionConfig, ranks: dict[str, int],
-    inputs: RoutedInputs | None, device=None, seed: int = 0,
+    inputs: RoutedInputs | None, device=None, seed: int = 0, dtype: torch.dtype | None = None,
 ) -> CompressedExperts:
-    """Compress one experts module into a :class:`CompressedExperts` (same dtype and device as
-    the module), with ``report[p] = {"rank", "whitened", "weight_rel_error", "output_rel_error",
+    """Compress one experts module into a :class:`CompressedExperts` (on the module's device, in
+    ``dtype``, default the module's), with ``report[p] = {"rank", "whitened", "weight_rel_error", "output_rel_error",
     "refine_*", "svd"}`` and, with calibration, ``"routed_tokens", "min_expert_tokens",
     "under_calibrated_experts"}``."""
     views = layout.split(module)
@@ -151,6 +151,7 @@ def fit_experts(
     whiten = inputs is not None and cfg.init in ("auto", "whitened")
     act = layout.activation_fn(getattr(module, "act_fn", None))
     form = get_form(cfg.form)
+    out_dtype = dtype or ref.dtype
     gen = torch.Generator(device=device).manual_seed(seed)
     cores, factors, report, raw_grams = {}, {}, {}, {}
     for p, proj, raw, L, lam in _projections(views, layout, act, cfg, inputs, device):
@@ -174,10 +175,14 @@ def fit_experts(
         entry.update(weight_rel_error=werr, output_rel_error=oerr)
         if inputs is not None:
             entry.update(calibration_report(inputs, cfg))
-        cores[p], factors[p], report[p] = core, fac, entry
+        # stored precision now (from_factors would cast the same way): Mixtral's float64 gate and up
+        # results would otherwise sit beside the down projection's fit (1.4 GB)
+        cores[p], report[p] = core.to(out_dtype), entry
+        factors[p] = tuple(f.to(out_dtype) if f.is_floating_point() else f for f in fac)
+        del core, fac, res, approx
     biases = {k: views[k].detach() for k in ("bias_gate_up", "bias_down") if k in views}
     new = CompressedExperts.from_factors(layout, cfg.form, cores, factors, biases, act_fn=getattr(module, "act_fn", None),
-                                         dtype=ref.dtype, device=ref.device)
+                                         dtype=out_dtype, device=ref.device)
     new.report = report
     if cfg.quant is not None:  # quantized core, factors refit to its rounding error, then quantized
         new = quantize_layer(new, {p: views[p].detach() for p in PROJECTIONS}, raw_grams, cfg.quant, cfg.whiten_damping)

@@ -213,10 +213,10 @@ def fit_delta(
         if energy is not None:  # keep the E·rank largest σ² over all experts, then N for them
             acc["ranks"], kept_all = _water_fill(energy, a_all, b_all, budget)
             err -= float(kept_all)
-            for sl in parts:
-                a, b, l = a_all[sl].to(_F64), b_all[sl].to(_F64), on(L, sl)
-                lb = l.to(_F64) @ (l.to(_F64).mT @ b) if l is not None else b  # Ĝ_i B_i  (n, d_in, s)
-                n_acc += torch.einsum("nos,nis->oi", a, lb)
+            for sl in parts:  # products in the working precision, as above (no float64 copy of L_i)
+                a, b, l = a_all[sl].to(_F64), b_all[sl].to(cdt), on(L, sl)
+                lb = l @ (l.mT @ b) if l is not None else b  # Ĝ_i B_i  (n, d_in, s)
+                n_acc += torch.einsum("nos,nis->oi", a, lb.to(_F64))
         if p_acc is not None:
             cs = c @ s64 if s64 is not None else e * c  # C₀ S  (d_out, d_in)
             if s64 is not None:  # Σ_i ‖W_i L_i‖² = Σ‖R_i L_i‖² + 2⟨C₀, Σ R_i Ĝ_i⟩ + ⟨C₀ S, C₀⟩
@@ -243,6 +243,7 @@ def fit_delta(
         improved = history[-1] - err
         history.append(err)
         if err < min(history[:-1]):
+            best = None  # the old copy freed before the new one is made
             best = snapshot()
         if improved <= tol * max(err, 1e-30):
             break
