@@ -9,7 +9,7 @@ first being the code as it was before the change and each adding one change:
 - ``before``: the ragged form's compact factors trained through its forward's gather (a
   padded copy built, and its gradient scattered back, every step), Adam's per-tensor loop,
   glibc serving every block of 32 MiB or more from a fresh ``mmap``;
-- ``heap``: every allocation from glibc's heap (``engine.reusable_heap``: no ``mmap``);
+- ``heap``: every allocation from glibc's heap (``heap.reusable_heap``: no ``mmap``);
 - ``padded``: the ragged form trained as the delta form on padded factors (``training_copy``);
 - ``fused`` (today's code): torch's fused Adam.
 
@@ -36,7 +36,7 @@ import torch
 
 from moecore import block_recovery as br
 from moecore.compressed_experts import PROJECTIONS
-from moecore.engine import reusable_heap
+from moecore.heap import reusable_heap
 from moecore.families import layout_of
 from moecore.maths import budget
 
@@ -57,7 +57,7 @@ def timed_fit(module, layout, x, idx, w, y, variant: str, steps: int, batch: int
         names = [names[n] for n, _ in params]
     else:
         work, names = copy.deepcopy(module), [n for n, _ in params]
-    heap = contextlib.nullcontext() if variant == "before" else reusable_heap(in_engine=False)
+    heap = contextlib.nullcontext() if variant == "before" else reusable_heap()
     with heap:
         t0 = time.perf_counter()
         br._fit(work, names, sizes, layout, x, idx, w, y, steps=steps, batch_tokens=batch,

@@ -22,7 +22,8 @@ from . import streaming
 from .checkpoint_reader import read_config
 from .config import CompressionConfig
 from .data import calibration_sequences
-from .engine import Engine, InMemoryStore, bounded_host_heap
+from .engine import Engine, InMemoryStore
+from .heap import bounded_host_heap
 from .errors import ConfigError, DataFreeWarning, MemoryWarning
 from .hf_integration import mark_compressed
 from .io_utils import model_source, prepare_output

@@ -30,6 +30,7 @@ from torch import nn
 
 from .errors import TrainingError, UnsupportedModelError
 from .families import ExpertsLayout, is_compressed
+from .heap import reusable_heap
 
 #: every this many-th calibration sequence is held out to judge a trained block
 HOLDOUT_EVERY = 5
@@ -185,6 +186,7 @@ def _fit(work: nn.Module, names: list[str], sizes: list[float], layout: ExpertsL
             p.grad = None
 
 
+@reusable_heap()  # every Adam temporary from the heap, reused (a fresh scope per call)
 def train_block(module: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                 y: torch.Tensor, held: torch.Tensor, *, steps: int, lr: float, batch_tokens: int,
                 train_core: bool = False, seed: int = 0, where: str = "the experts") -> dict[str, Any]:

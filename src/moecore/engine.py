@@ -24,8 +24,6 @@ layer's spectrum before any rank is fixed, so it costs one extra pass over the l
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import os
 import resource
@@ -43,6 +41,7 @@ from .config import CompressionConfig
 from .errors import ConfigError, UnsupportedModelError
 from .families import ExpertsLayout, find_experts, top_k_of
 from .fitting import fit_experts, projection_shapes, rank_gains, solve_ranks
+from .heap import bounded_host_heap, trim
 from .progress import progress_bar
 from .surgery import decoder_layers, replace_module
 
@@ -83,81 +82,13 @@ class InMemoryStore:
         self.release(index, layer)
 
 
-#: glibc ``mallopt`` parameters and the engine's bound (:func:`bounded_host_heap`; also glibc's default trim)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX, HEAP_BOUND = -1, -3, -4, 128 * 1024
-#: glibc's default ``M_MMAP_MAX`` (how many blocks may be served by ``mmap`` at once)
-MMAP_MAX_DEFAULT = 65536
-#: what a long-lived process gets back after the engine (:func:`bounded_host_heap`): glibc's
-#: dynamic mmap threshold at its maximum (32 MiB) and trim threshold (twice that), the state
-#: glibc's own heuristic reaches in a process that frees large tensors
-HEAP_RELEASED = (32 << 20, 64 << 20)
-
-
-def _libc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt  # noqa: B018 (not glibc: AttributeError)
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-@contextlib.contextmanager
-def _heap_settings(inside: dict[int, int], after: dict[int, int]):
-    """glibc ``mallopt`` settings ``inside`` the block and ``after`` it (then the heap is
-    trimmed).  A no-op outside glibc."""
-    libc = _libc()
-    if libc is None:
-        yield
-        return
-    for param, value in inside.items():
-        libc.mallopt(param, value)
-    try:
-        yield
-    finally:
-        for param, value in after.items():
-            libc.mallopt(param, value)
-        libc.malloc_trim(0)
-
-
-def bounded_host_heap():
-    """Inside the block, every allocation of 128 KiB or more is served from its own mmap
-    (glibc ``mallopt``), so a freed layer's tensors go back to the OS at once.  glibc's
-    default (a threshold that grows up to 32 MiB) keeps such blocks in the heap, and peak
-    resident memory then creeps up with the number of layers through fragmentation alone.
-
-    On exit the caller's process gets a threshold of 32 MiB back (:data:`HEAP_RELEASED`):
-    a 128 KiB bound left behind after :func:`moecore.compress` would make every later
-    tensor allocation of the user's process an ``mmap`` and its page faults (the held-out
-    evaluation after a compression took about twice the CPU time).  A no-op outside glibc."""
-    return _heap_settings({M_MMAP_THRESHOLD: HEAP_BOUND},
-                          {M_MMAP_THRESHOLD: HEAP_RELEASED[0], M_TRIM_THRESHOLD: HEAP_RELEASED[1]})
-
-
-def reusable_heap(in_engine: bool = True):
-    """Inside the block every allocation comes from glibc's heap and freed blocks stay there
-    for reuse (``M_MMAP_MAX`` 0: no ``mmap``, whatever the size; ``M_TRIM_THRESHOLD`` 1 GiB);
-    on exit the engine's bound (:func:`bounded_host_heap`) is restored, or with ``in_engine``
-    False what a long-lived process gets back (:data:`HEAP_RELEASED`), and the heap trimmed.
-    Block recovery's Adam steps allocate the same temporaries again and again: with every
-    one an ``mmap`` (and its page faults) they took 2.4x the CPU time on the bundled models,
-    and at Qwen3-30B-A3B's shape, where they are hundreds of MiB (above the 32 MiB that
-    ``M_MMAP_THRESHOLD`` can reach), 3.3x (benchmarks/RESULTS.md §7d).  A no-op outside glibc."""
-    after = {M_MMAP_THRESHOLD: HEAP_BOUND, M_TRIM_THRESHOLD: HEAP_BOUND} if in_engine else \
-        {M_MMAP_THRESHOLD: HEAP_RELEASED[0], M_TRIM_THRESHOLD: HEAP_RELEASED[1]}
-    return _heap_settings({M_TRIM_THRESHOLD: 1 << 30, M_MMAP_THRESHOLD: 32 << 20, M_MMAP_MAX: 0},
-                          {**after, M_MMAP_MAX: MMAP_MAX_DEFAULT})
-
-
 def release_memory(device: torch.device) -> None:
     """Give the freed memory of a finished layer back: Python garbage, glibc's heap (which
     otherwise keeps freed blocks and lets resident memory creep up layer after layer) and
     the CUDA cache."""
 
     gc.collect()
-    libc = _libc()
-    if libc is not None:  # not glibc: nothing to trim
-        libc.malloc_trim(0)
+    trim()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -332,10 +263,9 @@ class Engine:
         cfg, dev = self.cfg, self.device
         x, idx, w = inputs.x.to(dev), inputs.top_k_index.to(dev), inputs.top_k_weights.to(dev)  # (N, H), (N, k) x2
         held = heldout_rows(sequence_ids(inputs.rows_per_call, [tuple(b.shape) for b in self.batches])).to(dev)
-        with reusable_heap():
-            return train_block(new, layout, x, idx, w, y, held, steps=cfg.recover_steps, lr=cfg.recover_lr,
-                               batch_tokens=cfg.recover_batch_tokens, train_core=cfg.recover_train_core, seed=seed,
-                               where=path)
+        return train_block(new, layout, x, idx, w, y, held, steps=cfg.recover_steps, lr=cfg.recover_lr,
+                           batch_tokens=cfg.recover_batch_tokens, train_core=cfg.recover_train_core, seed=seed,
+                           where=path)
 
     @torch.no_grad()
     def _propagate(self, i: int, layer: nn.Module, hidden, float_dtype=None) -> list[torch.Tensor]:

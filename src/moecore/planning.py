@@ -20,7 +20,10 @@ token, T = ``calib_max_tokens``:
   outputs), the layer read from disk and written back (original + compressed weights), and
   about 1 GiB for Python, torch and transformers;
 * on a CPU only, a half-precision layer is computed in float32 (``calibration.widen_layer``):
-  its original weights once more at 4 bytes instead of b, and the activations at 4 bytes.
+  its weights at 4 bytes instead of b while the original layer runs (before any Gram
+  exists), then only its non-expert weights, since the experts go back to b bytes for the
+  fit (``calibration.narrow_module``); the activations at 4 bytes throughout.  The estimate
+  is the larger of the two phases.
 
 It is an estimate for planning, not a bound (for scale: 12.5 GiB was measured for a
 Qwen3-30B-A3B layer on CPU at 4,096 calibration tokens, benchmarks/RESULTS.md §7; the formula
@@ -85,10 +88,15 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     device = rest_bytes + layer_bytes + compressed + fit + t * top_k * d * 4
     host = 2 * t * d * b + layer_bytes + compressed + RUNTIME_BYTES
     spill = grams > DEVICE_GRAM_LIMIT
-    widened = (layer_bytes * (4 - b) // b + 2 * t * d * (4 - b)) if b < 4 else 0  # CPU: half precision in float32
+    # CPU: half precision computed in float32.  The whole layer while the original runs
+    # (no Grams yet); during the fit only the rest of it, the experts being narrowed back
+    wide = (4 - b) // b if b < 4 else 0
+    acts = 2 * t * d * (4 - b) if b < 4 else 0
+    calibrating = host + device - compressed - fit + layer_bytes * wide + acts
+    fitting = host + device + grams + (layer_bytes - row["bytes_original"]) * wide + acts
     return {"layer": f"{stack_path}.{index}", "gpu_gib": (device + (0 if spill else grams)) / GIB,
             "host_gib_with_gpu": (host + (grams if spill else 0)) / GIB,
-            "host_gib_cpu_only": (host + device + grams + widened) / GIB,
+            "host_gib_cpu_only": max(calibrating, fitting) / GIB,
             "output_gb": output_bytes / 1e9, "dtype": str(dtype).replace("torch.", "")}
 
 

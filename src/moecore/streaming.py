@@ -33,7 +33,8 @@ from transformers.utils.hub import convert_file_size_to_int
 from .checkpoint_format import build_quantization_config, load_guards, swap_in_compressed
 from .checkpoint_reader import INDEX, CheckpointReader, open_skeleton, weight_files
 from .config import CompressionConfig
-from .engine import Engine, bounded_host_heap, experts_by_layer
+from .engine import Engine, experts_by_layer
+from .heap import bounded_host_heap
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .families import is_compressed
 from .hf_integration import MoecoreQuantizationConfig

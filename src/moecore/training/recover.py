@@ -31,7 +31,7 @@ from ..block_recovery import block_targets, heldout_rows, sequence_ids, train_bl
 from ..calibration import calibrate_layer, capture_layer_inputs, restore_layer, run_layer, widen_layer
 from ..config import RecoveryConfig
 from ..data import calibration_sequences, load_split
-from ..engine import experts_by_layer, make_batches, reusable_heap
+from ..engine import experts_by_layer, make_batches
 from ..errors import ConfigError, DataError, UnsupportedModelError
 from ..modeling import load_tokenizer
 from ..progress import progress_bar
@@ -183,8 +183,7 @@ def _recover_module(path, module, layout, hook, shapes, teacher, loader, tname, 
     # sequences are spread over the whole calibration text, so both parts cover every source):
     # small calibration sets overfit, and a layer is only kept if it improved on tokens it never saw
     held = heldout_rows(sequence_ids(hook.rows_per_call(), shapes)).to(x.device)
-    with reusable_heap(in_engine=False):
-        rep = train_block(module, layout, x, idx, w, y, held, steps=cfg.steps, lr=cfg.lr,
-                          batch_tokens=cfg.batch_tokens, train_core=cfg.train_core, seed=seed,
-                          where=f"the student's {path}")
+    rep = train_block(module, layout, x, idx, w, y, held, steps=cfg.steps, lr=cfg.lr,
+                      batch_tokens=cfg.batch_tokens, train_core=cfg.train_core, seed=seed,
+                      where=f"the student's {path}")
     return {"path": path, **rep, "seconds": round(time.time() - t0, 3)}
