@@ -154,6 +154,22 @@ def test_recovery_step_smoke(tmp_path):
     assert data["provenance"]["versions"]["torch"] == torch.__version__
 
 
+def test_svd_cost_smoke(tmp_path):
+    """benchmarks/svd_cost.py at a toy shape: both SVDs timed, the same energy, orthonormal U."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        mod = importlib.import_module("svd_cost")
+        mod.main(["--shapes", "tiny", "--repeats", "1", "--parts", "--out", str(tmp_path / "s.json")])
+    finally:
+        sys.path.remove(str(BENCH))
+    data = json.loads((tmp_path / "s.json").read_text())
+    row = data["rows"][0]
+    for start in ("cold", "warm"):
+        assert row[start]["reference_s"] > 0 and row[start]["new_s"] > 0
+        assert abs(row[start]["energy_rel_diff"]) < 1e-5 and row[start]["orthogonality"] < 1e-5
+    assert set(data["parts"][0]) >= {"householder_qr", "small_svd_lapack", "small_svd_gram"}
+
+
 def test_scale_smoke(tmp_path):
     """benchmarks/scale.py end to end at a toy shape: synthetic sharded checkpoint, streamed
     compression in a child process, per-layer timings, peak memory and the rendered table."""

@@ -115,6 +115,28 @@ def test_randomized_svd_matches_exact_on_low_rank_plus_noise():
     assert up.shape == (3, 5, 6) and float(sp[:, 4:].abs().max()) == 0.0
 
 
+def test_randomized_svd_in_float32_matches_float64_and_survives_rank_deficiency():
+    """The randomized path (its small SVD from a float64 Gram) in float32 keeps the energy of the
+    exact float64 SVD on a decaying spectrum, returns an orthonormal U, and stays a projection
+    ``U diag(S) Vᵀ = U Uᵀ m`` when ``m`` has fewer directions than asked (zero matrix; rank 3
+    for rank 8: the tail directions come back as zero)."""
+    gen = torch.Generator().manual_seed(0)
+    k = 96
+    m = (torch.randn(2, 200, k, generator=gen, dtype=F64) * torch.arange(1, k + 1, dtype=F64) ** -1.0) \
+        @ torch.randn(2, k, 300, generator=gen, dtype=F64)  # (2, 200, 300), σ_j ~ 1/j
+    _, s_exact, _ = dm.truncated_svd(m, 20, "exact")
+    u, s, v = dm.truncated_svd(m.float(), 20, "randomized", generator=torch.Generator().manual_seed(1))
+    assert u.dtype == torch.float32
+    assert float((s.double().pow(2).sum(-1) / s_exact.pow(2).sum(-1) - 1).abs().max()) < 1e-5
+    assert float((u.double().mT @ u.double() - torch.eye(20, dtype=F64)).abs().max()) < 1e-5
+    low = torch.randn(2, 120, 3, generator=gen) @ torch.randn(2, 3, 160, generator=gen)
+    for bad in (low, torch.zeros(2, 120, 160)):
+        u, s, v = dm.truncated_svd(bad, 8, "randomized", generator=torch.Generator().manual_seed(1))
+        proj = u @ (u.mT @ bad)
+        assert torch.allclose(u @ torch.diag_embed(s) @ v.mT, proj, atol=1e-4)
+        assert torch.allclose(proj, bad, atol=1e-4)  # all of a rank-3 matrix is captured
+
+
 @pytest.mark.parametrize("s", [2, 6])
 def test_whitened_beats_plain_on_output_error(s):
     w = _experts(shared=0.5)

@@ -61,15 +61,14 @@ def truncated_svd(
     if method == "randomized" and s + oversample < k:
         omega = torch.randn(*m.shape[:-2], b, s + oversample, dtype=m.dtype, device=m.device, generator=generator)
         if init is not None and init.shape[-1] >= s:
-            omega[..., :s] = init[..., :s].to(omega)  # warm start from the previous subspace
+            warm = init[..., :s].to(omega)  # warm start from the previous subspace
+            omega[..., :s] = torch.where(warm.norm(dim=-2, keepdim=True) > 0, warm, omega[..., :s])  # (zero: Gaussian)
             power_iters = warm_power_iters
         q = _qr(m @ omega)  # (..., a, s+p)
         for _ in range(power_iters):
             q = _qr(m.mT @ q)  # (..., b, s+p)
             q = _qr(m @ q)  # (..., a, s+p)
-        small = q.mT @ m  # (..., s+p, b)
-        with one_thread(m):
-            ub, sv, vh = torch.linalg.svd(small, full_matrices=False)  # (..., s+p, s+p), (..., s+p), (..., s+p, b)
+        ub, sv, vh = _short_svd(q.mT @ m)  # of (..., s+p, b): (..., s+p, s+p), (..., s+p), (..., s+p, b)
         u = q @ ub  # (..., a, s+p)
     elif method in ("exact", "randomized"):
         with one_thread(m):
@@ -89,6 +88,25 @@ def _qr(m: Tensor) -> Tensor:
     """Orthonormal basis ``Q (..., a, c)`` of the columns of ``m (..., a, c)`` (one thread)."""
     with one_thread(m):
         return torch.linalg.qr(m).Q
+
+
+def _short_svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD ``U (..., c, c), S (..., c), Vᵀ (..., c, b)`` of a short, wide ``m (..., c, b)`` from
+    the eigendecomposition of ``m mᵀ`` (float64, ``c × c``): two products and one small ``eigh``
+    instead of LAPACK's bidiagonalization of the whole ``m`` on one thread (1.5-8.5x faster at
+    real layer shapes, benchmarks/svd_cost.py).  ``σ_j²`` are exact
+    to ``O(u₆₄·σ_1²)``; a right vector ``v_j = mᵀu_j/σ_j`` to ``O(u₆₄·σ_1²/σ_j²)``, and
+    directions with ``σ_j ≤ 10⁻⁷σ_1`` (below float32 resolution) are returned as zero, so
+    ``U diag(S) Vᵀ`` stays the projection ``U Uᵀ m`` on the rest."""
+    m64 = m.to(torch.float64)
+    with one_thread(m):
+        lam, u = torch.linalg.eigh(m64 @ m64.mT)  # ascending (..., c), (..., c, c)
+    lam, u = lam.flip(-1).clamp_min(0), u.flip(-1)
+    sv = lam.sqrt()  # (..., c)
+    keep = sv > 1e-7 * sv[..., :1]
+    vh = (u.mT @ m64) / torch.where(keep, sv, torch.ones_like(sv)).unsqueeze(-1)  # (..., c, b)
+    vh = vh * keep.unsqueeze(-1)
+    return u.to(m.dtype), (sv * keep).to(m.dtype), vh.to(m.dtype)
 
 
 def gram_svd(m: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
