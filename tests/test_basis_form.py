@@ -28,7 +28,7 @@ def _layer(e: int, d_out: int, d_in: int, seed: int = 0):
     w = torch.randn(e, d_out, d_in, generator=g, dtype=F64)
     x = torch.randn(e, 4 * d_in, d_in, generator=g, dtype=F64) @ torch.randn(d_in, d_in, generator=g, dtype=F64)
     gram = x.mT @ x + 1e-3 * torch.eye(d_in, dtype=F64)  # (E, d_in, d_in)
-    return w, torch.linalg.cholesky(gram), gram.sum(0)
+    return w, torch.linalg.cholesky(gram), torch.linalg.cholesky(gram.sum(0))  # L_i and K (K Kᵀ = Σ Ĝ_i)
 
 
 def _objective(w, core, factors, L):
@@ -38,15 +38,15 @@ def _objective(w, core, factors, L):
 @pytest.mark.parametrize("d_out,d_in", [(10, 16), (40, 16)], ids=["input-basis", "output-basis"])
 @pytest.mark.parametrize("whiten", [True, False])
 def test_full_rank_is_exact_and_the_objective_falls_with_rank(d_out, d_in, whiten):
-    w, L, S = _layer(8, d_out, d_in)
-    L, S = (L, S) if whiten else (None, None)
-    core, factors, hist = fit_basis(w, w.mean(0), max(d_out, d_in), L, S, steps=2)
+    w, L, K = _layer(8, d_out, d_in)
+    L, K = (L, K) if whiten else (None, None)
+    core, factors, hist = fit_basis(w, w.mean(0), max(d_out, d_in), L, K, steps=2)
     assert factors[0].shape == (8, min(d_out, d_in), max(d_out, d_in)) == factors[1].shape[:1] + factors[0].shape[1:]
     assert torch.equal(factors[1][0], factors[1][3]) and not torch.equal(factors[1][3], factors[1][4])  # groups of 4
     assert float((FORM.reconstruct(core, factors) - w).norm() / w.norm()) < 1e-10
     prev = float("inf")
     for rank in (1, 3, 6):
-        core, factors, hist = fit_basis(w, w.mean(0), rank, L, S, steps=6)
+        core, factors, hist = fit_basis(w, w.mean(0), rank, L, K, steps=6)
         got = _objective(w, core, factors, L if whiten else torch.eye(d_in, dtype=F64))
         assert got == pytest.approx(min(hist), rel=1e-9)  # the reported objective is the true one, best kept
         assert min(hist) <= hist[0] and got < prev

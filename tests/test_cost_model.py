@@ -78,11 +78,11 @@ def test_float32_fit_matches_float64_within_bound():
     w, grams = _layer()
     rank = 20
     L = grams.clone()
-    S, _ = mf.whiten_in_place(L, 0.01, L.shape[0], "cpu")
+    K, _ = mf.whiten_in_place(L, 0.01, L.shape[0], "cpu")
     core = mf.expert_core(w)
     out = {}
     for dt in (torch.float64, torch.float32):
-        c, (a, b), hist = mf.fit_delta(w, core, rank, L, S, steps=3, tol=0.0, method="randomized",
+        c, (a, b), hist = mf.fit_delta(w, core, rank, L, K, steps=3, tol=0.0, method="randomized",
                                        generator=torch.Generator().manual_seed(0), compute_dtype=dt)
         out[dt] = (c + a.double() @ b.double().mT, hist)
     (w64, h64), (w32, h32) = out[torch.float64], out[torch.float32]
@@ -105,10 +105,10 @@ def test_report_errors_from_the_fit_match_the_products(method, cap):
     the one computed from ``Δ_i L_i`` and ``W_i L_i`` (delta and, with a cap, ragged ranks)."""
     w, grams = _layer()
     L = grams.clone()
-    S, lam = mf.whiten_in_place(L, 0.01, L.shape[0], "cpu")
+    K, lam = mf.whiten_in_place(L, 0.01, L.shape[0], "cpu")
     info: dict = {}
     dt = mf.compute_dtype(method)
-    c, fac, hist = mf.fit_delta(w, mf.expert_core(w), 20, L, S, steps=3, method=method, compute_dtype=dt,
+    c, fac, hist = mf.fit_delta(w, mf.expert_core(w), 20, L, K, steps=3, method=method, compute_dtype=dt,
                                 generator=torch.Generator().manual_seed(0), rank_cap=cap, info=info)
     pair = info.get("whitened")
     assert pair is not None and pair[0] == min(hist)
@@ -121,5 +121,5 @@ def test_report_errors_from_the_fit_match_the_products(method, cap):
     assert 0.01 < direct[1] < 0.9 and fast[1] == pytest.approx(direct[1], rel=1e-4)
     # no refinement step: the fit cannot know Σ‖W_i L_i‖², and the report computes it
     info = {}
-    mf.fit_delta(w, mf.expert_core(w), 20, L, S, steps=0, method=method, compute_dtype=dt, info=info)
+    mf.fit_delta(w, mf.expert_core(w), 20, L, K, steps=0, method=method, compute_dtype=dt, info=info)
     assert info.get("whitened") is None

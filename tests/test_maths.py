@@ -137,6 +137,18 @@ def test_randomized_svd_in_float32_matches_float64_and_survives_rank_deficiency(
         assert torch.allclose(proj, bad, atol=1e-4)  # all of a rank-3 matrix is captured
 
 
+def test_whiten_in_place_returns_the_cholesky_factor_of_the_summed_grams():
+    """``whiten_in_place`` leaves ``L_i`` (``L_i L_iᵀ = Ĝ_i``) in the Gram stack and returns the
+    lower Cholesky factor ``K`` of ``S = Σ Ĝ_i`` (factored in place of ``S``: the two never
+    coexist) and ``λ``."""
+    x, g = _grams(4, 16)
+    damped, lam = dm.damped_grams(g.clone(), 0.01)
+    store = g.clone()
+    k, lam_got = fit.whiten_in_place(store, 0.01, 2, "cpu")
+    assert torch.equal(k, k.tril()) and torch.allclose(k @ k.mT, damped.sum(0), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(store @ store.mT, damped, rtol=1e-12, atol=1e-12) and torch.equal(lam_got, lam)
+
+
 @pytest.mark.parametrize("s", [2, 6])
 def test_whitened_beats_plain_on_output_error(s):
     w = _experts(shared=0.5)

@@ -92,8 +92,8 @@ def solve_ranks(shapes: list[budget.ProjectionShape], cfg: CompressionConfig, ga
 class _Projection:
     """One projection being fitted: weights view, Grams turned whitening factors, core start."""
 
-    def __init__(self, w: torch.Tensor, cfg: CompressionConfig, inputs: RoutedInputs | None, L, S, lam, device):
-        self.w, self.cfg, self.inputs, self.L, self.S, self.lam, self.device = w, cfg, inputs, L, S, lam, device
+    def __init__(self, w: torch.Tensor, cfg: CompressionConfig, inputs: RoutedInputs | None, L, K, lam, device):
+        self.w, self.cfg, self.inputs, self.L, self.K, self.lam, self.device = w, cfg, inputs, L, K, lam, device
         e, d_out, d_in = w.shape
         self.chunk = expert_chunk(e, d_out, d_in, cfg)
         self.method = svd_method(cfg, d_out, d_in)
@@ -109,15 +109,15 @@ class _Projection:
 
 def _whitening(inputs: RoutedInputs, kind: str, module_views: dict, layout: ExpertsLayout, act, cfg, device):
     """Gram stack of ``kind`` ("in" / "mid") turned into whitening factors in place.
-    Returns ``(raw Grams copy or None, L, S, λ)``; the raw copy only when ``core="output"`` needs it."""
+    Returns ``(raw Grams copy or None, L, K, λ)`` (``K Kᵀ = S = Σ Ĝ_i``); the raw copy only when ``core="output"`` needs it."""
     e = inputs.num_experts
     d = module_views["gate"].shape[2] if kind == "in" else module_views["gate"].shape[1]
     dtype, where = gram_storage(e, d, cfg, device)
     store = torch.empty(e, d, d, dtype=dtype, device=where)
     inputs.grams(kind, store, device, module_views, layout, act, cfg.calib_prior_tokens)
     raw = store.clone() if cfg.core == "output" or cfg.quant is not None else None
-    S, lam = mf.whiten_in_place(store, cfg.whiten_damping, expert_chunk(e, d, d, cfg), device)
-    return raw, store, S, lam
+    K, lam = mf.whiten_in_place(store, cfg.whiten_damping, expert_chunk(e, d, d, cfg), device)
+    return raw, store, K, lam
 
 
 def _projections(views: dict, layout: ExpertsLayout, act, cfg: CompressionConfig, inputs: RoutedInputs | None,
@@ -132,8 +132,8 @@ def _projections(views: dict, layout: ExpertsLayout, act, cfg: CompressionConfig
         if inputs is not None and (white is None or white[0] != kind):
             white = None  # free the other Gram stack first
             white = (kind, *_whitening(inputs, kind, views, layout, act, cfg, device))
-        raw, L, S, lam = white[1:] if white is not None else (None, None, None, None)
-        yield p, _Projection(views[p].detach(), cfg, inputs, L if whiten else None, S, lam, device), raw, L, lam
+        raw, L, K, lam = white[1:] if white is not None else (None, None, None, None)
+        yield p, _Projection(views[p].detach(), cfg, inputs, L if whiten else None, K, lam, device), raw, L, lam
 
 
 @torch.no_grad()
@@ -159,7 +159,7 @@ def fit_experts(
         r = ranks[p]
         entry: dict[str, Any] = {"rank": r, "whitened": whiten}
         # factor stacks over 1 GiB in float64 may be kept in float32 between refinement steps
-        res = form.fit(proj.w, proj.core_start(raw), r, proj.L, proj.S, steps=cfg.refine_steps, method=proj.method,
+        res = form.fit(proj.w, proj.core_start(raw), r, proj.L, proj.K, steps=cfg.refine_steps, method=proj.method,
                        generator=gen, chunk=proj.chunk, device=device, f64_factor_limit=F64_GRAM_LIMIT,
                        expert_rank_cap=cfg.expert_rank_cap)
         core, fac, hist = res.core, res.factors, res.history

@@ -142,7 +142,7 @@ class Form(ABC):
 
     # ------------------------------------------------------------------ maths
     @abstractmethod
-    def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, S: Tensor | None, *, steps: int,
+    def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, K: Tensor | None, *, steps: int,
             method: str, generator: torch.Generator | None, chunk: int, device: torch.device,
             f64_factor_limit: int, expert_rank_cap: float = 2.0) -> FitResult:
         """Fit core and factors of one projection, ``chunk`` experts at a time (the maths in
@@ -150,7 +150,7 @@ class Form(ABC):
         largest rank of one expert as a multiple of ``rank`` (others ignore it).
 
         ``weights (E, d_out, d_in)`` (any dtype/device), ``core (d_out, d_in)`` the start,
-        ``L (E, d_in, d_in)`` whitening factors or ``None``, ``S = Σ Ĝ_i (d_in, d_in)``,
+        ``L (E, d_in, d_in)`` whitening factors or ``None``, ``K (d_in, d_in)`` the lower Cholesky factor of ``S = Σ Ĝ_i``,
         ``steps`` refinement steps, ``method`` the SVD method, ``f64_factor_limit``: factor
         stacks larger than this many float64 bytes may be kept in float32 between steps."""
 

@@ -72,7 +72,7 @@ def expand_basis(b: Tensor, num_experts: int) -> Tensor:
 
 
 @torch.no_grad()
-def fit_basis(weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None, S: Tensor | None = None, *,
+def fit_basis(weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None, K: Tensor | None = None, *,
               steps: int = 10, tol: float = 1e-4, device=None,
               best_on=None) -> tuple[Tensor, tuple[Tensor, Tensor], list[float]]:
     """Fit core, per-expert ``A`` and shared bases ``B`` on ``Σ_i ‖(W_i − C − ΔW_i) L_i‖_F²``
@@ -80,7 +80,8 @@ def fit_basis(weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None,
     ``device``, in float64.
 
     ``weights (E, d_out, d_in)``, ``core (d_out, d_in)`` the start, ``L (E, d_in, d_in)`` the
-    whitening factors (``L_i L_iᵀ = Ĝ_i``) or ``None`` (``Ĝ_i = I``), ``S = Σ_i Ĝ_i``.
+    whitening factors (``L_i L_iᵀ = Ĝ_i``) or ``None`` (``Ĝ_i = I``), ``K`` the lower Cholesky factor of
+    ``S = Σ_i Ĝ_i`` (:func:`moecore.maths.fit.whiten_in_place`).
     Returns ``core (d_out, d_in)``, ``(A (E, narrow, s), B (E, wide, s))`` (each group's basis
     repeated for its experts, unit columns) and the objective history (start first).
     """
@@ -90,8 +91,8 @@ def fit_basis(weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None,
     narrow, wide = min(d_out, d_in), max(d_out, d_in)
     device = torch.device(device) if device is not None else weights.device
     best_on = torch.device(best_on) if best_on is not None else device
-    if L is not None and S is None:
-        raise ValueError("fit_basis: S = Σ Ĝ_i is required with L")
+    if L is not None and K is None:
+        raise ValueError("fit_basis: K (the Cholesky factor of S = Σ Ĝ_i) is required with L")
     groups = [slice(j * g, (j + 1) * g) for j in range(m)]
     eye = torch.eye(d_in, dtype=_F64, device=device) if L is None else None  # weight space only
 
@@ -109,7 +110,7 @@ def fit_basis(weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None,
         if shares_input:
             pooled.append(torch.linalg.cholesky((l @ l.mT).sum(0)) if l is not None else (g ** 0.5) * eye)
         p_acc += ((w @ l) @ l.mT).sum(0) if l is not None else w.sum(0)
-    s_chol = torch.linalg.cholesky(S.to(device=device, dtype=_F64)) if L is not None else None
+    s_chol = K.to(device=device, dtype=_F64) if L is not None else None  # S = K Kᵀ
     a_all = torch.zeros(e, narrow, rank, dtype=_F64, device=device)
     b_all = torch.zeros(m, wide, rank, dtype=_F64, device=device)
 
@@ -203,12 +204,12 @@ class BasisForm(Form):
         rank = round(factor_params * g / (g * min(d_out, d_in) + max(d_out, d_in)))
         return d_out * d_in + top_k * rank * (d_out + d_in)
 
-    def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, S: Tensor | None, *, steps: int,
+    def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, K: Tensor | None, *, steps: int,
             method: str, generator: torch.Generator | None, chunk: int, device: torch.device,
             f64_factor_limit: int, expert_rank_cap: float = 2.0) -> FitResult:
         """:func:`fit_basis` (exact eigendecompositions: ``method``, ``chunk`` and
         ``expert_rank_cap`` do not apply); on an accelerator the best iterate is kept in host memory."""
-        core, factors, history = fit_basis(weights, core, rank, L, S, steps=steps, device=device,
+        core, factors, history = fit_basis(weights, core, rank, L, K, steps=steps, device=device,
                                            best_on="cpu" if device.type != "cpu" else None)
         return FitResult(core, factors, history, refine_iters=len(history) - 1)
 

@@ -44,16 +44,16 @@ class DeltaForm(Form):
         """1: the core is applied to each token once, whatever its experts."""
         return 1
 
-    def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, S: Tensor | None, *, steps: int,
+    def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, K: Tensor | None, *, steps: int,
             method: str, generator: torch.Generator | None, chunk: int, device: torch.device,
             f64_factor_limit: int, expert_rank_cap: float = 2.0) -> FitResult:
         """Block-coordinate descent of core and factors (:func:`moecore.maths.fit.fit_delta`);
         factor stacks over ``f64_factor_limit`` float64 bytes are kept in float32 between
         steps, and on an accelerator the best iterate is kept in host memory."""
-        return self._fit_delta(weights, core, rank, L, S, steps=steps, method=method, generator=generator,
+        return self._fit_delta(weights, core, rank, L, K, steps=steps, method=method, generator=generator,
                                chunk=chunk, device=device, f64_factor_limit=f64_factor_limit)
 
-    def _fit_delta(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, S: Tensor | None, *,
+    def _fit_delta(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, K: Tensor | None, *,
                    steps: int, method: str, generator: torch.Generator | None, chunk: int, device: torch.device,
                    f64_factor_limit: int, rank_cap: int | None = None) -> FitResult:
         """:func:`moecore.maths.fit.fit_delta` with this form's storage policy (shared with the
@@ -62,7 +62,7 @@ class DeltaForm(Form):
         big = e * (d_out + d_in) * (rank_cap or rank) * 8 > f64_factor_limit
         info: dict = {}
         core, factors, history = fit.fit_delta(
-            weights, core, rank, L, S, steps=steps, method=method, generator=generator, chunk=chunk, device=device,
+            weights, core, rank, L, K, steps=steps, method=method, generator=generator, chunk=chunk, device=device,
             factor_dtype=torch.float32 if big or method == "randomized" else torch.float64,
             best_on="cpu" if device.type != "cpu" else None, compute_dtype=fit.compute_dtype(method),
             rank_cap=rank_cap, info=info)

@@ -52,7 +52,7 @@ class RaggedForm(DeltaForm):
         """``A (d_out, E·s)``, ``B (d_in, E·s)``: every expert's columns side by side."""
         return (d_out, num_experts * rank), (d_in, num_experts * rank)
 
-    def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, S: Tensor | None, *, steps: int,
+    def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, K: Tensor | None, *, steps: int,
             method: str, generator: torch.Generator | None, chunk: int, device: torch.device,
             f64_factor_limit: int, expert_rank_cap: float = 2.0) -> FitResult:
         """:func:`moecore.maths.fit.fit_delta` with per-expert ranks (water-filled, at most
@@ -61,7 +61,7 @@ class RaggedForm(DeltaForm):
         e, d_out, d_in = weights.shape
         if rank > min(d_out, d_in):
             raise ConfigError(f"form 'ragged': rank {rank} is above the full rank {min(d_out, d_in)}")
-        return self._fit_delta(weights, core, rank, L, S, steps=steps, method=method, generator=generator,
+        return self._fit_delta(weights, core, rank, L, K, steps=steps, method=method, generator=generator,
                                chunk=chunk, device=device, f64_factor_limit=f64_factor_limit,
                                rank_cap=max(rank, int(expert_rank_cap * rank)))
 

@@ -45,11 +45,11 @@ class WrapperForm(Form):
         """``top_k``: the core is applied to every routed pair's wrapped input."""
         return top_k
 
-    def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, S: Tensor | None, *, steps: int,
+    def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, K: Tensor | None, *, steps: int,
             method: str, generator: torch.Generator | None, chunk: int, device: torch.device,
             f64_factor_limit: int, expert_rank_cap: float = 2.0) -> FitResult:
         """ALS of the factors for the given core (:func:`moecore.maths.fit.fit_wrapper`; the
-        core is not refined, ``S``/``method``/``generator``/``f64_factor_limit`` are unused)."""
+        core is not refined, ``K``/``method``/``generator``/``f64_factor_limit`` are unused)."""
         factors, history = fit.fit_wrapper(weights, core, rank, L, steps=steps, chunk=chunk, device=device)
         return FitResult(core.to(device=device, dtype=torch.float64), factors, history, refine_iters=len(history))
 

@@ -91,8 +91,9 @@ def whiten_in_place(grams: Tensor, damping: float, chunk: int, device) -> tuple[
     """Replace every ``G_i`` of ``grams (E, d, d)`` (any device/dtype) by its whitening factor
     ``L_i`` (lower Cholesky factor of ``Ĝ_i``), in place and in ``grams``' dtype.
 
-    Returns ``S = Σ_i Ĝ_i (d, d)`` (float64, on ``device``; the core update needs it) and
-    ``λ (E,)`` (float64) so that ``Ĝ_i = G_i + λ_i I``.
+    Returns ``K (d, d)``, the lower Cholesky factor of ``S = Σ_i Ĝ_i`` (float64, on ``device``;
+    the core update solves with it; factored in place, so ``S`` and its factor never coexist:
+    1.6 GB each at d = 14336), and ``λ (E,)`` (float64) so that ``Ĝ_i = G_i + λ_i I``.
     """
     e, d, _ = grams.shape
     total = torch.zeros(d, d, dtype=_F64, device=device)  # (d, d)
@@ -105,12 +106,16 @@ def whiten_in_place(grams: Tensor, damping: float, chunk: int, device) -> tuple[
             L = torch.linalg.cholesky(g + (1e-4 * lam)[:, None, None] * torch.eye(d, dtype=_F64, device=device))
         grams[sl] = L.to(grams)
         lams[sl] = lam.cpu()
-    return total, lams
+    info = torch.empty((), dtype=torch.int32, device=device)
+    torch.linalg.cholesky_ex(total, out=(total, info))  # S = K Kᵀ, K in place of S (lower)
+    if int(info) != 0:
+        raise ValueError("whiten_in_place: Σ Ĝ_i is not positive definite (a non-finite Gram?)")
+    return total.tril_(), lams
 
 
 @torch.no_grad()
 def fit_delta(
-    weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None, S: Tensor | None = None, *,
+    weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None, K: Tensor | None = None, *,
     steps: int = 10, tol: float = 1e-4, method: str = "exact", generator: torch.Generator | None = None,
     chunk: int | None = None, device=None, factor_dtype: torch.dtype = _F64, best_on=None,
     compute_dtype: torch.dtype = _F64, rank_cap: int | None = None, info: dict | None = None,
@@ -137,7 +142,8 @@ def fit_delta(
         weights: ``(E, d_out, d_in)`` in any dtype, on any device (moved a chunk at a time).
         core: ``(d_out, d_in)`` the start.
         L: ``(E, d_in, d_in)`` whitening factors (:func:`whiten_in_place`) or ``None``.
-        S: ``(d_in, d_in)`` ``Σ_i Ĝ_i`` (required with ``L``).
+        K: ``(d_in, d_in)`` the lower Cholesky factor of ``S = Σ_i Ĝ_i`` (:func:`whiten_in_place`;
+            required with ``L``).
         chunk / device: experts per chunk (default all) and where the maths runs (default
             the weights' device).
         factor_dtype: storage of the factor stacks between steps.
@@ -161,11 +167,10 @@ def fit_delta(
     e, d_out, d_in = weights.shape
     device = torch.device(device) if device is not None else weights.device
     parts = chunks_of(e, chunk or e)
-    if L is not None and S is None:
-        raise ValueError("fit_delta: S = Σ Ĝ_i is required with L")
+    if L is not None and K is None:
+        raise ValueError("fit_delta: K (the Cholesky factor of S = Σ Ĝ_i) is required with L")
     cdt = compute_dtype
-    s64 = S.to(device=device, dtype=_F64) if L is not None else None  # (d_in, d_in)
-    s_chol = torch.linalg.cholesky(s64) if s64 is not None else None  # S = K Kᵀ
+    s_chol = K.to(device=device, dtype=_F64) if L is not None else None  # (d_in, d_in), S = K Kᵀ
     budget = e * rank  # rank units kept in all (per-expert ranks: water-filled under this total)
     width = rank if rank_cap is None else min(rank_cap, d_out, d_in)
     a_all = torch.zeros(e, d_out, width, dtype=factor_dtype, device=device)
@@ -218,8 +223,8 @@ def fit_delta(
                 lb = l @ (l.mT @ b) if l is not None else b  # Ĝ_i B_i  (n, d_in, s)
                 n_acc += torch.einsum("nos,nis->oi", a, lb.to(_F64))
         if p_acc is not None:
-            cs = c @ s64 if s64 is not None else e * c  # C₀ S  (d_out, d_in)
-            if s64 is not None:  # Σ_i ‖W_i L_i‖² = Σ‖R_i L_i‖² + 2⟨C₀, Σ R_i Ĝ_i⟩ + ⟨C₀ S, C₀⟩
+            cs = (c @ s_chol) @ s_chol.mT if s_chol is not None else e * c  # C₀ S = (C₀ K) Kᵀ  (d_out, d_in)
+            if s_chol is not None:  # Σ_i ‖W_i L_i‖² = Σ‖R_i L_i‖² + 2⟨C₀, Σ R_i Ĝ_i⟩ + ⟨C₀ S, C₀⟩
                 total.append(rl2 + float(2 * (c * p_acc).sum() + (cs * c).sum()))
             acc["P"] = p_acc + cs
         return max(err, 0.0), n_acc
@@ -351,8 +356,8 @@ def refine_delta(
 ) -> tuple[Tensor, tuple[Tensor, Tensor], list[float]]:
     """:func:`fit_delta` on in-memory Grams ``(E, d_in, d_in)`` (whitened) or none (weight space):
     all experts in one chunk, on the weights' device."""
-    L = S = None
+    L = K = None
     if grams is not None:
         L = grams.to(_F64).clone()
-        S, _ = whiten_in_place(L, damping, L.shape[0], weights.device)
-    return fit_delta(weights, core, rank, L, S, steps=steps, tol=tol, method=method, generator=generator)
+        K, _ = whiten_in_place(L, damping, L.shape[0], weights.device)
+    return fit_delta(weights, core, rank, L, K, steps=steps, tol=tol, method=method, generator=generator)
