@@ -299,13 +299,13 @@ class Engine:
                 narrow_module(layer, rel, saved)  # the fit widens the original experts a chunk at a time
                 new = fit_experts(layer.get_submodule(rel), layout, self.cfg, {p: ranks[(path, p)] for p in PROJECTIONS},
                                   inputs.get(rel), self.device, seed, dtype=fdt)
+                replace_module(layer, rel, new)  # the original experts freed before recovery's Adam steps
                 if recover:
                     tr = time.perf_counter()
                     new.report["recovery"] = self._recover(path, layout, y, new, inputs[rel], seed)
                     y = None
                     self.recovery.append({"path": path, **new.report["recovery"]})
                     recover_s += time.perf_counter() - tr
-                replace_module(layer, rel, new)
             inputs = None
             t3 = time.perf_counter()
             if self.progress:
