@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import threading
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 #: the engine's mmap threshold: blocks of this size or more are their own mmap
@@ -28,7 +27,6 @@ HEAP_RELEASED = (32 << 20, 64 << 20)
 #: glibc's default for M_MMAP_MAX
 MMAP_MAX_DEFAULT = 65536
 
-_LOCK = threading.Lock()
 #: what moecore last set, per parameter (outside every scope: the released state)
 _SET = {M_MMAP_THRESHOLD: HEAP_RELEASED[0], M_TRIM_THRESHOLD: HEAP_RELEASED[1], M_MMAP_MAX: MMAP_MAX_DEFAULT}
 
@@ -62,14 +60,12 @@ def _scope(inside: dict[int, int]):
     if libc is None:
         yield
         return
-    with _LOCK:
-        before = {param: _SET[param] for param in inside}
-        _apply(libc, inside)
+    before = {param: _SET[param] for param in inside}
+    _apply(libc, inside)
     try:
         yield
     finally:
-        with _LOCK:
-            _apply(libc, before)
+        _apply(libc, before)
         libc.malloc_trim(0)
 
 

@@ -110,7 +110,7 @@ def whiten_in_place(grams: Tensor, damping: float, chunk: int, device) -> tuple[
     torch.linalg.cholesky_ex(total, out=(total, info))  # S = K Kᵀ, K in place of S (lower)
     if int(info) != 0:
         raise ValueError("whiten_in_place: Σ Ĝ_i is not positive definite (a non-finite Gram?)")
-    return total.tril_(), lams
+    return total, lams  # cholesky_ex writes the upper triangle as zeros
 
 
 @torch.no_grad()
