@@ -169,3 +169,43 @@ def test_resume_after_sigkill(teacher_dir, tmp_path):
                        timeout=300)
     assert r.returncode == 2 and "is a finished run (30 steps, final/ written)" in r.stderr.strip().splitlines()[-1]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "final").iterdir()} == stamp
+
+
+def test_ragged_student_trains_padded_with_the_values_of_the_gather(teacher_dir, tmp_path, monkeypatch):
+    """A ragged student trains as the delta form on factors padded to the largest expert rank
+    (``TrainingForms``: no gather per step). Its trained factors, cores and checkpoints are
+    bit-identical to training the compact factors through the gather, the student passed in
+    holds its ragged modules again afterwards, and the checksums name the stored tensors."""
+    from moecore.families import find_experts
+    from moecore.forms.ragged import RaggedForm
+    from moecore.training.common import TrainingForms
+
+    teacher, _, student, _, _ = _compressed_pair("ragged")
+    ranks = [m.ragged_r_gate.tolist() for _, m, _ in find_experts(student, "all")]
+    assert any(len(set(r)) > 1 for r in ranks), ranks  # ranks differ within a projection: padding happens
+    forms = TrainingForms(student)
+    assert len(forms.swaps) == len(ranks)
+    assert {m.form for _, m, _ in find_experts(student, "all")} == {"delta"}
+    with forms.stored() as model:
+        assert {m.form for _, m, _ in find_experts(model, "all")} == {"ragged"}
+    assert {m.form for _, m, _ in find_experts(student, "all")} == {"delta"}
+    forms.restore()
+    forms.restore()  # idempotent
+    assert {m.form for _, m, _ in find_experts(student, "all")} == {"ragged"}
+
+    cfg = DistillConfig(max_steps=6, lr=1e-2, alpha=0.1, block_size=64, batch_size=2, save_steps=3,
+                        logging_steps=1)  # the default trains the cores too
+    twin = copy.deepcopy(student)
+    padded = distill(str(teacher_dir), student, tmp_path / "padded", cfg)
+    monkeypatch.setattr(RaggedForm, "training_form", "")  # train the compact factors through the gather
+    gather = distill(str(teacher_dir), twin, tmp_path / "gather", cfg)
+    assert {m.form for _, m, _ in find_experts(student, "all")} == {"ragged"}
+    assert padded.checksums == gather.checksums and padded.global_step == 6
+    assert any(".ragged_a_" in n for n in padded.checksums) and not any(".delta_" in n for n in padded.checksums)
+    a, b = dict(student.named_parameters()), dict(twin.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    from safetensors.torch import load_file
+
+    for ck in ("checkpoint-3", "final"):
+        x, y = load_file(tmp_path / "padded" / ck / "model.safetensors"), load_file(tmp_path / "gather" / ck / "model.safetensors")
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), ck

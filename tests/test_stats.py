@@ -73,6 +73,30 @@ def test_plan_qwen3_30b_a3b_published_sizes():
     assert 1.85e9 < p["model"]["macs_compressed"] < 1.95e9  # ~1.9B
 
 
+def test_plan_memory_estimate_models_in_engine_recovery():
+    """With ``recover_steps``, the estimate gains a recovery phase (after the fit; the original
+    experts and the Grams freed). Where it sets the peak: 16 bytes per trained element (float32
+    tensor, gradient, two Adam moments) plus 8 per factor element (each step's operands), the
+    ragged factors counted at ``expert_rank_cap`` x their stored size, the cores only with
+    ``recover_train_core``."""
+    gib = 1 << 30
+
+    def gpu(**kw):
+        p = moecore.plan(QWEN3, moecore.CompressionConfig(target_ratio=0.25, calib_max_tokens=32768, **kw))
+        row = max(p["layers"], key=lambda r: r["bytes_original"])
+        return p["memory_estimate"]["gpu_gib"], p["memory_estimate"]["host_gib_cpu_only"], row
+
+    zero, host0, row = gpu(recover_steps=0)
+    factors = sum(r["factor_params"] for r in row["projections"].values())
+    cores = sum(r["core_params"] for r in row["projections"].values())
+    assert cores == 3 * 2048 * 768
+    full, host, _ = gpu(recover_steps=200)
+    assert full > zero and host >= host0  # recovery sets the GPU peak here
+    wider = gpu(recover_steps=200, expert_rank_cap=3.0)[0]
+    assert wider - full == pytest.approx(24 * (int(factors * 3) - int(factors * 2)) / gib)
+    assert full - gpu(recover_steps=200, recover_train_core=False)[0] == pytest.approx(16 * cores / gib)
+
+
 def test_plan_deepseek_v3_published_sizes():
     """DeepSeek-V3: 671B parameters, 37B active (36.6B + the 0.9B input embedding); 3 dense
     layers, then 58 MoE layers of 256 routed experts (top-8) and one shared expert."""

@@ -22,8 +22,16 @@ token, T = ``calib_max_tokens``:
 * on a CPU only, a half-precision layer is computed in float32 (``calibration.widen_layer``):
   its weights at 4 bytes instead of b while the original layer runs (before any Gram
   exists), then only its non-expert weights, since the experts go back to b bytes for the
-  fit (``calibration.narrow_module``); the activations at 4 bytes throughout.  The estimate
-  is the larger of the two phases.
+  fit (``calibration.narrow_module``); the activations at 4 bytes throughout;
+* in-engine recovery (``recover_steps`` > 0), after the fit: the compressed module swapped in
+  and the original experts freed, no Grams and no fit working set, but the trained tensors
+  in float32 with their gradients and Adam's two moments (16 bytes per element: the factors,
+  padded to the largest expert rank, at most ``expert_rank_cap`` x the mean, when the form
+  trains padded, and the cores with ``recover_train_core``; 8 more per factor element for
+  each step's operands and their gradients) and the routed inputs and the original block's
+  outputs, T·k·d·4 each.
+
+The estimate is the largest of the phases.
 
 It is an estimate for planning, not a bound (for scale: 12.5 GiB was measured for a
 Qwen3-30B-A3B layer on CPU at 4,096 calibration tokens, benchmarks/RESULTS.md §7; the formula
@@ -42,7 +50,7 @@ from .config import CompressionConfig
 from .errors import ConfigError, FileAccessError, first_line
 from .families import config_dtype, find_experts, text_config
 from .fitting import projection_shapes, solve_ranks
-from .forms import PROJECTIONS
+from .forms import PROJECTIONS, get_form
 from .checkpoint_format import swap_in_compressed
 from .modeling import load_meta
 from .stats import statistics
@@ -94,9 +102,21 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     acts = 2 * t * d * (4 - b) if b < 4 else 0
     calibrating = host + device - compressed - fit + layer_bytes * wide + acts
     fitting = host + device + grams + (layer_bytes - row["bytes_original"]) * wide + acts
-    return {"layer": f"{stack_path}.{index}", "gpu_gib": (device + (0 if spill else grams)) / GIB,
+    recovering = 0
+    if cfg.recover_steps:  # after the fit: the compressed module in, the original experts and the Grams freed
+        factors = sum(r["factor_params"] for r in row["projections"].values())
+        if get_form(cfg.form).training_form:  # trained padded to the largest expert rank (at most cap x mean)
+            factors = int(factors * cfg.expert_rank_cap)
+        cores = sum(r["core_params"] for r in row["projections"].values()) if cfg.recover_train_core else 0
+        recovering = (device - row["bytes_original"] - fit
+                      + 16 * (factors + cores)  # float32 tensor, gradient and Adam's two moments
+                      + 8 * factors  # each step's operands built from the factors, and their gradients
+                      + 2 * t * top_k * d * 4)  # routed inputs and the original block's outputs (targets)
+    gpu = max(device + (0 if spill else grams), recovering)
+    recovering_cpu = host + recovering + (layer_bytes - row["bytes_original"]) * wide + acts if recovering else 0
+    return {"layer": f"{stack_path}.{index}", "gpu_gib": gpu / GIB,
             "host_gib_with_gpu": (host + (grams if spill else 0)) / GIB,
-            "host_gib_cpu_only": max(calibrating, fitting) / GIB,
+            "host_gib_cpu_only": max(calibrating, fitting, recovering_cpu) / GIB,
             "output_gb": output_bytes / 1e9, "dtype": str(dtype).replace("torch.", "")}
 
 

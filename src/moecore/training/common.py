@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from ..data import TextFile, load_split
 from ..errors import ConfigError
 from ..families import find_experts, is_compressed
+from ..surgery import replace_module
 
 ROUTER_NAMES = ("gate", "router")
 
@@ -55,6 +57,57 @@ def select_trainable(model, *, train_core: bool = False, train_router: bool = Fa
                               "quantized core) or without quantization")
         raise ConfigError("nothing to train: the student has no compressed factors or experts")
     return names
+
+
+class TrainingForms:
+    """Train each compressed experts module of ``model`` in its form's
+    :attr:`~moecore.forms.Form.training_form`: a module whose form trains as another (the ragged
+    form's compact factors as the delta form's, padded to the largest expert rank, so a step
+    runs no gather and no scatter-back) is swapped for its
+    :meth:`~moecore.compressed_experts.CompressedExperts.training_copy`, in its own dtype.
+    The values trained are those of training the stored factors (the padded columns get zero
+    gradients and stay zero). :meth:`stored` puts the stored modules back, holding the trained
+    values, for as long as a save takes; :meth:`restore` for good (idempotent)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.swaps: list[tuple[str, torch.nn.Module, torch.nn.Module, dict[str, str]]] = []
+        for path, module, _ in find_experts(model, "all", required=False):
+            form = getattr(module, "form_impl", None) if is_compressed(module) else None
+            if form is None or not form.training_form or form.training_form == form.name or module.quant is not None:
+                continue
+            work, names = module.training_copy(module.stored(module.core_names[0]).dtype)
+            work.train(module.training)
+            replace_module(model, path, work)
+            self.swaps.append((path, module, work, names))
+
+    def stored_names(self, names: list[str]) -> list[str]:
+        """Parameter names of the model in training form -> the same tensors' stored names."""
+        back = {f"{path}.{w}": f"{path}.{n}" for path, _, _, m in self.swaps for n, w in m.items()}
+        return [back.get(n, n) for n in names]
+
+    def _put(self, stored: bool) -> None:
+        for path, module, work, names in self.swaps:
+            if stored:
+                module.load_trained(work, names, [n for n, w in names.items() if work._parameters[w].requires_grad])
+                for n, w in names.items():
+                    module._parameters[n].requires_grad_(work._parameters[w].requires_grad)
+                module.train(work.training)
+            replace_module(self.model, path, module if stored else work)
+
+    @contextmanager
+    def stored(self):
+        """The model holds its stored modules, with the trained values, inside this block."""
+        self._put(True)
+        try:
+            yield self.model
+        finally:
+            self._put(False)
+
+    def restore(self) -> None:
+        """The stored modules back for good, with the trained values."""
+        self._put(True)
+        self.swaps = []
 
 
 def _submodule(model, path: str):

@@ -32,7 +32,7 @@ from ..modeling import load_model
 from . import checkpoints as ckpt
 from .async_eval import EvalWorker, summary_table
 from ..families import is_compressed
-from .common import BlockDataset, select_trainable, training_texts
+from .common import BlockDataset, TrainingForms, select_trainable, training_texts
 from .guards import check_teacher
 from .kd import DistillTrainer, kd_loss
 from .plots import plot_training_curves
@@ -189,8 +189,11 @@ def distill(teacher, student=None, output_dir: str | Path = "distilled", cfg: Di
     if isinstance(run, DistillResult):
         return run
     prep = _prepare(run, teacher, student, compression, data)
-    trainer, worker = _train(run, prep)
-    return _publish(run, prep, trainer, worker)
+    try:
+        trainer, worker = _train(run, prep)
+        return _publish(run, prep, trainer, worker)
+    finally:
+        prep.forms.restore()  # a student passed in holds its stored modules again, trained or not
 
 
 @dataclass
@@ -211,7 +214,8 @@ class _Prepared:
     student: torch.nn.Module
     tok: object
     how: str  # how the student was obtained (printed, and in the summary)
-    names: list[str]  # trainable tensors
+    names: list[str]  # trainable tensors (of the student in training form)
+    forms: TrainingForms  # the student's modules in their training form while it trains
     n_train: int
     blocks: torch.Tensor  # (N, block_size) training token ids
     world: int
@@ -259,31 +263,35 @@ def _prepare(run: _Run, teacher, student, compression, data) -> _Prepared:
     if cfg.recover_steps and last is None:
         _recover_first(teacher, teacher_model, student_model, tok, cfg, args.should_save)
         how += f", recovered layer-wise ({cfg.recover_steps} steps per layer)"
-    # the cores train "as well as the factors": router-only KD (train_factors off) keeps them frozen
-    names = select_trainable(student_model, train_core=cfg.train_core and cfg.train_factors,
-                             train_router=cfg.train_router, train_factors=cfg.train_factors)
-    n_train = sum(p.numel() for p in student_model.parameters() if p.requires_grad)
-
     world = max(args.world_size, 1)
     needed = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world * cfg.block_size
     blocks = _blocks(tok, data, cfg.block_size, needed)
     check_teacher(teacher_model, student_model, blocks[:1],
                   name=f"teacher {teacher}" if isinstance(teacher, (str, Path)) else "the teacher")
-    if args.should_save:
-        with user_path(out, "write"):
-            out.mkdir(parents=True, exist_ok=True)
-        with converting_write_errors(out):
-            ckpt.clean_staging(out)
-            cfg.save(out)
-        print(f"moecore distill: student {how}; {len(names)} trainable tensors ({n_train:,} params); "
-              f"{blocks.shape[0]} blocks of {cfg.block_size} tokens; {world} process(es)", flush=True)
-        if run.resume and last is None:
-            print(f"moecore distill: no complete checkpoint in {out}; starting from scratch", flush=True)
-        changed = cfg.changes(run.saved_cfg) if run.saved_cfg is not None else {}
-        if changed:
-            print("moecore distill: resuming with changed settings: "
-                  + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), flush=True)
-    return _Prepared(args, teacher_model, student_model, tok, how, names, n_train, blocks, world)
+    forms = TrainingForms(student_model)  # e.g. ragged factors trained padded, as the delta form's
+    try:
+        # the cores train "as well as the factors": router-only KD (train_factors off) keeps them frozen
+        names = select_trainable(student_model, train_core=cfg.train_core and cfg.train_factors,
+                                 train_router=cfg.train_router, train_factors=cfg.train_factors)
+        n_train = sum(p.numel() for p in student_model.parameters() if p.requires_grad)
+        if args.should_save:
+            with user_path(out, "write"):
+                out.mkdir(parents=True, exist_ok=True)
+            with converting_write_errors(out):
+                ckpt.clean_staging(out)
+                cfg.save(out)
+            print(f"moecore distill: student {how}; {len(names)} trainable tensors ({n_train:,} params); "
+                  f"{blocks.shape[0]} blocks of {cfg.block_size} tokens; {world} process(es)", flush=True)
+            if run.resume and last is None:
+                print(f"moecore distill: no complete checkpoint in {out}; starting from scratch", flush=True)
+            changed = cfg.changes(run.saved_cfg) if run.saved_cfg is not None else {}
+            if changed:
+                print("moecore distill: resuming with changed settings: "
+                      + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), flush=True)
+    except BaseException:
+        forms.restore()
+        raise
+    return _Prepared(args, teacher_model, student_model, tok, how, names, forms, n_train, blocks, world)
 
 
 def _train(run: _Run, prep: _Prepared) -> tuple[DistillTrainer, EvalWorker | None]:
@@ -294,7 +302,8 @@ def _train(run: _Run, prep: _Prepared) -> tuple[DistillTrainer, EvalWorker | Non
         worker = EvalWorker(out, max_tokens=cfg.eval_max_tokens, tasks=cfg.eval_tasks, limit=cfg.eval_limit).start()
     trainer = DistillTrainer(model=prep.student, args=prep.args, train_dataset=BlockDataset(prep.blocks),
                              processing_class=prep.tok, teacher=prep.teacher, temperature=cfg.temperature,
-                             alpha=cfg.alpha, block_weight=cfg.experts_loss_weight, callbacks=[_Monitor(out, worker)])
+                             alpha=cfg.alpha, block_weight=cfg.experts_loss_weight, callbacks=[_Monitor(out, worker)],
+                             stored_view=prep.forms.stored)
     try:
         with converting_write_errors(out):
             trainer.train(resume_from_checkpoint=str(run.last) if run.last else None)
@@ -314,8 +323,10 @@ def _publish(run: _Run, prep: _Prepared, trainer: DistillTrainer, worker: EvalWo
     with converting_write_errors(out):
         trainer.save_model(str(staging))
     trainer._barrier()
+    names = prep.forms.stored_names(prep.names)
+    prep.forms.restore()  # the checksums and the final loss of the stored student
     model = trainer.accelerator.unwrap_model(trainer.model)
-    sums = checksums(model, prep.names)
+    sums = checksums(model, names)
     total = sum(sums.values())
     rank_sums = [total]
     if prep.world > 1:

@@ -15,6 +15,7 @@ The optimizer, scheduler, RNG and trainer state use the Trainer's own files, so
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -75,11 +76,14 @@ class DistillTrainer(Trainer):
 
     Args (besides the Trainer's): ``teacher`` (a causal LM with the same vocabulary; put in
     eval mode, frozen, and moved to the student's device), ``temperature`` T > 0, ``alpha``
-    ≥ 0 (weight of the CE term).
+    ≥ 0 (weight of the CE term), ``block_weight`` β ≥ 0, ``stored_view``: a context manager
+    factory inside which the model holds its stored modules (e.g.
+    :meth:`~moecore.training.common.TrainingForms.stored`), used around every save, so that
+    checkpoints are in the stored form whatever form the model trains in.
     """
 
     def __init__(self, *args, teacher=None, temperature: float = 1.0, alpha: float = 0.1, block_weight: float = 0.0,
-                 **kwargs):
+                 stored_view=None, **kwargs):
         if teacher is None:
             raise ConfigError("DistillTrainer needs a teacher model")
         if temperature <= 0 or alpha < 0 or block_weight < 0:
@@ -91,6 +95,8 @@ class DistillTrainer(Trainer):
             p.requires_grad_(False)
         self.teacher.to(self.args.device)
         self.temperature, self.alpha, self.block_weight = float(temperature), float(alpha), float(block_weight)
+        self._swapped = stored_view is not None
+        self._stored_view = stored_view or contextlib.nullcontext
         self._parts: dict[str, list[float]] = {"kd": [], "ce": []}
         self._blocks = None
         if self.block_weight > 0:  # the experts modules' outputs of student and teacher, per forward
@@ -128,6 +134,13 @@ class DistillTrainer(Trainer):
         super().log(logs, start_time)
 
     # ---- saving ----
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """With a ``stored_view``, nothing to load: the checkpoint holds the stored form, and the
+        model, built from it by moecore's loader (:func:`~moecore.training.distill.distill`),
+        trains in another; FSDP's sharded weights and a plain run load the Trainer's way."""
+        if not self._swapped or self.is_fsdp_enabled:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def _barrier(self) -> None:
         if self.args.world_size > 1:
             self.accelerator.wait_for_everyone()
@@ -140,7 +153,8 @@ class DistillTrainer(Trainer):
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if is_compressed(model, recurse=True):
-            save_compressed(model, output_dir, tokenizer=self.processing_class)
+            with self._stored_view():
+                save_compressed(model, output_dir, tokenizer=self.processing_class)
         else:
             model.save_pretrained(output_dir, state_dict=state_dict, save_original_format=False)
             if self.processing_class is not None:
