@@ -234,6 +234,12 @@ def available_host_bytes() -> int | None:
     return None
 
 
+def free_gpu_bytes(device: torch.device) -> int | None:
+    """Free memory of the CUDA ``device`` now (``torch.cuda.mem_get_info``), else ``None``: the one
+    place moecore reads it (``compress``'s warning, the CLI's placement of a model)."""
+    return int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else None
+
+
 def memory_shortfall(model_dir, cfg: CompressionConfig, device: torch.device, dtype: torch.dtype | None,
                      available: int | None = None) -> str | None:
     """What to tell a user whose machine lacks the memory :func:`memory_estimate` gives for
@@ -250,10 +256,9 @@ def memory_shortfall(model_dir, cfg: CompressionConfig, device: torch.device, dt
     short = []
     if host_free is not None and host_need > host_free:
         short.append(f"{host_need / GIB:.1f} GiB of host memory, {host_free / GIB:.1f} GiB free")
-    if gpu and torch.cuda.is_available():
-        free = torch.cuda.mem_get_info(device)[0]
-        if mem["gpu_gib"] * GIB > free:
-            short.append(f"{mem['gpu_gib']:.1f} GiB of GPU memory, {free / GIB:.1f} GiB free")
+    free = free_gpu_bytes(device) if torch.cuda.is_available() else None
+    if free is not None and mem["gpu_gib"] * GIB > free:
+        short.append(f"{mem['gpu_gib']:.1f} GiB of GPU memory, {free / GIB:.1f} GiB free")
     if not short:
         return None
     hint = "a GPU (--device cuda)" if not gpu else "a GPU with more memory"

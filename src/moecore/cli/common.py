@@ -12,6 +12,7 @@ import torch
 from moecore.checkpoint_reader import read_config
 from moecore.errors import ConfigError
 from moecore.families import config_dtype
+from moecore.planning import free_gpu_bytes
 
 
 def torch_dtype(name: str | None):
@@ -50,7 +51,7 @@ def placement(model_dir, device: torch.device, dtype, headroom: float = 0.9) -> 
     target = stored if dtype in (None, "auto") else dtype
     size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
     need = size * torch.empty(0, dtype=target).element_size() / torch.empty(0, dtype=stored).element_size()
-    free, _ = torch.cuda.mem_get_info(device)
+    free = free_gpu_bytes(device)
     return {} if need <= headroom * free else {"device_map": "auto"}
 
 
