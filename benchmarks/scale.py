@@ -280,7 +280,9 @@ def cost_report(a, res: dict, cfg: dict) -> dict:
     shapes = [budget.ProjectionShape(p, E, *(F, H) if p != "down" else (H, F)) for p in ("gate", "up", "down")]
     ranks = budget.solve_uniform(get_form("delta"), shapes, a.ratio)
     ccfg = CompressionConfig(**cfg)
-    methods = {p: svd_method(ccfg, *((F, H) if p != "down" else (H, F))) for p in ranks}
+    form = get_form(ccfg.form)
+    methods = {p: svd_method(ccfg, *((F, H) if p != "down" else (H, F)), form.svd_width(ranks[p], ccfg.expert_rank_cap))
+               for p in ranks}
     layers = len(res["timings"])
     it = res["refine_iters"]
     passes = {p: 1 + sum(it[j] for j in range(n, len(it), 3)) / max(1, len(it[n::3])) for n, p in enumerate(ranks)}

@@ -41,7 +41,7 @@ def scale():
         sys.path.remove(str(BENCH))
 
 
-@pytest.mark.parametrize("svd", ["randomized", "exact"])
+@pytest.mark.parametrize("svd", ["randomized", "exact", "gram"])
 def test_cost_model_matches_flop_counter(scale, svd):
     e, h, f, k, t, rank = 4, 192, 96, 2, 512, 12
     mod = _Experts(e, h, f)
@@ -99,7 +99,40 @@ def test_float32_fit_matches_float64_within_bound():
     assert diff / float(wl.sqrt()) < 1e-3
 
 
-@pytest.mark.parametrize("method,cap", [("exact", None), ("randomized", None), ("exact", 40), ("randomized", 40)])
+def test_float32_gram_fit_matches_the_float64_exact_fit_within_bound():
+    """``svd="gram"`` (real shapes: the top triplets from a float32 Gram's ``eigh``) against the
+    float64 exact path, ragged ranks (cap 40) and uniform: every step's √objective within
+    ``2δ + √(s·k·u)·Σ_i ‖R_i L_i‖₂`` (docs/DESIGN.md §3: the float32 products' ``δ`` plus the
+    Gram's eigenvalue error ``s·k·u·σ₁²`` per expert), the fitted layers as close, and the
+    ranks water-filled from float32 energies within one unit per expert of float64's."""
+    w, grams = _layer()
+    L = grams.clone()
+    K, _ = mf.whiten_in_place(L, 0.01, L.shape[0], "cpu")
+    core = mf.expert_core(w)
+    d, u, k = w.shape[-1], 2.0 ** -24, min(w.shape[1:])
+    wl = float((w.double() @ L).pow(2).sum().sqrt())
+    for cap, rank in ((None, 20), (40, 20)):
+        out = {}
+        for method in ("exact", "gram"):
+            c, fac, hist = mf.fit_delta(w, core, rank, L, K, steps=3, tol=0.0, method=method, rank_cap=cap,
+                                        compute_dtype=mf.compute_dtype(method))
+            out[method] = (c + fac[0].double() @ fac[1].double().mT, hist, fac[2] if cap else None)
+        r = w.double() - core
+        delta = d * u * sum(float(r[i].norm() * L[i].norm()) for i in range(w.shape[0]))
+        gram = (cap or rank) * k * u * sum(float(torch.linalg.matrix_norm(r[i] @ L[i], 2)) ** 2
+                                           for i in range(w.shape[0]))
+        bound = 2 * delta + gram ** 0.5
+        assert bound < 1e-2 * wl
+        for a64, a32 in zip(out["exact"][1], out["gram"][1]):
+            assert abs(a32 ** 0.5 - a64 ** 0.5) <= bound, (a32, a64, bound)
+        diff = float(((out["gram"][0] - out["exact"][0]) @ L).pow(2).sum().sqrt())
+        assert diff / wl < 2e-3
+        if cap:
+            assert (out["gram"][2] - out["exact"][2]).abs().max() <= 1 and out["gram"][2].sum() == out["exact"][2].sum()
+
+
+@pytest.mark.parametrize("method,cap", [("exact", None), ("randomized", None), ("gram", None), ("exact", 40),
+                                        ("randomized", 40), ("gram", 40)])
 def test_report_errors_from_the_fit_match_the_products(method, cap):
     """The fit report's output error, from the fit's own sums (no whitened product), equals
     the one computed from ``Δ_i L_i`` and ``W_i L_i`` (delta and, with a cap, ragged ranks)."""
@@ -123,3 +156,20 @@ def test_report_errors_from_the_fit_match_the_products(method, cap):
     info = {}
     mf.fit_delta(w, mf.expert_core(w), 20, L, K, steps=0, method=method, compute_dtype=dt, info=info)
     assert info.get("whitened") is None
+
+
+def test_auto_svd_takes_the_gram_where_the_width_is_a_quarter_of_the_short_side():
+    """``svd="auto"`` at the real shapes, 25% of the expert parameters: Qwen3-30B-A3B (short side
+    768, ragged width 2 × 135) and DeepSeek-V3 (2048, 2 × 392) take the float32 Gram path,
+    Mixtral-8x7B (4096, 2 × 398) the randomized one, the bundled models' shapes the float64 exact one."""
+    from moecore.fitting import svd_method
+    from moecore.forms import get_form
+
+    cfg = CompressionConfig()
+    ragged, delta = get_form("ragged"), get_form("delta")
+    assert svd_method(cfg, 768, 2048, ragged.svd_width(135)) == svd_method(cfg, 2048, 768, 270) == "gram"
+    assert svd_method(cfg, 2048, 7168, ragged.svd_width(392)) == "gram"
+    assert svd_method(cfg, 14336, 4096, ragged.svd_width(398)) == "randomized"
+    assert svd_method(cfg, 768, 2048, delta.svd_width(135)) == "randomized"  # 4 × (135 + 8) = 572 < 768
+    assert svd_method(cfg, 768, 2048, 100) == "randomized" and svd_method(cfg, 768, 2048) == "randomized"
+    assert svd_method(cfg, 96, 256, 512) == "exact" and svd_method(CompressionConfig(svd="randomized"), 768, 2048, 270) == "randomized"

@@ -103,10 +103,12 @@ class CompressionConfig(ConfigBase):
         allocation: how ``target_ratio`` becomes ranks: ``"uniform"`` (one rank everywhere) or
             ``"greedy"`` (rank units go to the projection with the largest marginal error
             reduction per parameter).  Ignored when ``rank`` is given.
-        svd: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (range finder with
+        svd: ``"exact"`` (float64), ``"gram"`` (exact top triplets from the eigendecomposition
+            of the smaller Gram, float32), ``"randomized"`` (float32 range finder with
             oversampling and power iterations, warm-started across refinement steps) or
-            ``"auto"`` (default): exact when the projection's short side is at most 512,
-            randomized above (every real-scale MoE layer).
+            ``"auto"`` (default): exact when the projection's short side is at most 512; above,
+            gram when the SVD's width is at least a quarter of the short side (Qwen3-30B-A3B,
+            DeepSeek-V3 at 25%), randomized otherwise (Mixtral-8x7B at 25%).
         refine_steps: alternating refinement iterations after the closed-form start (0 = the
             closed form only).  Delta form: core and factors alternate exact minimizations of
             the (whitened) reconstruction error; wrapper form: ALS over the output and input
@@ -170,7 +172,7 @@ class CompressionConfig(ConfigBase):
     core: str = field(default="auto", metadata={"choices": ("auto", "mean", "frequency", "output")})
     init: str = field(default="auto", metadata={"choices": ("auto", "svd", "whitened")})
     allocation: str = field(default="uniform", metadata={"choices": ("uniform", "greedy")})
-    svd: str = field(default="auto", metadata={"choices": ("auto", "exact", "randomized")})
+    svd: str = field(default="auto", metadata={"choices": ("auto", "exact", "gram", "randomized")})
     refine_steps: int = field(default=10, metadata={"min": 0})
     calib_max_tokens: int = field(default=32768, metadata={"gt": 0, "aliases": ("--calib-tokens",)})
     calib_seq_len: int = field(default=512, metadata={"gt": 0})

@@ -56,13 +56,23 @@ def expert_chunk(num_experts: int, d_out: int, d_in: int, cfg: CompressionConfig
     return max(1, min(num_experts, int(cfg.fit_memory_gb * GIB) // per_expert))
 
 
-def svd_method(cfg: CompressionConfig, d_out: int, d_in: int) -> str:
-    """``cfg.svd``, with ``"auto"``: exact up to 512 on the short side, randomized above
-    (every real-scale MoE layer: an exact SVD of a Qwen3-30B-A3B layer's 128 experts alone
-    takes about 24 s on one H200)."""
+#: oversampling of the randomized range finder (``decompose.truncated_svd``'s default)
+OVERSAMPLE = 8
+
+
+def svd_method(cfg: CompressionConfig, d_out: int, d_in: int, width: int | None = None) -> str:
+    """``cfg.svd``, with ``"auto"``: ``"exact"`` (float64) up to 512 on the short side; above
+    (every real-scale MoE layer: an exact float64 SVD of a Qwen3-30B-A3B layer's 128 experts
+    alone takes about 24 s on one H200), ``"gram"`` (exact, float32) when the SVD's ``width``
+    plus oversampling is at least a quarter of the short side, where one Gram and its ``eigh``
+    cost less than the range finder's products and QRs (benchmarks/RESULTS.md §7f), else
+    ``"randomized"``. Without ``width``: randomized above 512."""
     if cfg.svd != "auto":
         return cfg.svd
-    return "exact" if min(d_out, d_in) <= 512 else "randomized"
+    short = min(d_out, d_in)
+    if short <= 512:
+        return "exact"
+    return "gram" if width is not None and 4 * (width + OVERSAMPLE) >= short else "randomized"
 
 
 def projection_shapes(path: str, module: nn.Module, layout: ExpertsLayout) -> list[budget.ProjectionShape]:
@@ -157,6 +167,7 @@ def fit_experts(
     for p, proj, raw, L, lam in _projections(views, layout, act, cfg, inputs, device):
         raw_grams[p] = raw if whiten else None
         r = ranks[p]
+        proj.method = svd_method(cfg, *proj.w.shape[1:], form.svd_width(r, cfg.expert_rank_cap))
         entry: dict[str, Any] = {"rank": r, "whitened": whiten}
         # factor stacks over 1 GiB in float64 may be kept in float32 between refinement steps
         res = form.fit(proj.w, proj.core_start(raw), r, proj.L, proj.K, steps=cfg.refine_steps, method=proj.method,

@@ -141,6 +141,11 @@ class Form(ABC):
         return F.pad(svd_gains, (0, (-svd_gains.numel()) % n)).view(-1, n).sum(-1)
 
     # ------------------------------------------------------------------ maths
+    def svd_width(self, rank: int, expert_rank_cap: float = 2.0) -> int:
+        """Columns of the widest truncated SVD :meth:`fit` takes per expert at ``rank`` (what the
+        SVD method's cost depends on): ``rank`` unless a form says otherwise."""
+        return rank
+
     @abstractmethod
     def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, K: Tensor | None, *, steps: int,
             method: str, generator: torch.Generator | None, chunk: int, device: torch.device,

@@ -63,7 +63,7 @@ class DeltaForm(Form):
         info: dict = {}
         core, factors, history = fit.fit_delta(
             weights, core, rank, L, K, steps=steps, method=method, generator=generator, chunk=chunk, device=device,
-            factor_dtype=torch.float32 if big or method == "randomized" else torch.float64,
+            factor_dtype=torch.float32 if big or method in ("randomized", "gram") else torch.float64,
             best_on="cpu" if device.type != "cpu" else None, compute_dtype=fit.compute_dtype(method),
             rank_cap=rank_cap, info=info)
         return FitResult(core, factors, history, refine_iters=len(history) - 1, whitened=info.get("whitened"))

@@ -52,6 +52,10 @@ class RaggedForm(DeltaForm):
         """``A (d_out, E·s)``, ``B (d_in, E·s)``: every expert's columns side by side."""
         return (d_out, num_experts * rank), (d_in, num_experts * rank)
 
+    def svd_width(self, rank: int, expert_rank_cap: float = 2.0) -> int:
+        """Each expert's SVD keeps up to the cap, ``expert_rank_cap · rank`` columns."""
+        return max(rank, int(expert_rank_cap * rank))
+
     def fit(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, K: Tensor | None, *, steps: int,
             method: str, generator: torch.Generator | None, chunk: int, device: torch.device,
             f64_factor_limit: int, expert_rank_cap: float = 2.0) -> FitResult:
@@ -63,7 +67,7 @@ class RaggedForm(DeltaForm):
             raise ConfigError(f"form 'ragged': rank {rank} is above the full rank {min(d_out, d_in)}")
         return self._fit_delta(weights, core, rank, L, K, steps=steps, method=method, generator=generator,
                                chunk=chunk, device=device, f64_factor_limit=f64_factor_limit,
-                               rank_cap=max(rank, int(expert_rank_cap * rank)))
+                               rank_cap=self.svd_width(rank, expert_rank_cap))
 
     def to_stored(self, num_experts: int, factors: tuple[Tensor, ...]) -> tuple[int, tuple[Tensor, ...]]:
         """Fitted ``(A (E, d_out, c), B (E, d_in, c), ranks (E,))`` -> ``(s, (A (d_out, R), B (d_in, R), ranks))``."""

@@ -47,7 +47,8 @@ def truncated_svd(
     """Rank-``rank`` truncated SVD of a (batch of) matrix ``m (..., a, b)``.
 
     Returns ``U (..., a, s), S (..., s), V (..., b, s)`` with ``m ≈ U diag(S) Vᵀ`` and
-    ``s = rank`` (zero-padded if ``rank > min(a, b)``).  ``method="randomized"`` uses a
+    ``s = rank`` (zero-padded if ``rank > min(a, b)``).  ``method="gram"``: the exact top ``s``
+    from the smaller Gram in ``m``'s own precision (:func:`gram_svd`).  ``method="randomized"`` uses a
     Gaussian range finder with ``oversample`` extra columns and ``power_iters``
     subspace iterations (Halko et al.), exact when ``rank + oversample >= min(a, b)``.
     ``init (..., b, s)``: right singular vectors of a nearby matrix (the previous refinement
@@ -70,12 +71,18 @@ def truncated_svd(
             q = _qr(m @ q)  # (..., a, s+p)
         ub, sv, vh = _short_svd(q.mT @ m)  # of (..., s+p, b): (..., s+p, s+p), (..., s+p), (..., s+p, b)
         u = q @ ub  # (..., a, s+p)
+    elif method == "gram":  # exact top-s from the smaller Gram, in m's precision (the bound: gram_svd)
+        fa, fb, _ = gram_svd(m, s)  # (..., a, s) = U√σ, (..., b, s) = V√σ
+        sv = fa.norm(dim=-2) * fb.norm(dim=-2)  # (..., s) σ, 0 where dropped
+        root = torch.where(sv > 0, sv, torch.ones_like(sv)).sqrt().unsqueeze(-2)  # (..., 1, s)
+        u, v = fa / root, fb / root
     elif method in ("exact", "randomized"):
         with one_thread(m):
             u, sv, vh = torch.linalg.svd(m, full_matrices=False)  # (..., a, k), (..., k), (..., k, b)
     else:
         raise ValueError(f"unknown svd method {method!r}")
-    u, sv, v = u[..., :s], sv[..., :s], vh[..., :s, :].mT  # (..., a, s), (..., s), (..., b, s)
+    if method != "gram":
+        u, sv, v = u[..., :s], sv[..., :s], vh[..., :s, :].mT  # (..., a, s), (..., s), (..., b, s)
     if rank > s:  # pad with zero directions so factor shapes stay fixed
         pad = rank - s
         u = torch.nn.functional.pad(u, (0, pad))
@@ -116,11 +123,15 @@ def gram_svd(m: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     Returns ``A (..., a, s), B (..., b, s)`` with ``A Bᵀ = m V Vᵀ`` (or ``U Uᵀ m``), the
     orthogonal projection onto the top-``s`` right (left) singular subspace, balanced as
     :func:`split_sqrt` (``A = U√S``, ``B = V√S``), and the kept energy ``Σ σ_j² (...)``.
-    Zero-padded above ``min(a, b)``; directions with ``σ_j ≤ 1e-12 σ_1`` are dropped.
+    Zero-padded above ``min(a, b)``; directions with ``σ_j ≤ τ σ_1`` are dropped (``τ = 1e-12``
+    in float64, ``√u`` in a lower precision: below that a Gram's eigenvalue is rounding).
 
-    Accuracy (float64): the eigenvalues of the Gram are ``σ_j²`` up to ``O(u·σ_1²)``, so the
-    kept energy and the projection's error ``‖m‖² − Σσ_j²`` are exact to ``O(s·u·σ_1²)``
-    (``u = 2⁻⁵³``); the objective is quadratic, hence insensitive, in subspace errors.
+    Accuracy: the eigenvalues of the Gram are ``σ_j²`` up to ``O(k·u·σ_1²)`` (``k`` its size),
+    so the kept energy and the projection's error ``‖m‖² − Σσ_j²`` are exact to
+    ``O(s·k·u·σ_1²)`` (``u = 2⁻⁵³``, or ``2⁻²⁴`` for a float32 ``m``: the fit's "gram" path at
+    real shapes, docs/DESIGN.md §3); whatever the eigenvectors' error, ``A Bᵀ = U Uᵀ m`` stays an
+    orthogonal projection of ``m`` (``U`` orthonormal from ``eigh``), so the error never exceeds
+    ``‖m‖²``'s and the objective is quadratic, hence insensitive, in subspace errors.
     """
     a, b = m.shape[-2], m.shape[-1]
     k = min(a, b)
@@ -132,7 +143,8 @@ def gram_svd(m: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     lam = lam[..., -s:].flip(-1).clamp_min(0)  # (..., s) = σ²
     vec = vec[..., -s:].flip(-1)  # (..., k, s)
     sig = lam.sqrt()
-    keep = sig > 1e-12 * sig[..., :1].clamp_min(1e-300)
+    tau = 1e-12 if m.dtype == torch.float64 else torch.finfo(m.dtype).eps ** 0.5
+    keep = sig > tau * sig[..., :1].clamp_min(1e-300)
     root = torch.where(keep, sig, torch.ones_like(sig)).sqrt().unsqueeze(-2)  # (..., 1, s)
     vec = vec * keep.unsqueeze(-2)
     other = (m @ vec if tall else m.mT @ vec) / root  # m V / √σ = U√σ   (..., a, s) or (..., b, s)

@@ -37,7 +37,7 @@ def compute_dtype(method: str) -> torch.dtype:
     """Working precision of the fit's products and SVDs: float32 for the randomized path (real
     shapes; bound in docs/DESIGN.md "Precision of the fit"), float64 for the exact path (short
     sides up to 512 with ``svd="auto"``: cheap, and its Gram eigendecomposition needs it)."""
-    return torch.float32 if method == "randomized" else _F64
+    return torch.float32 if method in ("randomized", "gram") else _F64
 
 
 def _on(t: Tensor | None, sl: slice, device) -> Tensor | None:
@@ -197,8 +197,8 @@ def fit_delta(
             rl = r @ l if l is not None else r  # whitened residual (n, d_out, d_in)
             if p_acc is not None:  # Σ_i R_i L_i L_iᵀ  (once)
                 p_acc += (rl @ l.mT).sum(0, dtype=_F64) if l is not None else rl.sum(0, dtype=_F64)
-            if method == "exact":
-                a, bw, kept = gram_svd(rl.to(_F64), width)  # (n, d_out, s), (n, d_in, s), (n,)
+            if method in ("exact", "gram"):  # exact top triplets from the smaller Gram (float64 / float32)
+                a, bw, kept = gram_svd(rl.to(_F64) if method == "exact" else rl, width)  # (n, d_out, s), (n, d_in, s), (n,)
             else:
                 u, sv, v = truncated_svd(rl, width, method, generator=generator, init=v_prev[j])
                 v_prev[j] = v if method == "randomized" else None
