@@ -13,6 +13,13 @@ iterations), "warm" the refinement passes (1, from the previous right vectors). 
 the captured energy ``Σσ²`` of the two, relative, and the new ``U``'s orthogonality.
 ``--parts`` also times the pieces alone (QR, CholeskyQR2 in float64 and float32, the small SVD
 both ways, the range finder's product), which is how CholeskyQR2 was measured and dropped.
+``--gram`` times the gram path (``truncated_svd(..., "gram")``: the exact top triplets from
+the float32 Gram's ``eigh``) against the randomized one at each shape, a fit's worth of calls
+(1 cold + ``--warm-passes`` warm randomized, against ``1 + warm-passes`` Gram calls), with the
+energy the randomized calls capture relative to the exact one (RESULTS §7f):
+
+    python benchmarks/svd_cost.py --gram --shapes qwen3-gate qwen3-down deepseek-gate deepseek-down \
+        mixtral-gate mixtral-down --out benchmarks/results/svd-gram.json
 """
 from __future__ import annotations
 
@@ -36,6 +43,8 @@ SHAPES = {
     "qwen3-down": (61, 2048, 768, 270),
     "mixtral-gate": (1, 14336, 4096, 796),
     "mixtral-down": (1, 4096, 14336, 796),
+    "deepseek-gate": (4, 2048, 7168, 784),  # DeepSeek-V3 (s 392; the chunk cut to 4 to keep the run short)
+    "deepseek-down": (4, 7168, 2048, 784),
     "tiny": (4, 96, 128, 16),  # tests only
 }
 
@@ -100,6 +109,29 @@ def run_shape(name, repeats):
     return row
 
 
+def gram_row(name, repeats, warm_passes):
+    """A fit's SVD calls at ``name``: randomized (1 cold, ``warm_passes`` warm) against the gram path."""
+    n, d_out, d_in, width = SHAPES[name]
+    m = matrices(n, d_out, d_in, torch.Generator().manual_seed(0))
+    t_cold, (_, s_cold, v) = timed(lambda: truncated_svd(m, width, "randomized", generator=torch.Generator().manual_seed(1)),
+                                   repeats)
+    t_warm, (_, s_warm, _) = timed(lambda: truncated_svd(m, width, "randomized", generator=torch.Generator().manual_seed(1),
+                                                         init=v), repeats)
+    t_gram, (_, s_gram, _) = timed(lambda: truncated_svd(m, width, "gram"), repeats)
+    exact = float(s_gram.double().pow(2).sum())
+    rand = t_cold + warm_passes * t_warm
+    gram = (1 + warm_passes) * t_gram
+    row = {"shape": name, "experts": n, "d_out": d_out, "d_in": d_in, "width": width, "cold_s": round(t_cold, 3),
+           "warm_s": round(t_warm, 3), "gram_s": round(t_gram, 3), "warm_passes": warm_passes,
+           "fit_randomized_s": round(rand, 3), "fit_gram_s": round(gram, 3), "speedup": round(rand / gram, 2),
+           "energy_cold_vs_exact": float(s_cold.double().pow(2).sum()) / exact,
+           "energy_warm_vs_exact": float(s_warm.double().pow(2).sum()) / exact}
+    print(f"{name:>13}: randomized {t_cold:.3f} s cold + {warm_passes} x {t_warm:.3f} s warm = {rand:.3f} s; gram "
+          f"{1 + warm_passes} x {t_gram:.3f} = {gram:.3f} s ({rand / gram:.2f}x); energy cold "
+          f"{row['energy_cold_vs_exact']:.6f}, warm {row['energy_warm_vs_exact']:.6f} of exact", flush=True)
+    return row
+
+
 def cholesky_qr2(y, dtype):
     """CholeskyQR2 with its Grams in ``dtype`` (measured, not used: see the module docstring)."""
     q = y.to(dtype)
@@ -134,8 +166,17 @@ def main(argv=None):
                     default=["qwen3-gate", "qwen3-down", "mixtral-gate", "mixtral-down"])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--parts", action="store_true", help="also time each piece alone")
+    ap.add_argument("--gram", action="store_true", help="the gram path against the randomized one, instead")
+    ap.add_argument("--warm-passes", type=int, default=1, help="with --gram: refinement passes (1 at refine_steps=1)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
+    if a.gram:
+        out = {"threads": torch.get_num_threads(), "repeats": a.repeats, "provenance": provenance(),
+               "gram": [gram_row(s, a.repeats, a.warm_passes) for s in a.shapes]}
+        if a.out:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps(out, indent=1))
+        return out
     rows = [run_shape(s, a.repeats) for s in a.shapes]
     out = {"threads": torch.get_num_threads(), "repeats": a.repeats, "rows": rows, "provenance": provenance()}
     if a.parts:

@@ -168,6 +168,14 @@ def test_svd_cost_smoke(tmp_path):
         assert row[start]["reference_s"] > 0 and row[start]["new_s"] > 0
         assert abs(row[start]["energy_rel_diff"]) < 1e-5 and row[start]["orthogonality"] < 1e-5
     assert set(data["parts"][0]) >= {"householder_qr", "small_svd_lapack", "small_svd_gram"}
+    try:  # --gram: the gram path against the randomized one; the gram path is exact, so it captures the most
+        sys.path.insert(0, str(BENCH))
+        mod.main(["--gram", "--shapes", "tiny", "--repeats", "1", "--out", str(tmp_path / "g.json")])
+    finally:
+        sys.path.remove(str(BENCH))
+    row = json.loads((tmp_path / "g.json").read_text())["gram"][0]
+    assert row["gram_s"] > 0 and row["fit_randomized_s"] > 0 and abs(row["fit_gram_s"] - 2 * row["gram_s"]) <= 0.002
+    assert 0.9 < row["energy_cold_vs_exact"] <= 1 + 1e-5 and 0.9 < row["energy_warm_vs_exact"] <= 1 + 1e-5
 
 
 def test_scale_smoke(tmp_path):
