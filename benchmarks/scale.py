@@ -308,6 +308,32 @@ def cost_report(a, res: dict, cfg: dict) -> dict:
             "whole_model_minutes": round((sum(mean.values())) * s["moe_layers"] / 60, 1)}
 
 
+def cost_only(a) -> dict:
+    """The fit's FLOPs of one layer at ``a``'s settings (uniform delta ranks at ``a.ratio``,
+    ``1 + refine_steps`` passes, the auto SVD path), from :func:`layer_flops`, with the
+    minutes they take at this machine's float32 ``torch.mm`` peak, measured now."""
+    from moecore.config import CompressionConfig
+    from moecore.fitting import svd_method
+    from moecore.forms import get_form
+    from moecore.maths import budget
+
+    s = SHAPES[a.shape]
+    E, H, F, k = s["E"], s["H"], s["F"], s["k"]
+    cfg = CompressionConfig(**{key: v for key, v in {"refine_steps": a.refine_steps, "form": a.form, "svd": a.svd}.items()
+                               if v is not None})
+    dims = {p: (F, H) if p != "down" else (H, F) for p in ("gate", "up", "down")}
+    ranks = budget.solve_uniform(get_form("delta"), [budget.ProjectionShape(p, E, *dims[p]) for p in dims], a.ratio)
+    form = get_form(cfg.form)
+    methods = {p: svd_method(cfg, *dims[p], form.svd_width(ranks[p], cfg.expert_rank_cap)) for p in dims}
+    fl = layer_flops(E, H, F, k, a.calib_tokens, ranks, {p: 1 + cfg.refine_steps for p in dims}, methods)
+    fit = sum(fl[x] for x in ("grams", "whitening", "core_start", "whitened_products", "refinement", "svd", "errors"))
+    peak = gemm_peak()["float32"]["gflops_wall"]
+    return {"shape": a.shape, "ranks": ranks, "svd": methods, "refine_steps": cfg.refine_steps,
+            "calib_tokens": a.calib_tokens, "tflop": {key: round(v / 1e12, 2) for key, v in fl.items()},
+            "fit_tflop": round(fit / 1e12, 1), "float32_peak_gflops": peak,
+            "fit_minutes_at_peak": round(fit / (peak * 1e9) / 60, 1)}
+
+
 def _cores() -> int:
     import os
 
@@ -338,7 +364,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--refine-steps", type=int, default=None, help="default: the product default")
-    ap.add_argument("--svd", choices=["auto", "exact", "randomized"], default=None)
+    ap.add_argument("--svd", choices=["auto", "exact", "gram", "randomized"], default=None)
     ap.add_argument("--form", default=None, help="default: the product default (CompressionConfig.form)")
     ap.add_argument("--recover-steps", type=int, default=None,
                     help="in-engine recovery steps per layer (default: the product default; §7 was recorded "
@@ -346,8 +372,14 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where the synthetic checkpoint is written (needs disk space)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--render", action="store_true", help="only render results/scale.md from the JSON files")
+    ap.add_argument("--cost-only", action="store_true",
+                    help="run nothing: print the cost model's FLOPs of one layer's fit at these settings and the "
+                         "minutes they take at this machine's measured float32 GEMM peak")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and scale.md go")
     a = ap.parse_args()
+    if a.cost_only:
+        print(json.dumps(cost_only(a), indent=1))
+        return
     if not a.render:
         res = run(a)
         dev = "cuda" if a.device.startswith("cuda") else "cpu"
