@@ -209,19 +209,22 @@ def fit_delta(
             err += rl2_j - (float(kept.sum()) if energy is None else 0.0)  # ‖RL‖² − Σ σ²
             del rl, r
             a_all[sl] = a.to(factor_dtype)
-            b_all[sl] = (solve_lt(l.to(bw.dtype), bw) if l is not None else bw).to(factor_dtype)
-            if energy is not None:  # balanced factors: ‖a_j‖² = ‖b̃_j‖² = σ_j
+            if energy is not None:  # balanced factors: ‖a_j‖² = ‖b̃_j‖² = σ_j; B̃ kept whitened until the ranks are known
                 energy[sl] = a.to(_F64).pow(2).sum(-2) * bw.to(_F64).pow(2).sum(-2)  # (n, s) σ²
+                b_all[sl] = bw.to(factor_dtype)
                 continue
+            b_all[sl] = (solve_lt(l.to(bw.dtype), bw) if l is not None else bw).to(factor_dtype)
             lb = (l.to(bw.dtype) @ bw) if l is not None else bw  # Ĝ_i B_i = L_i B̃_i  (n, d_in, s)
             n_acc += torch.einsum("nos,nis->oi", a.to(_F64), lb.to(_F64))
         if energy is not None:  # keep the E·rank largest σ² over all experts, then N for them
-            acc["ranks"], kept_all = _water_fill(energy, a_all, b_all, budget)
+            acc["ranks"], kept_all = _water_fill(energy, a_all, b_all, budget)  # zeroes the dropped columns of B̃ too
             err -= float(kept_all)
             for sl in parts:  # products in the working precision, as above (no float64 copy of L_i)
-                a, b, l = a_all[sl].to(_F64), b_all[sl].to(cdt), on(L, sl)
-                lb = l @ (l.mT @ b) if l is not None else b  # Ĝ_i B_i  (n, d_in, s)
+                a, bw, l = a_all[sl].to(_F64), b_all[sl].to(cdt), on(L, sl)
+                lb = l @ bw if l is not None else bw  # Ĝ_i B_i = L_i B̃_i  (n, d_in, s)
                 n_acc += torch.einsum("nos,nis->oi", a, lb.to(_F64))
+                if l is not None:  # B_i = L_i⁻ᵀ B̃_i, each column on its own: the zeroed ones stay zero
+                    b_all[sl] = solve_lt(l, bw).to(factor_dtype)
         if p_acc is not None:
             cs = (c @ s_chol) @ s_chol.mT if s_chol is not None else e * c  # C₀ S = (C₀ K) Kᵀ  (d_out, d_in)
             if s_chol is not None:  # Σ_i ‖W_i L_i‖² = Σ‖R_i L_i‖² + 2⟨C₀, Σ R_i Ĝ_i⟩ + ⟨C₀ S, C₀⟩
