@@ -183,10 +183,14 @@ def test_ragged_student_trains_padded_with_the_values_of_the_gather(teacher_dir,
     teacher, _, student, _, _ = _compressed_pair("ragged")
     ranks = [m.ragged_r_gate.tolist() for _, m, _ in find_experts(student, "all")]
     assert any(len(set(r)) > 1 for r in ranks), ranks  # ranks differ within a projection: padding happens
+    shapes = {n: p.shape for n, p in find_experts(student, "all")[0][1].named_parameters()}
     forms = TrainingForms(student)
     assert len(forms.swaps) == len(ranks)
     assert {m.form for _, m, _ in find_experts(student, "all")} == {"delta"}
+    first = forms.swaps[0][1]
+    assert all(p.numel() == 0 for _, p in first.named_parameters())  # no second copy while training
     with forms.stored() as model:
+        assert {n: p.shape for n, p in first.named_parameters()} == shapes
         assert {m.form for _, m, _ in find_experts(model, "all")} == {"ragged"}
     assert {m.form for _, m, _ in find_experts(student, "all")} == {"delta"}
     forms.restore()

@@ -66,12 +66,15 @@ class TrainingForms:
     runs no gather and no scatter-back) is swapped for its
     :meth:`~moecore.compressed_experts.CompressedExperts.training_copy`, in its own dtype.
     The values trained are those of training the stored factors (the padded columns get zero
-    gradients and stay zero). :meth:`stored` puts the stored modules back, holding the trained
-    values, for as long as a save takes; :meth:`restore` for good (idempotent)."""
+    gradients and stay zero). The stored modules' copied tensors are freed while the copies
+    train (no second copy of the model's factors). :meth:`stored` puts the stored modules
+    back, rebuilt from the copies, for as long as a save takes; :meth:`restore` for good
+    (idempotent)."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.swaps: list[tuple[str, torch.nn.Module, torch.nn.Module, dict[str, str]]] = []
+        self._shapes: dict[int, dict[str, torch.Size]] = {}
         for path, module, _ in find_experts(model, "all", required=False):
             form = getattr(module, "form_impl", None) if is_compressed(module) else None
             if form is None or not form.training_form or form.training_form == form.name or module.quant is not None:
@@ -80,6 +83,13 @@ class TrainingForms:
             work.train(module.training)
             replace_module(model, path, work)
             self.swaps.append((path, module, work, names))
+            self._shapes[id(module)] = {n: module._parameters[n].shape for n in names}
+            self._free(module)
+
+    def _free(self, module: torch.nn.Module) -> None:
+        for n in self._shapes[id(module)]:
+            p = module._parameters[n]
+            p.data = p.data.new_empty(0)
 
     def stored_names(self, names: list[str]) -> list[str]:
         """Parameter names of the model in training form -> the same tensors' stored names."""
@@ -88,11 +98,15 @@ class TrainingForms:
 
     def _put(self, stored: bool) -> None:
         for path, module, work, names in self.swaps:
-            if stored:
-                module.load_trained(work, names, [n for n, w in names.items() if work._parameters[w].requires_grad])
-                for n, w in names.items():
-                    module._parameters[n].requires_grad_(work._parameters[w].requires_grad)
+            if stored:  # rebuilt whole from the copy (from_training is exact for untrained factors too)
+                for n, shape in self._shapes[id(module)].items():
+                    p = module._parameters[n]
+                    p.data = p.data.new_empty(shape)
+                    p.requires_grad_(work._parameters[names[n]].requires_grad)
+                module.load_trained(work, names, list(names))
                 module.train(work.training)
+            else:
+                self._free(module)
             replace_module(self.model, path, module if stored else work)
 
     @contextmanager
