@@ -23,8 +23,9 @@ token, T = ``calib_max_tokens``:
   its weights at 4 bytes instead of b while the original layer runs (before any Gram
   exists), then only its non-expert weights, since the experts go back to b bytes for the
   fit (``calibration.narrow_module``); the activations at 4 bytes throughout;
-* in-engine recovery (``recover_steps`` > 0), after the fit: the compressed module swapped in
-  and the original experts freed, no Grams and no fit working set, but the trained tensors
+* in-engine recovery (``recover_steps`` > 0 with float storage: the engine skips it for
+  quantized storage), after the fit: the compressed module swapped in and the original
+  experts freed, no Grams and no fit working set, but the trained tensors
   in float32 with their gradients and Adam's two moments (16 bytes per element: the factors,
   padded to the largest expert rank, at most ``expert_rank_cap`` x the mean, when the form
   trains padded, and the cores with ``recover_train_core``; 8 more per factor element for
@@ -103,7 +104,7 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     calibrating = host + device - compressed - fit + layer_bytes * wide + acts
     fitting = host + device + grams + (layer_bytes - row["bytes_original"]) * wide + acts
     recovering = 0
-    if cfg.recover_steps:  # after the fit: the compressed module in, the original experts and the Grams freed
+    if cfg.recover_steps and cfg.quant is None:  # as the engine: after the fit, the originals and Grams freed
         factors = sum(r["factor_params"] for r in row["projections"].values())
         if get_form(cfg.form).training_form:  # trained padded to the largest expert rank (at most cap x mean)
             factors = int(factors * cfg.expert_rank_cap)
