@@ -34,9 +34,9 @@ def chunks_of(num_experts: int, chunk: int) -> list[slice]:
 
 
 def compute_dtype(method: str) -> torch.dtype:
-    """Working precision of the fit's products and SVDs: float32 for the randomized path (real
-    shapes; bound in docs/DESIGN.md "Precision of the fit"), float64 for the exact path (short
-    sides up to 512 with ``svd="auto"``: cheap, and its Gram eigendecomposition needs it)."""
+    """Working precision of the fit's products and SVDs: float32 for the randomized and gram
+    paths (real shapes; bounds in docs/DESIGN.md "Precision of the fit"), float64 for the exact
+    path (short sides up to 512 with ``svd="auto"``: cheap, and the bundled models' results)."""
     return torch.float32 if method in ("randomized", "gram") else _F64
 
 
@@ -197,8 +197,8 @@ def fit_delta(
             rl = r @ l if l is not None else r  # whitened residual (n, d_out, d_in)
             if p_acc is not None:  # Σ_i R_i L_i L_iᵀ  (once)
                 p_acc += (rl @ l.mT).sum(0, dtype=_F64) if l is not None else rl.sum(0, dtype=_F64)
-            if method in ("exact", "gram"):  # exact top triplets from the smaller Gram (float64 / float32)
-                a, bw, kept = gram_svd(rl.to(_F64) if method == "exact" else rl, width)  # (n, d_out, s), (n, d_in, s), (n,)
+            if method in ("exact", "gram"):  # exact top triplets from the smaller Gram, float64 / float32
+                a, bw, kept = gram_svd(rl.to(_F64) if method == "exact" else rl, width)  # (n,d_out,s) (n,d_in,s) (n,)
             else:
                 u, sv, v = truncated_svd(rl, width, method, generator=generator, init=v_prev[j])
                 v_prev[j] = v if method == "randomized" else None
@@ -209,7 +209,7 @@ def fit_delta(
             err += rl2_j - (float(kept.sum()) if energy is None else 0.0)  # ‖RL‖² − Σ σ²
             del rl, r
             a_all[sl] = a.to(factor_dtype)
-            if energy is not None:  # balanced factors: ‖a_j‖² = ‖b̃_j‖² = σ_j; B̃ kept whitened until the ranks are known
+            if energy is not None:  # balanced: ‖a_j‖² = ‖b̃_j‖² = σ_j; B̃ stays whitened until the ranks are chosen
                 energy[sl] = a.to(_F64).pow(2).sum(-2) * bw.to(_F64).pow(2).sum(-2)  # (n, s) σ²
                 b_all[sl] = bw.to(factor_dtype)
                 continue
