@@ -266,23 +266,30 @@ def gemm_peak(n: int = 2048, repeats: int = 3) -> dict:
     return out
 
 
+def ranks_and_methods(shape: str, ratio: float, cfg) -> tuple[dict, dict]:
+    """Uniform delta ranks at ``ratio`` (what the cost model counts) and the SVD path
+    ``cfg`` takes for each projection of ``shape`` (the form's SVD width)."""
+    from moecore.fitting import svd_method
+    from moecore.forms import get_form
+    from moecore.maths import budget
+
+    s = SHAPES[shape]
+    E, H, F = s["E"], s["H"], s["F"]
+    dims = {p: (F, H) if p != "down" else (H, F) for p in ("gate", "up", "down")}
+    ranks = budget.solve_uniform(get_form("delta"), [budget.ProjectionShape(p, E, *dims[p]) for p in dims], ratio)
+    form = get_form(cfg.form)
+    return ranks, {p: svd_method(cfg, *dims[p], form.svd_width(ranks[p], cfg.expert_rank_cap)) for p in dims}
+
+
 def cost_report(a, res: dict, cfg: dict) -> dict:
     """Analytic FLOPs per stage next to the measured seconds, each stage's achieved GFLOP/s as a
     fraction of the measured float32 GEMM peak (the fit's working precision at these shapes) and
     the whole-model extrapolation."""
-    from moecore.fitting import svd_method
     from moecore.config import CompressionConfig
-    from moecore.forms import get_form
-    from moecore.maths import budget
 
     s = SHAPES[a.shape]
     E, H, F, k = s["E"], s["H"], s["F"], s["k"]
-    shapes = [budget.ProjectionShape(p, E, *(F, H) if p != "down" else (H, F)) for p in ("gate", "up", "down")]
-    ranks = budget.solve_uniform(get_form("delta"), shapes, a.ratio)
-    ccfg = CompressionConfig(**cfg)
-    form = get_form(ccfg.form)
-    methods = {p: svd_method(ccfg, *((F, H) if p != "down" else (H, F)), form.svd_width(ranks[p], ccfg.expert_rank_cap))
-               for p in ranks}
+    ranks, methods = ranks_and_methods(a.shape, a.ratio, CompressionConfig(**cfg))
     layers = len(res["timings"])
     it = res["refine_iters"]
     passes = {p: 1 + sum(it[j] for j in range(n, len(it), 3)) / max(1, len(it[n::3])) for n, p in enumerate(ranks)}
@@ -313,19 +320,13 @@ def cost_only(a) -> dict:
     ``1 + refine_steps`` passes, the auto SVD path), from :func:`layer_flops`, with the
     minutes they take at this machine's float32 ``torch.mm`` peak, measured now."""
     from moecore.config import CompressionConfig
-    from moecore.fitting import svd_method
-    from moecore.forms import get_form
-    from moecore.maths import budget
 
     s = SHAPES[a.shape]
     E, H, F, k = s["E"], s["H"], s["F"], s["k"]
     cfg = CompressionConfig(**{key: v for key, v in {"refine_steps": a.refine_steps, "form": a.form, "svd": a.svd}.items()
                                if v is not None})
-    dims = {p: (F, H) if p != "down" else (H, F) for p in ("gate", "up", "down")}
-    ranks = budget.solve_uniform(get_form("delta"), [budget.ProjectionShape(p, E, *dims[p]) for p in dims], a.ratio)
-    form = get_form(cfg.form)
-    methods = {p: svd_method(cfg, *dims[p], form.svd_width(ranks[p], cfg.expert_rank_cap)) for p in dims}
-    fl = layer_flops(E, H, F, k, a.calib_tokens, ranks, {p: 1 + cfg.refine_steps for p in dims}, methods)
+    ranks, methods = ranks_and_methods(a.shape, a.ratio, cfg)
+    fl = layer_flops(E, H, F, k, a.calib_tokens, ranks, {p: 1 + cfg.refine_steps for p in ranks}, methods)
     fit = sum(fl[x] for x in ("grams", "whitening", "core_start", "whitened_products", "refinement", "svd", "errors"))
     peak = gemm_peak()["float32"]["gflops_wall"]
     return {"shape": a.shape, "ranks": ranks, "svd": methods, "refine_steps": cfg.refine_steps,

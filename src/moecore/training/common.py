@@ -73,8 +73,8 @@ class TrainingForms:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.swaps: list[tuple[str, torch.nn.Module, torch.nn.Module, dict[str, str]]] = []
-        self._shapes: dict[int, dict[str, torch.Size]] = {}
+        #: (path, stored module, its training copy, {stored name: copy's name}, {stored name: shape})
+        self.swaps: list[tuple[str, torch.nn.Module, torch.nn.Module, dict[str, str], dict[str, torch.Size]]] = []
         for path, module, _ in find_experts(model, "all", required=False):
             form = getattr(module, "form_impl", None) if is_compressed(module) else None
             if form is None or not form.training_form or form.training_form == form.name or module.quant is not None:
@@ -82,31 +82,31 @@ class TrainingForms:
             work, names = module.training_copy(module.stored(module.core_names[0]).dtype)
             work.train(module.training)
             replace_module(model, path, work)
-            self.swaps.append((path, module, work, names))
-            self._shapes[id(module)] = {n: module._parameters[n].shape for n in names}
-            self._free(module)
+            self.swaps.append((path, module, work, names, {n: module._parameters[n].shape for n in names}))
+            self._free(module, names)
 
-    def _free(self, module: torch.nn.Module) -> None:
-        for n in self._shapes[id(module)]:
+    @staticmethod
+    def _free(module: torch.nn.Module, names) -> None:
+        for n in names:
             p = module._parameters[n]
             p.data = p.data.new_empty(0)
 
     def stored_names(self, names: list[str]) -> list[str]:
         """Parameter names of the model in training form -> the same tensors' stored names."""
-        back = {f"{path}.{w}": f"{path}.{n}" for path, _, _, m in self.swaps for n, w in m.items()}
+        back = {f"{path}.{w}": f"{path}.{n}" for path, _, _, m, _ in self.swaps for n, w in m.items()}
         return [back.get(n, n) for n in names]
 
     def _put(self, stored: bool) -> None:
-        for path, module, work, names in self.swaps:
+        for path, module, work, names, shapes in self.swaps:
             if stored:  # rebuilt whole from the copy (from_training is exact for untrained factors too)
-                for n, shape in self._shapes[id(module)].items():
+                for n, shape in shapes.items():
                     p = module._parameters[n]
                     p.data = p.data.new_empty(shape)
                     p.requires_grad_(work._parameters[names[n]].requires_grad)
                 module.load_trained(work, names, list(names))
                 module.train(work.training)
             else:
-                self._free(module)
+                self._free(module, names)
             replace_module(self.model, path, module if stored else work)
 
     @contextmanager

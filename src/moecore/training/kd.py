@@ -95,8 +95,7 @@ class DistillTrainer(Trainer):
             p.requires_grad_(False)
         self.teacher.to(self.args.device)
         self.temperature, self.alpha, self.block_weight = float(temperature), float(alpha), float(block_weight)
-        self._swapped = stored_view is not None
-        self._stored_view = stored_view or contextlib.nullcontext
+        self._stored_view = stored_view  # None: the model trains in its stored form
         self._parts: dict[str, list[float]] = {"kd": [], "ce": []}
         self._blocks = None
         if self.block_weight > 0:  # the experts modules' outputs of student and teacher, per forward
@@ -138,7 +137,7 @@ class DistillTrainer(Trainer):
         """With a ``stored_view``, nothing to load: the checkpoint holds the stored form, and the
         model, built from it by moecore's loader (:func:`~moecore.training.distill.distill`),
         trains in another; FSDP's sharded weights and a plain run load the Trainer's way."""
-        if not self._swapped or self.is_fsdp_enabled:
+        if self._stored_view is None or self.is_fsdp_enabled:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _barrier(self) -> None:
@@ -153,7 +152,7 @@ class DistillTrainer(Trainer):
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if is_compressed(model, recurse=True):
-            with self._stored_view():
+            with self._stored_view() if self._stored_view is not None else contextlib.nullcontext():
                 save_compressed(model, output_dir, tokenizer=self.processing_class)
         else:
             model.save_pretrained(output_dir, state_dict=state_dict, save_original_format=False)
