@@ -130,6 +130,10 @@ timed(mmf, "truncated_svd", "svd_s")
 if hasattr(mmf, "gram_svd"):
     timed(mmf, "gram_svd", "svd_s")
 timed(mmf, "errors", "errors_s")
+import moecore.checkpoint_reader as mcr
+chunks = []  # a layer's experts read in chunks (larger than expert_read_gb)
+stages["expert_read_s"] = 0.0
+timed(mcr.CheckpointExperts, "read", "expert_read_s", chunks.append)
 from moecore.forms import get_form
 timed(type(get_form(cfg.form)), "fit", "fit_total_s", lambda r: iters.append(r.refine_iters))
 import moecore.streaming as mstream
@@ -146,6 +150,7 @@ res["wall_s"] = time.perf_counter() - t0
 res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 res["peak_rss_before_finish_bytes"] = peaks.get("before_finish")
 res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if args["device"].startswith("cuda") else None
+res["expert_chunks_read"] = len(chunks)
 print("RESULT " + json.dumps(res))
 """
 
@@ -172,6 +177,8 @@ def run(a) -> dict:
             cfg["form"] = a.form
         if a.recover_steps is not None:
             cfg["recover_steps"] = a.recover_steps
+        if a.expert_read_gb is not None:
+            cfg["expert_read_gb"] = a.expert_read_gb
         child = {"src": str(tmp / "src"), "out": str(tmp / "out"), "calib": str(tmp / "calib.txt"),
                  "device": a.device, "cfg": cfg}
         r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(child)], capture_output=True, text=True)
@@ -370,6 +377,8 @@ def main() -> None:
     ap.add_argument("--recover-steps", type=int, default=None,
                     help="in-engine recovery steps per layer (default: the product default; §7 was recorded "
                          "before it existed, i.e. with 0)")
+    ap.add_argument("--expert-read-gb", type=float, default=None,
+                    help="read a layer's experts this many GiB at a time when larger (default: the product default)")
     ap.add_argument("--workdir", default=None, help="where the synthetic checkpoint is written (needs disk space)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--render", action="store_true", help="only render results/scale.md from the JSON files")

@@ -40,6 +40,7 @@ from moecore.block_recovery import routed_forward
 from moecore.calibration import ExpertsInputHook
 from moecore.data import load_split
 from moecore.errors import UnsupportedModelError
+from moecore.expert_source import InMemorySource, SourcedExperts
 from moecore.families import ExpertsModule, find_experts, is_compressed
 from moecore.io_utils import atomic_write_text
 from moecore.surgery import replace_module
@@ -272,6 +273,17 @@ def test_family(family, tmp_path):
         with torch.no_grad():
             assert torch.allclose(layout.activation_fn(getattr(first, "act_fn", None))(gate, up),
                                   first._apply_gate(gate_up), rtol=1e-5, atol=1e-5), f"{family}: activation"
+    for _, m, lay in found:  # the engine's stand-in (calibration, recovery targets) computes as the family does
+        if lay.call == "routed":
+            e, _, h = lay.split(m)["gate"].shape
+            g = torch.Generator().manual_seed(5)
+            x, k = torch.randn(9, h, generator=g), min(2, e)
+            idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(9)])  # (9, k)
+            w = torch.rand(9, k, generator=g)
+            with torch.no_grad():
+                want = m(x, idx, w)
+                got = SourcedExperts(InMemorySource(m, lay), lay, m)(x, idx, w)
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), f"{family}: routed"
     ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
     ref = outputs(model, ids)
     originals = {path: {k: v.detach().clone() for k, v in m.named_parameters()} for path, m, _ in found}

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .expert_source import SourcedExperts
 from .families import FUSED, ExpertsLayout
 from .surgery import set_tensor
 
@@ -100,17 +101,21 @@ def narrow_module(layer: nn.Module, rel: str, saved: dict[str, torch.dtype]) -> 
             set_tensor(layer, name, names[name].detach().to(dtype))
 
 
-def restore_layer(layer: nn.Module, saved: dict[str, torch.dtype], replaced: tuple[str, ...] = ()) -> None:
+def restore_layer(layer: nn.Module, saved: dict[str, torch.dtype],
+                  replaced: dict[str, torch.dtype | None] | None = None) -> None:
     """Undo :func:`widen_layer`: the tensors ``saved`` names back to their dtypes, and each
-    submodule at a path in ``replaced`` (swapped in since, e.g. compressed experts) cast to the
-    dtype the widened tensors under that path had."""
+    submodule at a path in ``replaced`` (swapped in since, e.g. compressed experts) cast to
+    the dtype given there (``None``: the dtype the widened tensors under that path had).
+    Nothing when the layer was not widened (``saved`` empty)."""
+    if not saved:
+        return
     names = dict(layer.named_parameters())
     names.update(layer.named_buffers())
     for name, dtype in saved.items():
         if name in names:
             set_tensor(layer, name, names[name].detach().to(dtype))
-    for rel in replaced:
-        dtype = next((d for n, d in saved.items() if n.startswith(rel + ".")), None)
+    for rel, dtype in (replaced or {}).items():
+        dtype = dtype or next((d for n, d in saved.items() if n.startswith(rel + ".")), None)
         if dtype is not None:
             layer.get_submodule(rel).to(dtype)
 
@@ -160,41 +165,78 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict], 
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-@torch.no_grad()
-def calibrate_layer(layer: nn.Module, mods: list[tuple[str, ExpertsLayout]], hidden: list[torch.Tensor],
-                    calls: list[tuple[tuple, dict]], device, keep_outputs: bool, store_device="cpu",
-                    float_dtype: torch.dtype | None = None,
-                    ) -> tuple[dict[str, "ExpertsInputHook"], list[torch.Tensor] | None]:
-    """Run ``layer`` on every batch of ``hidden`` (``[(B, L, H)]``, call arguments ``calls[b]``)
-    with an :class:`ExpertsInputHook` on each experts module ``mods = [(path in the layer,
-    layout)]``; return the hooks (what reached each module, per call) and, if
-    ``keep_outputs``, the layer's outputs per batch (on each batch's device).  Without
-    ``keep_outputs`` and with one experts module the forward stops at that module (attention
-    and router only).  ``float_dtype``: as :func:`run_layer`'s (a widened layer)."""
-    hooks = {rel: ExpertsInputHook(store_device=store_device, layout=layout) for rel, layout in mods}
-    stop = not keep_outputs and len(mods) == 1  # nothing after the experts is needed
-
-    def make(h):
-        def pre(module, args, kwargs):
-            h(module, args, kwargs)
-            if stop:
-                raise _Stop
-        return pre
-
-    handles = [layer.get_submodule(rel).register_forward_pre_hook(make(h), with_kwargs=True)
-               for rel, h in hooks.items()]
-    outs = [] if keep_outputs else None
+def _run_batches(layer: nn.Module, hidden: list[torch.Tensor], calls, device, float_dtype, keep: bool,
+                 hooks: dict[nn.Module, Callable]) -> list[torch.Tensor] | None:
+    """Run ``layer`` on every batch with forward pre-hooks ``{module: hook(module, args, kwargs)}``
+    (a hook may raise ``_Stop``: that batch stops there); the outputs per batch if ``keep``."""
+    handles = [m.register_forward_pre_hook(h, with_kwargs=True) for m, h in hooks.items()]
+    outs = [] if keep else None
     try:
         for b, h in enumerate(hidden):
             try:
                 y = run_layer(layer, h, calls[b], device, float_dtype)
             except _Stop:
                 continue
-            if keep_outputs:
+            if keep:
                 outs.append(y.to(h.device))
     finally:
         for handle in handles:
             handle.remove()
+    return outs
+
+
+def _stopping(hook: "ExpertsInputHook") -> Callable:
+    def pre(module, args, kwargs):
+        hook(module, args, kwargs)
+        raise _Stop
+    return pre
+
+
+@torch.no_grad()
+def calibrate_layer(layer: nn.Module, mods: list[tuple[str, ExpertsLayout]], hidden: list[torch.Tensor],
+                    calls: list[tuple[tuple, dict]], device, keep_outputs: bool, store_device="cpu",
+                    float_dtype: torch.dtype | None = None, expert_outputs: bool = False,
+                    ) -> tuple[dict[str, "ExpertsInputHook"], list[torch.Tensor] | None]:
+    """Run ``layer`` on every batch of ``hidden`` (``[(B, L, H)]``, call arguments ``calls[b]``)
+    with an :class:`ExpertsInputHook` on each experts module ``mods = [(path in the layer,
+    layout)]``; return the hooks (what reached each module, per call) and, if
+    ``keep_outputs``, the layer's outputs per batch (on each batch's device).
+    ``float_dtype``: as :func:`run_layer`'s (a widened layer).
+
+    When every module is a :class:`~moecore.expert_source.SourcedExperts`, each one's inputs
+    are captured with the layer stopped there, its output on every row is computed once
+    (the weights read once, a chunk of experts at a time; kept as the hook's ``outputs``
+    ``(N, H)`` on ``device`` when ``expert_outputs``) and replayed, batch by batch, to the
+    passes that follow.  Otherwise the modules run per batch.  Without ``keep_outputs`` the
+    forward stops at the (single, or last sourced) experts module: attention and router only."""
+    modules = [layer.get_submodule(rel) for rel, _ in mods]
+    hooks = {rel: ExpertsInputHook(store_device=store_device, layout=layout) for rel, layout in mods}
+    if not all(isinstance(m, SourcedExperts) for m in modules):
+        if not keep_outputs and len(mods) == 1:
+            _run_batches(layer, hidden, calls, device, float_dtype, False, {modules[0]: _stopping(hooks[mods[0][0]])})
+            return hooks, None
+        pre = {m: (lambda h: lambda mod, args, kwargs: h(mod, args, kwargs))(hooks[rel])
+               for m, (rel, _) in zip(modules, mods)}
+        return hooks, _run_batches(layer, hidden, calls, device, float_dtype, keep_outputs, pre)
+    replays: list[tuple[SourcedExperts, list[torch.Tensor]]] = []
+    for j, (m, (rel, _)) in enumerate(zip(modules, mods)):
+        for earlier, ys in replays:
+            earlier.replay = list(ys)
+        _run_batches(layer, hidden, calls, device, float_dtype, False, {m: _stopping(hooks[rel])})
+        if not keep_outputs and not expert_outputs and j == len(mods) - 1:
+            break
+        x, idx, w = hooks[rel].rows()
+        y = m.outputs(x.to(device), idx.to(device), w.to(device))  # (N, H)
+        if expert_outputs:
+            hooks[rel].outputs = y
+        replays.append((m, list(y.split(hooks[rel].rows_per_call()))))
+    outs = None
+    if keep_outputs:
+        for m, ys in replays:
+            m.replay = list(ys)
+        outs = _run_batches(layer, hidden, calls, device, float_dtype, True, {})
+    for m in modules:
+        m.replay = None
     return hooks, outs
 
 
@@ -208,6 +250,7 @@ class ExpertsInputHook:
         self.store_device = store_device
         self.layout = layout
         self.got: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.outputs: torch.Tensor | None = None  # (N, H): the experts' output, when calibrate_layer computed it
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         names = ("hidden_states", "top_k_index", "top_k_weights")
@@ -227,7 +270,9 @@ class ExpertsInputHook:
     def inputs(self, num_experts: int, weighting: str) -> "RoutedInputs":
         """Everything collected so far as one :class:`RoutedInputs`."""
         x, idx, w = self.rows()
-        return RoutedInputs(x, idx, w, num_experts, weighting, rows_per_call=self.rows_per_call())
+        out = RoutedInputs(x, idx, w, num_experts, weighting, rows_per_call=self.rows_per_call())
+        out.outputs = self.outputs
+        return out
 
 
 class RoutedInputs:
@@ -247,6 +292,7 @@ class RoutedInputs:
         flat, tok, wts = flat[valid], tok[valid], wts[valid]
         order = torch.argsort(flat, stable=True)
         self.x, self.num_experts, self.weighting = x, num_experts, weighting
+        self.outputs: torch.Tensor | None = None  # (T, H): the original experts' output on x, when known
         self.expert, self.token, self.weight = flat[order], tok[order], wts[order]  # (S,) each
         self.counts = torch.bincount(self.expert, minlength=num_experts).to(_F64)  # (E,)
         ends = torch.cumsum(self.counts.long(), 0)

@@ -141,6 +141,12 @@ class CompressionConfig(ConfigBase):
             whole process: the layer's weights, Grams and activations come on top (``moecore
             plan`` estimates the peak).
         expert_chunk: experts fitted together in one chunk (fewer: less memory, more passes).
+        expert_read_gb: streamed compression (``compress_checkpoint``) reads a layer's experts
+            from the checkpoint whole when they take at most this many GiB, else this many GiB
+            of experts at a time, each chunk read again for every pass over the experts
+            (``--device`` memory; a DeepSeek-V3 layer holds 22.5 GB of bf16 experts).  The
+            output is the same either way.  Applies to experts stored one tensor set per
+            expert (``experts.{j}.``); experts stored fused are read whole.
         quant: ``None`` (float storage) or a :class:`QuantConfig` (or its dict): quantized core
             and/or factors, the factors refit after the core is quantized (delta form only).
         allow_larger: compress even when ``rank`` makes the experts store at least as many
@@ -184,6 +190,7 @@ class CompressionConfig(ConfigBase):
     gram_dtype: str = field(default="auto", metadata={"choices": ("auto", "float64", "float32")})
     fit_memory_gb: float = field(default=6.0, metadata={"gt": 0})
     expert_chunk: int | None = field(default=None, metadata={"gt": 0, "unset": "as many as --fit-memory-gb allows"})
+    expert_read_gb: float = field(default=4.0, metadata={"gt": 0})
     quant: QuantConfig | None = None
     allow_larger: bool = False
     recover_steps: int = field(default=200, metadata={"min": 0})

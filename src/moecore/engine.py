@@ -39,6 +39,7 @@ from .calibration import (RoutedInputs, calibrate_layer, capture_layer_inputs, n
 from .compressed_experts import PROJECTIONS
 from .config import CompressionConfig
 from .errors import ConfigError, UnsupportedModelError
+from .expert_source import ExpertSource, InMemorySource, SourcedExperts
 from .families import ExpertsLayout, find_experts, top_k_of
 from .fitting import fit_experts, projection_shapes, rank_gains, solve_ranks
 from .heap import bounded_host_heap, trim
@@ -57,6 +58,9 @@ class LayerStore(Protocol):
 
     def release(self, index: int, layer: nn.Module) -> None:
         """``layer`` was only read (greedy's first pass): free it without writing."""
+
+    def experts(self, index: int, rel: str, layout: ExpertsLayout, module: nn.Module) -> ExpertSource:
+        """Where the weights of the experts module ``module`` at ``rel`` in layer ``index`` come from."""
 
 
 class InMemoryStore:
@@ -80,6 +84,9 @@ class InMemoryStore:
 
     def done(self, index: int, layer: nn.Module, hidden) -> None:
         self.release(index, layer)
+
+    def experts(self, index: int, rel: str, layout: ExpertsLayout, module: nn.Module) -> ExpertSource:
+        return InMemorySource(module, layout)
 
 
 def release_memory(device: torch.device) -> None:
@@ -221,6 +228,7 @@ class Engine:
                                   enabled=self.progress):
                 layer = self.stack[i]
                 self.store.load(i, layer)
+                originals = self._stand_ins(i, layer)
                 saved = widen_layer(layer, self.device)
                 inputs, outs = self._calibrate(i, layer, hidden, keep_outputs=True,
                                                float_dtype=torch.float32 if saved else None)
@@ -228,21 +236,39 @@ class Engine:
                     gains.update(rank_gains(f"{self.stack_path}.{i}.{rel}", layer.get_submodule(rel), layout, self.cfg,
                                             inputs.get(rel), self.device))
                 hidden = outs
+                inputs = None
+                for rel, module in originals.items():
+                    replace_module(layer, rel, module)
                 restore_layer(layer, saved)
                 self.store.release(i, layer)
                 release_memory(self.device)
         return solve_ranks(self.shapes(), self.cfg, gains)
 
     # ------------------------------------------------------------------ per layer
+    def _stand_ins(self, i: int, layer: nn.Module) -> dict[str, nn.Module]:
+        """Put a :class:`~moecore.expert_source.SourcedExperts` (weights from the store, a chunk
+        of experts at a time) in place of each routed experts module of layer ``i``, before the
+        layer is widened: the experts are cast one at a time where they are used.  Returns the
+        modules replaced."""
+        originals = {}
+        for rel, layout in self.by_layer.get(i, []):
+            if layout.call == "routed":
+                module = layer.get_submodule(rel)
+                source = self.store.experts(i, rel, layout, module)
+                originals[rel] = replace_module(layer, rel, SourcedExperts(source, layout, module))
+        return originals
+
     @torch.no_grad()
-    def _calibrate(self, i: int, layer: nn.Module, hidden, keep_outputs: bool, float_dtype=None):
+    def _calibrate(self, i: int, layer: nn.Module, hidden, keep_outputs: bool, float_dtype=None,
+                   expert_outputs: bool = False):
         """Run the original layer on ``hidden`` (in ``float_dtype`` if the layer was widened);
-        return its experts' routed inputs and (if ``keep_outputs``) its outputs per batch."""
+        return its experts' routed inputs (with ``expert_outputs``, their outputs too) and
+        (if ``keep_outputs``) the layer's outputs per batch."""
         if hidden is None:
             return {}, None
         mods = self.by_layer.get(i, [])
         hooks, outs = calibrate_layer(layer, mods, hidden, self.calls[i], self.device, keep_outputs,
-                                      float_dtype=float_dtype)
+                                      float_dtype=float_dtype, expert_outputs=expert_outputs)
         inputs = {}
         for rel, layout in mods:
             e = layout.split(layer.get_submodule(rel))["gate"].shape[0]
@@ -252,6 +278,8 @@ class Engine:
     def _targets(self, layout: ExpertsLayout, original: nn.Module, inputs: RoutedInputs) -> torch.Tensor:
         """``original``'s block output ``(N, H)`` on the calibration rows, on the compute device:
         what recovery trains to."""
+        if inputs.outputs is not None:  # computed by the calibration forward
+            return inputs.outputs
         dev = self.device
         return block_targets(original, layout, inputs.x.to(dev), inputs.top_k_index.to(dev),
                              inputs.top_k_weights.to(dev))
@@ -282,11 +310,14 @@ class Engine:
             t0 = time.perf_counter()
             layer = self.stack[i]
             self.store.load(i, layer)
+            stored = {rel: layer.get_submodule(rel).source.dtype for rel in self._stand_ins(i, layer)}
             saved = widen_layer(layer, self.device)  # on a CPU: a half-precision layer computed in float32
             fdt = torch.float32 if saved else None
             t1 = time.perf_counter()
             mods = self.by_layer.get(i, [])
-            inputs, outs = self._calibrate(i, layer, hidden, keep_outputs=original or not mods, float_dtype=fdt)
+            wants_targets = bool(self.cfg.recover_steps and self.cfg.quant is None)
+            inputs, outs = self._calibrate(i, layer, hidden, keep_outputs=original or not mods, float_dtype=fdt,
+                                           expert_outputs=wants_targets)
             t2 = time.perf_counter()
             recover_s = 0.0
             for rel, layout in mods:
@@ -312,7 +343,7 @@ class Engine:
                 bar.set_postfix(progress_postfix(layer, self.device, t3 - t2), refresh=False)
             if hidden is not None:
                 hidden = outs if outs is not None else self._propagate(i, layer, hidden, fdt)
-            restore_layer(layer, saved, tuple(rel for rel, _ in mods))  # stored in the checkpoint's dtypes
+            restore_layer(layer, saved, {rel: stored.get(rel) for rel, _ in mods})  # in the checkpoint's dtypes
             t4 = time.perf_counter()
             self.store.done(i, layer, hidden)
             release_memory(self.device)

@@ -143,7 +143,8 @@ def _projections(views: dict, layout: ExpertsLayout, act, cfg: CompressionConfig
             white = None  # free the other Gram stack first
             white = (kind, *_whitening(inputs, kind, views, layout, act, cfg, device))
         raw, L, K, lam = white[1:] if white is not None else (None, None, None, None)
-        yield p, _Projection(views[p].detach(), cfg, inputs, L if whiten else None, K, lam, device), raw, L, lam
+        w = views[p].detach() if get_form(cfg.form).chunked_weights else views[p][:]  # [:]: a whole tensor
+        yield p, _Projection(w, cfg, inputs, L if whiten else None, K, lam, device), raw, L, lam
 
 
 @torch.no_grad()
@@ -191,12 +192,12 @@ def fit_experts(
         cores[p], report[p] = core.to(out_dtype), entry
         factors[p] = tuple(f.to(out_dtype) if f.is_floating_point() else f for f in fac)
         del core, fac, res, approx
-    biases = {k: views[k].detach() for k in ("bias_gate_up", "bias_down") if k in views}
+    biases = {k: views[k][:] for k in ("bias_gate_up", "bias_down") if k in views}
     new = CompressedExperts.from_factors(layout, cfg.form, cores, factors, biases, act_fn=getattr(module, "act_fn", None),
                                          dtype=out_dtype, device=ref.device)
     new.report = report
     if cfg.quant is not None:  # quantized core, factors refit to its rounding error, then quantized
-        new = quantize_layer(new, {p: views[p].detach() for p in PROJECTIONS}, raw_grams, cfg.quant, cfg.whiten_damping)
+        new = quantize_layer(new, {p: views[p][:] for p in PROJECTIONS}, raw_grams, cfg.quant, cfg.whiten_damping)
     new.train(module.training)
     return new
 

@@ -11,18 +11,19 @@ the dtype, E experts of that layer, d its hidden size, F its expert width, k exp
 token, T = ``calib_max_tokens``:
 
 * on the compute device (GPU memory with ``--device cuda``; host RAM on CPU):
-  the non-layer weights (embeddings, norms, head) + the layer's original weights + its
+  the non-layer weights (embeddings, norms, head) + the layer's original weights (its
+  experts only up to ``expert_read_gb``: a larger experts module is read that much at a
+  time, :mod:`moecore.expert_source`) + its
   compressed weights + one Gram stack E·max(d, F)²·g (g = 8 bytes up to 1 GiB, else 4; twice
   with ``core="output"`` or quantized storage; a stack above 4 GiB lives in host memory
   instead) + the fit's working set min(``fit_memory_gb``, E·8·(3·d·F + 2·max(d, F)²)) + the
-  experts' routed inputs T·k·d·4;
+  experts' routed inputs T·k·d·4 and their outputs T·d·4;
 * in host memory besides: the calibration activations 2·T·d·b (the layer's inputs and
   outputs), the layer read from disk and written back (original + compressed weights), and
   about 1 GiB for Python, torch and transformers;
 * on a CPU only, a half-precision layer is computed in float32 (``calibration.widen_layer``):
-  its weights at 4 bytes instead of b while the original layer runs (before any Gram
-  exists), then only its non-expert weights, since the experts go back to b bytes for the
-  fit (``calibration.narrow_module``); the activations at 4 bytes throughout;
+  its non-expert weights at 4 bytes instead of b (the experts stay at b bytes, cast one
+  expert at a time where used); the activations at 4 bytes throughout;
 * in-engine recovery (``recover_steps`` > 0 with float storage: the engine skips it for
   quantized storage), after the fit: the compressed module swapped in and the original
   experts freed, no Grams and no fit working set, but the trained tensors
@@ -87,6 +88,9 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     index = int(row["module"][len(stack_path) + 1:].split(".")[0])  # model.layers.I.mlp.experts -> I
     layer_bytes = layer_bytes_by_index[index]
     compressed = layer_bytes - row["bytes_original"] + row["bytes_compressed"]
+    limit = int(cfg.expert_read_gb * GIB)  # larger experts modules are read this much at a time
+    rest_of_layer = layer_bytes - row["bytes_original"]
+    layer_bytes = rest_of_layer + min(row["bytes_original"], limit)
     e, d, f, t = row["num_experts"], row["hidden_size"], row["intermediate_size"], cfg.calib_max_tokens
     dmax = max(d, f)
     g = 8 if (cfg.gram_dtype == "float64" or (cfg.gram_dtype == "auto" and e * dmax * dmax * 8 <= GIB)) else 4
@@ -94,27 +98,26 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     per_expert = 8 * (3 * d * f + 2 * dmax * dmax)
     chunk = cfg.expert_chunk or max(1, min(e, int(cfg.fit_memory_gb * GIB) // per_expert))
     fit = min(chunk, e) * per_expert
-    device = rest_bytes + layer_bytes + compressed + fit + t * top_k * d * 4
+    device = rest_bytes + layer_bytes + compressed + fit + t * top_k * d * 4 + t * d * 4
     host = 2 * t * d * b + layer_bytes + compressed + RUNTIME_BYTES
     spill = grams > DEVICE_GRAM_LIMIT
-    # CPU: half precision computed in float32.  The whole layer while the original runs
-    # (no Grams yet); during the fit only the rest of it, the experts being narrowed back
+    # CPU: half precision computed in float32, but for the experts (cast one at a time)
     wide = (4 - b) // b if b < 4 else 0
     acts = 2 * t * d * (4 - b) if b < 4 else 0
-    calibrating = host + device - compressed - fit + layer_bytes * wide + acts
-    fitting = host + device + grams + (layer_bytes - row["bytes_original"]) * wide + acts
+    calibrating = host + device - compressed - fit + rest_of_layer * wide + acts
+    fitting = host + device + grams + rest_of_layer * wide + acts
     recovering = 0
     if cfg.recover_steps and cfg.quant is None:  # as the engine: after the fit, the originals and Grams freed
         factors = sum(r["factor_params"] for r in row["projections"].values())
         if get_form(cfg.form).training_form:  # trained padded to the largest expert rank (at most cap x mean)
             factors = int(factors * cfg.expert_rank_cap)
         cores = sum(r["core_params"] for r in row["projections"].values()) if cfg.recover_train_core else 0
-        recovering = (device - row["bytes_original"] - fit
+        recovering = (device - (layer_bytes - rest_of_layer) - fit
                       + 16 * (factors + cores)  # float32 tensor, gradient and Adam's two moments
                       + 8 * factors  # each step's operands built from the factors, and their gradients
                       + 2 * t * top_k * d * 4)  # routed inputs and the original block's outputs (targets)
     gpu = max(device + (0 if spill else grams), recovering)
-    recovering_cpu = host + recovering + (layer_bytes - row["bytes_original"]) * wide + acts if recovering else 0
+    recovering_cpu = host + recovering + rest_of_layer * wide + acts if recovering else 0
     return {"layer": f"{stack_path}.{index}", "gpu_gib": gpu / GIB,
             "host_gib_with_gpu": (host + (grams if spill else 0)) / GIB,
             "host_gib_cpu_only": max(calibrating, fitting, recovering_cpu) / GIB,

@@ -31,12 +31,13 @@ from transformers import AutoModelForCausalLM
 from transformers.utils.hub import convert_file_size_to_int
 
 from .checkpoint_format import build_quantization_config, load_guards, swap_in_compressed
-from .checkpoint_reader import INDEX, CheckpointReader, open_skeleton, weight_files
+from .checkpoint_reader import INDEX, CheckpointExperts, CheckpointReader, open_skeleton, read_plan, weight_files
 from .config import CompressionConfig
 from .engine import Engine, experts_by_layer
+from .expert_source import ExpertSource, InMemorySource
 from .heap import bounded_host_heap
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
-from .families import is_compressed
+from .families import ExpertsLayout, is_compressed
 from .hf_integration import MoecoreQuantizationConfig
 from .io_utils import (atomic_write_text, converting_write_errors, disk_full, protected_input, publish_dir, remove_tree,
                        say, umask, user_path)
@@ -135,16 +136,35 @@ class StreamingStore:
     each compressed layer as one shard of the work folder, and frees it."""
 
     def __init__(self, reader: CheckpointReader, work: Path, stack_path: str, num_layers: int, device,
-                 state: dict[str, Any]):
+                 state: dict[str, Any], experts: dict[int, list] | None = None, read_gb: float = 4.0):
         self.reader, self.work, self.stack_path, self.device, self.state = reader, work, stack_path, device, state
         self.num_shards = num_layers + 1
+        self.experts_of, self.read_bytes = experts or {}, int(read_gb * (1 << 30))
+        self.chunked: dict[str, tuple[dict[int, list[str]], int]] = {}  # the layer's experts read a chunk at a time
         if state.get("num_layers") != num_layers:  # for the line an interrupted run prints
             state["num_layers"] = num_layers
             write_state(work, state)
 
     def load(self, index: int, layer: nn.Module) -> None:
+        keys = self.reader.by_layer.get(index, [])
+        prefix = f"{self.stack_path}.{index}"
+        self.chunked = {}
+        mods = self.experts_of.get(index, [])
+        if len(mods) == 1 and mods[0][1].call == "routed":  # one routed experts module: chunks if large
+            plan = read_plan(keys, layer.get_submodule(mods[0][0]), mods[0][1], self.read_bytes)
+            if plan is not None:
+                self.chunked[mods[0][0]] = plan
         # the content hash of the layer's source tensors, recorded when the layer is done
-        self.source = self.reader.load(self.reader.by_layer.get(index, []), f"{self.stack_path}.{index}", self.device)
+        self.source = self.reader.digest(keys)
+        skip = {k for rel, (per_expert, _) in self.chunked.items() for ks in per_expert.values() for k in ks}
+        self.reader.load([k for k in keys if k not in skip], prefix, self.device, exclude=tuple(self.chunked))
+
+    def experts(self, index: int, rel: str, layout: ExpertsLayout, module: nn.Module) -> ExpertSource:
+        if rel in self.chunked:
+            per_expert, block = self.chunked[rel]
+            return CheckpointExperts(self.reader, f"{self.stack_path}.{index}.{rel}", module, layout, per_expert,
+                                     self.device, block)
+        return InMemorySource(module, layout)
 
     def release(self, index: int, layer: nn.Module) -> None:
         layer.to("meta")
@@ -346,9 +366,10 @@ def _run(src, out, work, reader, model, hf_cfg, dtype, tok, seqs, config, state,
                                                "recovery": [], "ranks": state["ranks"], "dtype": str(dtype),
                                                "device": str(device)})
     stack_path = experts_by_layer(model)[0]
-    rest = reader.load(reader.by_layer.get(None, []), "", device, exclude=stack_path)  # embeddings, norm, head
+    rest = reader.load(reader.by_layer.get(None, []), "", device, exclude=(stack_path,))  # embeddings, norm, head
     state.setdefault("source", {})["rest"] = rest  # committed with the first layer
-    store = StreamingStore(reader, work, stack_path, len(model.get_submodule(stack_path)), device, state)
+    store = StreamingStore(reader, work, stack_path, len(model.get_submodule(stack_path)), device, state,
+                           experts=experts_by_layer(model)[2], read_gb=config.expert_read_gb)
     engine = Engine(model, config, store, seqs, device=device, progress=progress)
     hidden = engine.first_inputs()
     start = state["done"]

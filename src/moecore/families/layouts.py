@@ -117,7 +117,12 @@ class ExpertsLayout:
     def split(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """Per-projection weights of ``module`` in ``(E, d_out, d_in)`` convention:
         ``{"gate": (E,F,H), "up": (E,F,H), "down": (E,H,F)}`` (+ ``"bias_gate_up" (E,2F)``,
-        ``"bias_down" (E,H)`` in the family's own bias layout).  Views, no copies."""
+        ``"bias_down" (E,H)`` in the family's own bias layout).  Views, no copies.  A module
+        with an ``expert_views()`` method (the engine's stand-in for experts read a chunk at a
+        time, :class:`moecore.expert_source.SourcedExperts`) gives its own."""
+        own = getattr(module, "expert_views", None)
+        if callable(own):
+            return own()
         gu = getattr(module, self.gate_up_attr)
         dn = getattr(module, self.down_attr)
         if self.transposed:

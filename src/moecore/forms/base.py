@@ -64,6 +64,11 @@ class Form(ABC):
             (``{stem}_{p}``, each ``(E,)`` int32, e.g. per-expert ranks): stored bytes, not
             parameters; none by default.
         counts_note: what the statistics' ``notes`` say about this form's counts ("" = nothing).
+        chunked_weights: :meth:`fit` reads ``weights`` only as ``weights[a:b]`` (and its
+            ``shape`` / ``dtype`` / ``device``), so it may be given an
+            :class:`~moecore.expert_source.ExpertView` that reads a chunk of experts at a time
+            (a layer larger than memory); False (the default for a new form): it gets the
+            whole stack as one tensor.
     """
 
     name: str = ""
@@ -72,6 +77,7 @@ class Form(ABC):
     counts_note: str = ""
     quantizable: bool = True
     svd_units_per_rank: int = 1
+    chunked_weights: bool = False
 
     def __repr__(self) -> str:
         return f"<moecore form {self.name!r}>"

@@ -173,6 +173,7 @@ class BasisForm(Form):
     """``W_i = C + A_i B_gᵀ`` (or ``B_g A_iᵀ``): ``A_i (narrow, s)`` per expert, ``B_g (wide, s)`` per group of 4."""
 
     name = "basis"
+    chunked_weights = True  # fit reads weights[a:b] only
     factor_names = ("basis_a", "basis_b")
     counts_note = ("basis form: one (wide side, rank) basis per 4 experts; a routed pair costs rank·(d_out + d_in) "
                    "multiply-adds, as the delta form at the same rank, while a rank unit stores narrow + wide/4 "

@@ -1,0 +1,141 @@
+"""A layer's experts read a chunk at a time (:mod:`moecore.expert_source`, the streaming
+store's ``CheckpointExperts``): the same bytes out as reading the layer whole, each block read
+once per expert-by-expert pass, outputs independent of where the chunks fall."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+import moecore
+import moecore.checkpoint_reader as checkpoint_reader
+from moecore.api import compress_checkpoint
+from moecore.checkpoint_reader import expert_keys, read_plan
+from moecore.data import load_split
+from moecore.expert_source import ExpertSource, ExpertView, InMemorySource, SourcedExperts, routed_outputs
+from moecore.families import FUSED
+
+from ._tiny_models import ROOT
+
+
+class Counting(ExpertSource):
+    """Experts copied out of ``views`` a chunk at a time, every read logged."""
+
+    def __init__(self, views: dict[str, torch.Tensor], block: int):
+        super().__init__({k: v.shape for k, v in views.items()}, views["gate"].dtype, "cpu", block)
+        self.views, self.log = views, []
+
+    def read(self, a, b):
+        self.log.append((a, b))
+        return {k: v[a:b].clone() for k, v in self.views.items()}
+
+
+def _experts(e=7, h=16, f=12, seed=0) -> Qwen3MoeExperts:
+    cfg = Qwen3MoeConfig(hidden_size=h, moe_intermediate_size=f, num_experts=e, num_experts_per_tok=2)
+    torch.manual_seed(seed)
+    m = Qwen3MoeExperts(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+    return m
+
+
+def _routed(n, e, h, k=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])  # (n, k)
+    return torch.randn(n, h, generator=g), idx, torch.rand(n, k, generator=g)
+
+
+def test_an_expert_view_slices_like_the_tensor_and_reads_each_block_once():
+    m = _experts(e=7)
+    views = FUSED.split(m)
+    src = Counting(views, block=3)
+    gate = ExpertView(src, "gate")
+    assert gate.shape == views["gate"].shape and gate.dtype == torch.float32 and gate.detach() is gate
+    for e in range(7):  # an expert-by-expert pass: each block of 3 read once
+        assert torch.equal(gate[e], views["gate"][e])
+        assert torch.equal(ExpertView(src, "down")[e], views["down"][e])  # same chunk, no read
+    assert src.log == [(0, 3), (3, 6), (6, 7)]
+    assert torch.equal(gate[2:5], views["gate"][2:5]) and src.log[-1] == (2, 5)  # a range: read as asked
+    assert torch.equal(gate[3:4], views["gate"][3:4]) and len(src.log) == 4  # inside the kept chunk
+    assert torch.equal(gate[:], views["gate"]) and torch.equal(gate[-1], views["gate"][6])
+    assert gate[5:5].shape == (0, 12, 16)
+    with pytest.raises(IndexError):
+        gate[7]
+    with pytest.raises(TypeError):
+        gate[::2]
+
+
+def test_routed_outputs_do_not_depend_on_where_the_chunks_fall_and_match_the_family_forward():
+    m = _experts(e=7)
+    x, idx, w = _routed(40, 7, 16)
+    idx[3, 1] = -1  # "no expert": adds nothing
+    outs = []
+    for block in (1, 3, 7):
+        src = Counting(FUSED.split(m), block)
+        outs.append(routed_outputs({k: ExpertView(src, k) for k in src.shapes}, FUSED,
+                                   FUSED.activation_fn(m.act_fn), x, idx, w))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])  # bit for bit
+    keep = (idx >= 0).all(1)
+    with torch.no_grad():
+        want = m(x[keep], idx[keep], w[keep])
+        got = SourcedExperts(InMemorySource(m, FUSED), FUSED, m)(x[keep], idx[keep], w[keep])
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6) and torch.equal(got, outs[0][keep])
+    stand_in = SourcedExperts(InMemorySource(m, FUSED), FUSED, m)
+    assert FUSED.split(stand_in)["gate"].shape == (7, 12, 16) and stand_in.num_experts == 7
+    stand_in.replay = [torch.ones(4, 16), 2 * torch.ones(2, 16)]  # replayed, one per call, in order
+    assert float(stand_in(x[:4], idx[:4], w[:4]).sum()) == 64 and float(stand_in(x[:2], idx[:2], w[:2]).sum()) == 64
+
+
+def test_a_layer_is_read_in_chunks_only_when_large_and_stored_per_expert():
+    m = _experts(e=4, h=8, f=4)
+    size = sum(p.numel() * p.element_size() for p in m.parameters())  # 4 experts x 3 x 8 x 4 x 4 bytes
+    keys = [f"model.layers.0.mlp.experts.{j}.{p}.weight" for j in range(4) for p in ("gate_proj", "up_proj", "down_proj")]
+    keys += ["model.layers.0.mlp.gate.weight", "model.layers.0.mlp.shared_experts.up_proj.weight"]
+    per_expert = expert_keys(keys, 4)
+    assert sorted(per_expert) == [0, 1, 2, 3] and all(len(v) == 3 for v in per_expert.values())
+    assert read_plan(keys, m, FUSED, size) is None  # fits the limit: read whole
+    assert read_plan(keys, m, FUSED, size // 2)[1] == 2  # half the bytes: 2 experts a chunk
+    assert read_plan(keys, m, FUSED, 1)[1] == 1
+    assert expert_keys(keys[:-5] + keys[-2:], 4) is None  # expert 3 incomplete
+    assert expert_keys(keys + ["model.layers.0.mlp.experts.gate_up_proj"], 4) is None  # stored fused
+    assert read_plan(keys + ["model.layers.0.mlp.experts.gate_up_proj"], m, FUSED, 1) is None
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.suffix == ".safetensors" or p.name == "config.json"}
+
+
+@pytest.mark.parametrize("name,dtype,allocation", [("tiny-qwen3moe", "auto", "uniform"),
+                                                   ("tiny-mixtral", "bfloat16", "greedy")])
+def test_chunked_expert_reading_gives_the_same_bytes_as_whole_layer_reading(tmp_path, monkeypatch, name, dtype,
+                                                                           allocation):
+    reads = []
+    real = checkpoint_reader.CheckpointExperts.read
+
+    def logged(self, a, b):
+        reads.append((self.block, a, b))
+        return real(self, a, b)
+
+    monkeypatch.setattr(checkpoint_reader.CheckpointExperts, "read", logged)
+    texts = load_split("calib")[:6]
+    common = dict(target_ratio=0.25, refine_steps=2, calib_max_tokens=1024, calib_seq_len=256, recover_steps=5,
+                  allocation=allocation)
+    whole = compress_checkpoint(ROOT / "models" / name, tmp_path / "whole", moecore.CompressionConfig(**common),
+                                texts, dtype=dtype, progress=False)
+    assert reads == []  # default limit (4 GiB): every layer read whole
+    chunked = compress_checkpoint(ROOT / "models" / name, tmp_path / "chunked",
+                                  moecore.CompressionConfig(**common, expert_read_gb=1e-4), texts, dtype=dtype,
+                                  progress=False)
+    blocks = {blk for blk, _, _ in reads}
+    num_experts = max(b for _, _, b in reads)
+    assert len(blocks) == 1 and 1 <= min(blocks) < num_experts  # chunks smaller than the layer
+    single = [(a, b) for blk, a, b in reads if b - a <= blk]
+    assert len(single) >= 2 * num_experts // min(blocks)  # calibration and Grams read block by block
+    assert whole["ranks"] == chunked["ranks"]
+    assert _files(tmp_path / "chunked") == _files(tmp_path / "whole")
