@@ -65,8 +65,34 @@ def hf_config(shape: str, layers: int):
                             qk_nope_head_dim=128, v_head_dim=128)
 
 
+#: how the published checkpoints store each expert (as on the hub, one tensor set per expert):
+#: the experts' parent module on disk and the gate / up / down tensor names
+HUB_EXPERTS = {"qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+               "deepseek_v3": ("mlp", "gate_proj", "up_proj", "down_proj"),
+               "mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
+
+
+def hub_tensors(family: str, name: str, t):
+    """``(stored name, tensor)`` pairs of the model tensor ``name`` as the family's published
+    checkpoints store it: fused experts split into ``experts.{j}.{gate,up,down}.weight``."""
+    parent, gate, up, down = HUB_EXPERTS[family]
+    name = name.replace(".mlp.", f".{parent}.")
+    if name.endswith(".experts.gate_up_proj"):  # (E, 2F, H)
+        base, f = name[: -len("gate_up_proj")], t.shape[1] // 2
+        for j in range(t.shape[0]):
+            yield f"{base}{j}.{gate}.weight", t[j, :f].clone()
+            yield f"{base}{j}.{up}.weight", t[j, f:].clone()
+    elif name.endswith(".experts.down_proj"):  # (E, H, F)
+        base = name[: -len("down_proj")]
+        for j in range(t.shape[0]):
+            yield f"{base}{j}.{down}.weight", t[j].clone()
+    else:
+        yield name, t
+
+
 def write_checkpoint(shape: str, layers: int, folder: Path) -> dict:
-    """Synthetic sharded bf16 checkpoint (one decoder layer at a time in memory) + a tokenizer."""
+    """Synthetic sharded bf16 checkpoint (one decoder layer at a time in memory) + a tokenizer,
+    its experts stored one tensor set per expert as the published checkpoints are."""
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
@@ -89,8 +115,9 @@ def write_checkpoint(shape: str, layers: int, folder: Path) -> dict:
             fan_in = p.shape[-1] if p.dim() >= 2 else 1
             t = torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(fan_in ** -0.5) if p.dim() >= 2 \
                 else torch.ones(p.shape)
-            tensors[name] = t.to(torch.bfloat16)
-            weight_map[name] = fname
+            for stored, part in hub_tensors(SHAPES[shape]["family"], name, t.to(torch.bfloat16)):
+                tensors[stored] = part
+                weight_map[stored] = fname
             total += t.numel() * 2
         save_file(tensors, str(folder / fname), metadata={"format": "pt"})
         del tensors
@@ -202,6 +229,8 @@ def run(a) -> dict:
                                        round(res["peak_rss_before_finish_bytes"] / 2**30, 3)),
         "peak_gpu_gib": None if res["peak_gpu_bytes"] is None else round(res["peak_gpu_bytes"] / 2**30, 2),
         "expert_gib_per_layer": round(info["expert_bytes_per_layer"] / 2**30, 2),
+        "expert_chunks_read": res.get("expert_chunks_read"),
+        "expert_read_s": round(res["stages"].get("expert_read_s", 0.0), 2),
         "versions": {"moecore": moecore.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "hardware": (torch.cuda.get_device_name() if a.device.startswith("cuda") else

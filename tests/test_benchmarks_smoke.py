@@ -186,10 +186,12 @@ def test_scale_smoke(tmp_path):
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "scale.py"), "--shape", "smoke", "--layers", "2",
                         "--calib-tokens", "256", "--refine-steps", "0", "--results", str(tmp_path),
-                        "--workdir", str(tmp_path)], capture_output=True, text=True)
+                        "--workdir", str(tmp_path), "--expert-read-gb", "1e-4"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "scale-smoke-cpu.json").read_text())
     assert [t["layer"] for t in res["per_layer"]] == [0, 1]
+    # experts stored one tensor set per expert, as on the hub; 393 KB a layer read 2 experts at a time
+    assert res["expert_chunks_read"] >= 2 * 8 // 2
     assert res["seconds_per_layer"] > 0 and res["peak_rss_gib"] > 0 and res["peak_gpu_gib"] is None
     assert "| smoke |" in (tmp_path / "scale.md").read_text()
 

@@ -135,6 +135,11 @@ class CompressionConfig(ConfigBase):
         gram_dtype: storage of the per-expert Grams / whitening factors between steps (they
             are always accumulated and used in float64): ``"auto"`` keeps float64 up to 1 GiB
             per projection and float32 above (error bound in :mod:`moecore.maths.fit`).
+        gram_host_gb: a Gram stack in host memory larger than this many GiB (DeepSeek-V3's
+            gate/up stack: 256 x 7168² float32, 52.6 GB) is kept in a memory-mapped scratch file
+            instead (streamed compression: in the output's work folder; in memory: the
+            system's temporary folder), which the kernel pages to disk.  Unset: half the
+            host memory available when the stack is built.  The output is the same either way.
         fit_memory_gb: working memory in GiB for fitting one projection, on the compute device
             (``--device``: GPU memory with cuda, host RAM with cpu); experts are fitted in chunks
             that fit it.  ``expert_chunk`` fixes the chunk size instead.  Not a cap on the
@@ -188,6 +193,7 @@ class CompressionConfig(ConfigBase):
     propagate: str = field(default="original", metadata={"choices": ("compressed", "original")})
     calib_prior_tokens: float = field(default=64.0, metadata={"min": 0})
     gram_dtype: str = field(default="auto", metadata={"choices": ("auto", "float64", "float32")})
+    gram_host_gb: float | None = field(default=None, metadata={"gt": 0, "unset": "half the available host memory"})
     fit_memory_gb: float = field(default=6.0, metadata={"gt": 0})
     expert_chunk: int | None = field(default=None, metadata={"gt": 0, "unset": "as many as --fit-memory-gb allows"})
     expert_read_gb: float = field(default=4.0, metadata={"gt": 0})

@@ -193,11 +193,13 @@ class Engine:
         store: a :class:`LayerStore`.
         seqs: calibration sequences (token ids) or ``None`` (weight-space init, no forward).
         device: the compute device.
+        scratch: the folder of a Gram stack too large for host memory (:func:`moecore.fitting.gram_stack`).
     """
 
     def __init__(self, model: nn.Module, cfg: CompressionConfig, store: LayerStore,
-                 seqs: list[torch.Tensor] | None, device, batch_size: int = 8, progress: bool = True):
+                 seqs: list[torch.Tensor] | None, device, batch_size: int = 8, progress: bool = True, scratch=None):
         self.model, self.cfg, self.store, self.device = model, cfg, store, torch.device(device)
+        self.scratch = scratch
         self.stack_path, self.stack, self.by_layer = experts_by_layer(model)
         check_top_k(model, self.by_layer, self.stack)
         self.batches = make_batches(seqs, batch_size) if seqs else []
@@ -234,7 +236,7 @@ class Engine:
                                                float_dtype=torch.float32 if saved else None)
                 for rel, layout in self.by_layer.get(i, []):
                     gains.update(rank_gains(f"{self.stack_path}.{i}.{rel}", layer.get_submodule(rel), layout, self.cfg,
-                                            inputs.get(rel), self.device))
+                                            inputs.get(rel), self.device, self.scratch))
                 hidden = outs
                 inputs = None
                 for rel, module in originals.items():
@@ -329,7 +331,7 @@ class Engine:
                 recover_s += time.perf_counter() - tr  # part of recovery, computed while the experts are wide
                 narrow_module(layer, rel, saved)  # the fit widens the original experts a chunk at a time
                 new = fit_experts(layer.get_submodule(rel), layout, self.cfg, {p: ranks[(path, p)] for p in PROJECTIONS},
-                                  inputs.get(rel), self.device, seed, dtype=fdt)
+                                  inputs.get(rel), self.device, seed, dtype=fdt, scratch=self.scratch)
                 replace_module(layer, rel, new)  # the original experts freed before recovery's Adam steps
                 if recover:
                     tr = time.perf_counter()

@@ -12,6 +12,9 @@ weights) → down fitted.  Peak memory is one Gram stack, not two.
 """
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from typing import Any
 
 import torch
@@ -23,6 +26,7 @@ from .config import CompressionConfig
 from .errors import ConfigError
 from .families import ExpertsLayout
 from .forms import PROJECTIONS, get_form
+from .heap import available_host_bytes
 from .maths import budget
 from .maths import fit as mf
 from .quant import quantize_layer
@@ -45,6 +49,30 @@ def gram_storage(num_experts: int, d: int, cfg: CompressionConfig, device: torch
     nbytes = num_experts * d * d * torch.empty(0, dtype=dtype).element_size()
     where = device if device.type == "cpu" or nbytes <= DEVICE_GRAM_LIMIT else torch.device("cpu")
     return dtype, str(where)
+
+
+def scratch_tensor(shape: tuple[int, ...], dtype: torch.dtype, folder) -> torch.Tensor:
+    """A host tensor backed by a memory-mapped file in ``folder`` (the kernel writes its pages
+    to disk instead of holding them all in memory).  The file is unlinked at once: it lives as
+    long as the tensor, and nothing is left behind, even by a killed run."""
+    fd, path = tempfile.mkstemp(prefix="moecore-grams-", suffix=".bin", dir=folder)
+    os.close(fd)
+    try:
+        return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+    finally:
+        os.unlink(path)
+
+
+def gram_stack(num_experts: int, d: int, cfg: CompressionConfig, device: torch.device, scratch=None) -> torch.Tensor:
+    """An empty ``(E, d, d)`` Gram stack where :func:`gram_storage` puts it; one in host memory
+    larger than ``cfg.gram_host_gb`` (default: half the host memory available now) is a
+    :func:`scratch_tensor` in ``scratch`` (default: the system's temporary folder)."""
+    dtype, where = gram_storage(num_experts, d, cfg, device)
+    nbytes = num_experts * d * d * torch.empty(0, dtype=dtype).element_size()
+    limit = cfg.gram_host_gb * GIB if cfg.gram_host_gb is not None else (available_host_bytes() or 1 << 62) / 2
+    if torch.device(where).type == "cpu" and nbytes > limit:
+        return scratch_tensor((num_experts, d, d), dtype, scratch)
+    return torch.empty(num_experts, d, d, dtype=dtype, device=where)
 
 
 def expert_chunk(num_experts: int, d_out: int, d_in: int, cfg: CompressionConfig) -> int:
@@ -117,13 +145,13 @@ class _Projection:
         return mf.expert_core(w, counts, chunk=self.chunk, device=self.device)
 
 
-def _whitening(inputs: RoutedInputs, kind: str, module_views: dict, layout: ExpertsLayout, act, cfg, device):
+def _whitening(inputs: RoutedInputs, kind: str, module_views: dict, layout: ExpertsLayout, act, cfg, device,
+               scratch=None):
     """Gram stack of ``kind`` ("in" / "mid") turned into whitening factors in place.
     Returns ``(raw Grams copy or None, L, K, λ)`` (``K Kᵀ = S = Σ Ĝ_i``); the raw copy only when ``core="output"`` needs it."""
     e = inputs.num_experts
     d = module_views["gate"].shape[2] if kind == "in" else module_views["gate"].shape[1]
-    dtype, where = gram_storage(e, d, cfg, device)
-    store = torch.empty(e, d, d, dtype=dtype, device=where)
+    store = gram_stack(e, d, cfg, device, scratch)
     inputs.grams(kind, store, device, module_views, layout, act, cfg.calib_prior_tokens)
     raw = store.clone() if cfg.core == "output" or cfg.quant is not None else None
     K, lam = mf.whiten_in_place(store, cfg.whiten_damping, expert_chunk(e, d, d, cfg), device)
@@ -131,7 +159,7 @@ def _whitening(inputs: RoutedInputs, kind: str, module_views: dict, layout: Expe
 
 
 def _projections(views: dict, layout: ExpertsLayout, act, cfg: CompressionConfig, inputs: RoutedInputs | None,
-                 device):
+                 device, scratch=None):
     """Yield ``(p, _Projection, raw Grams or None, λ)`` for gate, up, down.  gate and up share
     one Gram stack of the experts' input (whitened once); it is freed before the down
     projection's stack is built."""
@@ -141,7 +169,7 @@ def _projections(views: dict, layout: ExpertsLayout, act, cfg: CompressionConfig
         kind = "mid" if p == "down" else "in"
         if inputs is not None and (white is None or white[0] != kind):
             white = None  # free the other Gram stack first
-            white = (kind, *_whitening(inputs, kind, views, layout, act, cfg, device))
+            white = (kind, *_whitening(inputs, kind, views, layout, act, cfg, device, scratch))
         raw, L, K, lam = white[1:] if white is not None else (None, None, None, None)
         w = views[p].detach() if get_form(cfg.form).chunked_weights else views[p][:]  # [:]: a whole tensor
         yield p, _Projection(w, cfg, inputs, L if whiten else None, K, lam, device), raw, L, lam
@@ -150,12 +178,13 @@ def _projections(views: dict, layout: ExpertsLayout, act, cfg: CompressionConfig
 @torch.no_grad()
 def fit_experts(
     module: nn.Module, layout: ExpertsLayout, cfg: CompressionConfig, ranks: dict[str, int],
-    inputs: RoutedInputs | None, device=None, seed: int = 0, dtype: torch.dtype | None = None,
+    inputs: RoutedInputs | None, device=None, seed: int = 0, dtype: torch.dtype | None = None, scratch=None,
 ) -> CompressedExperts:
     """Compress one experts module into a :class:`CompressedExperts` (on the module's device, in
     ``dtype``, default the module's), with ``report[p] = {"rank", "whitened", "weight_rel_error", "output_rel_error",
     "refine_*", "svd"}`` and, with calibration, ``"routed_tokens", "min_expert_tokens",
-    "under_calibrated_experts"}``."""
+    "under_calibrated_experts"}``.  ``scratch``: the folder of a Gram stack too large for host
+    memory (:func:`gram_stack`)."""
     views = layout.split(module)
     ref = views["gate"]
     device = torch.device(device) if device is not None else ref.device
@@ -165,7 +194,7 @@ def fit_experts(
     out_dtype = dtype or ref.dtype
     gen = torch.Generator(device=device).manual_seed(seed)
     cores, factors, report, raw_grams = {}, {}, {}, {}
-    for p, proj, raw, L, lam in _projections(views, layout, act, cfg, inputs, device):
+    for p, proj, raw, L, lam in _projections(views, layout, act, cfg, inputs, device, scratch):
         raw_grams[p] = raw if whiten else None
         r = ranks[p]
         proj.method = svd_method(cfg, *proj.w.shape[1:], form.svd_width(r, cfg.expert_rank_cap))
@@ -212,7 +241,7 @@ def calibration_report(inputs: RoutedInputs, cfg: CompressionConfig) -> dict[str
 
 @torch.no_grad()
 def rank_gains(path: str, module: nn.Module, layout: ExpertsLayout, cfg: CompressionConfig,
-               inputs: RoutedInputs | None, device=None) -> dict:
+               inputs: RoutedInputs | None, device=None, scratch=None) -> dict:
     """Greedy allocation's marginal gains of one experts module: for every projection, the
     (whitened) residual energy each rank unit removes, relative to the projection's energy."""
     views = layout.split(module)
@@ -220,7 +249,7 @@ def rank_gains(path: str, module: nn.Module, layout: ExpertsLayout, cfg: Compres
     act = layout.activation_fn(getattr(module, "act_fn", None))
     form = get_form(cfg.form)
     gains = {}
-    for p, proj, raw, _, _ in _projections(views, layout, act, cfg, inputs, device):
+    for p, proj, raw, _, _ in _projections(views, layout, act, cfg, inputs, device, scratch):
         sv, total = mf.spectrum(proj.w, proj.core_start(raw), proj.L, chunk=proj.chunk, device=device)
         unit = sv.pow(2).sum(0) / max(total, 1e-300)  # (k,) per delta-style rank unit
         gains[(path, p)] = form.rank_unit_gains(unit).tolist()

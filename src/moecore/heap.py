@@ -88,3 +88,15 @@ def reusable_heap():
     again: with every one an mmap they took 2.4x the CPU time on the bundled models and 3.3x
     at Qwen3-30B-A3B's shape, where they are hundreds of MiB (benchmarks/RESULTS.md §7d)."""
     return _scope({M_TRIM_THRESHOLD: 1 << 30, M_MMAP_THRESHOLD: 32 << 20, M_MMAP_MAX: 0})
+
+
+def available_host_bytes() -> int | None:
+    """Memory the kernel says a new allocation can get now (Linux ``MemAvailable``), else ``None``."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -16,7 +16,8 @@ token, T = ``calib_max_tokens``:
   time, :mod:`moecore.expert_source`) + its
   compressed weights + one Gram stack E·max(d, F)²·g (g = 8 bytes up to 1 GiB, else 4; twice
   with ``core="output"`` or quantized storage; a stack above 4 GiB lives in host memory
-  instead) + the fit's working set min(``fit_memory_gb``, E·8·(3·d·F + 2·max(d, F)²)) + the
+  instead; a stack in host memory larger than ``gram_host_gb``, by default half the memory
+  available, is a memory-mapped file on disk, not counted) + the fit's working set min(``fit_memory_gb``, E·8·(3·d·F + 2·max(d, F)²)) + the
   experts' routed inputs T·k·d·4 and their outputs T·d·4;
 * in host memory besides: the calibration activations 2·T·d·b (the layer's inputs and
   outputs), the layer read from disk and written back (original + compressed weights), and
@@ -52,6 +53,7 @@ from .config import CompressionConfig
 from .errors import ConfigError, FileAccessError, first_line
 from .families import config_dtype, find_experts, text_config
 from .fitting import projection_shapes, solve_ranks
+from .heap import available_host_bytes
 from .forms import PROJECTIONS, get_form
 from .checkpoint_format import swap_in_compressed
 from .modeling import load_meta
@@ -101,11 +103,14 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     device = rest_bytes + layer_bytes + compressed + fit + t * top_k * d * 4 + t * d * 4
     host = 2 * t * d * b + layer_bytes + compressed + RUNTIME_BYTES
     spill = grams > DEVICE_GRAM_LIMIT
+    # a host-memory stack above gram_host_gb (default: half the available memory) is a file on disk
+    host_limit = cfg.gram_host_gb * GIB if cfg.gram_host_gb is not None else (available_host_bytes() or 1 << 62) / 2
+    on_disk = grams > host_limit
     # CPU: half precision computed in float32, but for the experts (cast one at a time)
     wide = (4 - b) // b if b < 4 else 0
     acts = 2 * t * d * (4 - b) if b < 4 else 0
     calibrating = host + device - compressed - fit + rest_of_layer * wide + acts
-    fitting = host + device + grams + rest_of_layer * wide + acts
+    fitting = host + device + (0 if on_disk else grams) + rest_of_layer * wide + acts
     recovering = 0
     if cfg.recover_steps and cfg.quant is None:  # as the engine: after the fit, the originals and Grams freed
         factors = sum(r["factor_params"] for r in row["projections"].values())
@@ -119,7 +124,8 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     gpu = max(device + (0 if spill else grams), recovering)
     recovering_cpu = host + recovering + rest_of_layer * wide + acts if recovering else 0
     return {"layer": f"{stack_path}.{index}", "gpu_gib": gpu / GIB,
-            "host_gib_with_gpu": (host + (grams if spill else 0)) / GIB,
+            "host_gib_with_gpu": (host + (grams if spill and not on_disk else 0)) / GIB,
+            "grams_on_disk_gib": (grams if on_disk else 0) / GIB,
             "host_gib_cpu_only": max(calibrating, fitting, recovering_cpu) / GIB,
             "output_gb": output_bytes / 1e9, "dtype": str(dtype).replace("torch.", "")}
 
@@ -224,18 +230,6 @@ def recount(model_dir) -> dict[str, Any]:
     out = statistics(model)
     out["notes"] += "; recounted from the checkpoint's config and tensor headers (meta device, no weights read)"
     return out
-
-
-def available_host_bytes() -> int | None:
-    """Memory the kernel says a new allocation can get now (Linux ``MemAvailable``), else ``None``."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def free_gpu_bytes(device: torch.device) -> int | None:

@@ -370,7 +370,7 @@ def _run(src, out, work, reader, model, hf_cfg, dtype, tok, seqs, config, state,
     state.setdefault("source", {})["rest"] = rest  # committed with the first layer
     store = StreamingStore(reader, work, stack_path, len(model.get_submodule(stack_path)), device, state,
                            experts=experts_by_layer(model)[2], read_gb=config.expert_read_gb)
-    engine = Engine(model, config, store, seqs, device=device, progress=progress)
+    engine = Engine(model, config, store, seqs, device=device, progress=progress, scratch=work)
     hidden = engine.first_inputs()
     start = state["done"]
     if "ranks" in state:

@@ -31,7 +31,9 @@ def memory_line(name: str, p: dict) -> str:
     m = p["memory_estimate"]
     return (f"{name}: output {m['output_gb']:.2f} GB on disk ({m['dtype']}); compress peak for its largest layer "
             f"({m['layer']}): GPU {m['gpu_gib']:.1f} GiB + host {m['host_gib_with_gpu']:.1f} GiB with --device cuda, "
-            f"or host {m['host_gib_cpu_only']:.1f} GiB on CPU (estimate, moecore.planning)")
+            f"or host {m['host_gib_cpu_only']:.1f} GiB on CPU"
+            + (f", with {m['grams_on_disk_gib']:.1f} GiB of Grams in a scratch file on disk"
+               if m.get("grams_on_disk_gib") else "") + " (estimate, moecore.planning)")
 
 
 def run(args) -> int:

@@ -1,23 +1,28 @@
-"""A layer's experts read a chunk at a time (:mod:`moecore.expert_source`, the streaming
-store's ``CheckpointExperts``): the same bytes out as reading the layer whole, each block read
-once per expert-by-expert pass, outputs independent of where the chunks fall."""
+"""A layer larger than memory: its experts read a chunk at a time (:mod:`moecore.expert_source`,
+the streaming store's ``CheckpointExperts``) and its Gram stacks in a memory-mapped scratch
+file (:func:`moecore.fitting.gram_stack`), each giving the same bytes out as the in-memory
+path; each block read once per expert-by-expert pass; outputs independent of where the
+chunks fall."""
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 import moecore
 import moecore.checkpoint_reader as checkpoint_reader
+import moecore.fitting as fitting
 from moecore.api import compress_checkpoint
 from moecore.checkpoint_reader import expert_keys, read_plan
 from moecore.data import load_split
 from moecore.expert_source import ExpertSource, ExpertView, InMemorySource, SourcedExperts, routed_outputs
 from moecore.families import FUSED
+from moecore.fitting import gram_stack, scratch_tensor
 
 from ._tiny_models import ROOT
 
@@ -139,3 +144,32 @@ def test_chunked_expert_reading_gives_the_same_bytes_as_whole_layer_reading(tmp_
     assert len(single) >= 2 * num_experts // min(blocks)  # calibration and Grams read block by block
     assert whole["ranks"] == chunked["ranks"]
     assert _files(tmp_path / "chunked") == _files(tmp_path / "whole")
+
+
+def test_a_scratch_tensor_is_a_file_mapping_that_leaves_nothing_behind(tmp_path):
+    t = scratch_tensor((3, 4, 4), torch.float32, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # unlinked at once: a killed run leaves no file
+    t[1] = torch.arange(16.0).view(4, 4)
+    assert float(t.sum()) == 120 and t.shape == (3, 4, 4)
+    cfg = moecore.CompressionConfig(gram_host_gb=1e-6)
+    big = gram_stack(4, 64, cfg, torch.device("cpu"), tmp_path)  # 4 x 64² x 8 bytes > 1 KiB: a file
+    small = gram_stack(4, 64, moecore.CompressionConfig(gram_host_gb=1.0), torch.device("cpu"), tmp_path)
+    assert big.dtype == small.dtype == torch.float64 and big.shape == small.shape == (4, 64, 64)
+    assert big.untyped_storage().filename is not None and small.untyped_storage().filename is None
+
+
+def test_grams_in_a_scratch_file_give_the_same_model_as_grams_in_memory(monkeypatch):
+    spilled = []
+    real = fitting.scratch_tensor
+    monkeypatch.setattr(fitting, "scratch_tensor", lambda *a: spilled.append(a[0]) or real(*a))
+    model = AutoModelForCausalLM.from_pretrained(ROOT / "models" / "tiny-qwen3moe", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(ROOT / "models" / "tiny-qwen3moe")
+    texts = load_split("calib")[:4]
+    common = dict(target_ratio=0.25, refine_steps=2, calib_max_tokens=512, calib_seq_len=128, recover_steps=0)
+    a = moecore.compress(copy.deepcopy(model), moecore.CompressionConfig(**common), texts, tok, progress=False)
+    assert spilled == []  # default: half the available memory
+    b = moecore.compress(model, moecore.CompressionConfig(**common, gram_host_gb=1e-6), texts, tok, progress=False)
+    layers = model.config.num_hidden_layers
+    assert len(spilled) == 2 * layers  # the gate/up and the down stack of every layer
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
