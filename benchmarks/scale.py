@@ -206,6 +206,8 @@ def run(a) -> dict:
             cfg["recover_steps"] = a.recover_steps
         if a.expert_read_gb is not None:
             cfg["expert_read_gb"] = a.expert_read_gb
+        if a.gram_host_gb is not None:
+            cfg["gram_host_gb"] = a.gram_host_gb
         child = {"src": str(tmp / "src"), "out": str(tmp / "out"), "calib": str(tmp / "calib.txt"),
                  "device": a.device, "cfg": cfg}
         r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(child)], capture_output=True, text=True)
@@ -408,6 +410,8 @@ def main() -> None:
                          "before it existed, i.e. with 0)")
     ap.add_argument("--expert-read-gb", type=float, default=None,
                     help="read a layer's experts this many GiB at a time when larger (default: the product default)")
+    ap.add_argument("--gram-host-gb", type=float, default=None,
+                    help="Gram stacks larger than this many GiB in a scratch file (default: the product default)")
     ap.add_argument("--workdir", default=None, help="where the synthetic checkpoint is written (needs disk space)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--render", action="store_true", help="only render results/scale.md from the JSON files")
