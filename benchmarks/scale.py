@@ -160,7 +160,7 @@ timed(mmf, "errors", "errors_s")
 import moecore.checkpoint_reader as mcr
 chunks = []  # a layer's experts read in chunks (larger than expert_read_gb)
 stages["expert_read_s"] = 0.0
-timed(mcr.CheckpointExperts, "read", "expert_read_s", chunks.append)
+timed(mcr.CheckpointExperts, "read", "expert_read_s", lambda r: chunks.append(1))  # counts, keeps nothing
 from moecore.forms import get_form
 timed(type(get_form(cfg.form)), "fit", "fit_total_s", lambda r: iters.append(r.refine_iters))
 import moecore.streaming as mstream

@@ -13,12 +13,13 @@ token, T = ``calib_max_tokens``:
 * on the compute device (GPU memory with ``--device cuda``; host RAM on CPU):
   the non-layer weights (embeddings, norms, head) + the layer's original weights (its
   experts only up to ``expert_read_gb``: a larger experts module is read that much at a
-  time, :mod:`moecore.expert_source`) + its
-  compressed weights + one Gram stack E·max(d, F)²·g (g = 8 bytes up to 1 GiB, else 4; twice
-  with ``core="output"`` or quantized storage; a stack above 4 GiB lives in host memory
-  instead; a stack in host memory larger than ``gram_host_gb``, by default half the memory
-  available, is a memory-mapped file on disk, not counted) + the fit's working set min(``fit_memory_gb``, E·8·(3·d·F + 2·max(d, F)²)) + the
-  experts' routed inputs T·k·d·4 and their outputs T·d·4;
+  time, :mod:`moecore.expert_source`) + its compressed weights + one Gram stack
+  E·max(d, F)²·g (g = 8 bytes up to 1 GiB, else 4; twice with ``core="output"`` or quantized
+  storage; a stack above 4 GiB lives in host memory instead; a stack in host memory larger
+  than ``gram_host_gb``, by default half the memory available, is a memory-mapped file on
+  disk, not counted) + the fit's working set min(``fit_memory_gb``, E·8·(3·d·F + 2·max(d, F)²))
+  + the experts' inputs T·d·4 (one row per token; an expert's rows are gathered when its
+  Gram is built) and their outputs T·d·4;
 * in host memory besides: the calibration activations 2·T·d·b (the layer's inputs and
   outputs), the layer read from disk and written back (original + compressed weights), and
   about 1 GiB for Python, torch and transformers;
@@ -32,7 +33,7 @@ token, T = ``calib_max_tokens``:
   padded to the largest expert rank, at most ``expert_rank_cap`` x the mean, when the form
   trains padded, and the cores with ``recover_train_core``; 8 more per factor element for
   each step's operands and their gradients) and the routed inputs and the original block's
-  outputs, T·k·d·4 each.
+  outputs, T·d·4 each.
 
 The estimate is the largest of the phases.
 
@@ -80,7 +81,7 @@ def _nbytes(params, dtype: torch.dtype) -> int:
 
 
 def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stats: list[dict], rest_bytes: int,
-                    cfg: CompressionConfig, dtype: torch.dtype, top_k: int, output_bytes: int) -> dict[str, Any]:
+                    cfg: CompressionConfig, dtype: torch.dtype, output_bytes: int) -> dict[str, Any]:
     """Peak memory of ``moecore compress`` on its largest layer (formula in the module docstring).
     ``layer_bytes_by_index``: each original decoder layer's bytes at ``dtype``; ``layer_stats``:
     the plan's per-layer rows; ``rest_bytes``: the non-layer weights; ``output_bytes``: the
@@ -100,7 +101,7 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     per_expert = 8 * (3 * d * f + 2 * dmax * dmax)
     chunk = cfg.expert_chunk or max(1, min(e, int(cfg.fit_memory_gb * GIB) // per_expert))
     fit = min(chunk, e) * per_expert
-    device = rest_bytes + layer_bytes + compressed + fit + t * top_k * d * 4 + t * d * 4
+    device = rest_bytes + layer_bytes + compressed + fit + 2 * t * d * 4
     host = 2 * t * d * b + layer_bytes + compressed + RUNTIME_BYTES
     spill = grams > DEVICE_GRAM_LIMIT
     # a host-memory stack above gram_host_gb (default: half the available memory) is a file on disk
@@ -120,7 +121,7 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
         recovering = (device - (layer_bytes - rest_of_layer) - fit
                       + 16 * (factors + cores)  # float32 tensor, gradient and Adam's two moments
                       + 8 * factors  # each step's operands built from the factors, and their gradients
-                      + 2 * t * top_k * d * 4)  # routed inputs and the original block's outputs (targets)
+                      + 2 * t * d * 4)  # the experts' inputs and the original block's outputs (targets)
     gpu = max(device + (0 if spill else grams), recovering)
     recovering_cpu = host + recovering + rest_of_layer * wide + acts if recovering else 0
     return {"layer": f"{stack_path}.{index}", "gpu_gib": gpu / GIB,
@@ -206,7 +207,7 @@ def plan(hf_config, cfg, dtype: torch.dtype | str | None = None) -> dict[str, An
     swap_in_compressed(model, {"form": cfg.form, "layers": layers, "quant": quant})
     out = statistics(model)
     out["notes"] += "; planned from the config alone (meta device)" + note
-    mem = memory_estimate(stack_path, layer_bytes, out["layers"], rest_bytes, cfg, dtype, out["top_k"],
+    mem = memory_estimate(stack_path, layer_bytes, out["layers"], rest_bytes, cfg, dtype,
                           out["model"]["bytes_compressed"])
     out["memory_estimate"] = mem
     quantized = source_quantization(hf)
