@@ -170,11 +170,25 @@ def finish(*a, **k):  # the peak RSS before the end of the run (merge, index, st
     peaks["before_finish"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return _finish(*a, **k)
 mstream.finish = finish
+import threading
+anon = {"max": 0, "file_at_max": 0}
+def sample():  # anonymous memory (heap, tensors) apart from mapped files (a spilled Gram stack, the page cache)
+    while True:
+        try:
+            st = dict(l.split(":", 1) for l in open("/proc/self/status") if l.startswith("Rss"))
+            a = int(st["RssAnon"].split()[0]) * 1024
+            if a > anon["max"]:
+                anon.update(max=a, file_at_max=int(st["RssFile"].split()[0]) * 1024 + int(st["RssShmem"].split()[0]) * 1024)
+        except (OSError, KeyError, ValueError):
+            return
+        time.sleep(0.05)
+threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
 res = compress_checkpoint(args["src"], args["out"], cfg, TextFile(args["calib"]), device=args["device"], progress=True)
 res["stages"], res["refine_iters"] = stages, iters
 res["wall_s"] = time.perf_counter() - t0
 res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+res["peak_anon_bytes"], res["file_at_peak_anon_bytes"] = anon["max"], anon["file_at_max"]
 res["peak_rss_before_finish_bytes"] = peaks.get("before_finish")
 res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if args["device"].startswith("cuda") else None
 res["expert_chunks_read"] = len(chunks)
@@ -227,6 +241,8 @@ def run(a) -> dict:
         "mean_per_layer_s": {k: round(v, 2) for k, v in mean.items()}, "seconds_per_layer": round(per_layer, 2),
         "extrapolated_model_minutes": round(per_layer * s["moe_layers"] / 60, 1), "real_moe_layers": s["moe_layers"],
         "peak_rss_gib": round(res["peak_rss_bytes"] / 2**30, 2),
+        # sampled every 50 ms: anonymous memory (what must fit in RAM) apart from mapped file pages
+        "peak_anon_gib": round(res["peak_anon_bytes"] / 2**30, 2) if res.get("peak_anon_bytes") else None,
         "peak_rss_before_finish_gib": (None if res.get("peak_rss_before_finish_bytes") is None else
                                        round(res["peak_rss_before_finish_bytes"] / 2**30, 3)),
         "peak_gpu_gib": None if res["peak_gpu_bytes"] is None else round(res["peak_gpu_bytes"] / 2**30, 2),
@@ -429,7 +445,8 @@ def main() -> None:
         path = a.results / f"scale-{a.shape}-{dev}{a.tag}.json"
         path.write_text(json.dumps(res, indent=2) + "\n")
         print(json.dumps({k: res[k] for k in ("shape", "device", "seconds_per_layer", "mean_per_layer_s",
-                                              "extrapolated_model_minutes", "peak_rss_gib", "peak_gpu_gib")}, indent=1))
+                                              "extrapolated_model_minutes", "peak_rss_gib", "peak_anon_gib",
+                                              "peak_gpu_gib")}, indent=1))
     (a.results / "scale.md").write_text(render(a.results))
 
 
