@@ -173,3 +173,17 @@ def test_grams_in_a_scratch_file_give_the_same_model_as_grams_in_memory(monkeypa
     assert len(spilled) == 2 * layers  # the gate/up and the down stack of every layer
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_resume_may_change_the_memory_limits_but_not_what_decides_the_output():
+    from moecore.streaming import fingerprint
+
+    src = ROOT / "models" / "tiny-qwen3moe"
+    seqs = [torch.arange(16)]
+    base = fingerprint(src, moecore.CompressionConfig(), seqs, torch.float32, "cpu")
+    limits = fingerprint(src, moecore.CompressionConfig(expert_read_gb=0.5, gram_host_gb=2.0), seqs, torch.float32,
+                         "cpu")
+    assert limits == base  # same_output fields: tested above to give the same bytes
+    assert fingerprint(src, moecore.CompressionConfig(rank=4), seqs, torch.float32, "cpu") != base
+    assert "expert_read_gb" not in moecore.CompressionConfig().output_dict()
+    assert "expert_read_gb" in moecore.CompressionConfig().to_dict()  # still saved beside the output

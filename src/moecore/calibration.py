@@ -215,8 +215,7 @@ def calibrate_layer(layer: nn.Module, mods: list[tuple[str, ExpertsLayout]], hid
         if not keep_outputs and len(mods) == 1:
             _run_batches(layer, hidden, calls, device, float_dtype, False, {modules[0]: _stopping(hooks[mods[0][0]])})
             return hooks, None
-        pre = {m: (lambda h: lambda mod, args, kwargs: h(mod, args, kwargs))(hooks[rel])
-               for m, (rel, _) in zip(modules, mods)}
+        pre = {m: hooks[rel] for m, (rel, _) in zip(modules, mods)}  # a hook is called as (module, args, kwargs)
         return hooks, _run_batches(layer, hidden, calls, device, float_dtype, keep_outputs, pre)
     replays: list[tuple[SourcedExperts, list[torch.Tensor]]] = []
     for j, (m, (rel, _)) in enumerate(zip(modules, mods)):

@@ -193,10 +193,11 @@ class CompressionConfig(ConfigBase):
     propagate: str = field(default="original", metadata={"choices": ("compressed", "original")})
     calib_prior_tokens: float = field(default=64.0, metadata={"min": 0})
     gram_dtype: str = field(default="auto", metadata={"choices": ("auto", "float64", "float32")})
-    gram_host_gb: float | None = field(default=None, metadata={"gt": 0, "unset": "half the available host memory"})
+    gram_host_gb: float | None = field(default=None, metadata={"gt": 0, "unset": "half the available host memory",
+                                                               "same_output": True})
     fit_memory_gb: float = field(default=6.0, metadata={"gt": 0})
     expert_chunk: int | None = field(default=None, metadata={"gt": 0, "unset": "as many as --fit-memory-gb allows"})
-    expert_read_gb: float = field(default=4.0, metadata={"gt": 0})
+    expert_read_gb: float = field(default=4.0, metadata={"gt": 0, "same_output": True})
     quant: QuantConfig | None = None
     allow_larger: bool = False
     recover_steps: int = field(default=200, metadata={"min": 0})

@@ -10,7 +10,10 @@ command-line flags from the same fields):
 - ``min`` / ``gt`` / ``max``: inclusive / exclusive lower bound, inclusive upper bound of a number;
 - ``help``: the flag's help text (default: the field's entry in the class docstring's
   ``Attributes:`` section);
-- ``flag`` / ``aliases``: the flag's name (default ``--field-name``) and extra names.
+- ``flag`` / ``aliases``: the flag's name (default ``--field-name``) and extra names;
+- ``same_output``: the field decides only how the work is done, never its result (memory
+  limits tested to give the same bytes); :meth:`ConfigBase.output_dict` leaves it out, so a
+  resume may change it.
 
 Format versions: every dict and file carries ``format_version``.  A reader accepts its own
 version and older ones (a dict without the key is version 1) and refuses a newer one with a
@@ -150,6 +153,12 @@ class ConfigBase:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field, plus ``format_version``."""
         return {FORMAT_KEY: self.FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    def output_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the fields whose metadata says ``same_output``: what decides
+        the result (a streamed run's fingerprint)."""
+        skip = {f.name for f in dataclasses.fields(self) if f.metadata.get("same_output")}
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:

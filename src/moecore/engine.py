@@ -328,8 +328,8 @@ class Engine:
                 recover = self.cfg.recover_steps and self.cfg.quant is None and inputs.get(rel) is not None
                 tr = time.perf_counter()
                 y = self._targets(layout, layer.get_submodule(rel), inputs[rel]) if recover else None
-                recover_s += time.perf_counter() - tr  # part of recovery, computed while the experts are wide
-                narrow_module(layer, rel, saved)  # the fit widens the original experts a chunk at a time
+                recover_s += time.perf_counter() - tr  # part of recovery (from the calibration forward, if routed)
+                narrow_module(layer, rel, saved)  # experts widened with their layer (not routed): back for the fit
                 new = fit_experts(layer.get_submodule(rel), layout, self.cfg, {p: ranks[(path, p)] for p in PROJECTIONS},
                                   inputs.get(rel), self.device, seed, dtype=fdt, scratch=self.scratch)
                 replace_module(layer, rel, new)  # the original experts freed before recovery's Adam steps

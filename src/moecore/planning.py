@@ -33,7 +33,7 @@ token, T = ``calib_max_tokens``:
   padded to the largest expert rank, at most ``expert_rank_cap`` x the mean, when the form
   trains padded, and the cores with ``recover_train_core``; 8 more per factor element for
   each step's operands and their gradients) and the routed inputs and the original block's
-  outputs, T·d·4 each.
+  outputs, T·d·4 each, and their split into fitted and held-out rows, as much again.
 
 The estimate is the largest of the phases.
 
@@ -121,7 +121,7 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
         recovering = (device - (layer_bytes - rest_of_layer) - fit
                       + 16 * (factors + cores)  # float32 tensor, gradient and Adam's two moments
                       + 8 * factors  # each step's operands built from the factors, and their gradients
-                      + 2 * t * d * 4)  # the experts' inputs and the original block's outputs (targets)
+                      + 4 * t * d * 4)  # the experts' inputs and targets, each also split into fit / held-out rows
     gpu = max(device + (0 if spill else grams), recovering)
     recovering_cpu = host + recovering + rest_of_layer * wide + acts if recovering else 0
     return {"layer": f"{stack_path}.{index}", "gpu_gib": gpu / GIB,

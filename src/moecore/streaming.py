@@ -121,7 +121,7 @@ def fingerprint(model_dir: Path, cfg: CompressionConfig, seqs, dtype, device) ->
             n = int.from_bytes(fh.read(8), "little")
             weights.append(fh.read(min(n, 1 << 24)))
     part("weights", *weights)
-    cfg_text = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    cfg_text = json.dumps(cfg.output_dict(), sort_keys=True, default=str)  # memory limits may change on resume
     part("compression_config", cfg_text.encode())
     parts["compression_config"] = json.loads(cfg_text)
     part("calibration", *[s.numpy().tobytes() for s in seqs or []])
@@ -155,6 +155,9 @@ class StreamingStore:
             if plan is not None:
                 self.chunked[mods[0][0]] = plan
         # the content hash of the layer's source tensors, recorded when the layer is done
+        if not self.chunked:
+            self.source = self.reader.load(keys, prefix, self.device)
+            return
         self.source = self.reader.digest(keys)
         skip = {k for rel, (per_expert, _) in self.chunked.items() for ks in per_expert.values() for k in ks}
         self.reader.load([k for k in keys if k not in skip], prefix, self.device, exclude=tuple(self.chunked))
