@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import TrainingError, UnsupportedModelError
+from .expert_source import routed_outputs
 from .families import ExpertsLayout, is_compressed
 from .heap import reusable_heap
 
@@ -81,16 +82,8 @@ def routed_forward(layout: ExpertsLayout, module: nn.Module, x: torch.Tensor, to
         return module(x, top_k_index, top_k_weights)
     if layout.has_bias:
         raise UnsupportedModelError(f"layout {layout.name!r}: a dense call with biases is not supported")
-    w = layout.split(module)  # (E, d_out, d_in) views
     act = layout.activation_fn(getattr(module, "act_fn", None))
-    out = torch.zeros_like(x)  # (N, H)
-    for e in range(w["gate"].shape[0]):
-        tok, slot = (top_k_index == e).nonzero(as_tuple=True)  # (n_e,), (n_e,)
-        if tok.numel():
-            xe = x[tok]  # (n_e, H)
-            h = act(xe @ w["gate"][e].T, xe @ w["up"][e].T)  # (n_e, F)
-            out.index_add_(0, tok, (h @ w["down"][e].T) * top_k_weights[tok, slot, None].to(x.dtype))
-    return out
+    return routed_outputs(layout.split(module), layout, act, x, top_k_index, top_k_weights)
 
 
 @torch.no_grad()

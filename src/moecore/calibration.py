@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
-from .expert_source import SourcedExperts
+from .expert_source import SourcedExperts, group_pairs
 from .families import FUSED, ExpertsLayout
 from .surgery import set_tensor
 
@@ -249,6 +249,7 @@ class ExpertsInputHook:
         self.store_device = store_device
         self.layout = layout
         self.got: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.per_call: list[int] = []  # rows each call gave
         self.outputs: torch.Tensor | None = None  # (N, H): the experts' output, when calibrate_layer computed it
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -257,14 +258,18 @@ class ExpertsInputHook:
         x, idx, wts = self.layout.routed_call(*(v.detach() if v is not None else None for v in vals[:3]),
                                               module.num_experts, skip_unrouted=True)
         self.got.append((x.to(self.store_device), idx.to(self.store_device), wts.to(self.store_device)))
+        self.per_call.append(x.shape[0])
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Everything collected so far: ``(x (N, H), top_k_index (N, k), top_k_weights (N, k))``."""
-        return tuple(torch.cat([g[j] for g in self.got]) for j in range(3))
+        """Everything collected so far: ``(x (N, H), top_k_index (N, k), top_k_weights (N, k))``
+        (concatenated once: the per-call pieces are replaced by the whole)."""
+        if len(self.got) != 1:  # none: torch.cat's error, as before
+            self.got = [tuple(torch.cat([g[j] for g in self.got]) for j in range(3))]
+        return self.got[0]
 
     def rows_per_call(self) -> list[int]:
         """Rows each call gave (one call per calibration batch)."""
-        return [g[0].shape[0] for g in self.got]
+        return list(self.per_call)
 
     def inputs(self, num_experts: int, weighting: str) -> "RoutedInputs":
         """Everything collected so far as one :class:`RoutedInputs`."""
@@ -283,17 +288,12 @@ class RoutedInputs:
                  rows_per_call: list[int] | None = None):
         self.top_k_index, self.top_k_weights = idx, weights
         self.rows_per_call = rows_per_call if rows_per_call is not None else [x.shape[0]]
-        t, k = idx.shape
-        flat = idx.reshape(-1)  # (S,)
-        tok = torch.arange(t, device=idx.device).repeat_interleave(k)  # (S,)
-        wts = weights.reshape(-1)
-        valid = (flat >= 0) & (flat < num_experts)  # drop the "no expert" sentinel
-        flat, tok, wts = flat[valid], tok[valid], wts[valid]
-        order = torch.argsort(flat, stable=True)
+        k = idx.shape[1]
+        pairs, counts = group_pairs(idx, num_experts)  # (S,) routed pairs, by expert
         self.x, self.num_experts, self.weighting = x, num_experts, weighting
         self.outputs: torch.Tensor | None = None  # (T, H): the original experts' output on x, when known
-        self.expert, self.token, self.weight = flat[order], tok[order], wts[order]  # (S,) each
-        self.counts = torch.bincount(self.expert, minlength=num_experts).to(_F64)  # (E,)
+        self.expert, self.token, self.weight = idx.reshape(-1)[pairs], pairs // k, weights.reshape(-1)[pairs]  # (S,)
+        self.counts = counts.to(_F64)  # (E,)
         ends = torch.cumsum(self.counts.long(), 0)
         self.ranges = list(zip((ends - self.counts.long()).tolist(), ends.tolist()))
 

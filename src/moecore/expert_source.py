@@ -98,6 +98,18 @@ class ExpertView:
         return self.dtype.is_floating_point
 
 
+def group_pairs(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routed (token, slot) pairs of ``top_k_index (N, k)`` grouped by expert:
+    ``(pairs (S,), counts (E,))``, ``pairs`` the flat indices ``t·k + j`` of the pairs whose
+    expert is in ``[0, E)`` (``-1``, "no expert", and out-of-range indices dropped), sorted by
+    expert and, within an expert, in token order; ``counts`` int64, pairs per expert."""
+    flat = top_k_index.reshape(-1)  # (N·k,)
+    valid = (flat >= 0) & (flat < num_experts)
+    order = torch.argsort(torch.where(valid, flat, -1), stable=True)  # the dropped pairs first
+    pairs = order[int((~valid).sum()):]  # (S,)
+    return pairs, torch.bincount(flat[pairs], minlength=num_experts)
+
+
 def routed_outputs(views: dict, layout: ExpertsLayout, act: Callable, x: torch.Tensor, top_k_index: torch.Tensor,
                    top_k_weights: torch.Tensor) -> torch.Tensor:
     """The experts' routing-weighted output ``(N, H)`` on ``x (N, H)``, ``top_k_index (N, k)``,
@@ -107,17 +119,14 @@ def routed_outputs(views: dict, layout: ExpertsLayout, act: Callable, x: torch.T
     out = torch.zeros_like(x)  # (N, H)
     if x.shape[0] == 0:
         return out
-    e_all = views["gate"].shape[0]
-    flat = top_k_index.reshape(-1)  # (N·k,)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat.clamp(min=-1) + 1, minlength=e_all + 1)[1:].tolist()  # (E,) routed pairs
-    start = int((flat < 0).sum())
+    pairs_all, counts = group_pairs(top_k_index, views["gate"].shape[0])
     k = top_k_index.shape[1]
     wd = dict(device=x.device, dtype=x.dtype)
-    for e, n in enumerate(counts):
+    start = 0
+    for e, n in enumerate(counts.tolist()):
         if not n:
             continue
-        pairs = order[start: start + n]
+        pairs = pairs_all[start: start + n]
         start += n
         tok = pairs // k  # (n,)
         xe = x[tok]  # (n, H)
