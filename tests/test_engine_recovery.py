@@ -102,12 +102,13 @@ def test_ragged_trains_padded_exactly_as_compact(train_core, tok, texts):
     sizes = block_recovery.step_sizes([p for _, p in params], 0.02)
     # reference: the compact factors trained through the ragged forward
     ref = copy.deepcopy(module)
-    block_recovery._fit(ref, [n for n, _ in params], sizes, layout, x, idx, w, y, steps=6, batch_tokens=64,
-                        generator=torch.Generator().manual_seed(0), where="ref")
+    block_recovery._fit(ref, [n for n, _ in params], sizes, block_recovery.block_loss(layout, ref, x, idx, w, y), 200,
+                        x.device, steps=6, batch_tokens=64, generator=torch.Generator().manual_seed(0), where="ref")
     work, names = module.training_copy(torch.float32)
     assert work.form == "delta" and work.ranks["down"] == int(module.ragged_r_down.max())
-    block_recovery._fit(work, [names[n] for n, _ in params], sizes, layout, x, idx, w, y, steps=6, batch_tokens=64,
-                        generator=torch.Generator().manual_seed(0), where="padded")
+    block_recovery._fit(work, [names[n] for n, _ in params], sizes, block_recovery.block_loss(layout, work, x, idx, w, y),
+                        200, x.device, steps=6, batch_tokens=64, generator=torch.Generator().manual_seed(0),
+                        where="padded")
     for p in ("gate", "up", "down"):  # columns past each expert's rank: still exactly zero
         r = getattr(module, f"ragged_r_{p}")
         past = torch.arange(work.ranks[p])[None, :] >= r[:, None]  # (E, m)

@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from .errors import TrainingError, UnsupportedModelError
+from .compressed_experts import CompressedExperts
 from .expert_source import routed_outputs
 from .families import ExpertsLayout, is_compressed
+from .forms import PROJECTIONS, get_form
 from .heap import reusable_heap
 
 #: every this many-th calibration sequence is held out to judge a trained block
@@ -39,6 +41,9 @@ HOLDOUT_EVERY = 5
 MIN_HELDOUT_ROWS = 16
 #: rows per forward when measuring targets and errors (bounds the activation memory)
 CHUNK = 4096
+#: bytes per trained element: float32 value, gradient and Adam's two moments (16), and each
+#: step's operands built from it with their gradients (8)
+TRAINED_BYTES = 24
 #: devices where recovery's Adam runs as torch's fused kernel (``torch.optim.Adam(fused=True)``)
 FUSED_ADAM_DEVICES = ("cpu", "cuda")
 
@@ -143,30 +148,36 @@ def step_sizes(params: list[torch.Tensor], lr: float) -> list[float]:
     return [lr * (r if r > 0 else floor) for r in rms]
 
 
-def _fit(work: nn.Module, names: list[str], sizes: list[float], layout: ExpertsLayout, x, idx, w, y, *,
+def block_loss(layout: ExpertsLayout, work: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+               y: torch.Tensor):
+    """``batch_loss(rows)``: the relative MSE ``‖work(x) − y‖² / mean(y²)`` of the block's output
+    on a batch of rows of ``x (n, H)``, ``idx (n, k)``, ``w (n, k)``, ``y (n, H)``."""
+    scale = y.pow(2).mean().clamp_min(1e-30)
+    return lambda sel: (routed_forward(layout, work, x[sel], idx[sel], w[sel]) - y[sel]).pow(2).mean() / scale
+
+
+def _fit(work: nn.Module, names: list[str], sizes: list[float], batch_loss, n: int, device, *,
          steps: int, batch_tokens: int, generator: torch.Generator, where: str, fused: bool = True) -> None:
     """Adam on ``work``'s parameters ``names`` (the rest frozen), each with its peak step size
-    ``sizes`` (:func:`step_sizes`, cosine-decayed to 0), relative MSE on random row batches of
-    ``x (n, H)`` against ``y (n, H)``.  ``fused``: torch's fused Adam where it exists
-    (:data:`FUSED_ADAM_DEVICES`), else its per-tensor loop."""
+    ``sizes`` (:func:`step_sizes`, cosine-decayed to 0), on ``batch_loss(rows)`` of a random
+    batch of ``batch_tokens`` of the ``n`` rows per step.  ``fused``: torch's fused Adam where
+    it exists (:data:`FUSED_ADAM_DEVICES`), else its per-tensor loop."""
     flags = {n: p.requires_grad for n, p in work.named_parameters()}
-    for n, p in work.named_parameters():
-        p.requires_grad_(n in names)
+    for name, p in work.named_parameters():
+        p.requires_grad_(name in names)
     own = dict(work.named_parameters())
-    params = [own[n] for n in names]
+    params = [own[name] for name in names]
     # one fused kernel per tensor where torch has it: the default on a CPU is a loop of
     # elementwise ops with two full-size temporaries per tensor and step
     fused = fused and all(p.device.type in FUSED_ADAM_DEVICES and p.dtype in (torch.float32, torch.float64)
                           for p in params)
     opt = torch.optim.Adam([{"params": [p], "lr": a} for p, a in zip(params, sizes)], fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    scale = y.pow(2).mean().clamp_min(1e-30)
-    n = x.shape[0]
     try:
         with torch.enable_grad():
             for _ in range(steps):
-                sel = torch.randint(0, n, (min(batch_tokens, n),), generator=generator).to(x.device)  # (b,)
-                loss = (routed_forward(layout, work, x[sel], idx[sel], w[sel]) - y[sel]).pow(2).mean() / scale
+                sel = torch.randint(0, n, (min(batch_tokens, n),), generator=generator).to(device)  # (b,)
+                loss = batch_loss(sel)
                 if not bool(torch.isfinite(loss)):
                     raise TrainingError(f"non-finite relative MSE ({float(loss)}) while recovering {where}; stopping")
                 opt.zero_grad(set_to_none=True)
@@ -174,15 +185,16 @@ def _fit(work: nn.Module, names: list[str], sizes: list[float], layout: ExpertsL
                 opt.step()
                 sched.step()
     finally:
-        for n, p in work.named_parameters():
-            p.requires_grad_(flags[n])
+        for name, p in work.named_parameters():
+            p.requires_grad_(flags[name])
             p.grad = None
 
 
 @reusable_heap()  # every Adam temporary from the heap, reused (a fresh scope per call)
 def train_block(module: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                 y: torch.Tensor, held: torch.Tensor, *, steps: int, lr: float, batch_tokens: int,
-                train_core: bool = False, seed: int = 0, where: str = "the experts") -> dict[str, Any]:
+                train_core: bool = False, seed: int = 0, where: str = "the experts",
+                memory_gb: float | None = None) -> dict[str, Any]:
     """Fit ``module`` (in place) to the original block's outputs ``y``; keep the result only if
     the held-out error fell.
 
@@ -198,9 +210,13 @@ def train_block(module: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: 
         train_core: also train the cores.
         seed: seed of the row sampling.
         where: the module's name in error messages.
+        memory_gb: GiB that the trained tensors of a compressed module may take with their
+            gradients, Adam's moments and each step's operands (24 bytes per element): when its
+            factors need more, the experts are trained a chunk at a time
+            (:func:`train_experts_in_chunks`, factors only); ``None``: all at once.
     Returns ``{"steps", "kept", "params", "rows", "heldout_rows", "rel_mse_before",
     "rel_mse_after", "val_rel_mse_before", "val_rel_mse_after"}`` (the "after" values are the
-    kept parameters' errors).  ``TrainingError`` on a non-finite error.
+    kept parameters' errors), and, trained in chunks, ``"expert_chunks", "kept_chunks"``.  ``TrainingError`` on a non-finite error.
     """
     rows = ((idx >= 0) & (idx < getattr(module, "num_experts", 1 << 62))).any(1)  # (N,) routed to some expert
     fit, val = rows & ~held, rows & held
@@ -219,10 +235,21 @@ def train_block(module: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: 
     if not steps or not params or fx.shape[0] == 0:
         return report
     dt = _train_dtype(params[0][1].dtype)
-    work, to_work = _training_copy(module, dt)  # trained in float32 (float64 for a float64 module)
+    sizes = step_sizes([p for _, p in params], lr)
     gen = torch.Generator().manual_seed(seed)
-    _fit(work, [to_work[n] for n, _ in params], step_sizes([p for _, p in params], lr), layout, fx.to(dt), fi,
-         fw.to(dt), fy.to(dt), steps=steps, batch_tokens=batch_tokens, generator=gen, where=where)
+    chunk = expert_chunk(module, memory_gb)
+    if chunk is not None:  # the trained tensors do not fit memory_gb: experts a chunk at a time
+        factor_sizes = dict(zip((n for n, _ in params), sizes))
+        report.update(train_experts_in_chunks(module, layout, chunk, (fx, fi, fw, fy), (vx, vi, vw, vy),
+                                              factor_sizes, steps=steps, batch_tokens=batch_tokens, generator=gen,
+                                              where=where))
+        after, val_after = rel_error(module, layout, fx, fi, fw, fy), rel_error(module, layout, vx, vi, vw, vy)
+        if report["kept_chunks"]:
+            report.update(kept=True, rel_mse_after=after, val_rel_mse_after=val_after)
+        return report
+    work, to_work = _training_copy(module, dt)  # trained in float32 (float64 for a float64 module)
+    _fit(work, [to_work[n] for n, _ in params], sizes, block_loss(layout, work, fx.to(dt), fi, fw.to(dt), fy.to(dt)),
+         fx.shape[0], fx.device, steps=steps, batch_tokens=batch_tokens, generator=gen, where=where)
     start = [p.detach().clone() for _, p in params]
     if is_compressed(module):
         module.load_trained(work, to_work, [n for n, _ in params])
@@ -239,3 +266,101 @@ def train_block(module: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: 
             for (_, p), s0 in zip(params, start):
                 p.copy_(s0)
     return report
+
+
+def _trained_form(module: CompressedExperts):
+    form = module.form_impl
+    return form, get_form(form.training_form or form.name)
+
+
+def expert_chunk(module: nn.Module, memory_gb: float | None) -> int | None:
+    """Experts that recovery trains at once, or ``None`` for all of them as one module.  A chunk
+    only for a compressed module in float storage whose training form has a factor stack per
+    expert (:attr:`~moecore.forms.Form.per_expert_factors`) and whose trained factors (padded
+    as the form trains them) take more than ``memory_gb`` GiB at :data:`TRAINED_BYTES` per element."""
+    if memory_gb is None or not is_compressed(module) or module.quant is not None:
+        return None
+    form, trained_as = _trained_form(module)
+    if not trained_as.per_expert_factors:
+        return None
+    def shapes_only(name: str) -> torch.Tensor:  # float tensors on meta: the training form's shapes, no copy
+        t = module.stored(name)
+        return t.to("meta") if t.is_floating_point() else t
+    per_expert = sum(math.prod(t.shape[1:]) for p in PROJECTIONS for t in form.to_training(shapes_only, p))
+    chunk = max(1, int(memory_gb * (1 << 30)) // max(1, TRAINED_BYTES * per_expert))
+    return chunk if chunk < module.num_experts else None
+
+
+def _write_chunk(module: CompressedExperts, a: int, b: int, new: dict) -> None:
+    """Experts ``a:b`` of the module's stored factors set from training-form factors ``new[p]``."""
+    form = module.form_impl
+    for p in PROJECTIONS:
+        form.set_training_slice(module.stored, p, a, b, tuple(new[p]))
+    module.clear_cache()
+
+
+def chunk_problem(module: CompressedExperts, layout: ExpertsLayout, a: int, b: int, fit: tuple) -> tuple[CompressedExperts | None, Any, int]:
+    """Experts ``a:b`` of ``module`` as a training problem of their own: ``(work, batch_loss,
+    n)``; ``work`` a module of those experts (their training-form factors,
+    :meth:`~moecore.forms.Form.training_slice`, and the cores, in float32), ``batch_loss(rows)`` the relative MSE of the block's output on a
+    batch of the ``n`` rows routed to at least one of them, with the other experts' output on
+    those rows (computed once, in the module's dtype) held fixed: ``y − others`` is the target of
+    ``work``'s pairs summed back to their rows.  ``(None, None, 0)`` when no row reaches them."""
+    fx, fi, fw, fy = fit
+    form, trained_as = _trained_form(module)
+    dt, mdt = _train_dtype(module.float_dtype), module.float_dtype
+    in_chunk = (fi >= a) & (fi < b)  # (n, k)
+    rows = in_chunk.any(1)
+    if not bool(rows.any()):
+        return None, None, 0
+    xc, ic, wc, yc, mask = fx[rows].to(mdt), fi[rows], fw[rows], fy[rows], in_chunk[rows]
+    with torch.no_grad():
+        target = (yc - block_targets(module, layout, xc, torch.where(mask, -1, ic), wc.to(mdt))).to(dt)  # (n_c, H)
+    scale = yc.to(dt).pow(2).mean().clamp_min(1e-30)
+    local, tx, tw = torch.where(mask, ic - a, -1), xc.to(dt), wc.to(dt)
+    biases = {n: module.stored(n)[a:b] for n in ("bias_gate_up", "bias_down")} if layout.has_bias else None
+    cores = {p: module.stored(form.core_name(p)).detach() for p in PROJECTIONS}
+    factors = {p: form.training_slice(module.stored, p, a, b) for p in PROJECTIONS}
+    work = CompressedExperts.from_factors(layout, trained_as.name, cores, factors, biases, act_fn=module.act_fn,
+                                          dtype=dt, device=cores["gate"].device)
+
+    def batch_loss(sel: torch.Tensor) -> torch.Tensor:
+        r, j = mask[sel].nonzero(as_tuple=True)  # the batch's pairs with the chunk's experts
+        out = work.routed(tx[sel][r], local[sel][r, j, None], tw[sel][r, j, None])  # (pairs, H)
+        out = torch.zeros(sel.shape[0], out.shape[1], dtype=dt, device=out.device).index_add(0, r, out)
+        return (out - target[sel]).pow(2).mean() / scale
+    return work, batch_loss, int(tx.shape[0])
+
+
+@torch.no_grad()
+def train_experts_in_chunks(module: CompressedExperts, layout: ExpertsLayout, chunk: int, fit: tuple, val: tuple,
+                            sizes: dict[str, float], *, steps: int, batch_tokens: int, generator: torch.Generator,
+                            where: str) -> dict[str, Any]:
+    """Recovery of a compressed module too large to train at once: the factors of experts
+    ``a:b`` (``chunk`` at a time, in index order; :func:`chunk_problem`), ``steps`` Adam steps
+    each, the other experts and the cores frozen.  Each chunk's result is kept only if the whole
+    module's held-out error fell.  ``fit``, ``val``: ``(x (n, H), idx (n, k), w (n, k), y (n, H))``;
+    ``sizes``: each stored factor's peak step size.  Returns ``{"expert_chunks", "kept_chunks",
+    "trained_core": False}``."""
+    form, trained_as = _trained_form(module)
+    names = {p: trained_as.param_names(p) for p in PROJECTIONS}
+    trained = [n for p in PROJECTIONS for n in names[p]]
+    step = [sizes[n] for p in PROJECTIONS for n in form.param_names(p)]
+    kept = chunks = 0
+    for a in range(0, module.num_experts, chunk):
+        b = min(module.num_experts, a + chunk)
+        work, batch_loss, n = chunk_problem(module, layout, a, b, fit)
+        if work is None:
+            continue
+        chunks += 1
+        val_before = rel_error(module, layout, *val)
+        saved = {p: [t.clone() for t in form.training_slice(module.stored, p, a, b)] for p in PROJECTIONS}
+        _fit(work, trained, step, batch_loss, n, fit[0].device, steps=steps, batch_tokens=batch_tokens,
+             generator=generator, where=f"{where} (experts {a}:{b})")
+        _write_chunk(module, a, b, {p: [work.get_parameter(n) for n in names[p]] for p in PROJECTIONS})
+        del work, batch_loss
+        if rel_error(module, layout, *val) < val_before:
+            kept += 1
+        else:  # never make the block worse on unseen tokens: this chunk's start back
+            _write_chunk(module, a, b, saved)
+    return {"expert_chunks": chunks, "kept_chunks": kept, "trained_core": False}

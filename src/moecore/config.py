@@ -169,6 +169,14 @@ class CompressionConfig(ConfigBase):
             step size is this fraction of its RMS (factors differ in scale by orders of
             magnitude), cosine-decayed to 0.
         recover_batch_tokens: calibration tokens per in-engine recovery step.
+        recover_memory_gb: memory in GiB (on the compute device) that in-engine recovery's
+            trained tensors may take, at 24 bytes per element (float32 value, gradient, Adam's
+            two moments, each step's operands).  A layer whose factors need more (DeepSeek-V3's
+            256 experts at 25%: 123 GiB) is trained a chunk of experts at a time, its factors
+            only (the cores, shared by every chunk, stay as fitted); each chunk is fitted to the
+            original block's output minus the other experts' and kept only if the layer's
+            held-out error fell.  Layers within it (every layer of Qwen3-30B-A3B and
+            Mixtral-8x7B at the defaults) train all at once.
         recover_train_core: in-engine recovery also trains the shared cores (default), not
             only the factors: lower held-out perplexity at every step count measured (§3f).
         expert_rank_cap: ``form="ragged"`` (per-expert ranks, water-filled at equal stored
@@ -204,6 +212,7 @@ class CompressionConfig(ConfigBase):
     recover_lr: float = field(default=0.02, metadata={"gt": 0, "max": 1.0})
     recover_batch_tokens: int = field(default=1024, metadata={"gt": 0})
     recover_train_core: bool = True
+    recover_memory_gb: float = field(default=16.0, metadata={"gt": 0})
     expert_rank_cap: float = field(default=2.0, metadata={"min": 1.0})
 
     FILENAME = CONFIG_FILENAME
@@ -295,6 +304,9 @@ class RecoveryConfig(ConfigBase):
         seq_len: calibration sequence length.
         forward_batch: sequences per forward pass while capturing a layer's inputs.
         train_core: also fit the shared cores (default: only the factors).
+        memory_gb: memory in GiB that the trained tensors may take (24 bytes per element); a
+            layer whose factors need more is trained a chunk of experts at a time, factors only
+            (as ``CompressionConfig.recover_memory_gb``).
         seed: seed of the token sampling.
     """
 
@@ -305,6 +317,7 @@ class RecoveryConfig(ConfigBase):
     seq_len: int = field(default=256, metadata={"gt": 0})
     forward_batch: int = field(default=8, metadata={"gt": 0})
     train_core: bool = False
+    memory_gb: float = field(default=16.0, metadata={"gt": 0})
     seed: int = field(default=0, metadata={"min": 0})
 
     FILENAME = RECOVERY_CONFIG

@@ -295,7 +295,7 @@ class Engine:
         held = heldout_rows(sequence_ids(inputs.rows_per_call, [tuple(b.shape) for b in self.batches])).to(dev)
         return train_block(new, layout, x, idx, w, y, held, steps=cfg.recover_steps, lr=cfg.recover_lr,
                            batch_tokens=cfg.recover_batch_tokens, train_core=cfg.recover_train_core, seed=seed,
-                           where=path)
+                           where=path, memory_gb=cfg.recover_memory_gb)
 
     @torch.no_grad()
     def _propagate(self, i: int, layer: nn.Module, hidden, float_dtype=None) -> list[torch.Tensor]:

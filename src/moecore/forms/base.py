@@ -178,6 +178,10 @@ class Form(ABC):
     #: the form a copy of this form's module is trained in (:meth:`to_training`); its own name
     #: by default (trained as stored)
     training_form: str = ""
+    #: every factor of this form is a stack with one entry per expert (leading axis ``E``), so
+    #: recovery can train the factors of a chunk of experts as a module of their own
+    #: (:func:`moecore.block_recovery.train_experts_in_chunks`)
+    per_expert_factors: bool = False
 
     def to_training(self, get: Callable[[str], Tensor], p: str) -> tuple[Tensor, ...]:
         """Projection ``p``'s factors in :attr:`training_form`'s storage order, from the stored
@@ -188,6 +192,17 @@ class Form(ABC):
         """The inverse of :meth:`to_training`: stored factors of projection ``p`` (in
         :attr:`factor_names` order) from trained ``factors`` (default: as they are)."""
         return factors
+
+    def training_slice(self, get: Callable[[str], Tensor], p: str, a: int, b: int) -> tuple[Tensor, ...]:
+        """Experts ``a:b`` of :meth:`to_training`'s factors, for a training form with
+        :attr:`per_expert_factors` (default: rows ``a:b`` of the stored factors, views)."""
+        return tuple(get(n)[a:b] for n in self.param_names(p))
+
+    def set_training_slice(self, get: Callable[[str], Tensor], p: str, a: int, b: int,
+                           factors: tuple[Tensor, ...]) -> None:
+        """Write trained experts ``a:b`` (:meth:`training_slice`'s layout) into the stored factors."""
+        for n, t in zip(self.param_names(p), factors):
+            get(n)[a:b].copy_(t)
 
     # ------------------------------------------------------------------ quantized storage
     def refit_factors(self, weights: Tensor, core: Tensor, rank: int, gram: Tensor | None,

@@ -28,6 +28,7 @@ class DeltaForm(Form):
     ``k`` low-rank paths."""
 
     name = "delta"
+    per_expert_factors = True
     chunked_weights = True  # fit reads weights[a:b] only
     factor_names = ("delta_a", "delta_b")
     quantizable = True

@@ -126,6 +126,26 @@ class RaggedForm(DeltaForm):
         """Padded ``(A, B)`` back to the compact side-by-side factors (:meth:`to_stored`)."""
         return self.to_stored(factors[0].shape[0], (*factors, get(f"ragged_r_{p}")))[1][:2]
 
+    @staticmethod
+    def _columns(get: Callable[[str], Tensor], p: str, a: int, b: int) -> tuple[Tensor, int, int]:
+        """Experts ``a:b``'s ranks ``(b−a,)`` and their columns ``start:end`` of the side-by-side factors."""
+        r = get(f"ragged_r_{p}")
+        start = int(r[:a].sum())
+        return r[a:b], start, start + int(r[a:b].sum())
+
+    def training_slice(self, get: Callable[[str], Tensor], p: str, a: int, b: int) -> tuple[Tensor, ...]:
+        """Experts ``a:b`` padded to the largest of THEIR ranks: ``(A (b−a, d_out, m), B (b−a, d_in, m))``."""
+        r, start, end = self._columns(get, p, a, b)
+        return self.to_training(lambda n: r if n == f"ragged_r_{p}" else get(n)[:, start:end], p)
+
+    def set_training_slice(self, get: Callable[[str], Tensor], p: str, a: int, b: int,
+                           factors: tuple[Tensor, ...]) -> None:
+        """Padded experts ``a:b`` back into their columns of the side-by-side factors."""
+        r, start, end = self._columns(get, p, a, b)
+        keep = torch.arange(factors[0].shape[-1], device=r.device) < r.long()[:, None]  # (b−a, m)
+        for n, t in zip(self.param_names(p), factors):
+            get(n)[:, start:end].copy_(t.permute(1, 0, 2)[:, keep.to(t.device)])
+
     def reconstruct(self, core: Tensor, factors: tuple[Tensor, ...]) -> Tensor:
         """``C + A_i B_iᵀ`` ``(E, d_out, d_in)`` from fitted (padded, 3-D) or stored (compact) factors."""
         a, b, ranks = factors

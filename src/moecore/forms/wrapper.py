@@ -28,6 +28,7 @@ class WrapperForm(Form):
     forward runs the core once per routed pair."""
 
     name = "wrapper"
+    per_expert_factors = True
     chunked_weights = True  # fit reads weights[a:b] only
     factor_names = ("wrap_u_in", "wrap_v_in", "wrap_u_out", "wrap_v_out")
     quantizable = True

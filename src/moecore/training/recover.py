@@ -185,5 +185,5 @@ def _recover_module(path, module, layout, hook, shapes, teacher, loader, tname, 
     held = heldout_rows(sequence_ids(hook.rows_per_call(), shapes)).to(x.device)
     rep = train_block(module, layout, x, idx, w, y, held, steps=cfg.steps, lr=cfg.lr,
                       batch_tokens=cfg.batch_tokens, train_core=cfg.train_core, seed=seed,
-                      where=f"the student's {path}")
+                      where=f"the student's {path}", memory_gb=cfg.memory_gb)
     return {"path": path, **rep, "seconds": round(time.time() - t0, 3)}
