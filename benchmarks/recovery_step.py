@@ -60,8 +60,8 @@ def timed_fit(module, layout, x, idx, w, y, variant: str, steps: int, batch: int
     heap = contextlib.nullcontext() if variant == "before" else reusable_heap()
     with heap:
         t0 = time.perf_counter()
-        br._fit(work, names, sizes, layout, x, idx, w, y, steps=steps, batch_tokens=batch,
-                generator=torch.Generator().manual_seed(0), where=variant, fused=variant == "fused")
+        br._fit(work, names, sizes, br.block_loss(layout, work, x, idx, w, y), x.shape[0], x.device, steps=steps,
+                batch_tokens=batch, generator=torch.Generator().manual_seed(0), where=variant, fused=variant == "fused")
         return time.perf_counter() - t0
 
 

@@ -220,6 +220,8 @@ def run(a) -> dict:
             cfg["recover_steps"] = a.recover_steps
         if a.expert_read_gb is not None:
             cfg["expert_read_gb"] = a.expert_read_gb
+        if a.recover_memory_gb is not None:
+            cfg["recover_memory_gb"] = a.recover_memory_gb
         if a.gram_host_gb is not None:
             cfg["gram_host_gb"] = a.gram_host_gb
         child = {"src": str(tmp / "src"), "out": str(tmp / "out"), "calib": str(tmp / "calib.txt"),
@@ -249,6 +251,7 @@ def run(a) -> dict:
         "expert_gib_per_layer": round(info["expert_bytes_per_layer"] / 2**30, 2),
         "expert_chunks_read": res.get("expert_chunks_read"),
         "expert_read_s": round(res["stages"].get("expert_read_s", 0.0), 2),
+        "recovery": [{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in res.get("recovery", [])],
         "versions": {"moecore": moecore.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "hardware": (torch.cuda.get_device_name() if a.device.startswith("cuda") else
@@ -426,6 +429,9 @@ def main() -> None:
                          "before it existed, i.e. with 0)")
     ap.add_argument("--expert-read-gb", type=float, default=None,
                     help="read a layer's experts this many GiB at a time when larger (default: the product default)")
+    ap.add_argument("--recover-memory-gb", type=float, default=None,
+                    help="in-engine recovery trains a chunk of experts at a time when its trained tensors take more "
+                         "(default: the product default)")
     ap.add_argument("--gram-host-gb", type=float, default=None,
                     help="Gram stacks larger than this many GiB in a scratch file (default: the product default)")
     ap.add_argument("--workdir", default=None, help="where the synthetic checkpoint is written (needs disk space)")

@@ -154,6 +154,24 @@ def test_recovery_step_smoke(tmp_path):
     assert data["provenance"]["versions"]["torch"] == torch.__version__
 
 
+def test_recovery_memory_smoke(tmp_path):
+    """benchmarks/recovery_memory.py at a toy shape: all experts at once, then one at a time."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        mod = importlib.import_module("recovery_memory")
+        whole = mod.main(["--shape", "tiny", "--steps", "3", "--tokens", "64", "--batch-tokens", "16"])
+        chunked = mod.main(["--shape", "tiny", "--steps", "3", "--tokens", "64", "--batch-tokens", "16",
+                            "--memory-gb", "1e-7",  # below one expert's trained tensors: one at a time
+                            "--out", str(tmp_path / "r.json")])
+    finally:
+        sys.path.remove(str(BENCH))
+    assert whole["experts_per_chunk"] == 8 and "expert_chunks" not in whole["report"]
+    assert chunked["experts_per_chunk"] == 1 and chunked["report"]["expert_chunks"] == 8
+    assert chunked["peak_anon_gib"] >= chunked["anon_before_gib"] > 0 and chunked["seconds"] > 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["provenance"]["versions"]["torch"] == torch.__version__
+
+
 def test_svd_cost_smoke(tmp_path):
     """benchmarks/svd_cost.py at a toy shape: both SVDs timed, the same energy, orthonormal U."""
     sys.path.insert(0, str(BENCH))
