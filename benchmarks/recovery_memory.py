@@ -6,10 +6,11 @@ what the engine runs after each layer's fit).  All at once, the trained tensors 
 per padded factor element: 123 GiB for a DeepSeek-V3 layer at 25%, more than any one GPU.  With
 ``--memory-gb`` below that, the experts are trained a chunk at a time (factors only).
 
-Protocol: one random ragged ``CompressedExperts`` at the shape in bfloat16 (mean rank for 25% of
-the expert parameters, ranks of ``ragged_cost.py`` up to 2x the mean), ``--tokens`` calibration
-rows routed top-k, float32 rows and targets (the module's own output plus noise: speed and
-memory do not depend on the values), every 5th 512-token sequence held out; ``train_block`` with
+Protocol: one random ragged ``CompressedExperts`` at the shape in float32, as the engine trains
+it on a CPU (mean rank for 25% of the expert parameters, ranks of ``ragged_cost.py`` up to 2x
+the mean), ``--tokens`` calibration rows routed top-k, float32 rows, targets from the same
+module with every ``A`` factor 10% larger (learnable; speed and memory do not depend on the
+values), every 5th 512-token sequence held out; ``train_block`` with
 the product defaults (lr 0.02, 1,024 rows per step, cores trained when all experts train at
 once) and ``--steps`` steps per chunk.  One configuration per process; peak anonymous memory
 (``RssAnon``, sampled every 20 ms) before and during ``train_block``.  CPU wall clock.
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from moecore import block_recovery as br
+from moecore import recovery_chunks as rc
 from moecore.compressed_experts import PROJECTIONS
 from moecore.families import layout_of
 from moecore.maths import budget
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     orig, _ = original_experts(family, h, f, e, k, torch.bfloat16, device="meta")  # shapes only
     shapes = [budget.ProjectionShape(p, e, *((h, f) if p == "down" else (f, h))) for p in PROJECTIONS]
     s = budget.solve_uniform("delta", shapes, 0.25)["gate"]
-    module = random_compressed(orig, "ragged", s, gen, torch.bfloat16)
+    module = random_compressed(orig, "ragged", s, gen, torch.float32)  # float32: what the engine trains on a CPU
     ranks = ragged_ranks(e, s, 2.0)
     with torch.no_grad():
         for p in PROJECTIONS:
@@ -86,11 +88,20 @@ def main(argv: list[str] | None = None) -> dict:
     layout = layout_of("experts", orig)
     x = torch.randn(a.tokens, h, generator=gen)  # (T, H) float32, as the engine keeps them on a CPU
     idx, w = routing(a.tokens, e, k, 1)
-    y = br.block_targets(module, layout, x.bfloat16(), idx, w.bfloat16()).float()  # (T, H)
-    y += 0.3 * y.std() * torch.randn(y.shape, generator=gen)
+    # learnable targets: the module with every A factor 10% larger, run a chunk of experts at a
+    # time (the whole ragged forward pads every expert to the largest rank: 22 GB at DeepSeek-V3)
+    y = torch.zeros(a.tokens, h)
+    step = rc.expert_chunk(module, 1.0) or e
+    for lo in range(0, e, step):
+        part = rc.chunk_module(module, lo, min(e, lo + step), torch.float32)
+        with torch.no_grad():
+            for p in PROJECTIONS:
+                part.get_parameter(f"delta_a_{p}").mul_(1.1)
+        y += rc.part_output(part, lo, min(e, lo + step), x, idx, w)
+        del part
     length = min(512, max(1, a.tokens // 10))  # 512-token sequences (shorter ones for a toy run)
     held = br.heldout_rows(br.sequence_ids([a.tokens], [(a.tokens // length, length)]))
-    chunk = br.expert_chunk(module, a.memory_gb)
+    chunk = rc.expert_chunk(module, a.memory_gb)
     sampler.reset()
     base = sampler.now()
     t0 = time.perf_counter()

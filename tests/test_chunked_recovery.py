@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import moecore
-from moecore import block_recovery
+from moecore import block_recovery, recovery_chunks
 from moecore.config import CompressionConfig, RecoveryConfig
 from moecore.errors import ConfigError
 from moecore.families import find_experts
@@ -47,34 +47,35 @@ def _per_expert(module) -> int:
 
 
 @pytest.mark.parametrize("form", ["ragged", "delta"])
-def test_a_chunks_loss_is_the_blocks_error_on_its_rows(form, tok, texts):
-    _, orig, module, layout = _compressed(form, tok, texts)
+def test_the_chunks_outputs_sum_to_the_modules_output(form, tok, texts):
+    """Recovery in chunks runs the module a chunk of experts at a time: each chunk, a module of
+    its own padded to its largest rank, gives its experts' pairs summed back to the rows, and
+    the chunks' outputs add up to the whole module's forward."""
+    _, _, module, layout = _compressed(form, tok, texts)
     x, idx, w = _rows(module)
-    y = block_recovery.block_targets(orig, layout, x, idx, w)
-    a, b = 1, 3
-    work, loss, n = block_recovery.chunk_problem(module, layout, a, b, (x, idx, w, y))
-    rows = ((idx >= a) & (idx < b)).any(1)
-    assert n == int(rows.sum()) and 0 < n < x.shape[0]
-    assert work.num_experts == b - a
-    direct = block_recovery.block_loss(layout, module, x[rows], idx[rows], w[rows], y[rows])(torch.arange(n))
-    assert float(loss(torch.arange(n))) == pytest.approx(float(direct), rel=1e-5)
-    sel = torch.tensor([0, 3, 3, n - 1])  # a batch, repeated rows included
-    direct = block_recovery.block_loss(layout, module, x[rows], idx[rows], w[rows], y[rows])
-    assert float(loss(sel)) == pytest.approx(float(direct(sel)), rel=1e-5)
-    none, _, zero = block_recovery.chunk_problem(module, layout, a, b, (x[~rows], idx[~rows], w[~rows], y[~rows]))
-    assert none is None and zero == 0
+    whole = block_recovery.routed_forward(layout, module, x, idx, w)  # (N, H)
+    e = module.num_experts
+    parts = [(0, 1), (1, 3), (3, e)]
+    outs = []
+    for a, b in parts:
+        part = recovery_chunks.chunk_module(module, a, b, torch.float32)
+        assert part.num_experts == b - a and part.form == "delta"
+        outs.append(recovery_chunks.part_output(part, a, b, x, idx, w))
+        none = ~((idx >= a) & (idx < b)).any(1)
+        assert none.any() and not outs[-1][none].any()  # rows without a pair in the chunk: nothing
+    torch.testing.assert_close(sum(outs), whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))
 
 
 def test_the_chunk_follows_the_memory_limit(tok, texts):
     _, _, module, _ = _compressed("ragged", tok, texts)
     per = _per_expert(module)
     assert per > 0
-    assert block_recovery.expert_chunk(module, 3 * 24 * per / GIB) == 3
-    assert block_recovery.expert_chunk(module, 0.5 * 24 * per / GIB) == 1  # at least one expert
-    assert block_recovery.expert_chunk(module, module.num_experts * 24 * per / GIB) is None  # all fit: one module
-    assert block_recovery.expert_chunk(module, None) is None
+    assert recovery_chunks.expert_chunk(module, 3 * 24 * per / GIB) == 3
+    assert recovery_chunks.expert_chunk(module, 0.5 * 24 * per / GIB) == 1  # at least one expert
+    assert recovery_chunks.expert_chunk(module, module.num_experts * 24 * per / GIB) is None  # all fit: one module
+    assert recovery_chunks.expert_chunk(module, None) is None
     _, _, basis, _ = _compressed("basis", tok, texts)
-    assert block_recovery.expert_chunk(basis, 1e-9) is None  # shared bases: not split by experts
+    assert recovery_chunks.expert_chunk(basis, 1e-9) is None  # shared bases: not split by experts
 
 
 def test_chunked_recovery_lowers_the_heldout_error_and_keeps_the_cores(tok, texts):

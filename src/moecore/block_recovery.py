@@ -32,7 +32,8 @@ from .errors import TrainingError, UnsupportedModelError
 from .compressed_experts import CompressedExperts
 from .expert_source import routed_outputs
 from .families import ExpertsLayout, is_compressed
-from .forms import PROJECTIONS, get_form
+from .forms import PROJECTIONS
+from .recovery_chunks import chunk_module, expert_chunk, part_output, trained_form, write_chunk
 from .heap import reusable_heap
 
 #: every this many-th calibration sequence is held out to judge a trained block
@@ -41,9 +42,6 @@ HOLDOUT_EVERY = 5
 MIN_HELDOUT_ROWS = 16
 #: rows per forward when measuring targets and errors (bounds the activation memory)
 CHUNK = 4096
-#: bytes per trained element: float32 value, gradient and Adam's two moments (16), and each
-#: step's operands built from it with their gradients (8)
-TRAINED_BYTES = 24
 #: devices where recovery's Adam runs as torch's fused kernel (``torch.optim.Adam(fused=True)``)
 FUSED_ADAM_DEVICES = ("cpu", "cuda")
 
@@ -224,29 +222,24 @@ def train_block(module: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: 
         val = fit
     fx, fi, fw, fy = x[fit], idx[fit], w[fit], y[fit]
     vx, vi, vw, vy = x[val], idx[val], w[val], y[val]
+    params = trainable(module, train_core)
+    report = {"steps": steps, "kept": False, "params": sum(p.numel() for _, p in params),
+              "rows": int(fx.shape[0]), "heldout_rows": int(vx.shape[0]) if bool(held.any()) else 0}
+    chunk = expert_chunk(module, memory_gb)
+    gen = torch.Generator().manual_seed(seed)
+    if chunk is not None:  # the trained tensors do not fit memory_gb: experts a chunk at a time
+        sizes = dict(zip((n for n, _ in params), step_sizes([p for _, p in params], lr)))
+        return {**report, **train_experts_in_chunks(module, layout, chunk, (fx, fi, fw, fy), (vx, vi, vw, vy), sizes,
+                                                    steps=steps, batch_tokens=batch_tokens, generator=gen, where=where)}
     before, val_before = rel_error(module, layout, fx, fi, fw, fy), rel_error(module, layout, vx, vi, vw, vy)
     if not (math.isfinite(before) and math.isfinite(val_before)):
         raise TrainingError(f"{where} gives a non-finite output error ({before}); stopping")
-    params = trainable(module, train_core)
-    report = {"steps": steps, "kept": False, "params": sum(p.numel() for _, p in params),
-              "rows": int(fx.shape[0]), "heldout_rows": int(vx.shape[0]) if bool(held.any()) else 0,
-              "rel_mse_before": before, "rel_mse_after": before,
-              "val_rel_mse_before": val_before, "val_rel_mse_after": val_before}
+    report.update(rel_mse_before=before, rel_mse_after=before, val_rel_mse_before=val_before,
+                  val_rel_mse_after=val_before)
     if not steps or not params or fx.shape[0] == 0:
         return report
     dt = _train_dtype(params[0][1].dtype)
     sizes = step_sizes([p for _, p in params], lr)
-    gen = torch.Generator().manual_seed(seed)
-    chunk = expert_chunk(module, memory_gb)
-    if chunk is not None:  # the trained tensors do not fit memory_gb: experts a chunk at a time
-        factor_sizes = dict(zip((n for n, _ in params), sizes))
-        report.update(train_experts_in_chunks(module, layout, chunk, (fx, fi, fw, fy), (vx, vi, vw, vy),
-                                              factor_sizes, steps=steps, batch_tokens=batch_tokens, generator=gen,
-                                              where=where))
-        after, val_after = rel_error(module, layout, fx, fi, fw, fy), rel_error(module, layout, vx, vi, vw, vy)
-        if report["kept_chunks"]:
-            report.update(kept=True, rel_mse_after=after, val_rel_mse_after=val_after)
-        return report
     work, to_work = _training_copy(module, dt)  # trained in float32 (float64 for a float64 module)
     _fit(work, [to_work[n] for n, _ in params], sizes, block_loss(layout, work, fx.to(dt), fi, fw.to(dt), fy.to(dt)),
          fx.shape[0], fx.device, steps=steps, batch_tokens=batch_tokens, generator=gen, where=where)
@@ -268,99 +261,76 @@ def train_block(module: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: 
     return report
 
 
-def _trained_form(module: CompressedExperts):
-    form = module.form_impl
-    return form, get_form(form.training_form or form.name)
-
-
-def expert_chunk(module: nn.Module, memory_gb: float | None) -> int | None:
-    """Experts that recovery trains at once, or ``None`` for all of them as one module.  A chunk
-    only for a compressed module in float storage whose training form has a factor stack per
-    expert (:attr:`~moecore.forms.Form.per_expert_factors`) and whose trained factors (padded
-    as the form trains them) take more than ``memory_gb`` GiB at :data:`TRAINED_BYTES` per element."""
-    if memory_gb is None or not is_compressed(module) or module.quant is not None:
-        return None
-    form, trained_as = _trained_form(module)
-    if not trained_as.per_expert_factors:
-        return None
-    def shapes_only(name: str) -> torch.Tensor:  # float tensors on meta: the training form's shapes, no copy
-        t = module.stored(name)
-        return t.to("meta") if t.is_floating_point() else t
-    per_expert = sum(math.prod(t.shape[1:]) for p in PROJECTIONS for t in form.to_training(shapes_only, p))
-    chunk = max(1, int(memory_gb * (1 << 30)) // max(1, TRAINED_BYTES * per_expert))
-    return chunk if chunk < module.num_experts else None
-
-
-def _write_chunk(module: CompressedExperts, a: int, b: int, new: dict) -> None:
-    """Experts ``a:b`` of the module's stored factors set from training-form factors ``new[p]``."""
-    form = module.form_impl
-    for p in PROJECTIONS:
-        form.set_training_slice(module.stored, p, a, b, tuple(new[p]))
-    module.clear_cache()
-
-
-def chunk_problem(module: CompressedExperts, layout: ExpertsLayout, a: int, b: int, fit: tuple) -> tuple[CompressedExperts | None, Any, int]:
-    """Experts ``a:b`` of ``module`` as a training problem of their own: ``(work, batch_loss,
-    n)``; ``work`` a module of those experts (their training-form factors,
-    :meth:`~moecore.forms.Form.training_slice`, and the cores, in float32), ``batch_loss(rows)`` the relative MSE of the block's output on a
-    batch of the ``n`` rows routed to at least one of them, with the other experts' output on
-    those rows (computed once, in the module's dtype) held fixed: ``y − others`` is the target of
-    ``work``'s pairs summed back to their rows.  ``(None, None, 0)`` when no row reaches them."""
-    fx, fi, fw, fy = fit
-    form, trained_as = _trained_form(module)
-    dt, mdt = _train_dtype(module.float_dtype), module.float_dtype
-    in_chunk = (fi >= a) & (fi < b)  # (n, k)
-    rows = in_chunk.any(1)
-    if not bool(rows.any()):
-        return None, None, 0
-    xc, ic, wc, yc, mask = fx[rows].to(mdt), fi[rows], fw[rows], fy[rows], in_chunk[rows]
-    with torch.no_grad():
-        target = (yc - block_targets(module, layout, xc, torch.where(mask, -1, ic), wc.to(mdt))).to(dt)  # (n_c, H)
-    scale = yc.to(dt).pow(2).mean().clamp_min(1e-30)
-    local, tx, tw = torch.where(mask, ic - a, -1), xc.to(dt), wc.to(dt)
-    biases = {n: module.stored(n)[a:b] for n in ("bias_gate_up", "bias_down")} if layout.has_bias else None
-    cores = {p: module.stored(form.core_name(p)).detach() for p in PROJECTIONS}
-    factors = {p: form.training_slice(module.stored, p, a, b) for p in PROJECTIONS}
-    work = CompressedExperts.from_factors(layout, trained_as.name, cores, factors, biases, act_fn=module.act_fn,
-                                          dtype=dt, device=cores["gate"].device)
-
-    def batch_loss(sel: torch.Tensor) -> torch.Tensor:
-        r, j = mask[sel].nonzero(as_tuple=True)  # the batch's pairs with the chunk's experts
-        out = work.routed(tx[sel][r], local[sel][r, j, None], tw[sel][r, j, None])  # (pairs, H)
-        out = torch.zeros(sel.shape[0], out.shape[1], dtype=dt, device=out.device).index_add(0, r, out)
-        return (out - target[sel]).pow(2).mean() / scale
-    return work, batch_loss, int(tx.shape[0])
+def _rel(out: torch.Tensor, y: torch.Tensor) -> float:
+    """``‖out − y‖² / ‖y‖²`` in float64 sums."""
+    return float((out.double() - y.double()).pow(2).sum()) / max(float(y.double().pow(2).sum()), 1e-30)
 
 
 @torch.no_grad()
 def train_experts_in_chunks(module: CompressedExperts, layout: ExpertsLayout, chunk: int, fit: tuple, val: tuple,
                             sizes: dict[str, float], *, steps: int, batch_tokens: int, generator: torch.Generator,
                             where: str) -> dict[str, Any]:
-    """Recovery of a compressed module too large to train at once: the factors of experts
-    ``a:b`` (``chunk`` at a time, in index order; :func:`chunk_problem`), ``steps`` Adam steps
-    each, the other experts and the cores frozen.  Each chunk's result is kept only if the whole
-    module's held-out error fell.  ``fit``, ``val``: ``(x (n, H), idx (n, k), w (n, k), y (n, H))``;
-    ``sizes``: each stored factor's peak step size.  Returns ``{"expert_chunks", "kept_chunks",
-    "trained_core": False}``."""
-    form, trained_as = _trained_form(module)
+    """Recovery of a compressed module too large to train, or even to run, at once: the factors
+    of experts ``a:b`` (``chunk`` at a time, in index order), ``steps`` Adam steps each, the
+    other experts and the cores frozen.
+
+    The module is only ever run a chunk of experts at a time (:func:`~moecore.recovery_chunks.part_output`:
+    a ragged module's whole forward pads every expert to the largest rank, 11 GB of operands at
+    DeepSeek-V3's shape).  Its output on the fitted and held-out rows is the sum of its chunks'
+    outputs, kept up to date: chunk ``a:b`` is fitted on the rows routed to at least one of its
+    experts, to ``y`` minus the other experts' output there (its pairs summed back to their
+    rows), and kept only if the held-out error of the whole output fell.  ``fit``, ``val``:
+    ``(x (n, H), idx (n, k), w (n, k), y (n, H))``; ``sizes``: each stored factor's peak step
+    size.  Returns the errors before and after, ``"expert_chunks", "kept_chunks", "kept"`` and
+    ``"trained_core": False``."""
+    form, trained_as = trained_form(module)
+    e, mdt, dt = module.num_experts, module.float_dtype, _train_dtype(module.float_dtype)
     names = {p: trained_as.param_names(p) for p in PROJECTIONS}
     trained = [n for p in PROJECTIONS for n in names[p]]
     step = [sizes[n] for p in PROJECTIONS for n in form.param_names(p)]
-    kept = chunks = 0
-    for a in range(0, module.num_experts, chunk):
-        b = min(module.num_experts, a + chunk)
-        work, batch_loss, n = chunk_problem(module, layout, a, b, fit)
-        if work is None:
+    fx, fi, fw, fy = fit
+    vx, vi, vw, vy = val
+    parts = [(a, min(e, a + chunk)) for a in range(0, e, chunk)]
+    cur = sum(part_output(chunk_module(module, a, b, mdt), a, b, fx, fi, fw) for a, b in parts)  # (n, H) float32
+    cur_val = sum(part_output(chunk_module(module, a, b, mdt), a, b, vx, vi, vw) for a, b in parts)
+    before, val_before = _rel(cur, fy), _rel(cur_val, vy)
+    if not (math.isfinite(before) and math.isfinite(val_before)):
+        raise TrainingError(f"{where} gives a non-finite output error ({before}); stopping")
+    val_now, kept, chunks = val_before, 0, 0
+    for a, b in parts:
+        rows = ((fi >= a) & (fi < b)).any(1)  # (n,) rows with a pair in the chunk
+        vrows = ((vi >= a) & (vi < b)).any(1)
+        if not steps or not bool(rows.any()):
             continue
         chunks += 1
-        val_before = rel_error(module, layout, *val)
+        old, old_val = (part_output(chunk_module(module, a, b, mdt), a, b, *t) for t in
+                        ((fx[rows], fi[rows], fw[rows]), (vx[vrows], vi[vrows], vw[vrows])))
+        target = (fy[rows] - (cur[rows] - old)).to(dt)  # y minus the other experts' output  (n_c, H)
+        work = chunk_module(module, a, b, dt)
+        mask, local = (fi[rows] >= a) & (fi[rows] < b), fi[rows] - a
+        tx, tw, scale = fx[rows].to(dt), fw[rows].to(dt), fy[rows].to(dt).pow(2).mean().clamp_min(1e-30)
+
+        def batch_loss(sel: torch.Tensor) -> torch.Tensor:
+            r, j = mask[sel].nonzero(as_tuple=True)  # the batch's pairs with the chunk's experts
+            out = work.routed(tx[sel][r], local[sel][r, j, None], tw[sel][r, j, None])  # (pairs, H)
+            out = torch.zeros(sel.shape[0], out.shape[1], dtype=dt, device=out.device).index_add(0, r, out)
+            return (out - target[sel]).pow(2).mean() / scale
+
         saved = {p: [t.clone() for t in form.training_slice(module.stored, p, a, b)] for p in PROJECTIONS}
-        _fit(work, trained, step, batch_loss, n, fit[0].device, steps=steps, batch_tokens=batch_tokens,
+        _fit(work, trained, step, batch_loss, int(tx.shape[0]), tx.device, steps=steps, batch_tokens=batch_tokens,
              generator=generator, where=f"{where} (experts {a}:{b})")
-        _write_chunk(module, a, b, {p: [work.get_parameter(n) for n in names[p]] for p in PROJECTIONS})
-        del work, batch_loss
-        if rel_error(module, layout, *val) < val_before:
-            kept += 1
+        write_chunk(module, a, b, {p: [work.get_parameter(n) for n in names[p]] for p in PROJECTIONS})
+        del work, batch_loss, target
+        new = chunk_module(module, a, b, mdt)  # judged in the module's own dtype
+        new_val = part_output(new, a, b, vx[vrows], vi[vrows], vw[vrows])
+        cand = cur_val.clone()
+        cand[vrows] += new_val - old_val
+        if _rel(cand, vy) < val_now:
+            cur[rows] += part_output(new, a, b, fx[rows], fi[rows], fw[rows]) - old
+            cur_val, val_now, kept = cand, _rel(cand, vy), kept + 1
         else:  # never make the block worse on unseen tokens: this chunk's start back
-            _write_chunk(module, a, b, saved)
-    return {"expert_chunks": chunks, "kept_chunks": kept, "trained_core": False}
+            write_chunk(module, a, b, saved)
+    after = _rel(cur, fy)
+    return {"rel_mse_before": before, "rel_mse_after": after if kept else before, "val_rel_mse_before": val_before,
+            "val_rel_mse_after": val_now, "kept": kept > 0, "expert_chunks": chunks, "kept_chunks": kept,
+            "trained_core": False}

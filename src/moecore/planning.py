@@ -34,7 +34,8 @@ token, T = ``calib_max_tokens``:
   trains padded, and the cores with ``recover_train_core``; 8 more per factor element for
   each step's operands and their gradients; a layer whose factors need more than
   ``recover_memory_gb`` at these 24 bytes counts one chunk of experts' factors and no cores,
-  :func:`moecore.block_recovery.expert_chunk`) and the routed inputs and the original block's
+  :func:`moecore.recovery_chunks.expert_chunk`, and the layer's output on every row and a chunk's
+  target, T·d·4 each) and the routed inputs and the original block's
   outputs, T·d·4 each, and their split into fitted and held-out rows, as much again.
 
 The estimate is the largest of the phases.
@@ -52,7 +53,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from .block_recovery import TRAINED_BYTES
+from .recovery_chunks import TRAINED_BYTES
 from .config import CompressionConfig
 from .errors import ConfigError, FileAccessError, first_line
 from .families import config_dtype, find_experts, text_config
@@ -124,12 +125,14 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
         cores = sum(r["core_params"] for r in row["projections"].values()) if cfg.recover_train_core else 0
         per_expert = factors // e
         chunk = int(cfg.recover_memory_gb * GIB) // max(1, TRAINED_BYTES * per_expert)
-        if get_form(form.training_form or form.name).per_expert_factors and chunk < e:  # trained a chunk at a time
-            factors, cores = max(1, chunk) * per_expert, 0  # factors only
+        chunked = get_form(form.training_form or form.name).per_expert_factors and chunk < e
+        if chunked:  # trained a chunk at a time, factors only; the layer's output kept on every row
+            factors, cores = max(1, chunk) * per_expert, 0
         recovering = (device - (layer_bytes - rest_of_layer) - fit
                       + 16 * (factors + cores)  # float32 tensor, gradient and Adam's two moments
                       + (TRAINED_BYTES - 16) * factors  # each step's operands built from the factors, and their gradients
-                      + 4 * t * d * 4)  # the experts' inputs and targets, each also split into fit / held-out rows
+                      + 4 * t * d * 4  # the experts' inputs and targets, each also split into fit / held-out rows
+                      + (2 * t * d * 4 if chunked else 0))  # in chunks: the layer's output and a chunk's target
     gpu = max(device + (0 if spill else grams), recovering)
     recovering_cpu = host + recovering + rest_of_layer * wide + acts if recovering else 0
     return {"layer": f"{stack_path}.{index}", "gpu_gib": gpu / GIB,
