@@ -131,6 +131,39 @@ def test_float32_gram_fit_matches_the_float64_exact_fit_within_bound():
             assert (out["gram"][2] - out["exact"][2]).abs().max() <= 1 and out["gram"][2].sum() == out["exact"][2].sum()
 
 
+def test_float32_whitening_perturbs_the_objective_within_bound():
+    """Grams stored in float32 (real shapes) are factored in float32: each factor's relative
+    perturbation of the whitened objective, ``ρ_i = ‖L_i⁻¹ (L̃_i L̃_iᵀ − Ĝ_i) L_i⁻ᵀ‖₂``, is
+    within the bound of docs/DESIGN.md ``2·γ_{d+1}·‖Ĝ_i‖₂ / λ_i`` (the float32 rounding of the
+    Gram plus the Cholesky's backward error), and a gram-path fit on the float32 factors lands
+    within ``(1+ρ)/(1−ρ)`` of the one on float64 factors, measured in the exact metric."""
+    w, grams = _layer(d_in=320)
+    L64 = grams.clone()
+    K64, lam = mf.whiten_in_place(L64, 0.01, L64.shape[0], "cpu")
+    L32 = grams.float()
+    K32, lam32 = mf.whiten_in_place(L32, 0.01, 2, "cpu")  # float32 factors, two experts per chunk
+    assert L32.dtype == torch.float32 and torch.allclose(lam, lam32, rtol=1e-6)  # λ of the rounded Grams
+    d, u = grams.shape[-1], 2.0 ** -24
+    rho = []
+    for i in range(grams.shape[0]):
+        g_hat = L64[i] @ L64[i].mT  # Ĝ_i
+        e = L32[i].double() @ L32[i].double().mT - g_hat
+        inv = torch.linalg.inv(L64[i])
+        rho.append(float(torch.linalg.matrix_norm(inv @ e @ inv.mT, 2)))
+        bound = 2 * (d + 1) * u / (1 - (d + 1) * u) * float(torch.linalg.matrix_norm(g_hat, 2)) / float(lam[i])
+        assert rho[-1] <= bound, (i, rho[-1], bound)
+        assert not torch.equal(L32[i].double(), L64[i])  # factored in float32, not a rounded float64 factor
+    r = max(rho)
+    assert r < 0.05
+    core = mf.expert_core(w)
+    fits = {}
+    for name, (L, K) in {"64": (L64, K64), "32": (L32, K32)}.items():
+        c, (a, b), _ = mf.fit_delta(w, core, 20, L, K, steps=3, tol=0.0, method="gram", compute_dtype=torch.float32)
+        delta = w.double() - (c + a.double() @ b.double().mT)
+        fits[name] = float((delta @ L64).pow(2).sum())  # the exact whitened objective
+    assert fits["32"] <= (1 + r) / (1 - r) * fits["64"] * (1 + 1e-3), fits
+
+
 @pytest.mark.parametrize("method,cap", [("exact", None), ("randomized", None), ("gram", None), ("exact", 40),
                                         ("randomized", 40), ("gram", 40)])
 def test_report_errors_from_the_fit_match_the_products(method, cap):

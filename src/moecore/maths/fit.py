@@ -91,6 +91,11 @@ def whiten_in_place(grams: Tensor, damping: float, chunk: int, device) -> tuple[
     """Replace every ``G_i`` of ``grams (E, d, d)`` (any device/dtype) by its whitening factor
     ``L_i`` (lower Cholesky factor of ``Ĝ_i``), in place and in ``grams``' dtype.
 
+    A stack stored in float32 (real shapes, ``fitting.gram_storage``) is factored in float32:
+    the factor is rounded to float32 anyway, and a float32 Cholesky's backward error is of the
+    same size as that rounding (docs/DESIGN.md "Precision of the fit"); an expert whose float32
+    factorization fails is factored in float64.  Other dtypes are factored in float64.
+
     Returns ``K (d, d)``, the lower Cholesky factor of ``S = Σ_i Ĝ_i`` (float64, on ``device``;
     the core update solves with it; factored in place, so ``S`` and its factor never coexist:
     1.6 GB each at d = 14336), and ``λ (E,)`` (float64) so that ``Ĝ_i = G_i + λ_i I``.
@@ -98,19 +103,36 @@ def whiten_in_place(grams: Tensor, damping: float, chunk: int, device) -> tuple[
     e, d, _ = grams.shape
     total = torch.zeros(d, d, dtype=_F64, device=device)  # (d, d)
     lams = torch.zeros(e, dtype=_F64)
+    low = grams.dtype == torch.float32
     for sl in chunks_of(e, chunk):
         g, lam = damped_grams(grams[sl].to(device), damping)  # (c, d, d) float64
         total += g.sum(0)
-        L, info = torch.linalg.cholesky_ex(g)
-        if bool((info != 0).any()):  # numerically indefinite: a slightly stronger ridge
-            L = torch.linalg.cholesky(g + (1e-4 * lam)[:, None, None] * torch.eye(d, dtype=_F64, device=device))
+        if low:  # float32 factors of the float32-stored Grams
+            g32 = g.to(torch.float32)
+            L, info = torch.linalg.cholesky_ex(g32)
+            bad = info != 0
+            if bool(bad.any()):  # too ill-conditioned for float32: those experts in float64
+                L[bad] = _cholesky64(g[bad], lam[bad], device).to(L.dtype)
+            del g32
+        else:
+            L = _cholesky64(g, lam, device)
         grams[sl] = L.to(grams)
         lams[sl] = lam.cpu()
+        del g, L
     info = torch.empty((), dtype=torch.int32, device=device)
     torch.linalg.cholesky_ex(total, out=(total, info))  # S = K Kᵀ, K in place of S (lower)
     if int(info) != 0:
         raise ValueError("whiten_in_place: Σ Ĝ_i is not positive definite (a non-finite Gram?)")
     return total, lams  # cholesky_ex writes the upper triangle as zeros
+
+
+def _cholesky64(g: Tensor, lam: Tensor, device) -> Tensor:
+    """Lower Cholesky factors of float64 ``g (c, d, d)``; a numerically indefinite one gets a
+    slightly stronger ridge ``1e-4·λ``."""
+    L, info = torch.linalg.cholesky_ex(g)
+    if bool((info != 0).any()):
+        L = torch.linalg.cholesky(g + (1e-4 * lam)[:, None, None] * torch.eye(g.shape[-1], dtype=_F64, device=device))
+    return L
 
 
 @torch.no_grad()
