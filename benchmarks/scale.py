@@ -270,11 +270,14 @@ def fit_flops(E: int, d_out: int, d_in: int, s: int, passes: int, method: str, o
     projection: ``passes`` factor passes (1 + refinement steps run).  Keys: ``core_start``,
     ``whitened_products`` (``(W_i − C) L_i`` per pass, ``P`` once when refining), ``svd`` (randomized range-finder products, or the Gram products of the exact path),
     ``refinement`` (``L_i B̃_i``, ``N``), ``errors`` (``A_i B_iᵀ``; ``W_i L_i`` and ``Δ_i L_i`` at 1 pass)."""
+    from moecore.maths.triangular import dense_fraction
+
     o, i, k = d_out, d_in, s + oversample
-    big = 2.0 * E * o * i * i
+    tri = dense_fraction(i)  # products with the triangular L_i skip its zero half (moecore.maths.triangular)
+    big = 2.0 * E * o * i * i * tri
     out = {"core_start": 2.0 * E * o * i,
            "whitened_products": big * (passes + (1 if passes > 1 else 0)) + (2.0 * o * i * i if passes > 1 else 0.0),
-           "refinement": passes * (2.0 * E * i * i * s + 2.0 * E * o * i * s),
+           "refinement": passes * (2.0 * E * i * i * s * tri + 2.0 * E * o * i * s),
            # the report's errors: Ŵ_i = C + A_i B_iᵀ; ``W_i L_i`` and ``Δ_i L_i`` only without
            # refinement (with it, both sums come from the fit's first pass and objective)
            "errors": (0.0 if passes > 1 else 2 * big) + 2.0 * E * o * i * s}

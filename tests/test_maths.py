@@ -284,3 +284,29 @@ def test_config_defaults_roundtrip_and_atomic_save(tmp_path):
     assert CompressionConfig.load(tmp_path) == cfg
     with pytest.raises(ConfigError, match="no moecore_config.json"):
         CompressionConfig.load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("d", [300, 1030, 2048])
+def test_triangular_products_equal_the_dense_ones_with_fewer_multiply_adds(d):
+    """``maths.triangular``: products with a lower-triangular factor skip its zero half: equal to
+    the dense products to float32 rounding (exactly the dense product below 2·MIN_BLOCK), and
+    FlopCounterMode counts ``dense_fraction(d)`` of the dense FLOPs (0.625 at d = 2048)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moecore.maths import triangular as tr
+
+    g = torch.Generator().manual_seed(0)
+    l = torch.randn(3, d, d, generator=g).tril()  # (n, d, d) lower
+    a, b = torch.randn(3, 40, d, generator=g), torch.randn(3, d, 7, generator=g)
+    for fn, args, ref in ((tr.lower_right, (a, l), a @ l), (tr.upper_right, (a, l), a @ l.mT),
+                          (tr.lower_left, (l, b), l @ b)):
+        with FlopCounterMode(display=False) as fc:
+            got = fn(*args)
+        dense = 2 * 3 * ref.shape[-2] * ref.shape[-1] * d
+        if d < 2 * tr.MIN_BLOCK:
+            assert torch.equal(got, ref) and fc.get_total_flops() == dense
+        else:
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        if d % 4 == 0:  # halves split evenly: the count is exact
+            assert fc.get_total_flops() == dense * tr.dense_fraction(d), (fn.__name__, fc.get_total_flops(), dense)
+    assert tr.dense_fraction(2048) == 0.625 and tr.dense_fraction(7168) == 0.5625 and tr.dense_fraction(768) == 1.0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .decompose import damped_grams, gram_svd, solve_lt, split_sqrt, truncated_svd, wrapper_factors
+from .triangular import lower_left, lower_right, upper_right
 
 Tensor = torch.Tensor
 _F64 = torch.float64
@@ -216,9 +217,9 @@ def fit_delta(
             w, l = on(weights, sl), on(L, sl)  # (n, d_out, d_in), (n, d_in, d_in)
             r = w - cc
             del w
-            rl = r @ l if l is not None else r  # whitened residual (n, d_out, d_in)
+            rl = lower_right(r, l) if l is not None else r  # whitened residual (n, d_out, d_in)
             if p_acc is not None:  # Σ_i R_i L_i L_iᵀ  (once)
-                p_acc += (rl @ l.mT).sum(0, dtype=_F64) if l is not None else rl.sum(0, dtype=_F64)
+                p_acc += upper_right(rl, l).sum(0, dtype=_F64) if l is not None else rl.sum(0, dtype=_F64)
             if method in ("exact", "gram"):  # exact top triplets from the smaller Gram, float64 / float32
                 a, bw, kept = gram_svd(rl.to(_F64) if method == "exact" else rl, width)  # (n,d_out,s) (n,d_in,s) (n,)
             else:
@@ -236,14 +237,14 @@ def fit_delta(
                 b_all[sl] = bw.to(factor_dtype)
                 continue
             b_all[sl] = (solve_lt(l.to(bw.dtype), bw) if l is not None else bw).to(factor_dtype)
-            lb = (l.to(bw.dtype) @ bw) if l is not None else bw  # Ĝ_i B_i = L_i B̃_i  (n, d_in, s)
+            lb = lower_left(l.to(bw.dtype), bw) if l is not None else bw  # Ĝ_i B_i = L_i B̃_i  (n, d_in, s)
             n_acc += torch.einsum("nos,nis->oi", a.to(_F64), lb.to(_F64))
         if energy is not None:  # keep the E·rank largest σ² over all experts, then N for them
             acc["ranks"], kept_all = _water_fill(energy, a_all, b_all, budget)  # zeroes the dropped columns of B̃ too
             err -= float(kept_all)
             for sl in parts:  # products in the working precision, as above (no float64 copy of L_i)
                 a, bw, l = a_all[sl].to(_F64), b_all[sl].to(cdt), on(L, sl)
-                lb = l @ bw if l is not None else bw  # Ĝ_i B_i = L_i B̃_i  (n, d_in, s)
+                lb = lower_left(l, bw) if l is not None else bw  # Ĝ_i B_i = L_i B̃_i  (n, d_in, s)
                 n_acc += torch.einsum("nos,nis->oi", a, lb.to(_F64))
                 if l is not None:  # B_i = L_i⁻ᵀ B̃_i, each column on its own: the zeroed ones stay zero
                     b_all[sl] = solve_lt(l, bw).to(factor_dtype)
@@ -350,8 +351,8 @@ def errors(
             lw_d, lw_w = lw_d + float((la * dw).sum()), lw_w + float((la * ww).sum())
         if direct:
             l = L[sl].to(device=device, dtype=compute_dtype)
-            on += float(((delta @ l).pow(2).sum((1, 2), dtype=_F64) - la * dw).clamp_min(0).sum())
-            od += float(((w @ l).pow(2).sum((1, 2), dtype=_F64) - la * ww).clamp_min(0).sum())
+            on += float((lower_right(delta, l).pow(2).sum((1, 2), dtype=_F64) - la * dw).clamp_min(0).sum())
+            od += float((lower_right(w, l).pow(2).sum((1, 2), dtype=_F64) - la * ww).clamp_min(0).sum())
     if L is not None and not direct:  # Σ(‖Δ_i L_i‖² − λ_i‖Δ_i‖²), Σ(‖W_i L_i‖² − λ_i‖W_i‖²)
         on, od = max(whitened[0] - lw_d, 0.0), max(whitened[1] - lw_w, 0.0)
     weight_err = (wn / max(wd, 1e-300)) ** 0.5
@@ -370,8 +371,8 @@ def spectrum(weights: Tensor, core: Tensor, L: Tensor | None = None, *, chunk: i
     out, total = [], 0.0
     for sl in chunks_of(e, chunk or e):
         w, l = _on(weights, sl, device), _on(L, sl, device)
-        out.append(torch.linalg.svdvals((w - core) @ l if l is not None else w - core).cpu())
-        total += float((w @ l if l is not None else w).pow(2).sum())
+        out.append(torch.linalg.svdvals(lower_right(w - core, l) if l is not None else w - core).cpu())
+        total += float((lower_right(w, l) if l is not None else w).pow(2).sum())
     return torch.cat(out), total
 
 
