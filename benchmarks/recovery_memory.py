@@ -9,7 +9,8 @@ per padded factor element: 123 GiB for a DeepSeek-V3 layer at 25%, more than any
 Protocol: one random ragged ``CompressedExperts`` at the shape in float32, as the engine trains
 it on a CPU (mean rank for 25% of the expert parameters, ranks of ``ragged_cost.py`` up to 2x
 the mean), ``--tokens`` calibration rows routed top-k, float32 rows, targets from the same
-module with every ``A`` factor 10% larger (learnable; speed and memory do not depend on the
+module with every ``A`` factor 10% larger (learnable; the factors scaled so that the low-rank paths
+carry a fifth of the output; speed and memory do not depend on the
 values), every 5th 512-token sequence held out; ``train_block`` with
 the product defaults (lr 0.02, 1,024 rows per step, cores trained when all experts train at
 once) and ``--steps`` steps per chunk.  One configuration per process; peak anonymous memory
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         for p in PROJECTIONS:
             getattr(module, f"ragged_r_{p}").copy_(ranks)
+            getattr(module, f"ragged_a_{p}").mul_(10.0)  # the low-rank paths a fifth of the output, not 2%
     layout = layout_of("experts", orig)
     x = torch.randn(a.tokens, h, generator=gen)  # (T, H) float32, as the engine keeps them on a CPU
     idx, w = routing(a.tokens, e, k, 1)

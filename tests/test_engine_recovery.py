@@ -221,4 +221,11 @@ def test_cli_compress_reports_block_recovery(tmp_path, tok, texts, capsys):
                  "--recover-steps", "10", "--recover-lr", "0.03", "--device", "cpu", "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "recover " in err and "block recovery (10 steps per layer): kept in 2 of 2 layer(s)" in err, err
+    assert "a chunk of experts at a time" not in err
+    assert main(["compress", str(tmp_path / "src"), "-o", str(tmp_path / "o3"), "--rank", "3", "--calib",
+                 str(tmp_path / "calib.txt"), "--calib-tokens", "1536", "--calib-seq-len", "48", "--refine-steps", "1",
+                 "--recover-steps", "10", "--recover-memory-gb", "1e-6", "--device", "cpu", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert ("2 layer(s) trained a chunk of experts at a time, factors only: their trained tensors exceed "
+            "--recover-memory-gb 1e-06") in err, err
     assert main(["compress", str(tmp_path / "src"), "-o", str(tmp_path / "o2"), "--recover-steps", "-3"]) == 2

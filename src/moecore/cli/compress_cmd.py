@@ -84,6 +84,10 @@ def run(args) -> int:
         status(f"block recovery ({cfg.recover_steps} steps per layer): kept in {len(kept)} of {len(rec)} layer(s); "
                f"held-out block error {sum(r['val_rel_mse_before'] for r in rec) / len(rec):.4g} -> "
                f"{sum(r['val_rel_mse_after'] for r in rec) / len(rec):.4g} (mean relative MSE)")
+        chunked = [r for r in rec if "expert_chunks" in r]
+        if chunked:
+            status(f"{len(chunked)} layer(s) trained a chunk of experts at a time, factors only: their trained "
+                   f"tensors exceed --recover-memory-gb {cfg.recover_memory_gb:g}")
     if not args.quiet:
         print_table(read_statistics_yaml(Path(res["output"]) / STATS_FILENAME), per_layer=False)
     print(f"saved compressed model to {args.output}")
