@@ -330,6 +330,7 @@ def train_experts_in_chunks(module: CompressedExperts, layout: ExpertsLayout, ch
             cur_val, val_now, kept = cand, _rel(cand, vy), kept + 1
         else:  # never make the block worse on unseen tokens: this chunk's start back
             write_chunk(module, a, b, saved)
+        del new, saved, old, old_val
     after = _rel(cur, fy)
     return {"rel_mse_before": before, "rel_mse_after": after if kept else before, "val_rel_mse_before": val_before,
             "val_rel_mse_after": val_now, "kept": kept > 0, "expert_chunks": chunks, "kept_chunks": kept,

@@ -81,6 +81,7 @@ def part_output(part: CompressedExperts, a: int, b: int, x: torch.Tensor, idx: t
     (zero where a row has none), computed in ``part``'s dtype, :data:`ROWS` rows at a time."""
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     dt = part.float_dtype
+    part.cache_operands = False  # its operands built per call and freed, not kept with the module
     for i in range(0, x.shape[0], ROWS):
         sl = slice(i, i + ROWS)
         r, j = ((idx[sl] >= a) & (idx[sl] < b)).nonzero(as_tuple=True)  # the pairs with these experts
