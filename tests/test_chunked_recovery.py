@@ -89,6 +89,7 @@ def test_chunked_recovery_lowers_the_heldout_error_and_keeps_the_cores(tok, text
     for (_, m, _), (_, ref, _) in zip(find_experts(rec, "compressed"), find_experts(base, "compressed")):
         r = m.report["recovery"]
         assert r["expert_chunks"] == math.ceil(m.num_experts / 2) and r["trained_core"] is False
+        assert r["params"] == sum(p.numel() for n, p in m.named_parameters() if not n.startswith(("core_", "bias_")))
         assert r["kept"] and r["kept_chunks"] >= 1
         assert r["val_rel_mse_after"] < 0.95 * r["val_rel_mse_before"], r
         assert r["rel_mse_after"] < r["rel_mse_before"], r

@@ -214,7 +214,9 @@ def train_block(module: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: 
             (:func:`train_experts_in_chunks`, factors only); ``None``: all at once.
     Returns ``{"steps", "kept", "params", "rows", "heldout_rows", "rel_mse_before",
     "rel_mse_after", "val_rel_mse_before", "val_rel_mse_after"}`` (the "after" values are the
-    kept parameters' errors), and, trained in chunks, ``"expert_chunks", "kept_chunks"``.  ``TrainingError`` on a non-finite error.
+    kept parameters' errors), and, trained in chunks, ``"expert_chunks", "kept_chunks",
+    "trained_core"`` (``"params"`` then counts the factors only).  ``TrainingError`` on a
+    non-finite error.
     """
     rows = ((idx >= 0) & (idx < getattr(module, "num_experts", 1 << 62))).any(1)  # (N,) routed to some expert
     fit, val = rows & ~held, rows & held
@@ -229,6 +231,7 @@ def train_block(module: nn.Module, layout: ExpertsLayout, x: torch.Tensor, idx: 
     gen = torch.Generator().manual_seed(seed)
     if chunk is not None:  # the trained tensors do not fit memory_gb: experts a chunk at a time
         sizes = dict(zip((n for n, _ in params), step_sizes([p for _, p in params], lr)))
+        report["params"] = sum(p.numel() for _, p in trainable(module, False))  # the cores stay
         return {**report, **train_experts_in_chunks(module, layout, chunk, (fx, fi, fw, fy), (vx, vi, vw, vy), sizes,
                                                     steps=steps, batch_tokens=batch_tokens, generator=gen, where=where)}
     before, val_before = rel_error(module, layout, fx, fi, fw, fy), rel_error(module, layout, vx, vi, vw, vy)
