@@ -152,3 +152,16 @@ def test_a_slice_of_experts_is_the_whole_training_form_cut_and_writes_back_exact
                 impl.set_training_slice(module.stored, p, a, b, part)
     for n, t in module.named_parameters():
         assert torch.equal(t, before[n]), n
+
+
+def test_step_sizes_of_large_tensors_are_summed_in_blocks(monkeypatch):
+    """``step_sizes`` sums a large tensor's squares a block at a time (no whole float64 copy):
+    the same RMS to 1e-12; a tensor within one block is computed exactly as before."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(300, 70, generator=g) * 0.02
+    exact = float(t.double().pow(2).mean().sqrt())
+    assert block_recovery.step_sizes([t], 0.5) == [0.5 * exact]  # one block: bit for bit
+    monkeypatch.setattr(block_recovery, "RMS_BLOCK", 1000)  # 21 blocks
+    (blocked,) = block_recovery.step_sizes([t], 0.5)
+    assert blocked == pytest.approx(0.5 * exact, rel=1e-12)
+    assert block_recovery.step_sizes([torch.zeros(5000), t], 1.0)[0] == pytest.approx(exact, rel=1e-12)  # floor

@@ -141,9 +141,26 @@ def step_sizes(params: list[torch.Tensor], lr: float) -> list[float]:
     orders of magnitude (whitened: ``A = U√S`` has RMS ~0.5, ``B = L⁻ᵀV√S`` ~0.02 on the bundled
     models), and Adam moves every entry by about its step size: one absolute rate either
     barely moves ``A`` or makes ``B`` diverge.  A relative rate moves each by the same fraction."""
-    rms = [float(p.detach().double().pow(2).mean().sqrt()) if p.numel() else 0.0 for p in params]
+    rms = [_rms(p) for p in params]
     floor = min((r for r in rms if r > 0), default=1.0)
     return [lr * (r if r > 0 else floor) for r in rms]
+
+
+#: elements per block when :func:`_rms` sums a large tensor's squares
+RMS_BLOCK = 1 << 24
+
+
+def _rms(p: torch.Tensor) -> float:
+    """Root mean square of ``p`` in float64, a block of :data:`RMS_BLOCK` elements at a time
+    for a large tensor (a DeepSeek-V3 layer's ``ragged_b_gate`` is 2.9 GB: a whole float64
+    copy and its square would take 11.5 GB)."""
+    if not p.numel():
+        return 0.0
+    if p.numel() <= RMS_BLOCK:
+        return float(p.detach().double().pow(2).mean().sqrt())
+    flat = p.detach().reshape(-1)
+    total = sum(float(flat[i:i + RMS_BLOCK].double().pow(2).sum()) for i in range(0, flat.numel(), RMS_BLOCK))
+    return math.sqrt(total / flat.numel())
 
 
 def block_loss(layout: ExpertsLayout, work: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
