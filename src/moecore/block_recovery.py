@@ -311,8 +311,12 @@ def train_experts_in_chunks(module: CompressedExperts, layout: ExpertsLayout, ch
     fx, fi, fw, fy = fit
     vx, vi, vw, vy = val
     parts = [(a, min(e, a + chunk)) for a in range(0, e, chunk)]
-    cur = sum(part_output(chunk_module(module, a, b, mdt), a, b, fx, fi, fw) for a, b in parts)  # (n, H) float32
-    cur_val = sum(part_output(chunk_module(module, a, b, mdt), a, b, vx, vi, vw) for a, b in parts)
+    cur, cur_val = torch.zeros_like(fx, dtype=torch.float32), torch.zeros_like(vx, dtype=torch.float32)  # (n, H)
+    for a, b in parts:  # the layer's output as the sum of its chunks' (each chunk module built once)
+        part = chunk_module(module, a, b, mdt)
+        cur += part_output(part, a, b, fx, fi, fw)
+        cur_val += part_output(part, a, b, vx, vi, vw)
+        del part
     before, val_before = _rel(cur, fy), _rel(cur_val, vy)
     if not (math.isfinite(before) and math.isfinite(val_before)):
         raise TrainingError(f"{where} gives a non-finite output error ({before}); stopping")
@@ -323,8 +327,9 @@ def train_experts_in_chunks(module: CompressedExperts, layout: ExpertsLayout, ch
         if not steps or not bool(rows.any()):
             continue
         chunks += 1
-        old, old_val = (part_output(chunk_module(module, a, b, mdt), a, b, *t) for t in
-                        ((fx[rows], fi[rows], fw[rows]), (vx[vrows], vi[vrows], vw[vrows])))
+        part = chunk_module(module, a, b, mdt)
+        old, old_val = part_output(part, a, b, fx[rows], fi[rows], fw[rows]), part_output(part, a, b, vx[vrows], vi[vrows], vw[vrows])
+        del part
         target = (fy[rows] - (cur[rows] - old)).to(dt)  # y minus the other experts' output  (n_c, H)
         work = chunk_module(module, a, b, dt)
         mask, local = (fi[rows] >= a) & (fi[rows] < b), fi[rows] - a
