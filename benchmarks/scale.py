@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from provenance import provenance  # noqa: E402
+from provenance import provenance, set_overrides  # noqa: E402
 
 #: the real shapes: hidden H, expert intermediate F, experts E, top-k, real MoE layers, attention
 SHAPES = {
@@ -224,6 +224,7 @@ def run(a) -> dict:
             cfg["recover_memory_gb"] = a.recover_memory_gb
         if a.gram_host_gb is not None:
             cfg["gram_host_gb"] = a.gram_host_gb
+        cfg.update(set_overrides(a.set))  # --set KEY=VALUE: any other CompressionConfig field
         child = {"src": str(tmp / "src"), "out": str(tmp / "out"), "calib": str(tmp / "calib.txt"),
                  "device": a.device, "cfg": cfg}
         r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(child)], capture_output=True, text=True)
@@ -437,6 +438,8 @@ def main() -> None:
                          "(default: the product default)")
     ap.add_argument("--gram-host-gb", type=float, default=None,
                     help="Gram stacks larger than this many GiB in a scratch file (default: the product default)")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override any CompressionConfig field, e.g. --set 'quant={\"core_bits\": 4}' (repeatable)")
     ap.add_argument("--workdir", default=None, help="where the synthetic checkpoint is written (needs disk space)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--render", action="store_true", help="only render results/scale.md from the JSON files")

@@ -88,6 +88,51 @@ def test_refit_after_quantization_lowers_the_whitened_error(core_bits, factor_bi
         assert refit.report[p]["quant_refit"] and refit.report[p]["output_rel_error"] > 0
 
 
+def _whitening(gram: torch.Tensor):
+    """The fit's whitening of raw Grams ``(E, d, d)``: ``L`` in place of a copy, ``K``, ``λ``."""
+    from moecore.maths import fit as mf
+
+    L = gram.to(torch.float64, copy=True)
+    K, lam = mf.whiten_in_place(L, 0.01, L.shape[0], "cpu")
+    return L, K, lam
+
+
+def test_quantize_projection_a_chunk_of_experts_at_a_time_is_the_whole_layer_at_once():
+    """The engine quantizes one projection at a time with the fit's whitening, ``chunk``
+    experts at a time wherever a whole (E, d_out, d_in) tensor was built (refit, B re-solved for
+    Q(A), errors): the codes are bit-identical to all experts at once, the refit is the exact
+    whitened minimizer for the quantized core, and the reported errors are the direct float64
+    ones on the raw Grams."""
+    from moecore.quant import quantize_projection
+
+    fitted, weights, grams = _fitted_layer()
+    quant = QuantConfig(core_bits=3, factor_bits=4, group_size=64)
+    form = fitted.form_impl
+    for p, w in weights.items():
+        L, K, lam = _whitening(grams[p])
+        stored = {n: fitted.stored(n).detach() for n in (form.core_name(p), *form.factor_tensor_names(p))}
+        whole = quantize_projection(form, p, w, stored, 24, quant, L=L, K=K, lam=lam)
+        parts = quantize_projection(form, p, w, stored, 24, quant, L=L, K=K, lam=lam, chunk=1)
+        assert whole[1].keys() == parts[1].keys() == {f"core_{p}", f"delta_a_{p}", f"delta_b_{p}"}
+        for name, q in whole[1].items():
+            assert all(torch.equal(q[k], parts[1][name][k]) for k in q), name
+        assert whole[2]["quant_refit"] and abs(whole[2]["output_rel_error"] / parts[2]["output_rel_error"] - 1) < 1e-10
+        total = float((w @ L).pow(2).sum())  # Σ‖W_i L_i‖², which the float fit knows: one product less
+        known = quantize_projection(form, p, w, stored, 24, quant, L=L, K=K, lam=lam, chunk=1, whitened_total=total)
+        assert known[2]["output_rel_error"] == pytest.approx(whole[2]["output_rel_error"], rel=1e-9)
+        core, a, b = (whole[0][n] for n in (f"core_{p}", f"delta_a_{p}", f"delta_b_{p}"))
+        approx = dm.reconstruct_delta(core, a, b)
+        assert whole[2]["weight_rel_error"] == pytest.approx(dm.relative_weight_error(w, approx), rel=1e-10)
+        assert whole[2]["output_rel_error"] == pytest.approx(dm.relative_output_error(w, approx, grams[p]), rel=1e-8)
+        # the refit (before Q(A), Q(B)) minimizes the whitened error for Q(C): as the closed form does
+        refit = form.refit_factors(w, core, 24, L, K)
+        closed = dm.whitened_delta_factors(w, core, 24, grams[p])
+        objective = [dm.relative_output_error(w, dm.reconstruct_delta(core, *f), grams[p] + 0.01 * torch.diagonal(
+            grams[p], dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(grams[p].shape[-1], dtype=torch.float64))
+            for f in (refit, closed)]
+        assert objective[0] == pytest.approx(objective[1], rel=1e-9)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     model, tok = tiny_mixtral(1, hidden=64, layers=2, experts=4)

@@ -29,7 +29,7 @@ from .forms import PROJECTIONS, get_form
 from .heap import available_host_bytes
 from .maths import budget
 from .maths import fit as mf
-from .quant import quantize_layer
+from .quant import quantize_projection, quantized_module
 
 _F64 = torch.float64
 GIB = 1 << 30
@@ -148,12 +148,13 @@ class _Projection:
 def _whitening(inputs: RoutedInputs, kind: str, module_views: dict, layout: ExpertsLayout, act, cfg, device,
                scratch=None):
     """Gram stack of ``kind`` ("in" / "mid") turned into whitening factors in place.
-    Returns ``(raw Grams copy or None, L, K, λ)`` (``K Kᵀ = S = Σ Ĝ_i``); the raw copy only when ``core="output"`` needs it."""
+    Returns ``(raw Grams copy or None, L, K, λ)`` (``K Kᵀ = S = Σ Ĝ_i``); the raw copy only when ``core="output"`` needs it
+    (quantized storage works from ``L`` and ``λ``, :func:`moecore.quant.quantize_projection`)."""
     e = inputs.num_experts
     d = module_views["gate"].shape[2] if kind == "in" else module_views["gate"].shape[1]
     store = gram_stack(e, d, cfg, device, scratch)
     inputs.grams(kind, store, device, module_views, layout, act, cfg.calib_prior_tokens)
-    raw = store.clone() if cfg.core == "output" or cfg.quant is not None else None
+    raw = store.clone() if cfg.core == "output" else None
     K, lam = mf.whiten_in_place(store, cfg.whiten_damping, expert_chunk(e, d, d, cfg), device)
     return raw, store, K, lam
 
@@ -193,9 +194,8 @@ def fit_experts(
     form = get_form(cfg.form)
     out_dtype = dtype or ref.dtype
     gen = torch.Generator(device=device).manual_seed(seed)
-    cores, factors, report, raw_grams = {}, {}, {}, {}
+    cores, factors, report, quantized = {}, {}, {}, {}
     for p, proj, raw, L, lam in _projections(views, layout, act, cfg, inputs, device, scratch):
-        raw_grams[p] = raw if whiten else None
         r = ranks[p]
         proj.method = svd_method(cfg, *proj.w.shape[1:], form.svd_width(r, cfg.expert_rank_cap))
         entry: dict[str, Any] = {"rank": r, "whitened": whiten}
@@ -216,6 +216,16 @@ def fit_experts(
         entry.update(weight_rel_error=werr, output_rel_error=oerr)
         if inputs is not None:
             entry.update(calibration_report(inputs, cfg))
+        if cfg.quant is not None:  # quantized core, factors refit to its rounding error, then quantized: now,
+            # while this projection's whitening factors exist (the gate/up ones are freed before down's)
+            rank, tensors = form.to_stored(proj.w.shape[0], tuple(fac))  # rounded to the stored dtype first
+            tensors = tuple(t.to(out_dtype) if t.is_floating_point() else t for t in (core, *tensors))
+            stored = dict(zip((form.core_name(p), *form.factor_tensor_names(p)), tensors))
+            quantized[p] = quantize_projection(form, p, proj.w, stored, rank, cfg.quant, L=proj.L, K=proj.K,
+                                               lam=lam if whiten else None, chunk=proj.chunk, device=device,
+                                               method=proj.method,
+                                               whitened_total=res.whitened[1] if res.whitened and whiten else None)
+            del stored, tensors
         # stored precision now (from_factors would cast the same way): Mixtral's float64 gate and up
         # results would otherwise sit beside the down projection's fit (1.4 GB)
         cores[p], report[p] = core.to(out_dtype), entry
@@ -225,8 +235,8 @@ def fit_experts(
     new = CompressedExperts.from_factors(layout, cfg.form, cores, factors, biases, act_fn=getattr(module, "act_fn", None),
                                          dtype=out_dtype, device=ref.device)
     new.report = report
-    if cfg.quant is not None:  # quantized core, factors refit to its rounding error, then quantized
-        new = quantize_layer(new, {p: views[p][:] for p in PROJECTIONS}, raw_grams, cfg.quant, cfg.whiten_damping)
+    if quantized:
+        new = quantized_module(new, quantized, cfg.quant)
     new.train(module.training)
     return new
 

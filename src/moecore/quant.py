@@ -9,7 +9,9 @@ RESULTS §5), wrapped with the stored layout (``{name}_qcodes`` / ``_qscale`` / 
 forward: its ``stored`` hook dequantizes), as torchao swaps the weights, not the module.
 
 :func:`quantize_layer` turns a fitted :class:`~moecore.compressed_experts.CompressedExperts`
-into one with quantized storage: the core is quantized first, the factors are
+into one with quantized storage (the layer engine does the same one projection at a time,
+:func:`quantize_projection`, with the fit's own whitening factors and a chunk of experts at a
+time, then :func:`quantized_module`): the core is quantized first, the factors are
 refit to ``W_i − Q(C)`` where the form can (:meth:`~moecore.forms.base.Form.refit_factors`;
 the delta form: whitened truncated SVD), then quantized by the form
 (:meth:`~moecore.forms.base.Form.quantize_factors`; the delta form quantizes ``A`` and
@@ -32,12 +34,12 @@ from torch import nn
 from .compressed_experts import CompressedExperts
 from .config import QuantConfig
 from .errors import ConfigError
-from .forms import PROJECTIONS, quantizable_forms
-from .maths import decompose as dm
+from .forms import PROJECTIONS, get_form, quantizable_forms
+from .maths import fit as mf
 from .maths.quantize import SUFFIXES, dequantize, packed_layout, quantize
 
-__all__ = ["SUFFIXES", "dequantize", "float_factors", "packed_layout", "quantize",
-           "quantize_factors", "quantize_layer"]
+__all__ = ["SUFFIXES", "dequantize", "float_factors", "packed_layout", "quantize", "quantize_factors",
+           "quantize_layer", "quantize_projection", "quantized_module"]
 
 
 @torch.no_grad()
@@ -50,59 +52,114 @@ def quantize_layer(module: CompressedExperts, weights: Mapping[str, torch.Tensor
     ``Q(A)``, ``B`` re-solved for ``Q(A)``, ``Q(B)``).
 
     ``weights[p] (E, d_out, d_in)`` are the original experts, ``grams[p] (E, d_in, d_in)`` or
-    ``None``.  ``refit=False`` quantizes the given core and factors as they are (ablation).
-    ``module.report[p]`` gains the errors of the quantized weights (``weight_rel_error``,
-    ``output_rel_error``) and keeps the float fit's as ``float_weight_rel_error`` / ...
+    ``None`` (whitened here with ``damping``, as the fit does).  ``refit=False`` quantizes the
+    given core and factors as they are (ablation).  ``module.report[p]`` gains the errors of the
+    quantized weights (``weight_rel_error``, ``output_rel_error``) and keeps the float fit's as
+    ``float_weight_rel_error`` / ...  The layer engine calls :func:`quantize_projection` itself,
+    with the fit's own whitening, one projection at a time.
     """
     quant = QuantConfig.coerce(quant)
-    form = module.form_impl
+    _check_form(module.form_impl, module.form)
+    results = {}
+    for p in PROJECTIONS:
+        L = K = lam = None
+        if grams.get(p) is not None:
+            L = grams[p].to(torch.float64, copy=True)  # (E, d_in, d_in), whitening factors in place
+            K, lam = mf.whiten_in_place(L, damping, L.shape[0], L.device)
+        form = module.form_impl
+        stored = {n: module.stored(n).detach() for n in (form.core_name(p), *form.factor_tensor_names(p))}
+        results[p] = quantize_projection(form, p, weights[p], stored, module.ranks[p], quant, L=L, K=K, lam=lam,
+                                         refit=refit)
+    return quantized_module(module, results, quant)
+
+
+def _check_form(form, name: str) -> None:
     if not form.quantizable:
         raise ConfigError(f"quantize_layer needs a layer of form {' or '.join(map(repr, quantizable_forms()))}, "
-                          f"got {module.form!r}")
-    ref = module.stored(form.core_name("gate"))
+                          f"got {name!r}")
+
+
+@torch.no_grad()
+def quantize_projection(form, p: str, weights: torch.Tensor, stored: Mapping[str, torch.Tensor], rank: int,
+                        quant: QuantConfig, *, L: torch.Tensor | None = None, K: torch.Tensor | None = None,
+                        lam: torch.Tensor | None = None, refit: bool = True, chunk: int | None = None, device=None,
+                        method: str = "exact", whitened_total: float | None = None,
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
+    """Projection ``p`` of a fitted layer in quantized storage, ``chunk`` experts at a time
+    wherever a whole ``(E, d_out, d_in)`` tensor would be built (refit, re-solve, errors).
+
+    ``weights (E, d_out, d_in)`` the original experts (any dtype and device); ``stored`` the
+    float fit's stored tensors of ``p`` (core, factors, index tensors, by stored name);
+    ``L, K, λ`` the fit's whitening (:func:`moecore.maths.fit.whiten_in_place`) or ``None``;
+    ``method`` the fit's SVD path (its working precision is the errors' too);
+    ``whitened_total`` the fit's ``Σ_i ‖W_i L_i‖²`` if known (one product less per chunk).  Returns the
+    dequantized stored tensors (float64; index tensors as they are), the codes of each
+    quantized name and the report entries ``weight_rel_error``, ``output_rel_error`` (on the
+    calibration inputs, ``None`` without ``L``) and ``quant_refit``."""
+    device = torch.device(device) if device is not None else weights.device
+    g, cb, fb, qm = quant.group_size, quant.core_bits, quant.factor_bits, quant.method
+    core_name, names, index_names = form.core_name(p), form.param_names(p), form.index_param_names(p)
+    core = stored[core_name].to(device=device, dtype=torch.float64)  # (d_out, d_in)
+    factors = tuple(stored[n].to(device=device, dtype=torch.float64) for n in names)
+    codes: dict[str, dict[str, torch.Tensor]] = {}
+    refitted = cb is None
+    if cb is not None:
+        codes[core_name] = qc = quantize(core, cb, g, qm, "core")
+        core = dequantize(qc, tuple(core.shape), cb, "core", torch.float64)  # (d_out, d_in)
+        if refit:  # the factors absorb the core's rounding error
+            new = form.refit_factors(weights, core, rank, L, K, chunk=chunk, device=device, method=method)
+            if new is not None:
+                factors, refitted = tuple(f.to(torch.float64) for f in new), True
+    if fb is not None:
+        def quantize_factor(i: int, t: torch.Tensor) -> torch.Tensor:
+            codes[names[i]] = q = quantize(t, fb, g, qm, "factor")
+            return dequantize(q, tuple(t.shape), fb, "factor", torch.float64)  # (E, d, s)
+
+        def residual(sl: slice) -> torch.Tensor:  # W_i − Q(C) for experts sl  (n, d_out, d_in)
+            return weights[sl].to(device=device, dtype=torch.float64) - core
+
+        factors = form.quantize_factors(factors, quantize_factor, residual=residual if refit else None,
+                                        resolve=refit, chunk=chunk)
+    out = {core_name: core, **dict(zip(names, factors)), **{n: stored[n] for n in index_names}}
+    werr, oerr = mf.errors(weights, _approx(form, p, out), L, lam, chunk=chunk, device=device,
+                           compute_dtype=mf.compute_dtype(method),
+                           whitened=(None, whitened_total) if whitened_total is not None else None)
+    return out, codes, {"weight_rel_error": werr, "output_rel_error": oerr, "quant_refit": bool(refit and refitted)}
+
+
+def _approx(form, p: str, stored: Mapping[str, torch.Tensor]):
+    """``approx(experts) -> Ŵ[experts]`` of projection ``p`` from its ``stored`` tensors: a slice's
+    factors alone where every factor has one entry per expert (:attr:`Form.per_expert_factors`),
+    else the whole reconstruction once, sliced."""
+    core = stored[form.core_name(p)]
+    if form.per_expert_factors:
+        rebuild = get_form(form.training_form or form.name)  # the form its training slices are in
+        return lambda sl: rebuild.reconstruct(core, form.training_slice(stored.__getitem__, p, sl.start, sl.stop))
+    whole = form.reconstruct(core, tuple(stored[n] for n in form.factor_tensor_names(p)))  # (E, d_out, d_in)
+    return lambda sl: whole[sl]
+
+
+def quantized_module(module: CompressedExperts, results: Mapping[str, tuple], quant: QuantConfig) -> CompressedExperts:
+    """The layer ``module`` in quantized storage from :func:`quantize_projection`'s ``results[p]``
+    for every projection: codes where quantized, the dequantized float values elsewhere; its
+    report gains the quantized errors, the float fit's kept as ``float_*``."""
+    _check_form(module.form_impl, module.form)
+    ref = module.stored(module.form_impl.core_name("gate"))
     out = CompressedExperts(module.num_experts, module.hidden_size, module.intermediate_size, module.form,
                             module.ranks, module.layout, act_fn=module.act_fn, dtype=ref.dtype, device=ref.device,
                             quant=quant)
-    g, cb, fb, method = quant.group_size, quant.core_bits, quant.factor_bits, quant.method
     report = {p: dict(v) for p, v in (module.report or {}).items()}
-    for p in PROJECTIONS:
-        w, gram = weights[p].to(torch.float64), grams.get(p)
-        core_name, names = form.core_name(p), form.param_names(p)
-        core = module.stored(core_name).detach().to(torch.float64)
-        factors = tuple(module.stored(n).detach().to(torch.float64) for n in names)
-        index = tuple(getattr(module, n) for n in form.index_param_names(p))  # e.g. per-expert ranks, kept as they are
-        for n, t in zip(form.index_param_names(p), index):
-            getattr(out, n).copy_(t)
-        refitted = cb is None
-        if cb is not None:
-            qc = quantize(core, cb, g, method, "core")
-            out.set_quantized(core_name, qc)
-            core = dequantize(qc, tuple(core.shape), cb, "core", torch.float64)  # (d_out, d_in)
-            if refit:  # the factors absorb the core's rounding error
-                new = form.refit_factors(w, core, module.ranks[p], gram, damping)
-                factors, refitted = (factors, False) if new is None else (tuple(new), True)
-        if fb is not None:
-            codes: dict[str, dict[str, torch.Tensor]] = {}
-
-            def quantize_factor(i: int, t: torch.Tensor) -> torch.Tensor:
-                codes[names[i]] = q = quantize(t, fb, g, method, "factor")
-                return dequantize(q, tuple(t.shape), fb, "factor", torch.float64)  # (E, d, s)
-
-            factors = form.quantize_factors(factors, quantize_factor, residual=w - core if refit else None,
-                                            resolve=refit)
-            for name in names:
+    for p, (tensors, codes, errs) in results.items():
+        for name, t in tensors.items():
+            if name in codes:
                 out.set_quantized(name, codes[name])
-        for name, t in zip((core_name, *names), (core, *factors)):
-            if name not in out.quantized:
+            else:
                 getattr(out, name).copy_(t)
-        approx = form.reconstruct(core, (*factors, *index))  # (E, d_out, d_in)
         entry = report.setdefault(p, {"rank": module.ranks[p]})
         for key in ("weight_rel_error", "output_rel_error"):
             if key in entry:
                 entry[f"float_{key}"] = entry[key]
-        entry["weight_rel_error"] = dm.relative_weight_error(w, approx)
-        entry["output_rel_error"] = dm.relative_output_error(w, approx, gram) if gram is not None else None
-        entry["quant_refit"] = bool(refit and refitted)
+        entry.update(errs)
     if module.layout.has_bias:
         out.bias_gate_up.copy_(module.bias_gate_up)
         out.bias_down.copy_(module.bias_down)

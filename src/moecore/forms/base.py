@@ -205,20 +205,24 @@ class Form(ABC):
             get(n)[a:b].copy_(t)
 
     # ------------------------------------------------------------------ quantized storage
-    def refit_factors(self, weights: Tensor, core: Tensor, rank: int, gram: Tensor | None,
-                      damping: float) -> tuple[Tensor, ...] | None:
+    def refit_factors(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, K: Tensor | None, *,
+                      chunk: int | None = None, device=None, method: str = "exact") -> tuple[Tensor, ...] | None:
         """Factors refit to ``weights (E, d_out, d_in)`` for a fixed (quantized) ``core``, so that
-        they absorb its rounding error; ``gram (E, d_in, d_in)`` the calibration Grams or
-        ``None``.  ``None`` (this default): the form keeps the factors of its float fit."""
+        they absorb its rounding error, ``chunk`` experts at a time on ``device``; ``L (E, d_in, d_in)``
+        and ``K`` the fit's whitening factors (:func:`moecore.maths.fit.whiten_in_place`) or
+        ``None`` (weight space); ``method`` the fit's SVD path.  ``None`` (this default): the form
+        keeps the factors of its float fit."""
         return None
 
     def quantize_factors(self, factors: tuple[Tensor, ...], quantize: Callable[[int, Tensor], Tensor], *,
-                         residual: Tensor | None = None, resolve: bool = True) -> tuple[Tensor, ...]:
+                         residual: Callable[[slice], Tensor] | None = None, resolve: bool = True,
+                         chunk: int | None = None) -> tuple[Tensor, ...]:
         """Quantize one projection's ``factors`` (float64, storage order), each through
         ``quantize(i, t)``, which stores factor ``i``'s codes and returns its dequantized values;
         returns the dequantized factors.  A form may re-solve later factors for the quantized
-        earlier ones (``resolve``), against ``residual = W − core`` ``(E, d_out, d_in)`` when
-        given, else against its current product.  Default: each factor quantized as it is."""
+        earlier ones (``resolve``), against ``residual(experts) = W − core`` ``(n, d_out, d_in)``
+        (float64, ``chunk`` experts at a time) when given, else against its current product.
+        Default: each factor quantized as it is."""
         return tuple(quantize(i, t) for i, t in enumerate(factors))
 
     @abstractmethod

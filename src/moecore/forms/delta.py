@@ -76,24 +76,30 @@ class DeltaForm(Form):
         return decompose.reconstruct_delta(core, a, b)
 
     # ------------------------------------------------------------------ quantized storage
-    def refit_factors(self, weights: Tensor, core: Tensor, rank: int, gram: Tensor | None,
-                      damping: float) -> tuple[Tensor, ...]:
-        """``(A, B)`` of ``W_i − C`` by (whitened, when ``gram`` is given) truncated SVD."""
-        if gram is not None:
-            return decompose.whitened_delta_factors(weights, core, rank, gram, damping)
-        return decompose.delta_factors(weights, core, rank)
+    def refit_factors(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, K: Tensor | None, *,
+                      chunk: int | None = None, device=None, method: str = "exact") -> tuple[Tensor, ...]:
+        """``(A, B)`` of ``W_i − C`` for the fixed ``core``: the fit's factor step alone
+        (:func:`moecore.maths.fit.fit_delta` with no refinement), whitened by ``L`` when given,
+        ``chunk`` experts at a time: the whitened truncated SVD of every residual."""
+        _, factors, _ = fit.fit_delta(weights, core, rank, L, K, steps=0, method=method, chunk=chunk, device=device,
+                                      compute_dtype=fit.compute_dtype(method))
+        return factors
 
     def quantize_factors(self, factors: tuple[Tensor, ...], quantize: Callable[[int, Tensor], Tensor], *,
-                         residual: Tensor | None = None, resolve: bool = True) -> tuple[Tensor, ...]:
+                         residual: Callable[[slice], Tensor] | None = None, resolve: bool = True,
+                         chunk: int | None = None) -> tuple[Tensor, ...]:
         """``Q(A)``; with ``resolve``, ``B`` re-solved for ``Q(A)`` by exact least squares
         (``Bᵀ = Q(A)⁺ R``, which minimises ``‖(R − Q(A) Bᵀ) L‖`` for any whitening ``L``;
-        ``R = residual``, or ``A Bᵀ`` without one); then ``Q(B)``."""
+        ``R = residual(experts)``, ``chunk`` experts at a time, or ``A Bᵀ`` without one); then ``Q(B)``."""
         a, b = factors
-        a = quantize(0, a)  # (E, d_out, s)
+        qa = quantize(0, a)  # (E, d_out, s)
         if resolve:
-            b = (torch.linalg.pinv(a) @ residual).mT if residual is not None else \
-                (torch.linalg.pinv(a) @ factors[0] @ b.mT).mT  # (E, d_in, s)
-        return a, quantize(1, b)
+            pinv = torch.linalg.pinv(qa)  # (E, s, d_out)
+            if residual is not None:
+                b = torch.cat([(pinv[sl] @ residual(sl)).mT for sl in fit.chunks_of(a.shape[0], chunk or a.shape[0])])
+            else:
+                b = (pinv @ a @ b.mT).mT  # (E, d_in, s)
+        return qa, quantize(1, b)
 
     # ------------------------------------------------------------------ forward
     def fused_operands(self, get: Callable[[str], Tensor], ranks: Mapping[str, int]) -> dict[str, Tensor]:

@@ -88,13 +88,14 @@ class RaggedForm(DeltaForm):
             return f"ragged_r_{p} must be non-negative ranks summing to {num_experts * rank}"
         return None
 
-    def refit_factors(self, weights: Tensor, core: Tensor, rank: int, gram: Tensor | None,
-                      damping: float) -> tuple[Tensor, ...] | None:
+    def refit_factors(self, weights: Tensor, core: Tensor, rank: int, L: Tensor | None, K: Tensor | None, *,
+                      chunk: int | None = None, device=None, method: str = "exact") -> tuple[Tensor, ...] | None:
         """``None``: quantized storage keeps the float fit's factors (the delta form's refit is uniform-rank)."""
         return None
 
     def quantize_factors(self, factors: tuple[Tensor, ...], quantize: Callable[[int, Tensor], Tensor], *,
-                         residual: Tensor | None = None, resolve: bool = True) -> tuple[Tensor, ...]:
+                         residual: Callable[[slice], Tensor] | None = None, resolve: bool = True,
+                         chunk: int | None = None) -> tuple[Tensor, ...]:
         """Each side-by-side factor quantized as it is (the base's; no per-expert re-solve)."""
         return tuple(quantize(i, t) for i, t in enumerate(factors))
 

@@ -325,7 +325,7 @@ def fit_wrapper(
 def errors(
     weights: Tensor, approx_fn, L: Tensor | None = None, lam: Tensor | None = None, *,
     chunk: int | None = None, device=None, compute_dtype: torch.dtype = _F64,
-    whitened: tuple[float, float] | None = None,
+    whitened: tuple[float | None, float] | None = None,
 ) -> tuple[float, float | None]:
     """Relative weight error ``‖W − Ŵ‖/‖W‖`` and, with ``L``, relative output error on the
     calibration inputs ``sqrt(Σ tr(Δ_i G_i Δ_iᵀ) / Σ tr(W_i G_i W_iᵀ))``, computed from
@@ -336,10 +336,12 @@ def errors(
     (:func:`fit_delta`'s ``info``): then no whitened product is computed (at real shapes they
     were a third of a layer's fit).  Where the error is below 10⁻³ of the total, the subtraction
     the fit's objective comes from (``‖RL‖² − Σσ²``) has lost too many digits, and the
-    products are computed as without ``whitened``."""
+    products are computed as without ``whitened``.  ``whitened = (None, Σ_i ‖W_i L_i‖²)``: only
+    the total is known (the float fit's, for its quantized storage), so only ``Δ_i L_i`` is computed."""
     e = weights.shape[0]
     device = torch.device(device) if device is not None else weights.device
-    direct = L is not None and (whitened is None or whitened[0] < 1e-3 * whitened[1])
+    direct = L is not None and (whitened is None or whitened[0] is None or whitened[0] < 1e-3 * whitened[1])
+    total_only = whitened is not None and whitened[0] is None  # Σ‖W_i L_i‖² known, Δ's not
     wn = wd = on = od = lw_d = lw_w = 0.0
     for sl in chunks_of(e, chunk or e):
         w = weights[sl].to(device=device, dtype=compute_dtype)  # (n, d_out, d_in)
@@ -352,8 +354,11 @@ def errors(
         if direct:
             l = L[sl].to(device=device, dtype=compute_dtype)
             on += float((lower_right(delta, l).pow(2).sum((1, 2), dtype=_F64) - la * dw).clamp_min(0).sum())
-            od += float((lower_right(w, l).pow(2).sum((1, 2), dtype=_F64) - la * ww).clamp_min(0).sum())
-    if L is not None and not direct:  # Σ(‖Δ_i L_i‖² − λ_i‖Δ_i‖²), Σ(‖W_i L_i‖² − λ_i‖W_i‖²)
+            if not total_only:
+                od += float((lower_right(w, l).pow(2).sum((1, 2), dtype=_F64) - la * ww).clamp_min(0).sum())
+    if total_only:
+        od = max(whitened[1] - lw_w, 0.0)
+    elif L is not None and not direct:  # Σ(‖Δ_i L_i‖² − λ_i‖Δ_i‖²), Σ(‖W_i L_i‖² − λ_i‖W_i‖²)
         on, od = max(whitened[0] - lw_d, 0.0), max(whitened[1] - lw_w, 0.0)
     weight_err = (wn / max(wd, 1e-300)) ** 0.5
     return weight_err, ((on / max(od, 1e-300)) ** 0.5 if L is not None else None)
