@@ -97,6 +97,13 @@ def test_plan_memory_estimate_models_in_engine_recovery():
     wider = gpu(recover_steps=200, expert_rank_cap=3.0)[0]
     assert wider - full == pytest.approx(24 * (int(factors * 3) - int(factors * 2)) / gib)
     assert full - gpu(recover_steps=200, recover_train_core=False)[0] == pytest.approx(16 * cores / gib)
+    # quantized storage (no recovery) works from the whitening factors: no second Gram stack,
+    # which core="output" keeps (128 x 2048² float32 Grams, the largest stack of the layer)
+    quant, stack = {"core_bits": 4, "factor_bits": 8}, 128 * 2048 * 2048 * 4 / gib
+    q = gpu(recover_steps=200, quant=quant)[0]  # the engine does not recover quantized storage
+    assert q < zero  # a smaller output and no second stack (it counted one more, 2 GiB, before)
+    assert gpu(recover_steps=0, quant=quant, core="output")[0] - q == pytest.approx(stack)
+    assert gpu(recover_steps=0, core="output")[0] - zero == pytest.approx(stack)
 
 
 def test_plan_deepseek_v3_published_sizes():

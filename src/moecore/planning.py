@@ -14,10 +14,11 @@ token, T = ``calib_max_tokens``:
   the non-layer weights (embeddings, norms, head) + the layer's original weights (its
   experts only up to ``expert_read_gb``: a larger experts module is read that much at a
   time, :mod:`moecore.expert_source`) + its compressed weights + one Gram stack
-  E·max(d, F)²·g (g = 8 bytes up to 1 GiB, else 4; twice with ``core="output"`` or quantized
-  storage; a stack above 4 GiB lives in host memory instead; a stack in host memory larger
-  than ``gram_host_gb``, by default half the memory available, is a memory-mapped file on
-  disk, not counted) + the fit's working set min(``fit_memory_gb``, E·8·(3·d·F + 2·max(d, F)²))
+  E·max(d, F)²·g (g = 8 bytes up to 1 GiB, else 4; twice with ``core="output"``, which
+  keeps the raw Grams, while quantized storage works from the whitening factors; a stack
+  above 4 GiB lives in host memory instead; a stack in host memory larger than
+  ``gram_host_gb``, by default half the memory available, is a memory-mapped file on disk,
+  not counted) + the fit's working set min(``fit_memory_gb``, E·8·(3·d·F + 2·max(d, F)²))
   + the experts' inputs T·d·4 (one row per token; an expert's rows are gathered when its
   Gram is built) and their outputs T·d·4;
 * in host memory besides: the calibration activations 2·T·d·b (the layer's inputs and
@@ -101,7 +102,7 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     e, d, f, t = row["num_experts"], row["hidden_size"], row["intermediate_size"], cfg.calib_max_tokens
     dmax = max(d, f)
     g = 8 if (cfg.gram_dtype == "float64" or (cfg.gram_dtype == "auto" and e * dmax * dmax * 8 <= GIB)) else 4
-    grams = e * dmax * dmax * g * (2 if cfg.core == "output" or cfg.quant is not None else 1)
+    grams = e * dmax * dmax * g * (2 if cfg.core == "output" else 1)
     per_expert = 8 * (3 * d * f + 2 * dmax * dmax)
     chunk = cfg.expert_chunk or max(1, min(e, int(cfg.fit_memory_gb * GIB) // per_expert))
     fit = min(chunk, e) * per_expert
