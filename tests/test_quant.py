@@ -133,6 +133,27 @@ def test_quantize_projection_a_chunk_of_experts_at_a_time_is_the_whole_layer_at_
         assert objective[0] == pytest.approx(objective[1], rel=1e-9)
 
 
+def test_quantized_delta_with_float32_grams_compresses_and_refits():
+    """Real shapes store their Gram stacks in float32 (above 1 GiB in float64).  The delta form's
+    refit after quantization then runs on the fit's float32 whitening factors (it once mixed a
+    float64 residual with float32 Grams and stopped at every real shape): the calibrated,
+    refit, quantized layer matches the float64-Gram run to rounding."""
+    from moecore.data import load_split
+
+    texts = load_split("calib")[:4]
+    errors = {}
+    for grams in ("float32", "float64"):
+        model, tok = tiny_mixtral(seed=3, layers=1)
+        cfg = moecore.CompressionConfig(form="delta", rank=8, gram_dtype=grams, calib_max_tokens=1024, refine_steps=1,
+                                        recover_steps=0, quant={"core_bits": 3, "factor_bits": 8, "group_size": 32})
+        moecore.compress(model, cfg, calibration=texts, tokenizer=tok)
+        report = find_experts(model, "compressed")[0][1].report
+        assert all(r["quant_refit"] for r in report.values())
+        errors[grams] = {p: report[p]["output_rel_error"] for p in report}
+    for p, e in errors["float64"].items():
+        assert 0 < e < 1 and errors["float32"][p] == pytest.approx(e, rel=1e-3)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     model, tok = tiny_mixtral(1, hidden=64, layers=2, experts=4)

@@ -33,7 +33,7 @@ from .compressed_experts import CompressedExperts
 from .expert_source import routed_outputs
 from .families import ExpertsLayout, is_compressed
 from .forms import PROJECTIONS
-from .recovery_chunks import chunk_module, expert_chunk, part_output, trained_form, write_chunk
+from .recovery_chunks import chunk_module, expert_chunk, part_output, rows_output, trained_form, write_chunk
 from .heap import reusable_heap
 
 #: every this many-th calibration sequence is held out to judge a trained block
@@ -332,14 +332,10 @@ def train_experts_in_chunks(module: CompressedExperts, layout: ExpertsLayout, ch
         del part
         target = (fy[rows] - (cur[rows] - old)).to(dt)  # y minus the other experts' output  (n_c, H)
         work = chunk_module(module, a, b, dt)
-        mask, local = (fi[rows] >= a) & (fi[rows] < b), fi[rows] - a
-        tx, tw, scale = fx[rows].to(dt), fw[rows].to(dt), fy[rows].to(dt).pow(2).mean().clamp_min(1e-30)
+        ti, tx, tw, scale = fi[rows], fx[rows].to(dt), fw[rows].to(dt), fy[rows].to(dt).pow(2).mean().clamp_min(1e-30)
 
         def batch_loss(sel: torch.Tensor) -> torch.Tensor:
-            r, j = mask[sel].nonzero(as_tuple=True)  # the batch's pairs with the chunk's experts
-            out = work.routed(tx[sel][r], local[sel][r, j, None], tw[sel][r, j, None])  # (pairs, H)
-            out = torch.zeros(sel.shape[0], out.shape[1], dtype=dt, device=out.device).index_add(0, r, out)
-            return (out - target[sel]).pow(2).mean() / scale
+            return (rows_output(work, a, b, tx[sel], ti[sel], tw[sel], dt) - target[sel]).pow(2).mean() / scale
 
         saved = {p: [t.clone() for t in form.training_slice(module.stored, p, a, b)] for p in PROJECTIONS}
         _fit(work, trained, step, batch_loss, int(tx.shape[0]), tx.device, steps=steps, batch_tokens=batch_tokens,

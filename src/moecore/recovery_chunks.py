@@ -73,19 +73,28 @@ def write_chunk(module: CompressedExperts, a: int, b: int, new: dict) -> None:
     module.clear_cache()
 
 
+def rows_output(part: CompressedExperts, a: int, b: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The routing-weighted output ``(n, H)`` in ``dtype`` of experts ``a:b`` (``part``,
+    :func:`chunk_module`) on rows ``x (n, H)``, ``idx (n, k)``, ``w (n, k)``: only their pairs,
+    computed in ``part``'s dtype and summed back to the rows (zero where a row has none).
+    Differentiable: recovery's loss on a batch is built from it."""
+    r, j = ((idx >= a) & (idx < b)).nonzero(as_tuple=True)  # the pairs with these experts
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=dtype, device=x.device)
+    if not r.numel():
+        return out
+    dt = part.float_dtype
+    y = part.routed(x[r].to(dt), (idx[r, j] - a)[:, None], w[r, j, None].to(dt))  # (pairs, H)
+    return out.index_add(0, r, y.to(dtype))
+
+
 @torch.no_grad()
 def part_output(part: CompressedExperts, a: int, b: int, x: torch.Tensor, idx: torch.Tensor,
                 w: torch.Tensor) -> torch.Tensor:
-    """The routing-weighted output ``(n, H)`` float32 of experts ``a:b`` (``part``, :func:`chunk_module`)
-    on rows ``x (n, H)``, ``idx (n, k)``, ``w (n, k)``: only their pairs, summed back to the rows
-    (zero where a row has none), computed in ``part``'s dtype, :data:`ROWS` rows at a time."""
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    dt = part.float_dtype
-    part.cache_operands = False  # its operands built per call and freed, not kept with the module
+    """:func:`rows_output` in float32, :data:`ROWS` rows at a time, with ``part``'s operands
+    built per call and freed, not kept with the module."""
+    part.cache_operands = False
+    out = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     for i in range(0, x.shape[0], ROWS):
-        sl = slice(i, i + ROWS)
-        r, j = ((idx[sl] >= a) & (idx[sl] < b)).nonzero(as_tuple=True)  # the pairs with these experts
-        if r.numel():
-            y = part.routed(x[sl][r].to(dt), (idx[sl][r, j] - a)[:, None], w[sl][r, j, None].to(dt))  # (pairs, H)
-            out[sl].index_add_(0, r, y.float())
+        out[i:i + ROWS] = rows_output(part, a, b, x[i:i + ROWS], idx[i:i + ROWS], w[i:i + ROWS], torch.float32)
     return out
