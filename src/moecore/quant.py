@@ -58,15 +58,14 @@ def quantize_layer(module: CompressedExperts, weights: Mapping[str, torch.Tensor
     ``float_weight_rel_error`` / ...  The layer engine calls :func:`quantize_projection` itself,
     with the fit's own whitening, one projection at a time.
     """
-    quant = QuantConfig.coerce(quant)
-    _check_form(module.form_impl, module.form)
+    quant, form = QuantConfig.coerce(quant), module.form_impl
+    _check_form(form, module.form)
     results = {}
     for p in PROJECTIONS:
         L = K = lam = None
         if grams.get(p) is not None:
             L = grams[p].to(torch.float64, copy=True)  # (E, d_in, d_in), whitening factors in place
             K, lam = mf.whiten_in_place(L, damping, L.shape[0], L.device)
-        form = module.form_impl
         stored = {n: module.stored(n).detach() for n in (form.core_name(p), *form.factor_tensor_names(p))}
         results[p] = quantize_projection(form, p, weights[p], stored, module.ranks[p], quant, L=L, K=K, lam=lam,
                                          refit=refit)

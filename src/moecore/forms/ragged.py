@@ -30,7 +30,7 @@ import torch
 
 from ..errors import ConfigError
 from ..maths import decompose
-from .base import FitResult
+from .base import FitResult, Form
 from .delta import FORM as DELTA
 from .delta import DeltaForm
 
@@ -97,7 +97,7 @@ class RaggedForm(DeltaForm):
                          residual: Callable[[slice], Tensor] | None = None, resolve: bool = True,
                          chunk: int | None = None) -> tuple[Tensor, ...]:
         """Each side-by-side factor quantized as it is (the base's; no per-expert re-solve)."""
-        return tuple(quantize(i, t) for i, t in enumerate(factors))
+        return Form.quantize_factors(self, factors, quantize)
 
     @staticmethod
     def _padded(compact: Tensor, ranks: Tensor, width: int) -> Tensor:
