@@ -72,26 +72,33 @@ HUB_EXPERTS = {"qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
                "mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
 
 
-def hub_tensors(family: str, name: str, t):
+def hub_tensors(family: str, name: str, shape: tuple, make):
     """``(stored name, tensor)`` pairs of the model tensor ``name`` as the family's published
-    checkpoints store it: fused experts split into ``experts.{j}.{gate,up,down}.weight``."""
+    checkpoints store it: fused experts split into ``experts.{j}.{gate,up,down}.weight``.
+    ``make(shape)`` draws one tensor; fused experts are drawn one expert at a time, so that a
+    layer's experts never sit in memory whole (one DeepSeek-V3 layer's are 30 GB in float32)."""
     parent, gate, up, down = HUB_EXPERTS[family]
     name = name.replace(".mlp.", f".{parent}.")
     if name.endswith(".experts.gate_up_proj"):  # (E, 2F, H)
-        base, f = name[: -len("gate_up_proj")], t.shape[1] // 2
-        for j in range(t.shape[0]):
-            yield f"{base}{j}.{gate}.weight", t[j, :f].clone()
-            yield f"{base}{j}.{up}.weight", t[j, f:].clone()
+        base, f = name[: -len("gate_up_proj")], shape[1] // 2
+        for j in range(shape[0]):
+            t = make(shape[1:])
+            yield f"{base}{j}.{gate}.weight", t[:f].clone()
+            yield f"{base}{j}.{up}.weight", t[f:].clone()
     elif name.endswith(".experts.down_proj"):  # (E, H, F)
         base = name[: -len("down_proj")]
-        for j in range(t.shape[0]):
-            yield f"{base}{j}.{down}.weight", t[j].clone()
+        for j in range(shape[0]):
+            yield f"{base}{j}.{down}.weight", make(shape[1:])
     else:
-        yield name, t
+        yield name, make(shape)
+
+
+#: the synthetic checkpoint's shard size (a DeepSeek-V3 layer's 22.5 GB of experts span several)
+SHARD_BYTES = 2 << 30
 
 
 def write_checkpoint(shape: str, layers: int, folder: Path) -> dict:
-    """Synthetic sharded bf16 checkpoint (one decoder layer at a time in memory) + a tokenizer,
+    """Synthetic sharded bf16 checkpoint (at most one shard, 2 GiB, in memory) + a tokenizer,
     its experts stored one tensor set per expert as the published checkpoints are."""
     import torch
     from accelerate import init_empty_weights
@@ -103,26 +110,40 @@ def write_checkpoint(shape: str, layers: int, folder: Path) -> dict:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
-    weight_map, total, n = {}, 0, layers + 1
+
+    def make(shp):
+        if len(shp) < 2:
+            return torch.ones(shp, dtype=torch.bfloat16)
+        return torch.randn(shp, generator=gen, dtype=torch.float32).mul_(shp[-1] ** -0.5).to(torch.bfloat16)
+
+    weight_map, total, files = {}, 0, []
     groups: dict[str, dict] = {}
     for name, p in model.state_dict().items():
         key = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "rest"
         groups.setdefault(key, {})[name] = p
-    for j, (key, params) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0] == "rest", kv[0].zfill(6)))):
-        fname = f"model-{j + 1:05d}-of-{n:05d}.safetensors"
-        tensors = {}
+    tensors, size = {}, 0
+
+    def flush():
+        nonlocal tensors, size
+        if tensors:
+            files.append(f"part-{len(files):05d}.safetensors")
+            save_file(tensors, str(folder / files[-1]), metadata={"format": "pt"})
+            weight_map.update({k: files[-1] for k in tensors})
+        tensors, size = {}, 0
+
+    for key, params in sorted(groups.items(), key=lambda kv: (kv[0] == "rest", kv[0].zfill(6))):
         for name, p in params.items():
-            fan_in = p.shape[-1] if p.dim() >= 2 else 1
-            t = torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(fan_in ** -0.5) if p.dim() >= 2 \
-                else torch.ones(p.shape)
-            for stored, part in hub_tensors(SHAPES[shape]["family"], name, t.to(torch.bfloat16)):
-                tensors[stored] = part
-                weight_map[stored] = fname
-            total += t.numel() * 2
-        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
-        del tensors
+            for stored, part in hub_tensors(SHAPES[shape]["family"], name, tuple(p.shape), make):
+                if size + part.numel() * 2 > SHARD_BYTES:
+                    flush()
+                tensors[stored], size = part, size + part.numel() * 2
+                total += part.numel() * 2
+        flush()  # one decoder layer (or the rest) starts a new shard
+    names = {f: f"model-{j + 1:05d}-of-{len(files):05d}.safetensors" for j, f in enumerate(files)}
+    for f, n in names.items():
+        (folder / f).rename(folder / n)
     (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        {"metadata": {"total_size": total}, "weight_map": {k: names[f] for k, f in weight_map.items()}}, indent=1))
     cfg.dtype = torch.bfloat16
     cfg.save_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(ROOT / "data" / "tokenizer")
