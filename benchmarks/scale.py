@@ -229,6 +229,8 @@ def run(a) -> dict:
         t0 = time.perf_counter()
         info = write_checkpoint(a.shape, a.layers, tmp / "src")
         write_s = time.perf_counter() - t0
+        from moecore.heap import trim
+        trim()  # the shards' freed pages back to the OS: this process waits beside the measured one
         (tmp / "calib.txt").write_text("\n\n".join(load_split("calib")), encoding="utf-8")
         cfg = {"target_ratio": a.ratio, "calib_max_tokens": a.calib_tokens}
         if a.refine_steps is not None:

@@ -1,6 +1,7 @@
 """A layer larger than memory: its experts read a chunk at a time (:mod:`moecore.expert_source`,
 the streaming store's ``CheckpointExperts``) and its Gram stacks in a memory-mapped scratch
-file (:func:`moecore.fitting.gram_stack`), each giving the same bytes out as the in-memory
+file (:func:`moecore.fitting.gram_stack`, its lower triangle only:
+:class:`moecore.gram_store.TriangularStack`), each giving the same bytes out as the in-memory
 path; each block read once per expert-by-expert pass; outputs independent of where the
 chunks fall."""
 from __future__ import annotations
@@ -22,7 +23,8 @@ from moecore.checkpoint_reader import expert_keys, read_plan
 from moecore.data import load_split
 from moecore.expert_source import ExpertSource, ExpertView, InMemorySource, SourcedExperts, routed_outputs
 from moecore.families import FUSED
-from moecore.fitting import gram_stack, scratch_tensor
+from moecore.fitting import gram_stack
+from moecore.gram_store import TriangularStack, scratch_tensor
 
 from ._tiny_models import ROOT
 
@@ -154,14 +156,44 @@ def test_a_scratch_tensor_is_a_file_mapping_that_leaves_nothing_behind(tmp_path)
     cfg = moecore.CompressionConfig(gram_host_gb=1e-6)
     big = gram_stack(4, 64, cfg, torch.device("cpu"), tmp_path)  # 4 x 64² x 8 bytes > 1 KiB: a file
     small = gram_stack(4, 64, moecore.CompressionConfig(gram_host_gb=1.0), torch.device("cpu"), tmp_path)
+    assert isinstance(big, TriangularStack) and isinstance(small, torch.Tensor)
     assert big.dtype == small.dtype == torch.float64 and big.shape == small.shape == (4, 64, 64)
-    assert big.untyped_storage().filename is not None and small.untyped_storage().filename is None
+    assert big.data.untyped_storage().filename is not None and small.untyped_storage().filename is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_triangular_stack_keeps_symmetric_and_lower_triangular_stacks_exactly_in_half_the_bytes(tmp_path):
+    e, d = 5, 70  # blocks of 16 rows: 5 blocks, the last one short
+    x = torch.randn(e, 3 * d, d, dtype=torch.float64)
+    grams = x.mT @ x
+    grams = (grams + grams.mT) / 2  # exactly symmetric
+    s = TriangularStack(e, d, torch.float64, tmp_path, block_rows=16)
+    assert list(tmp_path.iterdir()) == [] and s.shape == (e, d, d) and len(s) == e
+    dense_bytes = e * d * d * 8
+    assert dense_bytes / 2 < s.nbytes < 0.65 * dense_bytes
+    s[0:3] = grams[0:3]
+    for j in (3, 4):
+        s[j] = grams[j]
+    assert torch.equal(s[:], grams) and torch.equal(s[1:4], grams[1:4]) and torch.equal(s[2], grams[2])
+    s[1] += torch.eye(d, dtype=torch.float64)  # read, add, write back: what RoutedInputs.grams does
+    assert torch.equal(s[1], grams[1] + torch.eye(d, dtype=torch.float64))
+    low = torch.linalg.cholesky(grams)
+    copy = s.clone()
+    s[:] = low
+    s.symmetric = False
+    assert torch.equal(s[:], low) and torch.equal(s[4], low[4])
+    assert torch.equal(copy[0], grams[0]) and copy.symmetric  # a copy of its own
+    assert s[0:2].data_ptr() != s[0:2].data_ptr()  # each read is a new tensor
 
 
 def test_grams_in_a_scratch_file_give_the_same_model_as_grams_in_memory(monkeypatch):
     spilled = []
-    real = fitting.scratch_tensor
-    monkeypatch.setattr(fitting, "scratch_tensor", lambda *a: spilled.append(a[0]) or real(*a))
+
+    class Stack(TriangularStack):  # small row blocks, so that the tiny model's stacks span several
+        def __init__(self, e, d, dtype, folder):
+            spilled.append((e, d))
+            super().__init__(e, d, dtype, folder, block_rows=24)
+    monkeypatch.setattr(fitting, "TriangularStack", Stack)
     model = AutoModelForCausalLM.from_pretrained(ROOT / "models" / "tiny-qwen3moe", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(ROOT / "models" / "tiny-qwen3moe")
     texts = load_split("calib")[:4]

@@ -329,10 +329,10 @@ class RoutedInputs:
                 x = x * rw
             g = x.mT @ x  # (d, d)
             total += g
-            store[e] = g.to(store)
+            store[e] = g.to(device=store.device, dtype=store.dtype)
         n = float(self.counts.sum())
         if prior_tokens > 0 and n > 0:
             prior = (prior_tokens / n) * total  # κ·Ḡ
             for e in range(self.num_experts):
-                store[e] += prior.to(store)
+                store[e] += prior.to(device=store.device, dtype=store.dtype)
         return store

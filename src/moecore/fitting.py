@@ -12,9 +12,6 @@ weights) → down fitted.  Peak memory is one Gram stack, not two.
 """
 from __future__ import annotations
 
-import math
-import os
-import tempfile
 from typing import Any
 
 import torch
@@ -26,6 +23,7 @@ from .config import CompressionConfig
 from .errors import ConfigError
 from .families import ExpertsLayout
 from .forms import PROJECTIONS, get_form
+from .gram_store import TriangularStack
 from .heap import available_host_bytes
 from .maths import budget
 from .maths import fit as mf
@@ -51,27 +49,17 @@ def gram_storage(num_experts: int, d: int, cfg: CompressionConfig, device: torch
     return dtype, str(where)
 
 
-def scratch_tensor(shape: tuple[int, ...], dtype: torch.dtype, folder) -> torch.Tensor:
-    """A host tensor backed by a memory-mapped file in ``folder`` (the kernel writes its pages
-    to disk instead of holding them all in memory).  The file is unlinked at once: it lives as
-    long as the tensor, and nothing is left behind, even by a killed run."""
-    fd, path = tempfile.mkstemp(prefix="moecore-grams-", suffix=".bin", dir=folder)
-    os.close(fd)
-    try:
-        return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
-    finally:
-        os.unlink(path)
-
-
-def gram_stack(num_experts: int, d: int, cfg: CompressionConfig, device: torch.device, scratch=None) -> torch.Tensor:
+def gram_stack(num_experts: int, d: int, cfg: CompressionConfig, device: torch.device,
+               scratch=None) -> torch.Tensor | TriangularStack:
     """An empty ``(E, d, d)`` Gram stack where :func:`gram_storage` puts it; one in host memory
     larger than ``cfg.gram_host_gb`` (default: half the host memory available now) is a
-    :func:`scratch_tensor` in ``scratch`` (default: the system's temporary folder)."""
+    :class:`~moecore.gram_store.TriangularStack` (its lower triangle in a scratch file) in
+    ``scratch`` (default: the system's temporary folder)."""
     dtype, where = gram_storage(num_experts, d, cfg, device)
     nbytes = num_experts * d * d * torch.empty(0, dtype=dtype).element_size()
     limit = cfg.gram_host_gb * GIB if cfg.gram_host_gb is not None else (available_host_bytes() or 1 << 62) / 2
     if torch.device(where).type == "cpu" and nbytes > limit:
-        return scratch_tensor((num_experts, d, d), dtype, scratch)
+        return TriangularStack(num_experts, d, dtype, scratch)
     return torch.empty(num_experts, d, d, dtype=dtype, device=where)
 
 
@@ -156,6 +144,8 @@ def _whitening(inputs: RoutedInputs, kind: str, module_views: dict, layout: Expe
     inputs.grams(kind, store, device, module_views, layout, act, cfg.calib_prior_tokens)
     raw = store.clone() if cfg.core == "output" else None
     K, lam = mf.whiten_in_place(store, cfg.whiten_damping, expert_chunk(e, d, d, cfg), device)
+    if isinstance(store, TriangularStack):
+        store.symmetric = False  # every expert now holds its (lower-triangular) factor
     return raw, store, K, lam
 
 

@@ -17,8 +17,8 @@ token, T = ``calib_max_tokens``:
   E·max(d, F)²·g (g = 8 bytes up to 1 GiB, else 4; twice with ``core="output"``, which
   keeps the raw Grams, while quantized storage works from the whitening factors; a stack
   above 4 GiB lives in host memory instead; a stack in host memory larger than
-  ``gram_host_gb``, by default half the memory available, is a memory-mapped file on disk,
-  not counted) + the fit's working set min(``fit_memory_gb``, E·8·(3·d·F + 2·max(d, F)²))
+  ``gram_host_gb``, by default half the memory available, is a memory-mapped file on disk
+  holding its lower triangle, about half its bytes, :mod:`moecore.gram_store`: not counted) + the fit's working set min(``fit_memory_gb``, E·8·(3·d·F + 2·max(d, F)²))
   + the experts' inputs T·d·4 (one row per token; an expert's rows are gathered when its
   Gram is built) and their outputs T·d·4;
 * in host memory besides: the calibration activations 2·T·d·b (the layer's inputs and
@@ -59,6 +59,7 @@ from .config import CompressionConfig
 from .errors import ConfigError, FileAccessError, first_line
 from .families import config_dtype, find_experts, text_config
 from .fitting import projection_shapes, solve_ranks
+from .gram_store import stored_elements
 from .heap import available_host_bytes
 from .forms import PROJECTIONS, get_form
 from .checkpoint_format import swap_in_compressed
@@ -138,7 +139,7 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     recovering_cpu = host + recovering + rest_of_layer * wide + acts if recovering else 0
     return {"layer": f"{stack_path}.{index}", "gpu_gib": gpu / GIB,
             "host_gib_with_gpu": (host + (grams if spill and not on_disk else 0)) / GIB,
-            "grams_on_disk_gib": (grams if on_disk else 0) / GIB,
+            "grams_on_disk_gib": (grams * stored_elements(dmax) / dmax**2 if on_disk else 0) / GIB,  # lower triangle
             "host_gib_cpu_only": max(calibrating, fitting, recovering_cpu) / GIB,
             "output_gb": output_bytes / 1e9, "dtype": str(dtype).replace("torch.", "")}
 

@@ -117,7 +117,7 @@ def whiten_in_place(grams: Tensor, damping: float, chunk: int, device) -> tuple[
             del g32
         else:
             L = _cholesky64(g, lam, device)
-        grams[sl] = L.to(grams)
+        grams[sl] = L.to(device=grams.device, dtype=grams.dtype)
         lams[sl] = lam.cpu()
         del g, L
     info = torch.empty((), dtype=torch.int32, device=device)
