@@ -283,17 +283,30 @@ class CompressedExperts(nn.Module):
         form's :attr:`~moecore.forms.Form.factor_names` order (``(A, B)`` for delta,
         ``(U_in, V_in, U_out, V_out)`` for wrapper); ``biases`` has
         ``bias_gate_up (E, 2F)`` / ``bias_down (E, H)`` for biased layouts."""
-        f, h = cores["gate"].shape
         e = factors["gate"][0].shape[0]
         form_impl = get_form(form)
         stored = {p: form_impl.to_stored(e, tuple(factors[p])) for p in PROJECTIONS}  # (rank, tensors)
-        ranks = {p: stored[p][0] for p in PROJECTIONS}
+        return cls.from_stored(layout, form, e, {p: stored[p][0] for p in PROJECTIONS}, cores,
+                               {p: stored[p][1] for p in PROJECTIONS}, biases, act_fn=act_fn, dtype=dtype,
+                               device=device)
+
+    @classmethod
+    def from_stored(
+        cls, layout: ExpertsLayout, form: str, num_experts: int, ranks: Mapping[str, int],
+        cores: Mapping[str, torch.Tensor],
+        stored: Mapping[str, tuple], biases: Mapping[str, torch.Tensor] | None = None,
+        act_fn: nn.Module | None = None, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+    ) -> "CompressedExperts":
+        """Build from each projection's rank, core and stored tensors (in the form's
+        :meth:`~moecore.forms.Form.factor_tensor_names` order, as :meth:`~moecore.forms.Form.to_stored`
+        gives them); the rest as :meth:`from_factors`."""
+        f, h = cores["gate"].shape
         dtype = dtype or cores["gate"].dtype
-        m = cls(e, h, f, form, ranks, layout, act_fn=act_fn, dtype=dtype, device=device)
+        m = cls(num_experts, h, f, form, dict(ranks), layout, act_fn=act_fn, dtype=dtype, device=device)
         with torch.no_grad():
             for p in PROJECTIONS:
                 getattr(m, m.form_impl.core_name(p)).copy_(cores[p])
-                for n, t in zip(m.form_impl.factor_tensor_names(p), stored[p][1]):
+                for n, t in zip(m.form_impl.factor_tensor_names(p), stored[p]):
                     getattr(m, n).copy_(t)
             if layout.has_bias:
                 m.bias_gate_up.copy_(biases["bias_gate_up"])

@@ -184,7 +184,7 @@ def fit_experts(
     form = get_form(cfg.form)
     out_dtype = dtype or ref.dtype
     gen = torch.Generator(device=device).manual_seed(seed)
-    cores, factors, report, quantized = {}, {}, {}, {}
+    cores, stored, ranks_out, report, quantized = {}, {}, {}, {}, {}
     for p, proj, raw, L, lam in _projections(views, layout, act, cfg, inputs, device, scratch):
         r = ranks[p]
         proj.method = svd_method(cfg, *proj.w.shape[1:], form.svd_width(r, cfg.expert_rank_cap))
@@ -206,24 +206,24 @@ def fit_experts(
         entry.update(weight_rel_error=werr, output_rel_error=oerr)
         if inputs is not None:
             entry.update(calibration_report(inputs, cfg))
+        # the stored tensors in the stored precision now (as from_factors would cast and store them):
+        # the padded float32 factor stacks of the ragged form are twice its stored tensors
+        rank, tensors = form.to_stored(proj.w.shape[0], tuple(f.to(out_dtype) if f.is_floating_point() else f
+                                                               for f in fac))
+        whitened_total = res.whitened[1] if res.whitened and whiten else None
+        del fac, res, approx
+        cores[p], stored[p], ranks_out[p], report[p] = core.to(out_dtype), tensors, rank, entry
         if cfg.quant is not None:  # quantized core, factors refit to its rounding error, then quantized: now,
             # while this projection's whitening factors exist (the gate/up ones are freed before down's)
-            rank, tensors = form.to_stored(proj.w.shape[0], tuple(fac))  # rounded to the stored dtype first
-            tensors = tuple(t.to(out_dtype) if t.is_floating_point() else t for t in (core, *tensors))
-            stored = dict(zip((form.core_name(p), *form.factor_tensor_names(p)), tensors))
-            quantized[p] = quantize_projection(form, p, proj.w, stored, rank, cfg.quant, L=proj.L, K=proj.K,
-                                               lam=lam if whiten else None, chunk=proj.chunk, device=device,
-                                               method=proj.method,
-                                               whitened_total=res.whitened[1] if res.whitened and whiten else None)
-            del stored, tensors
-        # stored precision now (from_factors would cast the same way): Mixtral's float64 gate and up
-        # results would otherwise sit beside the down projection's fit (1.4 GB)
-        cores[p], report[p] = core.to(out_dtype), entry
-        factors[p] = tuple(f.to(out_dtype) if f.is_floating_point() else f for f in fac)
-        del core, fac, res, approx
+            names = (form.core_name(p), *form.factor_tensor_names(p))
+            quantized[p] = quantize_projection(form, p, proj.w, dict(zip(names, (cores[p], *tensors))), rank,
+                                               cfg.quant, L=proj.L, K=proj.K, lam=lam if whiten else None,
+                                               chunk=proj.chunk, device=device, method=proj.method,
+                                               whitened_total=whitened_total)
+        del core, tensors
     biases = {k: views[k][:] for k in ("bias_gate_up", "bias_down") if k in views}
-    new = CompressedExperts.from_factors(layout, cfg.form, cores, factors, biases, act_fn=getattr(module, "act_fn", None),
-                                         dtype=out_dtype, device=ref.device)
+    new = CompressedExperts.from_stored(layout, cfg.form, ref.shape[0], ranks_out, cores, stored, biases,
+                                        act_fn=getattr(module, "act_fn", None), dtype=out_dtype, device=ref.device)
     new.report = report
     if quantized:
         new = quantized_module(new, quantized, cfg.quant)

@@ -51,7 +51,7 @@ class DeltaForm(Form):
             f64_factor_limit: int, expert_rank_cap: float = 2.0) -> FitResult:
         """Block-coordinate descent of core and factors (:func:`moecore.maths.fit.fit_delta`);
         factor stacks over ``f64_factor_limit`` float64 bytes are kept in float32 between
-        steps, and on an accelerator the best iterate is kept in host memory."""
+        steps."""
         return self._fit_delta(weights, core, rank, L, K, steps=steps, method=method, generator=generator,
                                chunk=chunk, device=device, f64_factor_limit=f64_factor_limit)
 
@@ -66,7 +66,7 @@ class DeltaForm(Form):
         core, factors, history = fit.fit_delta(
             weights, core, rank, L, K, steps=steps, method=method, generator=generator, chunk=chunk, device=device,
             factor_dtype=torch.float32 if big or method in ("randomized", "gram") else torch.float64,
-            best_on="cpu" if device.type != "cpu" else None, compute_dtype=fit.compute_dtype(method),
+            compute_dtype=fit.compute_dtype(method),
             rank_cap=rank_cap, info=info)
         return FitResult(core, factors, history, refine_iters=len(history) - 1, whitened=info.get("whitened"))
 

@@ -140,7 +140,7 @@ def _cholesky64(g: Tensor, lam: Tensor, device) -> Tensor:
 def fit_delta(
     weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None, K: Tensor | None = None, *,
     steps: int = 10, tol: float = 1e-4, method: str = "exact", generator: torch.Generator | None = None,
-    chunk: int | None = None, device=None, factor_dtype: torch.dtype = _F64, best_on=None,
+    chunk: int | None = None, device=None, factor_dtype: torch.dtype = _F64,
     compute_dtype: torch.dtype = _F64, rank_cap: int | None = None, info: dict | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor], list[float]]:
     """Jointly fit core and delta factors by block-coordinate descent on
@@ -156,7 +156,10 @@ def fit_delta(
     So one refinement step costs ONE whitened product ``(W_i − C) L_i`` per expert
     (the earlier code recomputed three).  Both steps are exact minimizers (up to the SVD
     method and rounding), so the objective does not increase; the best iterate is returned,
-    and iteration stops when the relative improvement is below ``tol``.
+    and iteration stops when the relative improvement is below ``tol``.  No copy of the factor
+    stacks is kept for that (at DeepSeek-V3's shape a copy is 7.4 GB): only the best core is,
+    and where the last step did worse (rounding, a randomized SVD) the best core's factors are
+    computed again, one factor pass.
 
     ``method="exact"`` takes the top singular triplets from the symmetric eigendecomposition
     of the smaller Gram of the whitened residual (:func:`.decompose.gram_svd`), in float64.
@@ -170,7 +173,6 @@ def fit_delta(
         chunk / device: experts per chunk (default all) and where the maths runs (default
             the weights' device).
         factor_dtype: storage of the factor stacks between steps.
-        best_on: where the best iterate's copy is kept (default ``device``).
         compute_dtype: dtype of the per-expert products and SVDs (float32 for the randomized
             path at real shapes, see docs/DESIGN.md "Precision of the fit"); the core, ``P``,
             ``N`` and the objective are accumulated in float64.
@@ -179,7 +181,7 @@ def fit_delta(
             whitened residual components ``σ_ij²`` (at most ``rank_cap`` per expert), the exact
             minimizer of the objective for a fixed core under that total (so the descent stays
             monotone).  Factors are returned ``rank_cap`` wide with the unused columns zero.
-        info: if a dict, it receives, with ``L`` and ``steps > 0``, ``info["whitened"] =
+        info: if a dict, it receives, with ``L``, ``info["whitened"] =
             (Σ_i ‖Δ_i L_i‖², Σ_i ‖W_i L_i‖²)``: the objective of the returned iterate and the
             total without a product of its own, ``Σ_i ‖R_i L_i‖² + 2⟨C₀, Σ_i R_i Ĝ_i⟩ + ⟨C₀ S, C₀⟩``
             from the first pass (``R_i = W_i − C₀``); :func:`errors` then need not recompute them.
@@ -199,7 +201,6 @@ def fit_delta(
     a_all = torch.zeros(e, d_out, width, dtype=factor_dtype, device=device)
     b_all = torch.zeros(e, d_in, width, dtype=factor_dtype, device=device)
     energy = torch.zeros(e, width, dtype=_F64, device=device) if rank_cap is not None else None  # σ_ij²
-    best_on = torch.device(best_on) if best_on is not None else device
     v_prev: list[Tensor | None] = [None] * len(parts)
     acc: dict[str, Tensor | None] = {"P": None}
     total: list[float] = []  # Σ_i ‖W_i L_i‖², from the first pass
@@ -211,7 +212,9 @@ def fit_delta(
         """Fill ``a_all, b_all`` for core ``c``; return the objective and ``N (d_out, d_in)``."""
         err = rl2 = 0.0
         n_acc = torch.zeros(d_out, d_in, dtype=_F64, device=device)
-        p_acc = torch.zeros(d_out, d_in, dtype=_F64, device=device) if first and steps > 0 else None
+        # P: for the core steps, and for the report's Σ‖W_i L_i‖² (without it errors() redoes every product)
+        p_acc = torch.zeros(d_out, d_in, dtype=_F64, device=device) if first and (steps > 0 or info is not None) \
+            else None
         cc = c.to(cdt)
         for j, sl in enumerate(parts):
             w, l = on(weights, sl), on(L, sl)  # (n, d_out, d_in), (n, d_in, d_in)
@@ -261,26 +264,25 @@ def fit_delta(
 
     core = core.to(device=device, dtype=_F64)
 
-    def snapshot() -> tuple[Tensor, ...]:
-        extra = (acc["ranks"].clone(),) if energy is not None else ()
-        return core.to(best_on, copy=True), a_all.to(best_on, copy=True), b_all.to(best_on, copy=True), *extra
-
     err, n_acc = factors(core, first=True)
     history = [err]
-    best = snapshot()
+    best_core, best_err = core, err  # a_all, b_all hold the best core's factors unless a later step did worse
     for _ in range(steps):
         core = core_step(n_acc)
         err, n_acc = factors(core, first=False)
         improved = history[-1] - err
         history.append(err)
-        if err < min(history[:-1]):
-            best = None  # the old copy freed before the new one is made
-            best = snapshot()
+        if err < best_err:
+            best_core, best_err = core, err
         if improved <= tol * max(err, 1e-30):
             break
+    if core is not best_core:  # the last step did worse: the best core's factors again
+        core = best_core
+        best_err, _ = factors(core, first=False)
     if info is not None and total:
-        info["whitened"] = (min(history), total[0])
-    return best[0].to(device), tuple(t.to(device) for t in best[1:]), history
+        info["whitened"] = (best_err, total[0])
+    extra = (acc["ranks"],) if energy is not None else ()
+    return core, (a_all, b_all, *extra), history
 
 
 def _water_fill(energy: Tensor, a: Tensor, b: Tensor, budget: int) -> tuple[Tensor, Tensor]:
