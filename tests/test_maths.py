@@ -73,6 +73,53 @@ def test_delta_refinement_descends_and_is_exact_at_full_rank(grams):
     assert dm.relative_weight_error(w, dm.reconstruct_delta(core, *fac)) < 1e-12
 
 
+def _whitened(g):
+    L = g.clone()
+    K, lam = fit.whiten_in_place(L, 0.01, L.shape[0], "cpu")
+    return L, K, lam
+
+
+@pytest.mark.parametrize("rank_cap", [None, 6])
+def test_fit_delta_without_refinement_still_reports_the_whitened_totals(rank_cap):
+    """refine_steps=0: the first pass also gives errors() its Σ‖Δ_i L_i‖² and Σ‖W_i L_i‖²
+    (without them the report recomputes every whitened product), equal to the direct sums."""
+    w = _experts(shared=1.0)
+    L, K, _ = _whitened(_grams(4, 16)[1])
+    info: dict = {}
+    core, fac, hist = fit.fit_delta(w, fit.expert_core(w), 3, L, K, steps=0, rank_cap=rank_cap, info=info)
+    assert len(hist) == 1 and torch.equal(core, fit.expert_core(w))
+    err, total = info["whitened"]
+    direct = float(((w - dm.reconstruct_delta(core, *fac[:2])) @ L).pow(2).sum())
+    assert err == pytest.approx(direct, rel=1e-9) and err == pytest.approx(hist[0], rel=1e-12)
+    assert total == pytest.approx(float((w @ L).pow(2).sum()), rel=1e-9)
+
+
+def test_fit_delta_returns_the_best_iterate_without_keeping_a_copy_of_it(monkeypatch):
+    """Only the best core is kept between steps; where the last step did worse (here an injected
+    fault: step 1's SVD returns nothing), the best core's factors are computed again, and they
+    are bit for bit those of the pass that first found them."""
+    w = _experts(shared=1.0)
+    L, K, _ = _whitened(_grams(4, 16)[1])
+    start = fit.expert_core(w)
+    first_core, first_fac, first_hist = fit.fit_delta(w, start, 3, L, K, steps=0)
+    calls = []
+    real = fit.gram_svd
+
+    def faulty(rl, width):
+        calls.append(width)
+        a, bw, kept = real(rl, width)
+        if len(calls) == 2:  # the refinement step's factor pass: no components at all
+            return torch.zeros_like(a), torch.zeros_like(bw), torch.zeros_like(kept)
+        return a, bw, kept
+    monkeypatch.setattr(fit, "gram_svd", faulty)
+    info: dict = {}
+    core, fac, hist = fit.fit_delta(w, start, 3, L, K, steps=1, tol=0.0, info=info)
+    assert len(calls) == 3  # first pass, the faulty step, the best core's factors again
+    assert len(hist) == 2 and hist[1] > hist[0] == first_hist[0]
+    assert torch.equal(core, first_core) and all(torch.equal(x, y) for x, y in zip(fac, first_fac))
+    assert info["whitened"][0] == hist[0]
+
+
 @pytest.mark.parametrize("d_out,d_in", SHAPES)
 def test_full_rank_is_exact_for_every_form(d_out, d_in):
     w = _experts(d_out=d_out, d_in=d_in)
