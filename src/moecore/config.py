@@ -137,8 +137,9 @@ class CompressionConfig(ConfigBase):
             per projection and float32 above (error bound in :mod:`moecore.maths.fit`).
         gram_host_gb: a Gram stack in host memory larger than this many GiB (DeepSeek-V3's
             gate/up stack: 256 x 7168² float32, 52.6 GB) is kept in a memory-mapped scratch file
-            instead (streamed compression: in the output's work folder; in memory: the
-            system's temporary folder), which the kernel pages to disk.  Unset: half the
+            instead, its lower triangle only (28.2 GB there; :mod:`moecore.gram_store`; streamed
+            compression: in the output's work folder; in memory: the system's temporary
+            folder), which the kernel pages to disk.  Unset: half the
             host memory available when the stack is built.  The output is the same either way.
         fit_memory_gb: working memory in GiB for fitting one projection, on the compute device
             (``--device``: GPU memory with cuda, host RAM with cpu); experts are fitted in chunks

@@ -10,7 +10,7 @@ and GPU memory of the layer engine on the largest decoder layer.  With b bytes p
 the dtype, E experts of that layer, d its hidden size, F its expert width, k experts per
 token, T = ``calib_max_tokens``:
 
-* on the compute device (GPU memory with ``--device cuda``; host RAM on CPU):
+* on the compute device (GPU memory with ``--device cuda``):
   the non-layer weights (embeddings, norms, head) + the layer's original weights (its
   experts only up to ``expert_read_gb``: a larger experts module is read that much at a
   time, :mod:`moecore.expert_source`) + its compressed weights + one Gram stack
@@ -18,15 +18,26 @@ token, T = ``calib_max_tokens``:
   keeps the raw Grams, while quantized storage works from the whitening factors; a stack
   above 4 GiB lives in host memory instead; a stack in host memory larger than
   ``gram_host_gb``, by default half the memory available, is a memory-mapped file on disk
-  holding its lower triangle, about half its bytes, :mod:`moecore.gram_store`: not counted) + the fit's working set min(``fit_memory_gb``, E·8·(3·d·F + 2·max(d, F)²))
+  holding its lower triangle, about half its bytes, :mod:`moecore.gram_store`: not counted)
+  + the fit's working set min(``fit_memory_gb``, E·8·(3·d·F + 2·max(d, F)²)) (halved above
+  512 on the short side, where the fit computes in float32) + the factor stacks of the
+  projection being fitted, in the fit's layout (the ragged form pads every expert to
+  ``expert_rank_cap`` x the mean rank) at 4 bytes (8 below 512 on the short side and 1 GiB)
   + the experts' inputs T·d·4 (one row per token; an expert's rows are gathered when its
   Gram is built) and their outputs T·d·4;
 * in host memory besides: the calibration activations 2·T·d·b (the layer's inputs and
   outputs), the layer read from disk and written back (original + compressed weights), and
   about 1 GiB for Python, torch and transformers;
-* on a CPU only, a half-precision layer is computed in float32 (``calibration.widen_layer``):
-  its non-expert weights at 4 bytes instead of b (the experts stay at b bytes, cast one
-  expert at a time where used); the activations at 4 bytes throughout;
+* on a CPU alone, one memory holds each of these once: the non-layer weights, the layer read
+  (while fitting, only its non-expert weights: the fit chunk's experts are in the working
+  set), the activations, the runtime, the Grams in memory (when the larger stack is on disk,
+  the smaller one, E·min(d, F)²·g, if it is under the same limit) and the working set; then
+  the larger of the finished projections' stored tensors (2/3 of the compressed experts) with
+  the current projection's factor stacks, and the compressed experts twice (the stored
+  tensors and the module built from them, at the end of the fit); a half-precision layer is
+  computed in float32 (``calibration.widen_layer``): its non-expert weights at 4 bytes
+  instead of b (the experts stay at b bytes, cast one expert at a time where used); the
+  activations at 4 bytes throughout;
 * in-engine recovery (``recover_steps`` > 0 with float storage: the engine skips it for
   quantized storage), after the fit: the compressed module swapped in and the original
   experts freed, no Grams and no fit working set, but the trained tensors
@@ -41,9 +52,8 @@ token, T = ``calib_max_tokens``:
 
 The estimate is the largest of the phases.
 
-It is an estimate for planning, not a bound (for scale: 12.5 GiB was measured for a
-Qwen3-30B-A3B layer on CPU at 4,096 calibration tokens, benchmarks/RESULTS.md §7; the formula
-gives about 13 GiB there).
+It is an estimate for planning, not a bound (measured against it on this project's CPU:
+benchmarks/RESULTS.md §7j).
 """
 from __future__ import annotations
 
@@ -106,8 +116,14 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     grams = e * dmax * dmax * g * (2 if cfg.core == "output" else 1)
     per_expert = 8 * (3 * d * f + 2 * dmax * dmax)
     chunk = cfg.expert_chunk or max(1, min(e, int(cfg.fit_memory_gb * GIB) // per_expert))
-    fit = min(chunk, e) * per_expert
-    device = rest_bytes + layer_bytes + compressed + fit + 2 * t * d * 4
+    # the chunk is sized for float64; above 512 on the short side the fit computes in float32
+    fit = min(chunk, e) * per_expert // (2 if min(d, f) > 512 else 1)
+    # the factor stacks of the projection being fitted, in the fit's layout (the ragged form pads
+    # every expert to its cap) and precision (float32 above 512 on the short side or 1 GiB)
+    pad = cfg.expert_rank_cap if get_form(cfg.form).training_form else 1.0
+    stacks = max(int(r["factor_params"] * pad) for r in row["projections"].values())
+    stacks *= 4 if min(d, f) > 512 or stacks * 8 > GIB else 8
+    device = rest_bytes + layer_bytes + compressed + fit + stacks + 2 * t * d * 4
     host = 2 * t * d * b + layer_bytes + compressed + RUNTIME_BYTES
     spill = grams > DEVICE_GRAM_LIMIT
     # a host-memory stack above gram_host_gb (default: half the available memory) is a file on disk
@@ -116,8 +132,18 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     # CPU: half precision computed in float32, but for the experts (cast one at a time)
     wide = (4 - b) // b if b < 4 else 0
     acts = 2 * t * d * (4 - b) if b < 4 else 0
-    calibrating = host + device - compressed - fit + rest_of_layer * wide + acts
-    fitting = host + device + (0 if on_disk else grams) + rest_of_layer * wide + acts
+    # CPU only, one memory: the layer read and the compressed layer counted once each; while the
+    # fit runs, the finished projections (stored) beside the current one's stacks, and at its end
+    # the stored tensors beside the module built from them
+    cpu = rest_bytes + layer_bytes + 2 * t * d * (b + 4) + RUNTIME_BYTES + rest_of_layer * wide + acts
+    cexp = row["bytes_compressed"]
+    dmin = min(d, f)  # the other projection's stack, in memory when small enough while the larger is on disk
+    small = e * dmin * dmin * (8 if cfg.gram_dtype == "float64" or (cfg.gram_dtype == "auto" and e * dmin * dmin * 8
+                                                                    <= GIB) else 4)
+    grams_mem = small if on_disk and small <= host_limit else 0 if on_disk else grams
+    calibrating = cpu + grams_mem + 2 * cexp // 3  # the down projection's Grams beside gate and up, done
+    # while fitting, the experts read are the fit chunk's (in ``fit``), not a whole read block
+    fitting = cpu - (layer_bytes - rest_of_layer) + grams_mem + fit + max(2 * cexp // 3 + stacks, 2 * cexp)
     recovering = 0
     if cfg.recover_steps and cfg.quant is None:  # as the engine: after the fit, the originals and Grams freed
         factors = sum(r["factor_params"] for r in row["projections"].values())
@@ -130,13 +156,15 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
         chunked = get_form(form.training_form or form.name).per_expert_factors and chunk < e
         if chunked:  # trained a chunk at a time, factors only; the layer's output kept on every row
             factors, cores = max(1, chunk) * per_expert, 0
-        recovering = (device - (layer_bytes - rest_of_layer) - fit
-                      + 16 * (factors + cores)  # float32 tensor, gradient and Adam's two moments
-                      + (TRAINED_BYTES - 16) * factors  # each step's operands built from the factors, and their gradients
-                      + 4 * t * d * 4  # the experts' inputs and targets, each also split into fit / held-out rows
-                      + (2 * t * d * 4 if chunked else 0))  # in chunks: the layer's output and a chunk's target
+        train = (16 * (factors + cores)  # float32 tensor, gradient and Adam's two moments
+                 + (TRAINED_BYTES - 16) * factors  # each step's operands built from the factors, and their gradients
+                 + 4 * t * d * 4  # the experts' inputs and targets, each also split into fit / held-out rows
+                 + (2 * t * d * 4 if chunked else 0))  # in chunks: the layer's output and a chunk's target
+        recovering = device - (layer_bytes - rest_of_layer) - fit - stacks + train
+        recovering_cpu = cpu - (layer_bytes - rest_of_layer) + compressed + train
+    else:
+        recovering_cpu = 0
     gpu = max(device + (0 if spill else grams), recovering)
-    recovering_cpu = host + recovering + rest_of_layer * wide + acts if recovering else 0
     return {"layer": f"{stack_path}.{index}", "gpu_gib": gpu / GIB,
             "host_gib_with_gpu": (host + (grams if spill and not on_disk else 0)) / GIB,
             "grams_on_disk_gib": (grams * stored_elements(dmax) / dmax**2 if on_disk else 0) / GIB,  # lower triangle
