@@ -162,6 +162,23 @@ def test_a_scratch_tensor_is_a_file_mapping_that_leaves_nothing_behind(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_stack_stays_in_memory_only_beside_what_the_fit_will_still_allocate(tmp_path, monkeypatch):
+    """At DeepSeek-V3's shape the down projection's 4.3 GB stack was kept in memory, then 7.4 GB
+    of factor stacks and the fit's working set followed it and the run was killed: the default
+    limit is half of what is available less the fit's own reserve."""
+    cfg = moecore.CompressionConfig()
+    monkeypatch.setattr(fitting, "available_host_bytes", lambda: 4 * (4 * 64 * 64 * 8))
+    assert isinstance(gram_stack(4, 64, cfg, torch.device("cpu"), tmp_path), torch.Tensor)
+    assert isinstance(gram_stack(4, 64, cfg, torch.device("cpu"), tmp_path, reserve=3 * 4 * 64 * 64 * 8),
+                      TriangularStack)
+    meta = {"gate": torch.empty(256, 2048, 7168, device="meta"), "up": torch.empty(256, 2048, 7168, device="meta"),
+            "down": torch.empty(256, 7168, 2048, device="meta")}
+    reserve = fitting.fit_reserve(meta, {"gate": 392, "up": 392, "down": 392}, cfg, torch.device("cpu"))
+    stacks = 256 * (2048 + 7168) * 784 * 4  # the ragged form's float32 stacks, padded to 2x the mean rank
+    assert stacks < reserve < stacks + 3.5e9  # and a chunk's float32 working set (about 2.9 GB)
+    assert fitting.fit_reserve(meta, {"gate": 392, "up": 392, "down": 392}, cfg, torch.device("cuda")) == 0
+
+
 def test_a_triangular_stack_keeps_symmetric_and_lower_triangular_stacks_exactly_in_half_the_bytes(tmp_path):
     e, d = 5, 70  # blocks of 16 rows: 5 blocks, the last one short
     x = torch.randn(e, 3 * d, d, dtype=torch.float64)

@@ -50,14 +50,16 @@ def gram_storage(num_experts: int, d: int, cfg: CompressionConfig, device: torch
 
 
 def gram_stack(num_experts: int, d: int, cfg: CompressionConfig, device: torch.device,
-               scratch=None) -> torch.Tensor | TriangularStack:
+               scratch=None, reserve: int = 0) -> torch.Tensor | TriangularStack:
     """An empty ``(E, d, d)`` Gram stack where :func:`gram_storage` puts it; one in host memory
-    larger than ``cfg.gram_host_gb`` (default: half the host memory available now) is a
+    larger than ``cfg.gram_host_gb`` (default: half the host memory available now, less the
+    ``reserve`` bytes the fit will still allocate there) is a
     :class:`~moecore.gram_store.TriangularStack` (its lower triangle in a scratch file) in
     ``scratch`` (default: the system's temporary folder)."""
     dtype, where = gram_storage(num_experts, d, cfg, device)
     nbytes = num_experts * d * d * torch.empty(0, dtype=dtype).element_size()
-    limit = cfg.gram_host_gb * GIB if cfg.gram_host_gb is not None else (available_host_bytes() or 1 << 62) / 2
+    limit = cfg.gram_host_gb * GIB if cfg.gram_host_gb is not None else \
+        max(0, (available_host_bytes() or 1 << 62) - reserve) / 2
     if torch.device(where).type == "cpu" and nbytes > limit:
         return TriangularStack(num_experts, d, dtype, scratch)
     return torch.empty(num_experts, d, d, dtype=dtype, device=where)
@@ -134,13 +136,13 @@ class _Projection:
 
 
 def _whitening(inputs: RoutedInputs, kind: str, module_views: dict, layout: ExpertsLayout, act, cfg, device,
-               scratch=None):
+               scratch=None, reserve: int = 0):
     """Gram stack of ``kind`` ("in" / "mid") turned into whitening factors in place.
     Returns ``(raw Grams copy or None, L, K, λ)`` (``K Kᵀ = S = Σ Ĝ_i``); the raw copy only when ``core="output"`` needs it
     (quantized storage works from ``L`` and ``λ``, :func:`moecore.quant.quantize_projection`)."""
     e = inputs.num_experts
     d = module_views["gate"].shape[2] if kind == "in" else module_views["gate"].shape[1]
-    store = gram_stack(e, d, cfg, device, scratch)
+    store = gram_stack(e, d, cfg, device, scratch, reserve)
     inputs.grams(kind, store, device, module_views, layout, act, cfg.calib_prior_tokens)
     raw = store.clone() if cfg.core == "output" else None
     K, lam = mf.whiten_in_place(store, cfg.whiten_damping, expert_chunk(e, d, d, cfg), device)
@@ -150,17 +152,18 @@ def _whitening(inputs: RoutedInputs, kind: str, module_views: dict, layout: Expe
 
 
 def _projections(views: dict, layout: ExpertsLayout, act, cfg: CompressionConfig, inputs: RoutedInputs | None,
-                 device, scratch=None):
+                 device, scratch=None, reserve: int = 0):
     """Yield ``(p, _Projection, raw Grams or None, λ)`` for gate, up, down.  gate and up share
     one Gram stack of the experts' input (whitened once); it is freed before the down
-    projection's stack is built."""
+    projection's stack is built.  ``reserve``: host bytes the fit will still allocate beside a
+    stack (:func:`fit_reserve`)."""
     whiten = inputs is not None and cfg.init in ("auto", "whitened")
     white = None
     for p in PROJECTIONS:
         kind = "mid" if p == "down" else "in"
         if inputs is not None and (white is None or white[0] != kind):
             white = None  # free the other Gram stack first
-            white = (kind, *_whitening(inputs, kind, views, layout, act, cfg, device, scratch))
+            white = (kind, *_whitening(inputs, kind, views, layout, act, cfg, device, scratch, reserve))
         raw, L, K, lam = white[1:] if white is not None else (None, None, None, None)
         w = views[p].detach() if get_form(cfg.form).chunked_weights else views[p][:]  # [:]: a whole tensor
         yield p, _Projection(w, cfg, inputs, L if whiten else None, K, lam, device), raw, L, lam
@@ -185,7 +188,8 @@ def fit_experts(
     out_dtype = dtype or ref.dtype
     gen = torch.Generator(device=device).manual_seed(seed)
     cores, stored, ranks_out, report, quantized = {}, {}, {}, {}, {}
-    for p, proj, raw, L, lam in _projections(views, layout, act, cfg, inputs, device, scratch):
+    reserve = fit_reserve(views, ranks, cfg, device)
+    for p, proj, raw, L, lam in _projections(views, layout, act, cfg, inputs, device, scratch, reserve):
         r = ranks[p]
         proj.method = svd_method(cfg, *proj.w.shape[1:], form.svd_width(r, cfg.expert_rank_cap))
         entry: dict[str, Any] = {"rank": r, "whitened": whiten}
@@ -229,6 +233,26 @@ def fit_experts(
         new = quantized_module(new, quantized, cfg.quant)
     new.train(module.training)
     return new
+
+
+def fit_reserve(views: dict, ranks: dict[str, int], cfg: CompressionConfig, device: torch.device) -> int:
+    """Host bytes a fit on the CPU allocates beside a Gram stack: the largest projection's factor
+    stacks in the fit's layout (the ragged form pads every expert to its cap) and precision,
+    plus its chunk's working set (float32 where the SVD path computes in float32).  A stack is
+    kept in memory only if it fits beside them (at DeepSeek-V3's shape the down projection's
+    4.3 GB stack did not: 7.4 GB of factor stacks followed it, and the run was killed).  0 on
+    an accelerator, whose fit does not use host memory."""
+    if device.type != "cpu":
+        return 0
+    form, need = get_form(cfg.form), 0
+    for p in PROJECTIONS:
+        e, d_out, d_in = views[p].shape
+        width = form.svd_width(ranks[p], cfg.expert_rank_cap)
+        f32 = svd_method(cfg, d_out, d_in, width) != "exact"
+        stacks = e * (d_out + d_in) * width * (4 if f32 or e * (d_out + d_in) * width * 8 > F64_GRAM_LIMIT else 8)
+        work = expert_chunk(e, d_out, d_in, cfg) * 8 * (3 * d_out * d_in + 2 * d_in * d_in) // (2 if f32 else 1)
+        need = max(need, stacks + work)
+    return need
 
 
 def calibration_report(inputs: RoutedInputs, cfg: CompressionConfig) -> dict[str, Any]:

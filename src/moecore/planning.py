@@ -31,10 +31,12 @@ token, T = ``calib_max_tokens``:
 * on a CPU alone, one memory holds each of these once: the non-layer weights, the layer read
   (while fitting, only its non-expert weights: the fit chunk's experts are in the working
   set), the activations, the runtime, the Grams in memory (when the larger stack is on disk,
-  the smaller one, E·min(d, F)²·g, if it is under the same limit) and the working set; then
-  the larger of the finished projections' stored tensors (2/3 of the compressed experts) with
-  the current projection's factor stacks, and the compressed experts twice (the stored
-  tensors and the module built from them, at the end of the fit); a half-precision layer is
+  the smaller one, E·min(d, F)²·g, if it fits half of what will be available when it is
+  built, after the layer's other allocations and the fit's: :func:`moecore.fitting.fit_reserve`)
+  and the working set; then the larger of the finished projections' stored tensors (2/3 of the
+  compressed experts) with the current projection's factor stacks and their copy at the dtype
+  (made at the projection's end, before they are stored compact), and the compressed experts
+  twice (the stored tensors and the module built from them, at the end of the fit); a half-precision layer is
   computed in float32 (``calibration.widen_layer``): its non-expert weights at 4 bytes
   instead of b (the experts stay at b bytes, cast one expert at a time where used); the
   activations at 4 bytes throughout;
@@ -121,8 +123,8 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     # the factor stacks of the projection being fitted, in the fit's layout (the ragged form pads
     # every expert to its cap) and precision (float32 above 512 on the short side or 1 GiB)
     pad = cfg.expert_rank_cap if get_form(cfg.form).training_form else 1.0
-    stacks = max(int(r["factor_params"] * pad) for r in row["projections"].values())
-    stacks *= 4 if min(d, f) > 512 or stacks * 8 > GIB else 8
+    elems = max(int(r["factor_params"] * pad) for r in row["projections"].values())
+    stacks = elems * (4 if min(d, f) > 512 or elems * 8 > GIB else 8)
     device = rest_bytes + layer_bytes + compressed + fit + stacks + 2 * t * d * 4
     host = 2 * t * d * b + layer_bytes + compressed + RUNTIME_BYTES
     spill = grams > DEVICE_GRAM_LIMIT
@@ -140,10 +142,16 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     dmin = min(d, f)  # the other projection's stack, in memory when small enough while the larger is on disk
     small = e * dmin * dmin * (8 if cfg.gram_dtype == "float64" or (cfg.gram_dtype == "auto" and e * dmin * dmin * 8
                                                                     <= GIB) else 4)
-    grams_mem = small if on_disk and small <= host_limit else 0 if on_disk else grams
+    # as fitting.gram_stack decides when the stack is built: what is available then (less what the
+    # layer already holds: the read, gate and up done) less what the fit allocates after it, halved
+    small_limit = host_limit if cfg.gram_host_gb is not None else \
+        max(0, (available_host_bytes() or 1 << 62) - cpu - 2 * cexp // 3 - stacks - fit) / 2
+    grams_mem = small if on_disk and small <= small_limit else 0 if on_disk else grams
     calibrating = cpu + grams_mem + 2 * cexp // 3  # the down projection's Grams beside gate and up, done
     # while fitting, the experts read are the fit chunk's (in ``fit``), not a whole read block
-    fitting = cpu - (layer_bytes - rest_of_layer) + grams_mem + fit + max(2 * cexp // 3 + stacks, 2 * cexp)
+    # (at a projection's end its stacks are cast to the dtype, padded, before they are stored compact)
+    fitting = (cpu - (layer_bytes - rest_of_layer) + grams_mem + fit
+               + max(2 * cexp // 3 + stacks + elems * b, 2 * cexp))
     recovering = 0
     if cfg.recover_steps and cfg.quant is None:  # as the engine: after the fit, the originals and Grams freed
         factors = sum(r["factor_params"] for r in row["projections"].values())
