@@ -292,19 +292,19 @@ def fit_flops(E: int, d_out: int, d_in: int, s: int, passes: int, method: str, o
               power: int = 4, warm: int = 1) -> dict[str, float]:
     """GEMM FLOPs (2 per multiply-add) of :func:`moecore.maths.fit.fit_delta` + ``errors`` for one
     projection: ``passes`` factor passes (1 + refinement steps run).  Keys: ``core_start``,
-    ``whitened_products`` (``(W_i − C) L_i`` per pass, ``P`` once when refining), ``svd`` (randomized range-finder products, or the Gram products of the exact path),
-    ``refinement`` (``L_i B̃_i``, ``N``), ``errors`` (``A_i B_iᵀ``; ``W_i L_i`` and ``Δ_i L_i`` at 1 pass)."""
+    ``whitened_products`` (``(W_i − C) L_i`` per pass, ``P`` once), ``svd`` (randomized range-finder products, or the Gram products of the exact path),
+    ``refinement`` (``L_i B̃_i``, ``N``), ``errors`` (``A_i B_iᵀ``)."""
     from moecore.maths.triangular import dense_fraction
 
     o, i, k = d_out, d_in, s + oversample
     tri = dense_fraction(i)  # products with the triangular L_i skip its zero half (moecore.maths.triangular)
     big = 2.0 * E * o * i * i * tri
     out = {"core_start": 2.0 * E * o * i,
-           "whitened_products": big * (passes + (1 if passes > 1 else 0)) + (2.0 * o * i * i if passes > 1 else 0.0),
+           # P = Σ R_i L_i L_iᵀ + C₀ S in the first pass, for the core steps and the report's Σ‖W_i L_i‖²
+           "whitened_products": big * (passes + 1) + 2.0 * o * i * i,
            "refinement": passes * (2.0 * E * i * i * s * tri + 2.0 * E * o * i * s),
-           # the report's errors: Ŵ_i = C + A_i B_iᵀ; ``W_i L_i`` and ``Δ_i L_i`` only without
-           # refinement (with it, both sums come from the fit's first pass and objective)
-           "errors": (0.0 if passes > 1 else 2 * big) + 2.0 * E * o * i * s}
+           # the report's errors: Ŵ_i = C + A_i B_iᵀ (both whitened sums come from the fit itself)
+           "errors": 2.0 * E * o * i * s}
     if method == "randomized" and k < min(o, i):
         prod, small = 2.0 * E * o * i * k, 2.0 * E * o * k * k
         out["svd"] = (2 + 2 * power) * prod + small + (passes - 1) * ((2 + 2 * warm) * prod + small)

@@ -41,15 +41,16 @@ def scale():
         sys.path.remove(str(BENCH))
 
 
+@pytest.mark.parametrize("steps", [2, 0])
 @pytest.mark.parametrize("svd", ["randomized", "exact", "gram"])
-def test_cost_model_matches_flop_counter(scale, svd):
+def test_cost_model_matches_flop_counter(scale, svd, steps):
     e, h, f, k, t, rank = 4, 192, 96, 2, 512, 12
     mod = _Experts(e, h, f)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(t, h, generator=g)
     idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
     inputs = RoutedInputs(x, idx, torch.rand(t, k, generator=g), e, "routing")
-    cfg = CompressionConfig(form="delta", rank=rank, svd=svd, refine_steps=2)  # the form the cost model counts
+    cfg = CompressionConfig(form="delta", rank=rank, svd=svd, refine_steps=steps)  # the form the cost model counts
     with FlopCounterMode(display=False) as fc:
         new = fit_experts(mod, FUSED, cfg, {p: rank for p in ("gate", "up", "down")}, inputs, "cpu", 0)
     counted = fc.get_total_flops()
