@@ -179,6 +179,37 @@ def test_a_stack_stays_in_memory_only_beside_what_the_fit_will_still_allocate(tm
     assert fitting.fit_reserve(meta, {"gate": 392, "up": 392, "down": 392}, cfg, torch.device("cuda")) == 0
 
 
+def test_one_gram_stack_at_a_time(monkeypatch):
+    """gate and up share a stack; it is freed before the down projection's is built (the fit's
+    loop once kept it alive through its loop variables: two stacks at once)."""
+    import gc
+    import weakref
+
+    from tests._tiny_models import tiny_mixtral
+    from moecore.calibration import RoutedInputs
+    from moecore.families import find_experts
+
+    model, _ = tiny_mixtral(0, hidden=64, layers=1, experts=4)
+    _, module, layout = find_experts(model)[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(256)])
+    inputs = RoutedInputs(x, idx, torch.rand(256, 2, generator=g), 4, "routing")
+    made, alive_at_creation = [], []
+    real = fitting.gram_stack
+
+    def tracked(*a, **k):
+        alive_at_creation.append(sum(r() is not None for r in made))
+        out = real(*a, **k)
+        made.append(weakref.ref(out))
+        return out
+    monkeypatch.setattr(fitting, "gram_stack", tracked)
+    gc.collect()
+    fitting.fit_experts(module, layout, moecore.CompressionConfig(rank=4, refine_steps=1), {p: 4 for p in
+                        ("gate", "up", "down")}, inputs, "cpu")
+    assert alive_at_creation == [0, 0]  # the gate/up stack was gone when down's was built
+
+
 def test_a_triangular_stack_keeps_symmetric_and_lower_triangular_stacks_exactly_in_half_the_bytes(tmp_path):
     e, d = 5, 70  # blocks of 16 rows: 5 blocks, the last one short
     x = torch.randn(e, 3 * d, d, dtype=torch.float64)

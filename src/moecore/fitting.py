@@ -162,7 +162,7 @@ def _projections(views: dict, layout: ExpertsLayout, act, cfg: CompressionConfig
     for p in PROJECTIONS:
         kind = "mid" if p == "down" else "in"
         if inputs is not None and (white is None or white[0] != kind):
-            white = None  # free the other Gram stack first
+            white = raw = L = None  # free the other Gram stack first (the caller drops its references too)
             white = (kind, *_whitening(inputs, kind, views, layout, act, cfg, device, scratch, reserve))
         raw, L, K, lam = white[1:] if white is not None else (None, None, None, None)
         w = views[p].detach() if get_form(cfg.form).chunked_weights else views[p][:]  # [:]: a whole tensor
@@ -224,7 +224,7 @@ def fit_experts(
                                                cfg.quant, L=proj.L, K=proj.K, lam=lam if whiten else None,
                                                chunk=proj.chunk, device=device, method=proj.method,
                                                whitened_total=whitened_total)
-        del core, tensors
+        del core, tensors, proj, raw, L, lam  # the generator frees this Gram stack before building the next
     biases = {k: views[k][:] for k in ("bias_gate_up", "bias_down") if k in views}
     new = CompressedExperts.from_stored(layout, cfg.form, ref.shape[0], ranks_out, cores, stored, biases,
                                         act_fn=getattr(module, "act_fn", None), dtype=out_dtype, device=ref.device)
