@@ -186,10 +186,14 @@ def test_report_errors_from_the_fit_match_the_products(method, cap):
     fast = mf.errors(w, approx, L, lam, compute_dtype=torch.float64, whitened=pair)
     assert fast[0] == direct[0]
     assert 0.01 < direct[1] < 0.9 and fast[1] == pytest.approx(direct[1], rel=1e-4)
-    # no refinement step: the fit cannot know Σ‖W_i L_i‖², and the report computes it
+    # no refinement step: the first pass still accumulates P, so the fit knows Σ‖W_i L_i‖² too
     info = {}
-    mf.fit_delta(w, mf.expert_core(w), 20, L, K, steps=0, method=method, compute_dtype=dt, info=info)
-    assert info.get("whitened") is None
+    c0, fac0, hist0 = mf.fit_delta(w, mf.expert_core(w), 20, L, K, steps=0, method=method, compute_dtype=dt,
+                                   generator=torch.Generator().manual_seed(0), rank_cap=cap, info=info)
+    assert info["whitened"][0] == hist0[0] and info["whitened"][1] == pytest.approx(pair[1], rel=1e-9)
+    approx0 = lambda sl: c0 + fac0[0][sl].double() @ fac0[1][sl].double().mT  # noqa: E731
+    assert mf.errors(w, approx0, L, lam, compute_dtype=torch.float64, whitened=info["whitened"])[1] == \
+        pytest.approx(mf.errors(w, approx0, L, lam, compute_dtype=torch.float64)[1], rel=1e-4)
 
 
 def test_auto_svd_takes_the_gram_where_the_width_is_a_quarter_of_the_short_side():
