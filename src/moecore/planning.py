@@ -70,7 +70,7 @@ from .recovery_chunks import TRAINED_BYTES
 from .config import CompressionConfig
 from .errors import ConfigError, FileAccessError, first_line
 from .families import config_dtype, find_experts, text_config
-from .fitting import projection_shapes, solve_ranks
+from .fitting import gram_storage, projection_shapes, solve_ranks
 from .gram_store import stored_elements
 from .heap import available_host_bytes
 from .forms import PROJECTIONS, get_form
@@ -114,8 +114,11 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     layer_bytes = rest_of_layer + min(row["bytes_original"], limit)
     e, d, f, t = row["num_experts"], row["hidden_size"], row["intermediate_size"], cfg.calib_max_tokens
     dmax = max(d, f)
-    g = 8 if (cfg.gram_dtype == "float64" or (cfg.gram_dtype == "auto" and e * dmax * dmax * 8 <= GIB)) else 4
-    grams = e * dmax * dmax * g * (2 if cfg.core == "output" else 1)
+
+    def gram_bytes(dim: int) -> int:  # one (E, dim, dim) stack in the dtype the fit stores it in
+        return e * dim * dim * gram_storage(e, dim, cfg, torch.device("cpu"))[0].itemsize
+
+    grams = gram_bytes(dmax) * (2 if cfg.core == "output" else 1)
     per_expert = 8 * (3 * d * f + 2 * dmax * dmax)
     chunk = cfg.expert_chunk or max(1, min(e, int(cfg.fit_memory_gb * GIB) // per_expert))
     # the chunk is sized for float64; above 512 on the short side the fit computes in float32
@@ -140,8 +143,7 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     cpu = rest_bytes + layer_bytes + 2 * t * d * (b + 4) + RUNTIME_BYTES + rest_of_layer * wide + acts
     cexp = row["bytes_compressed"]
     dmin = min(d, f)  # the other projection's stack, in memory when small enough while the larger is on disk
-    small = e * dmin * dmin * (8 if cfg.gram_dtype == "float64" or (cfg.gram_dtype == "auto" and e * dmin * dmin * 8
-                                                                    <= GIB) else 4)
+    small = gram_bytes(dmin)
     # as fitting.gram_stack decides when the stack is built: what is available then (less what the
     # layer already holds: the read, gate and up done) less what the fit allocates after it, halved
     small_limit = host_limit if cfg.gram_host_gb is not None else \
