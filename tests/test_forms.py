@@ -209,3 +209,26 @@ def test_no_stored_name_outside_the_forms_package():
 def test_one_projections_constant():
     defined = [p for p in SRC.rglob("*.py") if re.search(r"^PROJECTIONS\s*=", p.read_text(encoding="utf-8"), re.M)]
     assert defined == [SRC / "forms" / "base.py"]
+
+
+@pytest.mark.parametrize("name", ["delta", "ragged", "basis"])
+def test_to_stored_at_a_dtype_equals_casting_the_fitted_factors_first(name):
+    """The fit stores its factors at the model's dtype through ``to_stored(..., dtype=)``: the
+    same bits as casting the float32 stacks first (what it did before, at DeepSeek-V3's shape a
+    3.7 GB padded copy), and the ragged form's compact columns are each expert's first
+    ``ranks[i]`` columns, side by side."""
+    form, g = get_form(name), torch.Generator().manual_seed(1)
+    width = form.svd_width(3)
+    fac = [torch.randn(E, H, width, generator=g), torch.randn(E, F, width, generator=g)]
+    if name == "ragged":
+        ranks = torch.tensor([0, 6, 3, 1, 2, 5, 4, 3])  # 24 = E x 3 rank units, one expert at 0
+        fac = [f * (torch.arange(width) < ranks[:, None, None]) for f in fac]  # zero past each rank
+        fac.append(ranks)
+    rank, got = form.to_stored(E, tuple(fac), dtype=torch.bfloat16)
+    rank0, ref = form.to_stored(E, tuple(f.to(torch.bfloat16) if f.is_floating_point() else f for f in fac))
+    assert rank == rank0 == 3 and len(got) == len(ref)
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    if name == "ragged":
+        cols = torch.cat([fac[0][i, :, :r] for i, r in enumerate(ranks.tolist())], 1)
+        assert torch.equal(got[0], cols.to(torch.bfloat16)) and got[2].dtype == torch.int32

@@ -313,3 +313,24 @@ def test_padded_ranks_are_the_only_uncounted_work(form):
     k, unit = 2, get_form(form).rank_unit_params(H, F)  # (d_out + d_in) per rank unit: same for the 3 projections
     assert extra == 2 * 3 * k * (4 - 3) * unit  # 2 MoE layers, 3 projections
     assert measured_macs(model)[0] == moecore.statistics(model)["model"]["macs_compressed"] + extra
+
+
+def test_plan_puts_a_stack_on_disk_as_the_fit_would(monkeypatch):
+    """``plan`` decides where each Gram stack lives as :func:`moecore.fitting.gram_stack` does on
+    a CPU: in memory only if it fits half of what is available less what the layer holds and the
+    fit will still allocate (it once compared the larger stack with half the available memory
+    alone, and said "in memory" where the run would write it to disk)."""
+    from moecore import planning
+    from moecore.gram_store import stored_elements
+
+    cfg = moecore.CompressionConfig(target_ratio=0.25, recover_steps=0)
+    stack = 128 * 2048 * 2048 * 4  # Qwen3-30B-A3B's gate/up stack, float32 above 1 GiB
+
+    def estimate(available):
+        monkeypatch.setattr(planning, "available_host_bytes", lambda: available)
+        return moecore.plan(QWEN3, cfg, dtype=torch.bfloat16)["memory_estimate"]
+
+    roomy, tight = estimate(1 << 45), estimate(2 * stack + (1 << 20))  # half of it: just above the stack
+    assert roomy["grams_on_disk_gib"] == 0
+    assert tight["grams_on_disk_gib"] == 128 * stored_elements(2048) * 4 / (1 << 30) == 1.25  # its lower block triangle
+    assert roomy["host_gib_cpu_only"] - tight["host_gib_cpu_only"] >= 0.5 * stack / (1 << 30)

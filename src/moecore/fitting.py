@@ -212,8 +212,7 @@ def fit_experts(
             entry.update(calibration_report(inputs, cfg))
         # the stored tensors in the stored precision now (as from_factors would cast and store them):
         # the padded float32 factor stacks of the ragged form are twice its stored tensors
-        rank, tensors = form.to_stored(proj.w.shape[0], tuple(f.to(out_dtype) if f.is_floating_point() else f
-                                                               for f in fac))
+        rank, tensors = form.to_stored(proj.w.shape[0], fac, dtype=out_dtype)
         whitened_total = res.whitened[1] if res.whitened and whiten else None
         del fac, res, approx
         cores[p], stored[p], ranks_out[p], report[p] = core.to(out_dtype), tensors, rank, entry

@@ -30,12 +30,13 @@ token, T = ``calib_max_tokens``:
   about 1 GiB for Python, torch and transformers;
 * on a CPU alone, one memory holds each of these once: the non-layer weights, the layer read
   (while fitting, only its non-expert weights: the fit chunk's experts are in the working
-  set), the activations, the runtime, the Grams in memory (when the larger stack is on disk,
-  the smaller one, E·min(d, F)²·g, if it fits half of what will be available when it is
-  built, after the layer's other allocations and the fit's: :func:`moecore.fitting.fit_reserve`)
+  set), the activations, the runtime, the Grams in memory (a stack is kept there if it fits
+  half of what will be available when it is built, after the layer's other allocations and
+  the fit's, :func:`moecore.fitting.fit_reserve`; when the larger one is on disk, the
+  smaller one, E·min(d, F)²·g, may still be in memory)
   and the working set; then the larger of the finished projections' stored tensors (2/3 of the
-  compressed experts) with the current projection's factor stacks and their copy at the dtype
-  (made at the projection's end, before they are stored compact), and the compressed experts
+  compressed experts) with the current projection's factor stacks and, at the projection's end,
+  its stored tensors at the dtype (written from the stacks one expert at a time), and the compressed experts
   twice (the stored tensors and the module built from them, at the end of the fit); a half-precision layer is
   computed in float32 (``calibration.widen_layer``): its non-expert weights at 4 bytes
   instead of b (the experts stay at b bytes, cast one expert at a time where used); the
@@ -133,7 +134,7 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     spill = grams > DEVICE_GRAM_LIMIT
     # a host-memory stack above gram_host_gb (default: half the available memory) is a file on disk
     host_limit = cfg.gram_host_gb * GIB if cfg.gram_host_gb is not None else (available_host_bytes() or 1 << 62) / 2
-    on_disk = grams > host_limit
+    on_disk = grams > host_limit  # beside a GPU (whose fit reserves no host memory)
     # CPU: half precision computed in float32, but for the experts (cast one at a time)
     wide = (4 - b) // b if b < 4 else 0
     acts = 2 * t * d * (4 - b) if b < 4 else 0
@@ -146,14 +147,19 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     small = gram_bytes(dmin)
     # as fitting.gram_stack decides when the stack is built: what is available then (less what the
     # layer already holds: the read, gate and up done) less what the fit allocates after it, halved
-    small_limit = host_limit if cfg.gram_host_gb is not None else \
-        max(0, (available_host_bytes() or 1 << 62) - cpu - 2 * cexp // 3 - stacks - fit) / 2
-    grams_mem = small if on_disk and small <= small_limit else 0 if on_disk else grams
+    def cpu_limit(held: int) -> float:
+        return host_limit if cfg.gram_host_gb is not None else \
+            max(0, (available_host_bytes() or 1 << 62) - held - stacks - fit) / 2
+
+    # gate/up's stack (of d) is built before any projection is fitted, down's (of F) after two
+    on_disk_cpu = grams > cpu_limit(cpu + (2 * cexp // 3 if f > d else 0))
+    small_limit = cpu_limit(cpu + 2 * cexp // 3)
+    grams_mem = small if on_disk_cpu and small <= small_limit else 0 if on_disk_cpu else grams
     calibrating = cpu + grams_mem + 2 * cexp // 3  # the down projection's Grams beside gate and up, done
     # while fitting, the experts read are the fit chunk's (in ``fit``), not a whole read block
-    # (at a projection's end its stacks are cast to the dtype, padded, before they are stored compact)
+    # (at a projection's end its stored tensors are written from the stacks at the dtype, compact)
     fitting = (cpu - (layer_bytes - rest_of_layer) + grams_mem + fit
-               + max(2 * cexp // 3 + stacks + elems * b, 2 * cexp))
+               + max(2 * cexp // 3 + stacks + int(elems / pad) * b, 2 * cexp))
     recovering = 0
     if cfg.recover_steps and cfg.quant is None:  # as the engine: after the fit, the originals and Grams freed
         factors = sum(r["factor_params"] for r in row["projections"].values())
@@ -177,7 +183,7 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     gpu = max(device + (0 if spill else grams), recovering)
     return {"layer": f"{stack_path}.{index}", "gpu_gib": gpu / GIB,
             "host_gib_with_gpu": (host + (grams if spill and not on_disk else 0)) / GIB,
-            "grams_on_disk_gib": (grams * stored_elements(dmax) / dmax**2 if on_disk else 0) / GIB,  # lower triangle
+            "grams_on_disk_gib": (grams * stored_elements(dmax) / dmax**2 if on_disk_cpu else 0) / GIB,  # lower triangle
             "host_gib_cpu_only": max(calibrating, fitting, recovering_cpu) / GIB,
             "output_gb": output_bytes / 1e9, "dtype": str(dtype).replace("torch.", "")}
 

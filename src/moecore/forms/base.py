@@ -33,6 +33,11 @@ Tensor = torch.Tensor
 PROJECTIONS = ("gate", "up", "down")
 
 
+def cast_floating(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``t`` in ``dtype`` if it is floating and ``dtype`` is given (index tensors stay integers)."""
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
 @dataclass
 class FitResult:
     """What :meth:`Form.fit` returns: ``core (d_out, d_in)`` and ``factors`` (in
@@ -104,10 +109,12 @@ class Form(ABC):
         """Every stored tensor name of projection ``p``: the core, the factors, the index tensors."""
         return (self.core_name(p), *self.factor_tensor_names(p))
 
-    def to_stored(self, num_experts: int, factors: tuple[Tensor, ...]) -> tuple[int, tuple[Tensor, ...]]:
-        """``(rank, stored tensors in factor_tensor_names order)`` from :meth:`fit`'s factors
-        (default: stored as fitted, the rank their last dimension)."""
-        return int(factors[0].shape[-1]), tuple(factors)
+    def to_stored(self, num_experts: int, factors: tuple[Tensor, ...],
+                  dtype: torch.dtype | None = None) -> tuple[int, tuple[Tensor, ...]]:
+        """``(rank, stored tensors in factor_tensor_names order)`` from :meth:`fit`'s factors,
+        the floating ones cast to ``dtype`` if given (default: stored as fitted, the rank their
+        last dimension)."""
+        return int(factors[0].shape[-1]), tuple(cast_floating(f, dtype) for f in factors)
 
     def check_index(self, get: Callable[[str], Tensor], p: str, num_experts: int, rank: int) -> str | None:
         """Load-time check of projection ``p``'s index tensors: what is wrong, or ``None``."""

@@ -48,7 +48,7 @@ import torch
 from ..errors import ConfigError
 from ..grouped import Activation, Routing
 from ..maths import decompose
-from .base import FitResult, Form
+from .base import FitResult, Form, cast_floating
 from .delta import FORM as DELTA
 
 Tensor = torch.Tensor
@@ -214,12 +214,14 @@ class BasisForm(Form):
                                            best_on="cpu" if device.type != "cpu" else None)
         return FitResult(core, factors, history, refine_iters=len(history) - 1)
 
-    def to_stored(self, num_experts: int, factors: tuple[Tensor, ...]) -> tuple[int, tuple[Tensor, ...]]:
-        """Fitted ``(A (E, narrow, s), B (E, wide, s))`` -> ``(s, (A, B[::4] (E/4, wide, s)))``."""
+    def to_stored(self, num_experts: int, factors: tuple[Tensor, ...],
+                  dtype: torch.dtype | None = None) -> tuple[int, tuple[Tensor, ...]]:
+        """Fitted ``(A (E, narrow, s), B (E, wide, s))`` -> ``(s, (A, B[::4] (E/4, wide, s)))``
+        (cast to ``dtype`` if given)."""
         a, b = factors
         if b.shape[0] == num_experts:
             b = b[::EXPERTS_PER_BASIS]
-        return int(a.shape[-1]), (a, b)
+        return int(a.shape[-1]), (cast_floating(a, dtype), cast_floating(b, dtype))
 
     @staticmethod
     def _delta_factors(d_out: int, d_in: int, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
