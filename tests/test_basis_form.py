@@ -88,3 +88,23 @@ def test_experts_not_a_multiple_of_four_are_refused():
     model, _ = tiny_mixtral(experts=6)
     with pytest.raises(ConfigError, match="multiple of 4 experts"):
         moecore.compress(model, moecore.CompressionConfig(form="basis", target_ratio=0.5, init="svd"))
+
+
+@pytest.mark.parametrize("d_out,d_in", [(10, 16), (40, 16)], ids=["input-basis", "output-basis"])
+def test_the_best_iterate_is_returned_without_keeping_a_copy_of_it(monkeypatch, d_out, d_in):
+    """As ``fit_delta``: only the best core is kept between steps; where the last step did worse
+    (here an injected fault: step 1's eigendecompositions return the weakest directions), the
+    best core's factors are computed again, bit for bit those of the pass that found them."""
+    w, L, K = _layer(8, d_out, d_in)
+    first = fit_basis(w, w.mean(0), 3, L, K, steps=0)
+    calls, real = [], torch.linalg.eigh
+
+    def faulty(x):
+        calls.append(1)
+        vals, vec = real(x)
+        return (vals, vec.flip(-1)) if len(calls) in (3, 4) else (vals, vec)  # 2 groups of 4 experts
+    monkeypatch.setattr(torch.linalg, "eigh", faulty)
+    core, factors, hist = fit_basis(w, w.mean(0), 3, L, K, steps=1, tol=0.0)
+    assert len(calls) == 6  # first pass, the faulty step, the best core's factors again
+    assert len(hist) == 2 and hist[1] > hist[0] == first[2][0]
+    assert torch.equal(core, first[0]) and all(torch.equal(x, y) for x, y in zip(factors, first[1]))

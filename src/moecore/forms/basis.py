@@ -73,8 +73,7 @@ def expand_basis(b: Tensor, num_experts: int) -> Tensor:
 
 @torch.no_grad()
 def fit_basis(weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None, K: Tensor | None = None, *,
-              steps: int = 10, tol: float = 1e-4, device=None,
-              best_on=None) -> tuple[Tensor, tuple[Tensor, Tensor], list[float]]:
+              steps: int = 10, tol: float = 1e-4, device=None) -> tuple[Tensor, tuple[Tensor, Tensor], list[float]]:
     """Fit core, per-expert ``A`` and shared bases ``B`` on ``Σ_i ‖(W_i − C − ΔW_i) L_i‖_F²``
     (``ΔW_i = A_i B_gᵀ`` or ``B_g A_iᵀ``, module docstring), one group of 4 experts at a time on
     ``device``, in float64.
@@ -83,14 +82,15 @@ def fit_basis(weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None,
     whitening factors (``L_i L_iᵀ = Ĝ_i``) or ``None`` (``Ĝ_i = I``), ``K`` the lower Cholesky factor of
     ``S = Σ_i Ĝ_i`` (:func:`moecore.maths.fit.whiten_in_place`).
     Returns ``core (d_out, d_in)``, ``(A (E, narrow, s), B (E, wide, s))`` (each group's basis
-    repeated for its experts, unit columns) and the objective history (start first).
+    repeated for its experts, unit columns) and the objective history (start first): the best
+    iterate's, its factors computed again if the last step did worse (no copy of the factor
+    stacks is kept).
     """
     e, d_out, d_in = weights.shape
     m, g = num_bases(e), EXPERTS_PER_BASIS
     shares_input = d_in >= d_out
     narrow, wide = min(d_out, d_in), max(d_out, d_in)
     device = torch.device(device) if device is not None else weights.device
-    best_on = torch.device(best_on) if best_on is not None else device
     if L is not None and K is None:
         raise ValueError("fit_basis: K (the Cholesky factor of S = Σ Ĝ_i) is required with L")
     groups = [slice(j * g, (j + 1) * g) for j in range(m)]
@@ -146,22 +146,21 @@ def fit_basis(weights: Tensor, core: Tensor, rank: int, L: Tensor | None = None,
         rhs = p_acc - n_acc  # Σ_i (W_i − A_i B_gᵀ) Ĝ_i  (d_out, d_in)
         return torch.cholesky_solve(rhs.mT, s_chol).mT if s_chol is not None else rhs / e
 
-    def snapshot() -> tuple[Tensor, Tensor, Tensor]:
-        return core.to(best_on, copy=True), a_all.to(best_on, copy=True), b_all.to(best_on, copy=True)
-
     core = core.to(device=device, dtype=_F64)
     err, n_acc = factors(core)
-    history, best = [err], snapshot()
+    history, best_core = [err], core  # a_all, b_all hold the best core's factors unless a later step did worse
     for _ in range(steps):
         core = core_step(n_acc)
         err, n_acc = factors(core)
         history.append(err)
         if err < min(history[:-1]):
-            best = snapshot()
+            best_core = core
         if history[-2] - err <= tol * max(err, 1e-30):  # converged, or the basis step stopped paying
             break
-    c, a, b = (t.to(device) for t in best)
-    return c, (a, expand_basis(b, e)), history
+    if core is not best_core:  # the last step did worse (rounding): the best core's factors again,
+        core = best_core  # not a snapshot of the factor stacks kept at every improvement
+        factors(core)
+    return core, (a_all, expand_basis(b_all, e)), history
 
 
 def shares_input(d_out: int, d_in: int) -> bool:
@@ -209,9 +208,8 @@ class BasisForm(Form):
             method: str, generator: torch.Generator | None, chunk: int, device: torch.device,
             f64_factor_limit: int, expert_rank_cap: float = 2.0) -> FitResult:
         """:func:`fit_basis` (exact eigendecompositions: ``method``, ``chunk`` and
-        ``expert_rank_cap`` do not apply); on an accelerator the best iterate is kept in host memory."""
-        core, factors, history = fit_basis(weights, core, rank, L, K, steps=steps, device=device,
-                                           best_on="cpu" if device.type != "cpu" else None)
+        ``expert_rank_cap`` do not apply)."""
+        core, factors, history = fit_basis(weights, core, rank, L, K, steps=steps, device=device)
         return FitResult(core, factors, history, refine_iters=len(history) - 1)
 
     def to_stored(self, num_experts: int, factors: tuple[Tensor, ...],
