@@ -19,10 +19,11 @@ token, T = ``calib_max_tokens``:
   above 4 GiB lives in host memory instead; a stack in host memory larger than
   ``gram_host_gb``, by default half the memory available, is a memory-mapped file on disk
   holding its lower triangle, about half its bytes, :mod:`moecore.gram_store`: not counted)
-  + the fit's working set min(``fit_memory_gb``, E·8·(3·d·F + 2·max(d, F)²)) (halved above
-  512 on the short side, where the fit computes in float32) + the factor stacks of the
-  projection being fitted, in the fit's layout (the ragged form pads every expert to
-  ``expert_rank_cap`` x the mean rank) at 4 bytes (8 below 512 on the short side and 1 GiB)
+  + what the fit allocates for its largest projection (:func:`moecore.fitting.fit_reserve`,
+  which the engine also uses): the factor stacks in the fit's layout (the ragged form pads
+  every expert to ``expert_rank_cap`` x the mean rank) at 4 bytes (8 below 512 on the short
+  side and 1 GiB) and its chunk's working set min(``fit_memory_gb``,
+  E·8·(3·d_out·d_in + 2·d_in²)) (halved where the fit computes in float32)
   + the experts' inputs T·d·4 (one row per token; an expert's rows are gathered when its
   Gram is built) and their outputs T·d·4;
 * in host memory besides: the calibration activations 2·T·d·b (the layer's inputs and
@@ -71,7 +72,7 @@ from .recovery_chunks import TRAINED_BYTES
 from .config import CompressionConfig
 from .errors import ConfigError, FileAccessError, first_line
 from .families import config_dtype, find_experts, text_config
-from .fitting import gram_storage, projection_shapes, solve_ranks
+from .fitting import DEVICE_GRAM_LIMIT, fit_reserve, gram_storage, projection_shapes, solve_ranks
 from .gram_store import stored_elements
 from .heap import available_host_bytes
 from .forms import PROJECTIONS, get_form
@@ -81,7 +82,6 @@ from .stats import statistics
 from .surgery import decoder_layers
 
 GIB = 1 << 30
-DEVICE_GRAM_LIMIT = 4 * GIB  # as moecore.fitting: larger Gram stacks are kept in host memory
 RUNTIME_BYTES = 1 * GIB  # Python, torch and transformers themselves
 
 
@@ -120,16 +120,11 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
         return e * dim * dim * gram_storage(e, dim, cfg, torch.device("cpu"))[0].itemsize
 
     grams = gram_bytes(dmax) * (2 if cfg.core == "output" else 1)
-    per_expert = 8 * (3 * d * f + 2 * dmax * dmax)
-    chunk = cfg.expert_chunk or max(1, min(e, int(cfg.fit_memory_gb * GIB) // per_expert))
-    # the chunk is sized for float64; above 512 on the short side the fit computes in float32
-    fit = min(chunk, e) * per_expert // (2 if min(d, f) > 512 else 1)
-    # the factor stacks of the projection being fitted, in the fit's layout (the ragged form pads
-    # every expert to its cap) and precision (float32 above 512 on the short side or 1 GiB)
-    pad = cfg.expert_rank_cap if get_form(cfg.form).training_form else 1.0
-    elems = max(int(r["factor_params"] * pad) for r in row["projections"].values())
-    stacks = elems * (4 if min(d, f) > 512 or elems * 8 > GIB else 8)
-    device = rest_bytes + layer_bytes + compressed + fit + stacks + 2 * t * d * 4
+    # the fit's factor stacks and working set for its largest projection, as the engine counts them
+    views = {p: torch.empty((e, d, f) if p == "down" else (e, f, d), device="meta") for p in PROJECTIONS}
+    reserve = fit_reserve(views, {p: r["rank"] for p, r in row["projections"].items()}, cfg, torch.device("cpu"))
+    compact = max(r["factor_params"] for r in row["projections"].values()) * b  # one projection's factors stored
+    device = rest_bytes + layer_bytes + compressed + reserve + 2 * t * d * 4
     host = 2 * t * d * b + layer_bytes + compressed + RUNTIME_BYTES
     spill = grams > DEVICE_GRAM_LIMIT
     # a host-memory stack above gram_host_gb (default: half the available memory) is a file on disk
@@ -149,17 +144,16 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     # layer already holds: the read, gate and up done) less what the fit allocates after it, halved
     def cpu_limit(held: int) -> float:
         return host_limit if cfg.gram_host_gb is not None else \
-            max(0, (available_host_bytes() or 1 << 62) - held - stacks - fit) / 2
+            max(0, (available_host_bytes() or 1 << 62) - held - reserve) / 2
 
     # gate/up's stack (of d) is built before any projection is fitted, down's (of F) after two
     on_disk_cpu = grams > cpu_limit(cpu + (2 * cexp // 3 if f > d else 0))
     small_limit = cpu_limit(cpu + 2 * cexp // 3)
     grams_mem = small if on_disk_cpu and small <= small_limit else 0 if on_disk_cpu else grams
     calibrating = cpu + grams_mem + 2 * cexp // 3  # the down projection's Grams beside gate and up, done
-    # while fitting, the experts read are the fit chunk's (in ``fit``), not a whole read block
+    # while fitting, the experts read are the fit chunk's (in the reserve), not a whole read block
     # (at a projection's end its stored tensors are written from the stacks at the dtype, compact)
-    fitting = (cpu - (layer_bytes - rest_of_layer) + grams_mem + fit
-               + max(2 * cexp // 3 + stacks + int(elems / pad) * b, 2 * cexp))
+    fitting = cpu - (layer_bytes - rest_of_layer) + grams_mem + max(2 * cexp // 3 + reserve + compact, 2 * cexp)
     recovering = 0
     if cfg.recover_steps and cfg.quant is None:  # as the engine: after the fit, the originals and Grams freed
         factors = sum(r["factor_params"] for r in row["projections"].values())
@@ -176,7 +170,7 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
                  + (TRAINED_BYTES - 16) * factors  # each step's operands built from the factors, and their gradients
                  + 4 * t * d * 4  # the experts' inputs and targets, each also split into fit / held-out rows
                  + (2 * t * d * 4 if chunked else 0))  # in chunks: the layer's output and a chunk's target
-        recovering = device - (layer_bytes - rest_of_layer) - fit - stacks + train
+        recovering = device - (layer_bytes - rest_of_layer) - reserve + train
         recovering_cpu = cpu - (layer_bytes - rest_of_layer) + compressed + train
     else:
         recovering_cpu = 0
