@@ -267,3 +267,31 @@ def test_a_resume_may_change_the_memory_limits_but_not_what_decides_the_output()
     assert fingerprint(src, moecore.CompressionConfig(rank=4), seqs, torch.float32, "cpu") != base
     assert "expert_read_gb" not in moecore.CompressionConfig().output_dict()
     assert "expert_read_gb" in moecore.CompressionConfig().to_dict()  # still saved beside the output
+
+
+@pytest.mark.parametrize("form", ["delta", "ragged", "basis"])
+def test_a_module_built_in_the_checkpoint_dtype_equals_the_float32_module_cast(form):
+    """``fit_experts(dtype=float32, store_dtype=bfloat16)`` (what the engine does for a module
+    it neither trains nor runs: its finished projections then take half the bytes during the
+    fit, 3.7 GB at DeepSeek-V3's shape) gives the same bits as the float32 module cast."""
+    from tests._tiny_models import tiny_mixtral
+    from moecore.calibration import RoutedInputs
+    from moecore.families import find_experts
+
+    model, _ = tiny_mixtral(0, hidden=64, layers=1, experts=4)
+    _, module, layout = find_experts(model)[0]
+    module.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(256)])
+    inputs = RoutedInputs(x, idx, torch.rand(256, 2, generator=g), 4, "routing")
+    cfg = moecore.CompressionConfig(rank=4, refine_steps=1, form=form)
+    ranks = {p: 4 for p in ("gate", "up", "down")}
+    wide = fitting.fit_experts(module, layout, cfg, ranks, inputs, "cpu", dtype=torch.float32)
+    narrow = fitting.fit_experts(module, layout, cfg, ranks, inputs, "cpu", dtype=torch.float32,
+                                 store_dtype=torch.bfloat16)
+    want = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in wide.state_dict().items()}
+    got = narrow.state_dict()
+    assert got.keys() == want.keys() and all(got[k].dtype == want[k].dtype for k in got)
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    assert narrow.report == wide.report

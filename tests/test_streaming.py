@@ -68,13 +68,14 @@ def test_streamed_equals_in_memory_on_a_resharded_bundled_model(tmp_path, name):
     assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~umask)}  # files follow the umask
 
 
-def _tiny_checkpoint(path: Path, layers: int, hidden: int = 64, inter: int = 128, experts: int = 4, seed: int = 0):
+def _tiny_checkpoint(path: Path, layers: int, hidden: int = 64, inter: int = 128, experts: int = 4, seed: int = 0,
+                     dtype: torch.dtype = torch.float32):
     tok = tokenizer()
     cfg = MixtralConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts, num_experts_per_tok=2,
                         max_position_embeddings=512, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     model.save_pretrained(path, max_shard_size="200KB" if hidden <= 64 else "20MB")
     tok.save_pretrained(path)
     return path
@@ -491,3 +492,33 @@ def test_interrupt_says_what_is_kept_and_a_refused_resume_names_the_difference(t
     assert last.returncode == 0, last.stderr
     assert f"next: moecore eval {tmp_path / 'out'}" in last.stdout
     assert "AutoModelForCausalLM.from_pretrained(" in last.stdout
+
+
+def test_a_half_precision_layer_not_recovered_is_fitted_into_its_own_dtype(tmp_path, monkeypatch):
+    """On a CPU a bfloat16 layer is computed in float32; its compressed experts, neither trained
+    nor run there when there is no recovery, are built in bfloat16 at once (half the bytes for
+    the finished projections during the fit): the output is byte-identical to building them in
+    float32 and casting them when the layer is restored."""
+    import moecore.engine as engine
+
+    src = _tiny_checkpoint(tmp_path / "src", layers=2, dtype=torch.bfloat16)
+    texts = _calib_file(tmp_path / "calib.txt").read_text(encoding="utf-8").split("\n\n")
+    real, asked = engine.fit_experts, []
+
+    def spy(*a, **k):
+        asked.append(k.get("store_dtype"))
+        return real(*a, **k)
+
+    def wide(*a, **k):
+        return real(*a, **{**k, "store_dtype": None})
+
+    for name, cfg in (("idle", moecore.CompressionConfig(rank=4, refine_steps=1, recover_steps=0)),
+                      ("trained", moecore.CompressionConfig(rank=4, refine_steps=1, recover_steps=2))):
+        monkeypatch.setattr(engine, "fit_experts", spy)
+        compress_checkpoint(src, tmp_path / name, cfg, texts, progress=False, device="cpu")
+        monkeypatch.setattr(engine, "fit_experts", wide)
+        compress_checkpoint(src, tmp_path / f"{name}-wide", cfg, texts, progress=False, device="cpu")
+        files = sorted(f.name for f in (tmp_path / name).glob("*.safetensors"))
+        assert files and files == sorted(f.name for f in (tmp_path / f"{name}-wide").glob("*.safetensors"))
+        assert all((tmp_path / name / f).read_bytes() == (tmp_path / f"{name}-wide" / f).read_bytes() for f in files)
+    assert asked == [torch.bfloat16] * 2 + [None] * 2  # recovery trains the module in float32

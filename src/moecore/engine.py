@@ -330,8 +330,13 @@ class Engine:
                 y = self._targets(layout, layer.get_submodule(rel), inputs[rel]) if recover else None
                 recover_s += time.perf_counter() - tr  # part of recovery (from the calibration forward, if routed)
                 narrow_module(layer, rel, saved)  # experts widened with their layer (not routed): back for the fit
+                # a module neither trained nor run in this layer's float32 copy is built in the
+                # checkpoint's dtype at once (restore_layer's cast, done early: half the bytes
+                # for its finished projections during the fit)
+                idle = saved and not recover and (outs is not None or hidden is None) and self.cfg.quant is None
                 new = fit_experts(layer.get_submodule(rel), layout, self.cfg, {p: ranks[(path, p)] for p in PROJECTIONS},
-                                  inputs.get(rel), self.device, seed, dtype=fdt, scratch=self.scratch)
+                                  inputs.get(rel), self.device, seed, dtype=fdt, scratch=self.scratch,
+                                  store_dtype=stored.get(rel) if idle else None)
                 replace_module(layer, rel, new)  # the original experts freed before recovery's Adam steps
                 if recover:
                     tr = time.perf_counter()

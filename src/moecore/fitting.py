@@ -173,9 +173,11 @@ def _projections(views: dict, layout: ExpertsLayout, act, cfg: CompressionConfig
 def fit_experts(
     module: nn.Module, layout: ExpertsLayout, cfg: CompressionConfig, ranks: dict[str, int],
     inputs: RoutedInputs | None, device=None, seed: int = 0, dtype: torch.dtype | None = None, scratch=None,
+    store_dtype: torch.dtype | None = None,
 ) -> CompressedExperts:
     """Compress one experts module into a :class:`CompressedExperts` (on the module's device, in
-    ``dtype``, default the module's), with ``report[p] = {"rank", "whitened", "weight_rel_error", "output_rel_error",
+    ``dtype``, default the module's; with ``store_dtype``, in that dtype, cast from ``dtype``:
+    the same values as casting the module afterwards, without holding it at ``dtype``), with ``report[p] = {"rank", "whitened", "weight_rel_error", "output_rel_error",
     "refine_*", "svd"}`` and, with calibration, ``"routed_tokens", "min_expert_tokens",
     "under_calibrated_experts"}``.  ``scratch``: the folder of a Gram stack too large for host
     memory (:func:`gram_stack`)."""
@@ -186,6 +188,7 @@ def fit_experts(
     act = layout.activation_fn(getattr(module, "act_fn", None))
     form = get_form(cfg.form)
     out_dtype = dtype or ref.dtype
+    final = store_dtype or out_dtype  # what each finished projection is kept in
     gen = torch.Generator(device=device).manual_seed(seed)
     cores, stored, ranks_out, report, quantized = {}, {}, {}, {}, {}
     reserve = fit_reserve(views, ranks, cfg, device)
@@ -212,10 +215,12 @@ def fit_experts(
             entry.update(calibration_report(inputs, cfg))
         # the stored tensors in the stored precision now (as from_factors would cast and store them):
         # the padded float32 factor stacks of the ragged form are twice its stored tensors
-        rank, tensors = form.to_stored(proj.w.shape[0], fac, dtype=out_dtype)
+        if final != out_dtype:  # through out_dtype first (no copy where the fit computed in it)
+            fac = tuple(f.to(out_dtype) if f.is_floating_point() else f for f in fac)
+        rank, tensors = form.to_stored(proj.w.shape[0], fac, dtype=final)
         whitened_total = res.whitened[1] if res.whitened and whiten else None
         del fac, res, approx
-        cores[p], stored[p], ranks_out[p], report[p] = core.to(out_dtype), tensors, rank, entry
+        cores[p], stored[p], ranks_out[p], report[p] = core.to(out_dtype).to(final), tensors, rank, entry
         if cfg.quant is not None:  # quantized core, factors refit to its rounding error, then quantized: now,
             # while this projection's whitening factors exist (the gate/up ones are freed before down's)
             names = (form.core_name(p), *form.factor_tensor_names(p))
@@ -226,7 +231,7 @@ def fit_experts(
         del core, tensors, proj, raw, L, lam  # the generator frees this Gram stack before building the next
     biases = {k: views[k][:] for k in ("bias_gate_up", "bias_down") if k in views}
     new = CompressedExperts.from_stored(layout, cfg.form, ref.shape[0], ranks_out, cores, stored, biases,
-                                        act_fn=getattr(module, "act_fn", None), dtype=out_dtype, device=ref.device)
+                                        act_fn=getattr(module, "act_fn", None), dtype=final, device=ref.device)
     new.report = report
     if quantized:
         new = quantized_module(new, quantized, cfg.quant)

@@ -40,8 +40,10 @@ token, T = ``calib_max_tokens``:
   its stored tensors at the dtype (written from the stacks one expert at a time), and the compressed experts
   twice (the stored tensors and the module built from them, at the end of the fit); a half-precision layer is
   computed in float32 (``calibration.widen_layer``): its non-expert weights at 4 bytes
-  instead of b (the experts stay at b bytes, cast one expert at a time where used); the
-  activations at 4 bytes throughout;
+  instead of b (the experts stay at b bytes, cast one expert at a time where used); its
+  compressed experts at 4 bytes where the engine then trains or runs them in that float32
+  copy (recovery, ``propagate="compressed"``) or quantizes them, else at b (built in the
+  checkpoint's dtype at once); the activations at 4 bytes throughout;
 * in-engine recovery (``recover_steps`` > 0 with float storage: the engine skips it for
   quantized storage), after the fit: the compressed module swapped in and the original
   experts freed, no Grams and no fit working set, but the trained tensors
@@ -123,7 +125,7 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     # the fit's factor stacks and working set for its largest projection, as the engine counts them
     views = {p: torch.empty((e, d, f) if p == "down" else (e, f, d), device="meta") for p in PROJECTIONS}
     reserve = fit_reserve(views, {p: r["rank"] for p, r in row["projections"].items()}, cfg, torch.device("cpu"))
-    compact = max(r["factor_params"] for r in row["projections"].values()) * b  # one projection's factors stored
+    compact = max(r["factor_params"] for r in row["projections"].values())  # one projection's factors stored
     device = rest_bytes + layer_bytes + compressed + reserve + 2 * t * d * 4
     host = 2 * t * d * b + layer_bytes + compressed + RUNTIME_BYTES
     spill = grams > DEVICE_GRAM_LIMIT
@@ -137,7 +139,12 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     # fit runs, the finished projections (stored) beside the current one's stacks, and at its end
     # the stored tensors beside the module built from them
     cpu = rest_bytes + layer_bytes + 2 * t * d * (b + 4) + RUNTIME_BYTES + rest_of_layer * wide + acts
-    cexp = row["bytes_compressed"]
+    # a half-precision layer's compressed experts are built in float32 where the engine then
+    # trains or runs them in the layer's float32 copy (recovery, a compressed propagation) or
+    # quantizes them, else in the checkpoint's dtype at once (fitting.fit_experts' store_dtype)
+    idle = not cfg.recover_steps and cfg.propagate == "original" and cfg.quant is None
+    cb = 4 if b < 4 and not idle else b  # bytes per compressed element on a CPU
+    cexp = row["bytes_compressed"] * cb // b
     dmin = min(d, f)  # the other projection's stack, in memory when small enough while the larger is on disk
     small = gram_bytes(dmin)
     # as fitting.gram_stack decides when the stack is built: what is available then (less what the
@@ -153,7 +160,7 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     calibrating = cpu + grams_mem + 2 * cexp // 3  # the down projection's Grams beside gate and up, done
     # while fitting, the experts read are the fit chunk's (in the reserve), not a whole read block
     # (at a projection's end its stored tensors are written from the stacks at the dtype, compact)
-    fitting = cpu - (layer_bytes - rest_of_layer) + grams_mem + max(2 * cexp // 3 + reserve + compact, 2 * cexp)
+    fitting = cpu - (layer_bytes - rest_of_layer) + grams_mem + max(2 * cexp // 3 + reserve + compact * cb, 2 * cexp)
     recovering = 0
     if cfg.recover_steps and cfg.quant is None:  # as the engine: after the fit, the originals and Grams freed
         factors = sum(r["factor_params"] for r in row["projections"].values())
