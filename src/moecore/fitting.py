@@ -177,10 +177,10 @@ def fit_experts(
 ) -> CompressedExperts:
     """Compress one experts module into a :class:`CompressedExperts` (on the module's device, in
     ``dtype``, default the module's; with ``store_dtype``, in that dtype, cast from ``dtype``:
-    the same values as casting the module afterwards, without holding it at ``dtype``), with ``report[p] = {"rank", "whitened", "weight_rel_error", "output_rel_error",
-    "refine_*", "svd"}`` and, with calibration, ``"routed_tokens", "min_expert_tokens",
-    "under_calibrated_experts"}``.  ``scratch``: the folder of a Gram stack too large for host
-    memory (:func:`gram_stack`)."""
+    the same values as casting the module afterwards, without holding it at ``dtype``), with
+    ``report[p] = {"rank", "whitened", "weight_rel_error", "output_rel_error", "refine_*", "svd"}``
+    and, with calibration, ``"routed_tokens", "min_expert_tokens", "under_calibrated_experts"}``.
+    ``scratch``: the folder of a Gram stack too large for host memory (:func:`gram_stack`)."""
     views = layout.split(module)
     ref = views["gate"]
     device = torch.device(device) if device is not None else ref.device
