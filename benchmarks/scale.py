@@ -12,6 +12,11 @@ in a child process, which reports:
 * one layer's expert weights in bytes, for comparison;
 * the extrapolated whole-model time (mean seconds per layer × the real number of MoE layers).
 
+A child that fails or is killed (the kernel's OOM killer, at DeepSeek-V3's shape on a 24 GiB
+machine) leaves ``failed-scale-<shape>-<device><tag>.json`` in the results folder instead: its
+exit status, wall time, the parent's sampled peak of its anonymous memory with a timeline
+(every 30 s: seconds, anonymous GiB, the machine's available GiB) and the end of its stderr.
+
 Usage::
 
     python benchmarks/scale.py --shape qwen3-30b-a3b --layers 2 --device cpu --refine-steps 1 --calib-tokens 4096
@@ -217,6 +222,41 @@ print("RESULT " + json.dumps(res))
 """
 
 
+def _gib_from(path: str, key: str) -> float | None:
+    """``key``'s kB figure in a ``/proc`` status-style file, in GiB (``None`` if unreadable)."""
+    try:
+        with open(path) as f:
+            line = next(line for line in f if line.startswith(key + ":"))
+        return int(line.split()[1]) / 2**20
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def watched(cmd: list[str], folder: Path, every: float = 0.5, log_every: float = 30.0):
+    """Run ``cmd`` with its output in files (no pipe to fill) while sampling its anonymous
+    memory: ``(returncode, stdout, stderr, watch)``, ``watch`` holding the wall time, the
+    sampled peak and a timeline ``[seconds, anon GiB, available GiB]`` every ``log_every`` s.
+    It is what remains of a run the kernel kills for memory: the child's own 50 ms sampler dies
+    with it."""
+    out, err = folder / "child.out", folder / "child.err"
+    t0 = time.perf_counter()
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True)
+        peak, timeline, last = 0.0, [], -log_every
+        while proc.poll() is None:
+            now = time.perf_counter() - t0
+            anon = _gib_from(f"/proc/{proc.pid}/status", "RssAnon")
+            peak = max(peak, anon or 0.0)
+            if now - last >= log_every:
+                timeline.append([round(now, 1), None if anon is None else round(anon, 3),
+                                 None if (av := _gib_from("/proc/meminfo", "MemAvailable")) is None else round(av, 2)])
+                last = now
+            time.sleep(every)
+    watch = {"wall_s": round(time.perf_counter() - t0, 1), "sampled_peak_anon_gib": round(peak, 3),
+             "timeline": timeline}
+    return proc.returncode, out.read_text(), err.read_text(), watch
+
+
 def run(a) -> dict:
     import torch
     import transformers
@@ -250,10 +290,18 @@ def run(a) -> dict:
         cfg.update(set_overrides(a.set))  # --set KEY=VALUE: any other CompressionConfig field
         child = {"src": str(tmp / "src"), "out": str(tmp / "out"), "calib": str(tmp / "calib.txt"),
                  "device": a.device, "cfg": cfg}
-        r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(child)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"compression failed:\n{r.stderr[-3000:]}")
-        res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+        rc, stdout, stderr, watch = watched([sys.executable, "-c", _CHILD, json.dumps(child)], tmp)
+        if rc != 0:  # killed (e.g. for memory) or failed: what was seen of it, then stop
+            dev = "cuda" if a.device.startswith("cuda") else "cpu"
+            path = a.results / f"failed-scale-{a.shape}-{dev}{a.tag}.json"
+            path.write_text(json.dumps({
+                "shape": a.shape, "layers": a.layers, "device": a.device, "config": cfg, "returncode": rc,
+                "signal": -rc if rc < 0 else None, "checkpoint_write_s": round(write_s, 1), **watch,
+                "stderr_tail": stderr[-3000:], "command": " ".join(["python", "benchmarks/scale.py"] + sys.argv[1:]),
+                "provenance": provenance(config={"args": vars(a), "compression": cfg})}, indent=2) + "\n")
+            raise SystemExit(f"compression failed (exit status {rc}; what was sampled of it: {path}):\n"
+                             f"{stderr[-3000:]}")
+        res = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
     per = res["timings"]
     cost = cost_report(a, res, cfg)
     mean = {k: sum(t.get(k, 0.0) for t in per) / len(per)
@@ -474,6 +522,7 @@ def main() -> None:
     if a.cost_only:
         print(json.dumps(cost_only(a), indent=1))
         return
+    a.results.mkdir(parents=True, exist_ok=True)  # before the run: its record must have a place
     if not a.render:
         res = run(a)
         dev = "cuda" if a.device.startswith("cuda") else "cpu"

@@ -214,6 +214,27 @@ def test_scale_smoke(tmp_path):
     assert "| smoke |" in (tmp_path / "scale.md").read_text()
 
 
+def test_scale_records_what_it_saw_of_a_run_that_failed(tmp_path):
+    """A run that dies (here a rank above the projection's full rank; at DeepSeek-V3's shape, twice,
+    the kernel's OOM killer) leaves a record beside the results: exit status, wall time, the
+    parent's sampled peak and timeline of the child's anonymous memory, the end of its stderr;
+    the rendered table ignores it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    results = tmp_path / "new-folder"  # made by the benchmark
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "scale.py"), "--shape", "smoke", "--layers", "1",
+                        "--calib-tokens", "256", "--refine-steps", "0", "--results", str(results),
+                        "--workdir", str(tmp_path), "--set", "rank=100000", "--tag=-bad"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "compression failed (exit status 1" in r.stderr
+    rec = json.loads((results / "failed-scale-smoke-cpu-bad.json").read_text())
+    assert rec["returncode"] == 1 and rec["signal"] is None and rec["config"]["rank"] == 100000
+    assert rec["wall_s"] > 0 and rec["sampled_peak_anon_gib"] > 0.05  # python, torch and transformers at least
+    assert rec["timeline"] and rec["timeline"][0][0] < 1 and "rank" in rec["stderr_tail"]
+    assert not list(results.glob("scale-*.json"))
+
+
 def test_reference_rows_name_command_commit_value_tolerance(bench):
     """Every row ``make check-results`` re-runs names a script of this repository with its
     arguments, the JSON row it reads, a finite value, a documented relative tolerance and the
