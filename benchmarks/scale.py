@@ -222,12 +222,11 @@ print("RESULT " + json.dumps(res))
 """
 
 
-def _gib_from(path: str, key: str) -> float | None:
-    """``key``'s kB figure in a ``/proc`` status-style file, in GiB (``None`` if unreadable)."""
+def _anon_gib(pid: int) -> float | None:
+    """Process ``pid``'s anonymous resident memory (``RssAnon``) in GiB, ``None`` if unreadable."""
     try:
-        with open(path) as f:
-            line = next(line for line in f if line.startswith(key + ":"))
-        return int(line.split()[1]) / 2**20
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(line for line in f if line.startswith("RssAnon:")).split()[1]) / 2**20
     except (OSError, StopIteration, ValueError, IndexError):
         return None
 
@@ -238,6 +237,8 @@ def watched(cmd: list[str], folder: Path, every: float = 0.5, log_every: float =
     sampled peak and a timeline ``[seconds, anon GiB, available GiB]`` every ``log_every`` s.
     It is what remains of a run the kernel kills for memory: the child's own 50 ms sampler dies
     with it."""
+    from moecore.heap import available_host_bytes
+
     out, err = folder / "child.out", folder / "child.err"
     t0 = time.perf_counter()
     with open(out, "w") as fo, open(err, "w") as fe:
@@ -245,11 +246,12 @@ def watched(cmd: list[str], folder: Path, every: float = 0.5, log_every: float =
         peak, timeline, last = 0.0, [], -log_every
         while proc.poll() is None:
             now = time.perf_counter() - t0
-            anon = _gib_from(f"/proc/{proc.pid}/status", "RssAnon")
+            anon = _anon_gib(proc.pid)
             peak = max(peak, anon or 0.0)
             if now - last >= log_every:
+                av = available_host_bytes()
                 timeline.append([round(now, 1), None if anon is None else round(anon, 3),
-                                 None if (av := _gib_from("/proc/meminfo", "MemAvailable")) is None else round(av, 2)])
+                                 None if av is None else round(av / 2**30, 2)])
                 last = now
             time.sleep(every)
     watch = {"wall_s": round(time.perf_counter() - t0, 1), "sampled_peak_anon_gib": round(peak, 3),

@@ -49,6 +49,16 @@ def gram_storage(num_experts: int, d: int, cfg: CompressionConfig, device: torch
     return dtype, str(where)
 
 
+def host_stack_limit(cfg: CompressionConfig, reserve: int = 0, held: int = 0, available: int | None = None) -> float:
+    """Bytes above which a Gram stack in host memory goes to a scratch file: ``cfg.gram_host_gb``,
+    or half of what is ``available`` (default: now) less ``held`` (what ``plan`` expects to be
+    allocated by then) and the ``reserve`` bytes the fit will still allocate."""
+    if cfg.gram_host_gb is not None:
+        return cfg.gram_host_gb * GIB
+    available = available if available is not None else available_host_bytes()
+    return max(0, (available or 1 << 62) - held - reserve) / 2
+
+
 def gram_stack(num_experts: int, d: int, cfg: CompressionConfig, device: torch.device,
                scratch=None, reserve: int = 0) -> torch.Tensor | TriangularStack:
     """An empty ``(E, d, d)`` Gram stack where :func:`gram_storage` puts it; one in host memory
@@ -58,9 +68,7 @@ def gram_stack(num_experts: int, d: int, cfg: CompressionConfig, device: torch.d
     ``scratch`` (default: the system's temporary folder)."""
     dtype, where = gram_storage(num_experts, d, cfg, device)
     nbytes = num_experts * d * d * torch.empty(0, dtype=dtype).element_size()
-    limit = cfg.gram_host_gb * GIB if cfg.gram_host_gb is not None else \
-        max(0, (available_host_bytes() or 1 << 62) - reserve) / 2
-    if torch.device(where).type == "cpu" and nbytes > limit:
+    if torch.device(where).type == "cpu" and nbytes > host_stack_limit(cfg, reserve):
         return TriangularStack(num_experts, d, dtype, scratch)
     return torch.empty(num_experts, d, d, dtype=dtype, device=where)
 
@@ -70,8 +78,13 @@ def expert_chunk(num_experts: int, d_out: int, d_in: int, cfg: CompressionConfig
     residual, whitening factor, its product) stays within ``cfg.fit_memory_gb``."""
     if cfg.expert_chunk:
         return cfg.expert_chunk
-    per_expert = 8 * (3 * d_out * d_in + 2 * d_in * d_in)
-    return max(1, min(num_experts, int(cfg.fit_memory_gb * GIB) // per_expert))
+    return max(1, min(num_experts, int(cfg.fit_memory_gb * GIB) // (8 * _working_elements(d_out, d_in))))
+
+
+def _working_elements(d_out: int, d_in: int) -> int:
+    """One expert's working set in the fit, in elements: weights, residual, whitened residual
+    ``(d_out, d_in)`` each, whitening factor and its product ``(d_in, d_in)`` each."""
+    return 3 * d_out * d_in + 2 * d_in * d_in
 
 
 #: oversampling of the randomized range finder (``decompose.truncated_svd``'s default)
@@ -252,9 +265,11 @@ def fit_reserve(views: dict, ranks: dict[str, int], cfg: CompressionConfig, devi
     for p in PROJECTIONS:
         e, d_out, d_in = views[p].shape
         width = form.svd_width(ranks[p], cfg.expert_rank_cap)
-        f32 = svd_method(cfg, d_out, d_in, width) != "exact"
-        stacks = e * (d_out + d_in) * width * (4 if f32 or e * (d_out + d_in) * width * 8 > F64_GRAM_LIMIT else 8)
-        work = expert_chunk(e, d_out, d_in, cfg) * 8 * (3 * d_out * d_in + 2 * d_in * d_in) // (2 if f32 else 1)
+        method = svd_method(cfg, d_out, d_in, width)
+        elems = e * (d_out + d_in) * width
+        stacks = elems * mf.factor_dtype(method, elems * 8, F64_GRAM_LIMIT).itemsize
+        # the chunk is sized for float64 (expert_chunk); its working set in the fit's precision
+        work = expert_chunk(e, d_out, d_in, cfg) * _working_elements(d_out, d_in) * mf.compute_dtype(method).itemsize
         need = max(need, stacks + work)
     return need
 

@@ -74,7 +74,7 @@ from .recovery_chunks import TRAINED_BYTES
 from .config import CompressionConfig
 from .errors import ConfigError, FileAccessError, first_line
 from .families import config_dtype, find_experts, text_config
-from .fitting import DEVICE_GRAM_LIMIT, fit_reserve, gram_storage, projection_shapes, solve_ranks
+from .fitting import DEVICE_GRAM_LIMIT, fit_reserve, gram_storage, host_stack_limit, projection_shapes, solve_ranks
 from .gram_store import stored_elements
 from .heap import available_host_bytes
 from .forms import PROJECTIONS, get_form
@@ -130,8 +130,8 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     host = 2 * t * d * b + layer_bytes + compressed + RUNTIME_BYTES
     spill = grams > DEVICE_GRAM_LIMIT
     # a host-memory stack above gram_host_gb (default: half the available memory) is a file on disk
-    host_limit = cfg.gram_host_gb * GIB if cfg.gram_host_gb is not None else (available_host_bytes() or 1 << 62) / 2
-    on_disk = grams > host_limit  # beside a GPU (whose fit reserves no host memory)
+    avail = available_host_bytes()
+    on_disk = grams > host_stack_limit(cfg, available=avail)  # beside a GPU (whose fit reserves no host memory)
     # CPU: half precision computed in float32, but for the experts (cast one at a time)
     wide = (4 - b) // b if b < 4 else 0
     acts = 2 * t * d * (4 - b) if b < 4 else 0
@@ -148,14 +148,10 @@ def memory_estimate(stack_path: str, layer_bytes_by_index: list[int], layer_stat
     dmin = min(d, f)  # the other projection's stack, in memory when small enough while the larger is on disk
     small = gram_bytes(dmin)
     # as fitting.gram_stack decides when the stack is built: what is available then (less what the
-    # layer already holds: the read, gate and up done) less what the fit allocates after it, halved
-    def cpu_limit(held: int) -> float:
-        return host_limit if cfg.gram_host_gb is not None else \
-            max(0, (available_host_bytes() or 1 << 62) - held - reserve) / 2
-
+    # layer already holds: the read, gate and up done) less what the fit allocates after it, halved;
     # gate/up's stack (of d) is built before any projection is fitted, down's (of F) after two
-    on_disk_cpu = grams > cpu_limit(cpu + (2 * cexp // 3 if f > d else 0))
-    small_limit = cpu_limit(cpu + 2 * cexp // 3)
+    on_disk_cpu = grams > host_stack_limit(cfg, reserve, cpu + (2 * cexp // 3 if f > d else 0), avail)
+    small_limit = host_stack_limit(cfg, reserve, cpu + 2 * cexp // 3, avail)
     grams_mem = small if on_disk_cpu and small <= small_limit else 0 if on_disk_cpu else grams
     calibrating = cpu + grams_mem + 2 * cexp // 3  # the down projection's Grams beside gate and up, done
     # while fitting, the experts read are the fit chunk's (in the reserve), not a whole read block

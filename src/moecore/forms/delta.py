@@ -61,11 +61,10 @@ class DeltaForm(Form):
         """:func:`moecore.maths.fit.fit_delta` with this form's storage policy (shared with the
         ragged form, which passes ``rank_cap``)."""
         e, d_out, d_in = weights.shape
-        big = e * (d_out + d_in) * (rank_cap or rank) * 8 > f64_factor_limit
         info: dict = {}
         core, factors, history = fit.fit_delta(
             weights, core, rank, L, K, steps=steps, method=method, generator=generator, chunk=chunk, device=device,
-            factor_dtype=torch.float32 if big or method in ("randomized", "gram") else torch.float64,
+            factor_dtype=fit.factor_dtype(method, e * (d_out + d_in) * (rank_cap or rank) * 8, f64_factor_limit),
             compute_dtype=fit.compute_dtype(method),
             rank_cap=rank_cap, info=info)
         return FitResult(core, factors, history, refine_iters=len(history) - 1, whitened=info.get("whitened"))

@@ -41,6 +41,13 @@ def compute_dtype(method: str) -> torch.dtype:
     return torch.float32 if method in ("randomized", "gram") else _F64
 
 
+def factor_dtype(method: str, f64_bytes: int, f64_limit: int) -> torch.dtype:
+    """Storage of a fit's factor stacks between steps: float32 on the float32 paths (``method``
+    "randomized" / "gram") or where the stacks would take more than ``f64_limit`` bytes in
+    float64 (``f64_bytes``), else float64."""
+    return torch.float32 if f64_bytes > f64_limit or compute_dtype(method) == torch.float32 else _F64
+
+
 def _on(t: Tensor | None, sl: slice, device) -> Tensor | None:
     return None if t is None else t[sl].to(device=device, dtype=_F64)
 
