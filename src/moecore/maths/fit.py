@@ -42,10 +42,8 @@ def compute_dtype(method: str) -> torch.dtype:
 
 
 def factor_dtype(method: str, f64_bytes: int, f64_limit: int) -> torch.dtype:
-    """Storage of a fit's factor stacks between steps: float32 on the float32 paths (``method``
-    "randomized" / "gram") or where the stacks would take more than ``f64_limit`` bytes in
-    float64 (``f64_bytes``), else float64."""
-    return torch.float32 if f64_bytes > f64_limit or compute_dtype(method) == torch.float32 else _F64
+    """Storage of the factor stacks: float32 above ``f64_limit`` bytes in float64, else the working one."""
+    return torch.float32 if f64_bytes > f64_limit else compute_dtype(method)
 
 
 def _on(t: Tensor | None, sl: slice, device) -> Tensor | None:
@@ -160,13 +158,12 @@ def fit_delta(
     ``P = Σ_i W_i Ĝ_i`` (fixed: computed once, in the first pass, as
     ``Σ_i R_i L_i L_iᵀ + C₀ S``) and ``N = Σ_i A_i (L_i B̃_i)ᵀ`` (low rank, accumulated
     while the factors are computed; ``B̃_i = L_iᵀ B_i`` is the whitened right factor).
-    So one refinement step costs ONE whitened product ``(W_i − C) L_i`` per expert
-    (the earlier code recomputed three).  Both steps are exact minimizers (up to the SVD
-    method and rounding), so the objective does not increase; the best iterate is returned,
-    and iteration stops when the relative improvement is below ``tol``.  No copy of the factor
-    stacks is kept for that (at DeepSeek-V3's shape a copy is 7.4 GB): only the best core is,
-    and where the last step did worse (rounding, a randomized SVD) the best core's factors are
-    computed again, one factor pass.
+    So one refinement step costs ONE whitened product ``(W_i − C) L_i`` per expert.  Both steps
+    are exact minimizers (up to the SVD method and rounding), so the objective does not
+    increase; the best iterate is returned, and iteration stops when the relative improvement
+    is below ``tol``.  No copy of the factor stacks is kept for that (at DeepSeek-V3's shape a
+    copy is 7.4 GB): only the best core is, and where the last step did worse (rounding, a
+    randomized SVD) the best core's factors are computed again, one factor pass.
 
     ``method="exact"`` takes the top singular triplets from the symmetric eigendecomposition
     of the smaller Gram of the whitened residual (:func:`.decompose.gram_svd`), in float64.
